@@ -254,6 +254,9 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     shape = shape or TextShape()
     cfg, model_cls, (proc_cls, image_processor, tok, proc_kwargs) = _BUILDERS[family](out, shape, seed, image_size)
+    # Special-token ids come from the local tokenizer, not from the defaults of the real checkpoints.
+    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
+        c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
     if init_std is not None:
         cfg.initializer_range = init_std
         cfg.get_text_config().initializer_range = init_std
@@ -263,7 +266,7 @@ def build_checkpoint(
         _spread_routers(model, init_std, seed)
     model.save_pretrained(str(out))
     _save_processor(out, proc_cls, image_processor, tok, **proc_kwargs)
-    _fix_processor_class(out, proc_cls.__name__)
+    _fix_processor_class(out, proc_cls.__name__, proc_kwargs)
     return model
 
 
@@ -278,12 +281,15 @@ def _spread_routers(model, std: float, seed: int):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
-def _fix_processor_class(out: Path, name: str):
-    # The image-only subclass saves its own name; a real checkpoint names the transformers class.
+def _fix_processor_class(out: Path, name: str, proc_kwargs: dict | None = None):
+    # The image-only subclass saves its own name; a real checkpoint names the transformers class and
+    # records the processor's own arguments (image_seq_length, num_image_tokens, ...).
     for fname in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
         path = out / fname
         if path.exists():
             data = json.loads(path.read_text())
             if "processor_class" in data:
                 data["processor_class"] = name
+                if fname == "processor_config.json":
+                    data.update(proc_kwargs or {})
                 path.write_text(json.dumps(data, indent=2))

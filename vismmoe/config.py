@@ -1,0 +1,164 @@
+"""Engine configuration: one dataclass, loaded from YAML or a dict, validated strictly.
+
+Unknown keys are errors (a typo in a deployment file must not be silently ignored), and every value is
+checked here so that the engine itself can trust its configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BudgetError, ConfigError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_STORES = ("pinned", "memory", "mmap")
+
+
+@dataclass
+class EngineConfig:
+    # Where non-expert weights and compute live: "auto" = cuda if available, else cpu.
+    device: str = "auto"
+    # Compute dtype; "auto" = the checkpoint's dtype (float32 on cpu if the checkpoint is float16).
+    dtype: str = "auto"
+    # GPU expert cache size: bytes (int), a size string ("12GiB", "800MB"), a fraction of all expert
+    # bytes (0 < x <= 1, or "25%"), or "min" for the smallest budget that can run the model.
+    expert_budget: Any = 1.0
+    # Host tier: "pinned" (one page-locked slab; plain memory on CPU-only machines), "memory"
+    # (pageable), or "mmap" (read experts lazily from the safetensors files: models larger than RAM).
+    store: str = "pinned"
+    # Cache eviction policy name (see vismmoe.offload.policies).
+    policy: str = "lru"
+    # Default generation length and sampling.
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    # Attention backend passed to transformers ("sdpa", "eager"; "xformers" needs the optional package).
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.store not in _STORES:
+            raise ConfigError(f"store must be one of {_STORES}, got {self.store!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.attn_implementation not in ("sdpa", "eager", "xformers"):
+            raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
+        from .offload.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+        parse_budget(self.expert_budget)  # raises BudgetError on nonsense, before any model is touched
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides) -> "EngineConfig":
+        _check_keys(overrides, "override")
+        return dataclasses.replace(self, **overrides)
+
+
+_ALIASES = {"budget": "expert_budget"}
+
+
+def _check_keys(data: dict, where: str) -> None:
+    valid = {f.name for f in fields(EngineConfig)}
+    unknown = sorted(k for k in data if _ALIASES.get(k, k) not in valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} in {where}; valid keys are: {', '.join(sorted(valid))}"
+        )
+
+
+def load_config(config: str | Path | dict | EngineConfig | None = None, **overrides) -> EngineConfig:
+    """Build an EngineConfig from a YAML path, a dict or an EngineConfig, then apply keyword overrides."""
+    if isinstance(config, EngineConfig):
+        data = config.to_dict()
+        where = "EngineConfig"
+    elif config is None:
+        data, where = {}, "defaults"
+    elif isinstance(config, dict):
+        data, where = dict(config), "config dict"
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must contain a mapping of keys to values")
+        # Deployment profiles keep engine settings under an `engine:` section; plain files are flat.
+        if "engine" in data and isinstance(data["engine"], dict):
+            data = data["engine"]
+        where = str(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(data, where)
+    _check_keys(overrides, "keyword overrides")
+    merged = {_ALIASES.get(k, k): v for k, v in {**data, **overrides}.items()}
+    return EngineConfig(**merged)
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(value) -> tuple[str, float]:
+    """Parse an expert budget into ("bytes", n), ("fraction", x) or ("min", 0).
+
+    Accepted: an int (bytes), a float in (0, 1] (fraction of all expert bytes), "25%", "0.25",
+    "12GiB", "800 MB", "1e9", "min".
+    """
+    bad = BudgetError(
+        f"cannot parse expert budget {value!r}: use a size such as '12GiB' or '800MB', a fraction of all "
+        "expert bytes such as 0.25 or '25%', a byte count such as 4000000000, or 'min'"
+    )
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        if value <= 0:
+            raise bad
+        return ("bytes", float(value))
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise BudgetError(f"a fractional expert budget must be in (0, 1], got {value}; use bytes for sizes")
+        return ("fraction", value)
+    if not isinstance(value, str):
+        raise bad
+    text = value.strip().lower().replace(" ", "")
+    if text == "min":
+        return ("min", 0.0)
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise bad from None
+        return parse_budget(pct / 100.0)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+    if not m:
+        raise bad
+    number, unit = float(m.group(1)), m.group(2)
+    if unit == "":
+        if number <= 1 and "." in m.group(1):
+            return parse_budget(number)
+        if number < 1 or number != int(number):
+            raise bad
+        return ("bytes", number)
+    if unit not in _UNITS:
+        raise bad
+    n = number * _UNITS[unit]
+    if n < 1:
+        raise bad
+    return ("bytes", n)

@@ -1,0 +1,302 @@
+"""The engine: load a checkpoint with its experts offloaded, answer image + prompt requests.
+
+Loading never materialises the fused expert tensors: transformers builds the model from a state dict
+of lazy safetensors slices for every non-expert weight (so its own key renaming and conversions apply)
+and zero-stride placeholders for the expert parameters, which are then released. The expert bytes go
+from the safetensors files straight into the host store.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .config import EngineConfig, load_config, parse_budget
+from .errors import BudgetError, InputError, ModelLoadError
+from .inputs import build_inputs, load_image, load_processor
+from .offload import experts_op
+from .offload.cache import ExpertCache
+from .offload.experts_op import OffloadRuntime
+from .offload.store import ExpertStore, is_expert_key
+from .stats import RequestStats
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: RequestStats
+
+
+def load(model_dir, config=None, **overrides) -> "Engine":
+    """Load a local Hugging Face checkpoint directory with its experts offloaded.
+
+    `config` is a YAML path, a dict or an EngineConfig; keyword overrides win (e.g. expert_budget=0.25).
+    """
+    return Engine(model_dir, load_config(config, **overrides))
+
+
+class Engine:
+    def __init__(self, model_dir, config: EngineConfig):
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.device = _resolve_device(config.device)
+        files = _checkpoint_files(self.model_dir)
+        hf_config = _load_hf_config(self.model_dir, config.trust_remote_code)
+        self.dtype = _resolve_dtype(config.dtype, hf_config, self.device)
+        model_cls = _model_class(hf_config)
+        with torch.device("meta"):
+            skeleton = model_cls(hf_config)
+        self.layout = adapters.discover(skeleton)
+        self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, skeleton, self.dtype, config)
+        del skeleton
+        self.layout = adapters.discover(self.model)
+        _release_expert_params(self.layout, self.dtype)
+        self.model.to(self.device).eval()
+
+        self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
+                                 pin=config.store == "pinned" and self.device.type == "cuda")
+        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
+        self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed)
+        for layer in self.layout.layers:
+            layer.experts._vismmoe = (self.runtime, layer.position)
+        experts_op.register()
+        self.model.set_experts_implementation(experts_op.IMPLEMENTATION)
+        for layer in self.layout.layers:
+            if layer.experts.config._experts_implementation != experts_op.IMPLEMENTATION:
+                layer.experts.config._experts_implementation = experts_op.IMPLEMENTATION
+        self.image_token_id = adapters.image_token_id(hf_config)
+        self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True)
+        self.processor = load_processor(self.model_dir)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int | None = None, **generation_kwargs) -> Result:
+        """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True."""
+        max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        t_start = time.perf_counter()
+        pil = load_image(image)
+        inputs = build_inputs(self.processor, pil, prompt).to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        input_ids = inputs["input_ids"]
+        visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+
+        generation_config = copy.deepcopy(self.generation_config)
+        # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
+        kwargs = generation_config.update(do_sample=self.config.do_sample, max_new_tokens=max_new_tokens,
+                                          **generation_kwargs)
+        kwargs["generation_config"] = generation_config
+        self.runtime.step.index = -1
+        self.cache.reset_counters()
+        self.cache.policy.reset_request()
+        self._first_token_time = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **kwargs)
+        except ValueError as exc:  # transformers' message for bad generation arguments is clear; keep it
+            raise InputError(f"invalid generation arguments: {exc}") from None
+        finally:
+            self.runtime.step.visual_mask = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
+        new = output[0, input_ids.shape[1]:].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        counters = self.cache.counters
+        t_first = self._first_token_time or t_end
+        stats = RequestStats(
+            ttft_s=t_first - t_start, decode_s=t_end - t_first, prefill_tokens=int(input_ids.shape[1]),
+            new_tokens=len(new), visual_tokens_total=visual_total, visual_tokens_kept=visual_total,
+            hits_per_layer=counters.hits.tolist(), misses_per_layer=counters.misses.tolist(),
+            bytes_h2d=int(counters.bytes_h2d), budget_bytes=self.cache.budget_bytes, num_slots=self.num_slots,
+            record_bytes=self.store.record_bytes, waves=counters.waves,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            device=str(self.device),
+        )
+        return Result(text=text, token_ids=new, stats=stats)
+
+    def _begin_step(self, module, args, kwargs):
+        """Pre-forward hook on the top model: one call per generation step."""
+        step = self.runtime.step
+        if step.index == 0 and self._first_token_time is None:
+            # The previous step was the prefill, and its token has been sampled by now.
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._first_token_time = time.perf_counter()
+        step.index += 1
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and self.image_token_id is not None and step.index == 0:
+            step.visual_mask = (input_ids == self.image_token_id).reshape(-1)
+        else:
+            step.visual_mask = None
+
+    def close(self):
+        self.store.close()
+
+
+# -- loading helpers --------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was requested but CUDA is not available; use device: cpu or auto")
+    return device
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    if not model_dir.exists():
+        raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist")
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{str(model_dir)!r} is not a directory; pass a Hugging Face checkpoint directory")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{str(model_dir)!r} has no config.json; it is not a Hugging Face checkpoint directory")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {', '.join(others)}: vismmoe loads safetensors only; re-save with save_pretrained)" if others else ""
+        raise ModelLoadError(f"no .safetensors weight files in {str(model_dir)!r}{hint}")
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"{path} is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
+            ) from None
+    return files
+
+
+def _load_hf_config(model_dir: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) or "model_type" in str(exc):
+            raise ModelLoadError(
+                f"{model_dir}/config.json describes a model transformers does not know natively ({exc}). "
+                "vismmoe runs transformers-native models; set trust_remote_code: true only if you trust the code"
+            ) from None
+        raise ModelLoadError(f"cannot read {model_dir}/config.json: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {model_dir}/config.json: {exc}") from None
+
+
+def _model_class(hf_config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
+        try:
+            return auto._model_mapping[type(hf_config)]
+        except KeyError:
+            continue
+    raise ModelLoadError(
+        f"model type {hf_config.model_type!r} has no image-text-to-text or causal-LM class in transformers"
+    )
+
+
+def _resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config.get_text_config(), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        return torch.float32
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32  # float16 matmuls are slow or missing on many CPUs
+    return dtype
+
+
+def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:
+    kind, value = parse_budget(budget)
+    record_bytes = layout.record_numel * torch.empty((), dtype=dtype).element_size()
+    total = len(layout.layers) * layout.num_experts
+    minimum = layout.top_k
+    if kind == "min":
+        return minimum
+    slots = int(value * total) if kind == "fraction" else int(value // record_bytes)
+    if slots < minimum:
+        raise BudgetError(
+            f"expert budget {budget!r} holds {slots} expert(s) of {record_bytes} bytes, but one layer's top-{layout.top_k} "
+            f"experts need {minimum} slots: the minimum budget is {minimum * record_bytes} bytes "
+            f"({minimum * record_bytes / 2**20:.2f} MiB, or {minimum / total:.4f} of all experts, or 'min')"
+        )
+    return min(slots, total)
+
+
+def _load_non_expert_weights(model_cls, hf_config, files, layout, skeleton, dtype, config):
+    from safetensors import safe_open
+
+    handles = [safe_open(str(p), framework="pt") for p in files]
+    state_dict = {}
+    for handle in handles:
+        for key in handle.keys():
+            if not is_expert_key(key):
+                state_dict[key] = handle.get_slice(key)  # lazy: transformers reads it when it places it
+    placeholder = torch.zeros((), dtype=dtype)
+    for layer in layout.layers:
+        for name in ("gate_up_proj", "down_proj"):
+            shape = getattr(layer.experts, name).shape
+            state_dict[f"{layer.name}.{name}"] = placeholder.expand(shape)  # zero-stride: no memory
+    attn = "sdpa" if config.attn_implementation == "xformers" else config.attn_implementation
+    if config.attn_implementation == "xformers":
+        from .attention import register_xformers
+
+        attn = register_xformers()
+    try:
+        model, info = model_cls.from_pretrained(
+            None, config=hf_config, state_dict=state_dict, dtype=dtype, attn_implementation=attn,
+            output_loading_info=True,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"transformers could not build the model from the checkpoint: {exc}") from None
+    missing = sorted(k for k in info.get("missing_keys", ()) if "rotary" not in k)
+    if missing or info.get("mismatched_keys"):
+        shown = ", ".join(missing[:5]) or str(sorted(info["mismatched_keys"])[:5])
+        raise ModelLoadError(
+            f"the checkpoint does not match config.json: missing or mismatched weights ({shown}, ...)"
+        )
+    return model
+
+
+def _release_expert_params(layout, dtype) -> None:
+    # The experts now live in the store; leave empty parameters so module attributes keep their types.
+    for layer in layout.layers:
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(layer.experts, name, torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
+
+
+def _generation_config(model_dir: Path, model, tokenizer):
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(str(model_dir))
+    except OSError:
+        gen = GenerationConfig.from_model_config(model.config)
+    if gen.eos_token_id is None and tokenizer.eos_token_id is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen.eos_token_id
+    gen.do_sample = False
+    for key in ("temperature", "top_p", "top_k"):
+        setattr(gen, key, None)
+    return gen

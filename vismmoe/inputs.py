@@ -1,0 +1,125 @@
+"""Request inputs: images, the model's own processor and chat template."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError, ModelLoadError
+
+
+def load_image(image) -> Image.Image | None:
+    """Accept a path, a PIL image or None; return an RGB PIL image (or None), or raise InputError."""
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, "the given PIL image")
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError(f"image must be a file path, a PIL.Image or None, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image file {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit; a server should refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(img.size, str(path))
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(_too_many_pixels(str(path), None)) from None
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read image {str(path)!r}: it is not an image file PIL recognises") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image {str(path)!r}: the file is truncated or corrupt ({exc})") from None
+
+
+def _check_pixels(size, what: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise InputError(_too_many_pixels(what, size))
+
+
+def _too_many_pixels(what: str, size) -> str:
+    dims = f" ({size[0]}x{size[1]} = {size[0] * size[1]} pixels)" if size else ""
+    return (
+        f"image {what}{dims} is over PIL's pixel limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS); "
+        "downscale it, or raise that limit if you trust the source"
+    )
+
+
+def load_processor(model_dir: Path):
+    """The checkpoint's own processor; image-only when its video processor cannot be built.
+
+    transformers' VL processors require a video processor, which needs torchvision. Image requests do
+    not, so without torchvision we build the same processor class around the image processor and
+    tokenizer the checkpoint ships.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+        if hasattr(processor, "image_processor"):
+            return processor
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError):
+        pass
+    from .tiny_models import image_only_processor_class
+
+    config = _read_json(model_dir / "processor_config.json") or {}
+    name = config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
+    processor_cls = getattr(transformers, name, None) if name else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {exc}") from None
+    if processor_cls is None:
+        return tokenizer  # text-only checkpoint
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the image processor from {model_dir}: {exc}") from None
+    kwargs = {k: v for k, v in config.items()
+              if k not in ("processor_class", "image_processor", "video_processor", "tokenizer", "chat_template")}
+    template = tokenizer.chat_template
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():
+        template = template_file.read_text()
+    return image_only_processor_class(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
+    )
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+
+
+def build_inputs(processor, image, prompt: str):
+    """Render the chat template and run the processor; returns a BatchFeature of tensors."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt must be a non-empty string")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    if getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None):
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = prompt
+    if image is not None:
+        if not hasattr(processor, "image_processor"):
+            raise InputError("this model has no image processor: it takes text only; pass image=None")
+        return processor(text=[text], images=[image], return_tensors="pt")
+    if processor is tokenizer:
+        return tokenizer([text], return_tensors="pt")
+    return processor(text=[text], return_tensors="pt")

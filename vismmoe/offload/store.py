@@ -1,0 +1,224 @@
+"""Host tier of the expert weights: one contiguous record per (MoE layer, expert).
+
+A record is the expert's gate_up block followed by its down block, in the layout the model computes
+with, so a cache miss is exactly one copy. Records are filled straight from the safetensors files
+(never via a full model state dict), so loading needs the expert bytes once, not twice.
+
+Checkpoint layouts accepted (detected per key and by shape):
+  * fused, transformers 5: `...experts.gate_up_proj [E, 2I, H]`, `...experts.down_proj [E, H, I]`
+  * fused, transformers 4 / Qwen3-VL hub files: `[E, H, 2I]`, `[E, I, H]` (transposed per expert)
+  * per expert: `...experts.{j}.gate_proj.weight [I, H]`, `up_proj`, `down_proj [H, I]`
+    (Mixtral's `w1`/`w3`/`w2` are the same three).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..adapters import MoeLayout
+from ..errors import ModelLoadError
+
+_FUSED_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.[a-z_]+\.experts\.(gate_up_proj|down_proj)$")
+_PER_EXPERT_RE = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+_PER_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def is_expert_key(key: str) -> bool:
+    return bool(_FUSED_RE.search(key) or _PER_EXPERT_RE.search(key))
+
+
+@dataclass
+class ExpertSource:
+    """Where one expert's tensors live in the checkpoint."""
+
+    file: str
+    kind: str  # "fused" or "per_expert"
+    keys: dict  # part name -> checkpoint key
+    transposed: dict  # part name -> the stored block is the transpose of the model's
+
+
+class ExpertStore:
+    """Expert records on the host, addressed by (MoE layer position, expert id)."""
+
+    def __init__(self, layout: MoeLayout, files: list[Path], dtype: torch.dtype, mode: str, pin: bool):
+        self.layout = layout
+        self.dtype = dtype
+        self.mode = mode
+        self.num_layers = len(layout.layers)
+        self.num_experts = layout.num_experts
+        self.record_numel = layout.record_numel
+        self.record_bytes = self.record_numel * torch.empty((), dtype=dtype).element_size()
+        self.gate_up_numel = layout.gate_up_shape[0] * layout.gate_up_shape[1]
+        self.pinned = False
+        self._handles: dict[str, object] = {}
+        self._sources = _index_checkpoint(layout, files)
+        if mode == "mmap":
+            self.slab = None
+        else:
+            self.slab = torch.empty((self.num_layers, self.num_experts, self.record_numel), dtype=dtype)
+            for layer in range(self.num_layers):
+                for expert in range(self.num_experts):
+                    self._read_into(layer, expert, self.slab[layer, expert])
+            self._handles.clear()
+            if pin:
+                self.pinned = _pin_in_place(self.slab)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.record_bytes * self.num_layers * self.num_experts
+
+    def record(self, layer: int, expert: int, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's record as a 1-D host tensor (read into `staging` in mmap mode)."""
+        if self.slab is not None:
+            return self.slab[layer, expert]
+        if staging is None:
+            staging = torch.empty(self.record_numel, dtype=self.dtype)
+        self._read_into(layer, expert, staging)
+        return staging
+
+    def split(self, record: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """View a record (host or device) as the model's (gate_up, down) matrices."""
+        gate_up = record[: self.gate_up_numel].view(self.layout.gate_up_shape)
+        down = record[self.gate_up_numel :].view(self.layout.down_shape)
+        return gate_up, down
+
+    def close(self):
+        self._handles.clear()
+        if self.pinned and self.slab is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.slab.data_ptr())
+            self.pinned = False
+
+    # -- reading the checkpoint -------------------------------------------------------------------
+
+    def _handle(self, file: str):
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = safe_open(file, framework="pt")
+            self._handles[file] = handle
+        return handle
+
+    def _read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        source = self._sources[layer][expert]
+        handle = self._handle(source.file)
+        gate_up, down = self.split(out)
+
+        def block(part: str) -> torch.Tensor:
+            key = source.keys[part]
+            if source.kind == "fused":
+                tensor = handle.get_slice(key)[expert]
+            else:
+                tensor = handle.get_tensor(key)
+            return tensor.t() if source.transposed[part] else tensor
+
+        try:
+            if source.kind == "fused":
+                gate_up.copy_(block("gate_up_proj"))
+            else:
+                gate, up = block("gate_proj"), block("up_proj")
+                if self.layout.is_transposed:
+                    gate_up.copy_(torch.cat([gate.t(), up.t()], dim=1))
+                else:
+                    gate_up[: gate.shape[0]].copy_(gate)
+                    gate_up[gate.shape[0] :].copy_(up)
+            down.copy_(block("down_proj"))
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"expert {expert} of MoE layer {layer} in {source.file} does not match the model config "
+                f"({exc}); the checkpoint and config.json disagree"
+            ) from None
+
+
+def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertSource]]:
+    by_decoder = {layer.decoder_index: layer.position for layer in layout.layers}
+    gu_shape, down_shape = tuple(layout.gate_up_shape), tuple(layout.down_shape)
+    sources: dict[tuple[int, int], dict] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                fused = _FUSED_RE.search(key)
+                per = None if fused else _PER_EXPERT_RE.search(key)
+                if not fused and not per:
+                    continue
+                decoder_index = int((fused or per).group(1))
+                if decoder_index not in by_decoder:
+                    raise ModelLoadError(
+                        f"{path.name} holds experts for decoder layer {decoder_index}, which is not a MoE layer "
+                        "in config.json; the checkpoint and config disagree"
+                    )
+                position = by_decoder[decoder_index]
+                shape = tuple(handle.get_slice(key).get_shape())
+                if fused:
+                    part = fused.group(2)
+                    expected = gu_shape if part == "gate_up_proj" else down_shape
+                    if len(shape) != 3 or shape[0] != layout.num_experts:
+                        raise ModelLoadError(f"{key} in {path.name} has shape {list(shape)}, expected [E={layout.num_experts}, ...]")
+                    transposed = _orientation(shape[1:], expected, key, path)
+                    for expert in range(layout.num_experts):
+                        entry = sources.setdefault((position, expert), {"file": str(path), "kind": "fused", "keys": {}, "transposed": {}})
+                        entry["keys"][part], entry["transposed"][part] = key, transposed
+                else:
+                    expert, part = int(per.group(2)), _PER_EXPERT_PART.get(per.group(3), per.group(3))
+                    entry = sources.setdefault((position, expert), {"file": str(path), "kind": "per_expert", "keys": {}, "transposed": {}})
+                    if entry["file"] != str(path):
+                        raise ModelLoadError(f"expert {expert} of decoder layer {decoder_index} is split across files; not supported")
+                    entry["keys"][part] = key
+                    entry["transposed"][part] = False
+    table = []
+    needed_fused = {"gate_up_proj", "down_proj"}
+    needed_per = {"gate_proj", "up_proj", "down_proj"}
+    for position in range(len(layout.layers)):
+        row = []
+        for expert in range(layout.num_experts):
+            entry = sources.get((position, expert))
+            needed = needed_fused if entry and entry["kind"] == "fused" else needed_per
+            if entry is None or set(entry["keys"]) != needed:
+                decoder_index = layout.layers[position].decoder_index
+                raise ModelLoadError(
+                    f"the checkpoint has no (or incomplete) weights for expert {expert} of decoder layer "
+                    f"{decoder_index}; the safetensors files are incomplete or do not match config.json"
+                )
+            row.append(ExpertSource(**entry))
+        table.append(row)
+    return table
+
+
+def _orientation(shape, expected, key, path) -> bool:
+    shape, expected = tuple(shape), tuple(expected)
+    if shape == expected:
+        return False
+    if shape == expected[::-1]:
+        return True
+    raise ModelLoadError(
+        f"{key} in {path.name} has per-expert shape {list(shape)}, but the model expects {list(expected)} "
+        "(or its transpose); the checkpoint does not match config.json"
+    )
+
+
+def _pin_in_place(tensor: torch.Tensor) -> bool:
+    """Page-lock an existing host allocation with cudaHostRegister.
+
+    One registration of one slab: torch's pinned caching allocator would round each block up to a
+    power of two (a 58 GB slab would take 64 GB).
+    """
+    if not torch.cuda.is_available():
+        return False
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    ok = int(err) == 0 if not hasattr(err, "value") else err.value == 0
+    if not ok:
+        import warnings
+
+        warnings.warn(
+            f"could not page-lock the {tensor.numel() * tensor.element_size() / 2**30:.1f} GiB expert slab "
+            f"(cudaHostRegister error {err}); expert copies will run at pageable speed. Lower the host memory "
+            "use or use store: mmap.",
+            stacklevel=3,
+        )
+    return ok

@@ -1,0 +1,78 @@
+"""Per-request statistics: what a user needs to see why a request was slow."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float  # time to first token: input processing + vision + prefill + first sample
+    decode_s: float  # from the first token to the last
+    prefill_tokens: int
+    new_tokens: int
+    visual_tokens_total: int
+    visual_tokens_kept: int
+    hits_per_layer: list[int]
+    misses_per_layer: list[int]
+    bytes_h2d: int  # expert bytes copied host -> compute device
+    budget_bytes: int
+    num_slots: int
+    record_bytes: int
+    waves: int  # layer calls that ran in several waves (more distinct experts than slots)
+    peak_gpu_bytes: int | None  # torch.cuda.max_memory_allocated during the request (None on cpu)
+    device: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def expert_hits(self) -> int:
+        return int(sum(self.hits_per_layer))
+
+    @property
+    def expert_misses(self) -> int:
+        return int(sum(self.misses_per_layer))
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.expert_hits + self.expert_misses
+        return self.expert_hits / total if total else 1.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1  # the first token is produced by the prefill step
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(
+            expert_hits=self.expert_hits, expert_misses=self.expert_misses, hit_rate=self.hit_rate,
+            decode_tokens_per_s=self.decode_tokens_per_s,
+        )
+        return data
+
+    def table(self) -> str:
+        """A plain-text table for terminals and logs."""
+        rows = [
+            ("time to first token", f"{self.ttft_s * 1e3:.1f} ms"),
+            ("decode", f"{self.decode_tokens_per_s:.2f} tok/s ({self.new_tokens} new tokens, {self.decode_s * 1e3:.1f} ms)"),
+            ("prompt tokens", f"{self.prefill_tokens} ({self.visual_tokens_kept}/{self.visual_tokens_total} visual kept)"),
+            ("expert cache", f"{self.num_slots} slots x {_size(self.record_bytes)} = {_size(self.budget_bytes)}"),
+            ("expert hits / misses", f"{self.expert_hits} / {self.expert_misses} (hit rate {self.hit_rate:.1%})"),
+            ("bytes host->device", _size(self.bytes_h2d)),
+            ("peak GPU memory", _size(self.peak_gpu_bytes) if self.peak_gpu_bytes is not None else "n/a (cpu)"),
+            ("device", self.device),
+        ]
+        if self.waves:
+            rows.append(("layer calls run in waves", str(self.waves)))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines.append("per-layer hits/misses: " + " ".join(
+            f"L{i}:{h}/{m}" for i, (h, m) in enumerate(zip(self.hits_per_layer, self.misses_per_layer))))
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
