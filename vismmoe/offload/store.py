@@ -36,11 +36,10 @@ def is_expert_key(key: str) -> bool:
 
 @dataclass
 class ExpertSource:
-    """Where one expert's tensors live in the checkpoint."""
+    """Where one expert's tensors live in the checkpoint (parts may sit in different shards)."""
 
-    file: str
     kind: str  # "fused" or "per_expert"
-    keys: dict  # part name -> checkpoint key
+    keys: dict  # part name -> (file, checkpoint key)
     transposed: dict  # part name -> the stored block is the transpose of the model's
 
 
@@ -106,11 +105,11 @@ class ExpertStore:
 
     def _read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
         source = self._sources[layer][expert]
-        handle = self._handle(source.file)
         gate_up, down = self.split(out)
 
         def block(part: str) -> torch.Tensor:
-            key = source.keys[part]
+            file, key = source.keys[part]
+            handle = self._handle(file)
             if source.kind == "fused":
                 tensor = handle.get_slice(key)[expert]
             else:
@@ -130,7 +129,7 @@ class ExpertStore:
             down.copy_(block("down_proj"))
         except RuntimeError as exc:
             raise ModelLoadError(
-                f"expert {expert} of MoE layer {layer} in {source.file} does not match the model config "
+                f"expert {expert} of MoE layer {layer} in {source.keys['down_proj'][0]} does not match the model config "
                 f"({exc}); the checkpoint and config.json disagree"
             ) from None
 
@@ -161,14 +160,12 @@ def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertS
                         raise ModelLoadError(f"{key} in {path.name} has shape {list(shape)}, expected [E={layout.num_experts}, ...]")
                     transposed = _orientation(shape[1:], expected, key, path)
                     for expert in range(layout.num_experts):
-                        entry = sources.setdefault((position, expert), {"file": str(path), "kind": "fused", "keys": {}, "transposed": {}})
-                        entry["keys"][part], entry["transposed"][part] = key, transposed
+                        entry = sources.setdefault((position, expert), {"kind": "fused", "keys": {}, "transposed": {}})
+                        entry["keys"][part], entry["transposed"][part] = (str(path), key), transposed
                 else:
                     expert, part = int(per.group(2)), _PER_EXPERT_PART.get(per.group(3), per.group(3))
-                    entry = sources.setdefault((position, expert), {"file": str(path), "kind": "per_expert", "keys": {}, "transposed": {}})
-                    if entry["file"] != str(path):
-                        raise ModelLoadError(f"expert {expert} of decoder layer {decoder_index} is split across files; not supported")
-                    entry["keys"][part] = key
+                    entry = sources.setdefault((position, expert), {"kind": "per_expert", "keys": {}, "transposed": {}})
+                    entry["keys"][part] = (str(path), key)
                     entry["transposed"][part] = False
     table = []
     needed_fused = {"gate_up_proj", "down_proj"}

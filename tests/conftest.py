@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random checkpoints of every verified family, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from vismmoe.tiny_models import FAMILIES, build_checkpoint  # noqa: E402
+
+# Larger-than-default router and weight scale: random models at std 0.02 have near-tied logits,
+# which would make "same greedy tokens" a test of float noise instead of the engine.
+INIT_STD = 0.2
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for i, family in enumerate(FAMILIES):
+        paths[family] = root / family
+        build_checkpoint(family, paths[family], seed=i, init_std=INIT_STD)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tiny_checkpoints):
+    return tiny_checkpoints["qwen3_vl_moe"]
+
+
+def random_image(rng: np.random.RandomState) -> Image.Image:
+    h, w = rng.randint(32, 129), rng.randint(32, 129)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8"))
+
+
+_WORDS = "what is the color shape of this object left right top how many red blue circle square is there a".split()
+
+
+def random_prompt(rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 9))) + "?"
+
+
+def random_requests(n: int, seed: int):
+    rng_np, rng = np.random.RandomState(seed), random.Random(seed)
+    return [(random_image(rng_np), random_prompt(rng)) for _ in range(n)]

@@ -1,0 +1,101 @@
+"""Host store: every checkpoint layout and every store tier gives the same answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vismmoe
+from vismmoe.config import parse_budget
+
+from .conftest import random_requests
+
+REQUESTS = random_requests(4, seed=11)
+
+
+def answers(model_dir, **overrides):
+    engine = vismmoe.load(model_dir, **overrides)
+    return [engine.generate(image=i, prompt=p, max_new_tokens=6).token_ids for i, p in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def baseline(qwen_checkpoint):
+    return answers(qwen_checkpoint)
+
+
+def _rewrite(src, dst, transform):
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    transform(dst, tensors)
+
+
+def test_legacy_fused_layout(tmp_path, qwen_checkpoint, baseline):
+    # Qwen3-VL hub files store gate_up [E, H, 2I] and down [E, I, H] (transformers 4 layout).
+    def legacy(dst, tensors):
+        for key in list(tensors):
+            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                tensors[key] = tensors[key].transpose(1, 2).contiguous()
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+    _rewrite(qwen_checkpoint, tmp_path / "legacy", legacy)
+    assert answers(tmp_path / "legacy") == baseline
+
+
+def test_per_expert_layout_sharded(tmp_path, qwen_checkpoint, baseline):
+    # Per-expert nn.Linear keys (InternVL/GLM hub style), spread over two shards with an index.
+    def per_expert(dst, tensors):
+        out = {}
+        for key, t in tensors.items():
+            if key.endswith("experts.gate_up_proj"):
+                base = key[: -len("gate_up_proj")]
+                inter = t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].clone()
+                    out[f"{base}{e}.up_proj.weight"] = t[e, inter:].clone()
+            elif key.endswith("experts.down_proj"):
+                base = key[: -len("down_proj")]
+                for e in range(t.shape[0]):
+                    out[f"{base}{e}.down_proj.weight"] = t[e].clone()
+            else:
+                out[key] = t
+        keys = sorted(out)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        weight_map = {}
+        for name, part in shards.items():
+            save_file({k: out[k] for k in part}, str(dst / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    _rewrite(qwen_checkpoint, tmp_path / "per_expert", per_expert)
+    assert answers(tmp_path / "per_expert", expert_budget=0.5) == baseline
+
+
+@pytest.mark.parametrize("store", ["memory", "mmap"])
+def test_store_tiers(qwen_checkpoint, baseline, store):
+    assert answers(qwen_checkpoint, store=store, expert_budget="min") == baseline
+
+
+def test_store_records_match_checkpoint(qwen_checkpoint):
+    engine = vismmoe.load(qwen_checkpoint)
+    tensors = load_file(str(qwen_checkpoint / "model.safetensors"))
+    layer = engine.layout.layers[1]
+    key = next(k for k in tensors if k.endswith(f"layers.{layer.decoder_index}.mlp.experts.gate_up_proj"))
+    gate_up, down = engine.store.split(engine.store.record(1, 3))
+    assert torch.equal(gate_up, tensors[key][3])
+    assert torch.equal(down, tensors[key.replace("gate_up_proj", "down_proj")][3])
+    # The fused parameters are released from the model: the store holds the only copy.
+    assert layer.experts.gate_up_proj.numel() == 0 and layer.experts.down_proj.numel() == 0
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("12GiB", ("bytes", 12 * 2**30)), ("800MB", ("bytes", 800e6)), ("25%", ("fraction", 0.25)),
+    (0.5, ("fraction", 0.5)), ("0.25", ("fraction", 0.25)), (4096, ("bytes", 4096)), ("min", ("min", 0.0)),
+    ("1.5 GiB", ("bytes", 1.5 * 2**30)),
+])
+def test_parse_budget(text, expected):
+    assert parse_budget(text) == expected
