@@ -18,10 +18,11 @@ MAX_NEW_TOKENS = 8
 
 def reference_tokens(model_dir, engine, requests):
     # transformers itself, with its eager experts loop (the same arithmetic as the offloaded path).
-    ref = AutoModelForImageTextToText.from_pretrained(str(model_dir), experts_implementation="eager").eval()
+    ref = AutoModelForImageTextToText.from_pretrained(str(model_dir), experts_implementation="eager")
+    ref = ref.to(engine.device).eval()
     out = []
     for image, prompt in requests:
-        inputs = build_inputs(engine.processor, image, prompt)
+        inputs = build_inputs(engine.processor, image, prompt).to(engine.device)
         with torch.inference_mode():
             ids = ref.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, generation_config=engine.generation_config)
         out.append(ids[0, inputs["input_ids"].shape[1]:].tolist())

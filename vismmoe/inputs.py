@@ -62,7 +62,7 @@ def load_processor(model_dir: Path):
     tokenizer the checkpoint ships.
     """
     import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     try:
         processor = AutoProcessor.from_pretrained(str(model_dir))
@@ -81,10 +81,7 @@ def load_processor(model_dir: Path):
         raise ModelLoadError(f"cannot load the tokenizer from {model_dir}: {exc}") from None
     if processor_cls is None:
         return tokenizer  # text-only checkpoint
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the image processor from {model_dir}: {exc}") from None
+    image_processor = _load_image_processor(model_dir, config)
     kwargs = {k: v for k, v in config.items()
               if k not in ("processor_class", "image_processor", "video_processor", "tokenizer", "chat_template")}
     template = tokenizer.chat_template
@@ -93,6 +90,35 @@ def load_processor(model_dir: Path):
         template = template_file.read_text()
     return image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
+    )
+
+
+def _load_image_processor(model_dir: Path, processor_config: dict):
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    try:
+        from transformers import AutoImageProcessor
+
+        # Without torchvision, ask for the PIL backend explicitly.
+        backend = {} if is_torchvision_available() else {"backend": "pil"}
+        return AutoImageProcessor.from_pretrained(str(model_dir), **backend)
+    except ImportError:
+        pass  # transformers 5.17 makes AutoImageProcessor itself require torchvision
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the image processor from {model_dir}: {exc}") from None
+    nested = processor_config.get("image_processor") or _read_json(model_dir / "preprocessor_config.json") or {}
+    name = nested.get("image_processor_type", "")
+    for candidate in (name + "Pil", name.removesuffix("Fast") + "Pil", name):
+        cls = getattr(transformers, candidate, None)
+        if cls is None:
+            continue
+        try:
+            return cls.from_pretrained(str(model_dir))
+        except ImportError:
+            continue
+    raise ModelLoadError(
+        f"cannot build the image processor {name!r} of {model_dir} without torchvision; install torchvision"
     )
 
 

@@ -240,11 +240,13 @@ def build_checkpoint(
     dtype: str = "float32",
     image_size: int = 96,
     init_std: float | None = None,
+    router_std: float | None = None,
 ):
     """Write a random checkpoint of `family` to `out_dir`; returns the in-memory model.
 
-    `init_std` overrides the initializer range: the default 0.02 makes routers nearly uniform, so tests
-    raise it to get decisive, reproducible routing.
+    `init_std` overrides the initializer range of all weights and `router_std` that of the routers
+    (default: init_std). Random routers at the default 0.02 are nearly uniform, with near-tied top-k
+    choices; tests raise the scale to get decisive, reproducible routing.
     """
     import torch
 
@@ -261,9 +263,15 @@ def build_checkpoint(
         cfg.initializer_range = init_std
         cfg.get_text_config().initializer_range = init_std
     torch.manual_seed(seed)
-    model = model_cls(cfg).to(getattr(torch, dtype)).eval()
-    if init_std is not None:
-        _spread_routers(model, init_std, seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # build directly in the target dtype: no float32 copy
+    try:
+        model = model_cls(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    router_std = router_std if router_std is not None else init_std
+    if router_std is not None:
+        _spread_routers(model, router_std, seed)
     model.save_pretrained(str(out))
     _save_processor(out, proc_cls, image_processor, tok, **proc_kwargs)
     _fix_processor_class(out, proc_cls.__name__, proc_kwargs)

@@ -1,0 +1,167 @@
+"""GPU acceptance check of the core engine (issue 2), on a Qwen3-VL-30B-A3B-shaped random model.
+
+Full-size experts (hidden 2048, expert intermediate 768, 128 experts, top-8) in bf16, a few layers:
+  1. greedy tokens from vismmoe equal transformers' own generate (eager experts) at budgets 100% and 25%;
+  2. host->GPU bytes measured by the CUDA profiler (pinned->device copies) equal misses x record size;
+  3. peak GPU memory <= non-expert weights + expert budget + activations.
+Writes gpu_check.json and gpu_check.md into --out.
+
+    python eval/gpu_check.py --out /tmp/out --layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import vismmoe  # noqa: E402
+from vismmoe.inputs import build_inputs  # noqa: E402
+from vismmoe.tiny_models import TextShape, build_checkpoint  # noqa: E402
+
+FULL_SIZE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                 intermediate_size=6144, moe_intermediate_size=768, num_experts=128, top_k=8)
+
+
+def requests(n: int, seed: int = 0):
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    rng, rs = random.Random(seed), np.random.RandomState(seed)
+    words = "what is the color shape of this object left right top how many red blue circle square".split()
+    out = []
+    for _ in range(n):
+        h, w = rs.randint(64, 257), rs.randint(64, 257)
+        img = Image.fromarray((rs.rand(h, w, 3) * 255).astype("uint8"))
+        out.append((img, " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + "?"))
+    return out
+
+
+def profiled_h2d_bytes(fn):
+    """Run fn under the CUDA profiler; return (result, bytes of pinned->device copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    total = 0
+    for ev in trace.get("traceEvents", []):
+        if ev.get("cat") == "gpu_memcpy" and "Pinned -> Device" in ev.get("name", ""):
+            total += int(ev.get("args", {}).get("bytes", 0))
+    return result, total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+              "layers": args.layers, **FULL_SIZE}
+    ckpt = Path(tempfile.gettempdir()) / f"vismmoe-fullsize-{args.layers}"
+    t0 = time.perf_counter()
+    if not (ckpt / "config.json").exists():
+        build_checkpoint("qwen3_vl_moe", ckpt, shape=TextShape(num_hidden_layers=args.layers, **FULL_SIZE),
+                         dtype="bfloat16", router_std=0.05, image_size=256)
+    report["build_s"] = time.perf_counter() - t0
+    reqs = requests(args.requests)
+
+    # Reference: transformers itself, all experts resident, eager experts loop.
+    from transformers import AutoModelForImageTextToText
+
+    engine = vismmoe.load(ckpt, expert_budget="min", dtype="bfloat16")  # for the processor
+    ref = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.bfloat16, experts_implementation="eager")
+    ref = ref.cuda().eval()
+    expected = []
+    for img, prompt in reqs:
+        inputs = build_inputs(engine.processor, img, prompt).to("cuda")
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with torch.inference_mode():
+            ids = ref.generate(**inputs, max_new_tokens=args.new_tokens, generation_config=engine.generation_config)
+        expected.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+    del ref, engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    report["budgets"] = {}
+    all_ok = True
+    for budget in (1.0, 0.25):
+        engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16")
+        non_expert = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        non_expert += sum(b.numel() * b.element_size() for b in engine.model.buffers())
+        engine.generate(image=reqs[0][0], prompt=reqs[0][1], max_new_tokens=2)  # warm-up
+        rows, equal = [], 0
+        for i, ((img, prompt), want) in enumerate(zip(reqs, expected)):
+            if i == 1:
+                result, measured = profiled_h2d_bytes(
+                    lambda: engine.generate(image=img, prompt=prompt, max_new_tokens=args.new_tokens))
+            else:
+                result, measured = engine.generate(image=img, prompt=prompt, max_new_tokens=args.new_tokens), None
+            s = result.stats
+            equal += result.token_ids == want
+            rows.append(dict(equal=result.token_ids == want, misses=s.expert_misses, hits=s.expert_hits,
+                             bytes_h2d=s.bytes_h2d, bytes_profiled=measured, ttft_s=s.ttft_s,
+                             decode_tok_s=s.decode_tokens_per_s, peak=s.peak_gpu_bytes, prompt=s.prefill_tokens,
+                             visual=s.visual_tokens_total, waves=s.waves))
+        peak = max(r["peak"] for r in rows)
+        prof = rows[1]
+        entry = dict(
+            slots=engine.num_slots, budget_bytes=engine.cache.budget_bytes, record_bytes=engine.store.record_bytes,
+            non_expert_bytes=non_expert, peak_gpu_bytes=peak,
+            activations_bytes=peak - non_expert - engine.cache.budget_bytes,
+            tokens_equal=f"{equal}/{len(reqs)}",
+            bytes_counter_equals_misses_x_record=all(r["bytes_h2d"] == r["misses"] * engine.store.record_bytes for r in rows),
+            profiled_h2d_bytes=prof["bytes_profiled"], counted_h2d_bytes=prof["bytes_h2d"],
+            profiled_equals_counted=prof["bytes_profiled"] == prof["bytes_h2d"],
+            mean_ttft_ms=1e3 * sum(r["ttft_s"] for r in rows[1:]) / (len(rows) - 1),
+            mean_decode_tok_s=sum(r["decode_tok_s"] for r in rows[1:]) / (len(rows) - 1),
+            rows=rows,
+        )
+        all_ok &= equal == len(reqs) and entry["profiled_equals_counted"]
+        report["budgets"][str(budget)] = entry
+        print(json.dumps({k: v for k, v in entry.items() if k != "rows"}, indent=1), flush=True)
+        engine.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    report["all_ok"] = all_ok
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    lines = [f"GPU: {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}",
+             f"model: Qwen3-VL-MoE random, {args.layers} layers, hidden 2048, 128 experts x I=768, top-8, bf16", "",
+             "| budget | slots | tokens equal HF | misses x record == counted | profiled pinned->GPU bytes == counted | "
+             "non-expert MiB | budget MiB | peak MiB | activations MiB | TTFT ms | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b, e in report["budgets"].items():
+        lines.append(f"| {b} | {e['slots']} | {e['tokens_equal']} | {e['bytes_counter_equals_misses_x_record']} | "
+                     f"{e['profiled_equals_counted']} ({e['profiled_h2d_bytes']} vs {e['counted_h2d_bytes']}) | "
+                     f"{e['non_expert_bytes'] / 2**20:.0f} | {e['budget_bytes'] / 2**20:.0f} | {e['peak_gpu_bytes'] / 2**20:.0f} | "
+                     f"{e['activations_bytes'] / 2**20:.0f} | {e['mean_ttft_ms']:.1f} | {e['mean_decode_tok_s']:.1f} |")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
