@@ -14,6 +14,7 @@ Checkpoint layouts accepted (detected per key and by shape):
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,11 @@ class ExpertStore:
                 for expert in range(self.num_experts):
                     self._read_into(layer, expert, self.slab[layer, expert])
             self._handles.clear()
-            if pin:
-                self.pinned = _pin_in_place(self.slab)
+            if pin and _pin_in_place(self.slab):
+                self.pinned = True
+                # Unregister before the slab's memory goes back to the allocator, even when the store
+                # is dropped without close(): a later allocation at the same address could not be pinned.
+                self._unpin = weakref.finalize(self, _unpin, self.slab)
 
     @property
     def total_bytes(self) -> int:
@@ -90,8 +94,8 @@ class ExpertStore:
 
     def close(self):
         self._handles.clear()
-        if self.pinned and self.slab is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.slab.data_ptr())
+        if self.pinned:
+            self._unpin()
             self.pinned = False
 
     # -- reading the checkpoint -------------------------------------------------------------------
@@ -186,6 +190,14 @@ def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertS
     return table
 
 
+def _cuda_ok(err) -> bool:
+    return getattr(err, "value", err) == 0
+
+
+def _unpin(slab: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
+
+
 def _orientation(shape, expected, key, path) -> bool:
     shape, expected = tuple(shape), tuple(expected)
     if shape == expected:
@@ -208,8 +220,9 @@ def _pin_in_place(tensor: torch.Tensor) -> bool:
         return False
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
-    ok = int(err) == 0 if not hasattr(err, "value") else err.value == 0
+    ok = _cuda_ok(err)
     if not ok:
+        cudart.cudaGetLastError()  # clear it, or the next kernel launch would report it as its own
         import warnings
 
         warnings.warn(
