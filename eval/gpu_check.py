@@ -108,7 +108,8 @@ def main():
     report["budgets"] = {}
     all_ok = True
     for budget in (1.0, 0.25):
-        engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16")
+        # Demand loading only, so that every copied byte is a miss (prefetch is checked in bench_offload).
+        engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16", prefetch=False)
         non_expert = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         non_expert += sum(b.numel() * b.element_size() for b in engine.model.buffers())
         engine.generate(image=reqs[0][0], prompt=reqs[0][1], max_new_tokens=2)  # warm-up

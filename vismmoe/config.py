@@ -32,6 +32,14 @@ class EngineConfig:
     store: str = "pinned"
     # Cache eviction policy name (see vismmoe.offload.policies).
     policy: str = "lru"
+    # Lookahead prefetch: predict the experts of the next `prefetch_depth` MoE layers from the current
+    # hidden state (with those layers' own routers) and copy them ahead on the copy stream, at most
+    # `prefetch_limit` per layer and step (0 = twice the model's top-k).
+    prefetch: bool = True
+    prefetch_depth: int = 1
+    prefetch_limit: int = 0
+    # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
+    measure_stalls: bool = False
     # Default generation length and sampling.
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -51,6 +59,10 @@ class EngineConfig:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.prefetch_depth, int) or not 1 <= self.prefetch_depth <= 8:
+            raise ConfigError(f"prefetch_depth must be an integer from 1 to 8, got {self.prefetch_depth!r}")
+        if not isinstance(self.prefetch_limit, int) or self.prefetch_limit < 0:
+            raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
         from .offload.policies import POLICIES

@@ -22,6 +22,7 @@ from .inputs import build_inputs, load_image, load_processor
 from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
+from .offload.predictor import LookaheadPredictor
 from .offload.store import ExpertStore, is_expert_key
 from .stats import RequestStats
 
@@ -63,9 +64,14 @@ class Engine:
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
                                  pin=config.store == "pinned" and self.device.type == "cuda")
         self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
-        self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed)
+        self.cache.measure_stalls = config.measure_stalls
+        predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
+        self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
+                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
+            if predictor is not None:
+                layer.decoder_layer.register_forward_pre_hook(self._predictor_hook(layer.position), with_kwargs=True)
         experts_op.register()
         self.model.set_experts_implementation(experts_op.IMPLEMENTATION)
         for layer in self.layout.layers:
@@ -97,7 +103,7 @@ class Engine:
         kwargs = generation_config.update(do_sample=self.config.do_sample, max_new_tokens=max_new_tokens,
                                           **generation_kwargs)
         kwargs["generation_config"] = generation_config
-        self.runtime.step.index = -1
+        self.runtime.begin_request()
         self.cache.reset_counters()
         self.cache.policy.reset_request()
         self._first_token_time = None
@@ -125,8 +131,21 @@ class Engine:
             record_bytes=self.store.record_bytes, waves=counters.waves,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             device=str(self.device),
+            prefetch_issued_bytes=counters.prefetch_issued_bytes, prefetch_used_bytes=counters.prefetch_used_bytes,
+            prefetch_wasted_bytes=counters.prefetch_wasted_bytes,
+            stall_s=counters.stall_s() if counters.stall_events else None,
+            prefetch_recall=_rounded(self.runtime.prediction_counters.recall()),
+            prefetch_precision=_rounded(self.runtime.prediction_counters.precision()),
         )
         return Result(text=text, token_ids=new, stats=stats)
+
+    def _predictor_hook(self, position: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is not None:
+                self.runtime.predict(position, hidden)
+
+        return hook
 
     def _begin_step(self, module, args, kwargs):
         """Pre-forward hook on the top model: one call per generation step."""
@@ -137,6 +156,7 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             self._first_token_time = time.perf_counter()
         step.index += 1
+        self.runtime.begin_step()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None and self.image_token_id is not None and step.index == 0:
             step.visual_mask = (input_ids == self.image_token_id).reshape(-1)
@@ -276,6 +296,11 @@ def _load_non_expert_weights(model_cls, hf_config, files, layout, skeleton, dtyp
             f"the checkpoint does not match config.json: missing or mismatched weights ({shown}, ...)"
         )
     return model
+
+
+def _rounded(matrix) -> list:
+    # Per distance, per layer; None where the layer had nothing to score (e.g. the first layer).
+    return [[None if x != x else round(float(x), 4) for x in row] for row in matrix]
 
 
 def _release_expert_params(layout, dtype) -> None:

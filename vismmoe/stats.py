@@ -22,6 +22,14 @@ class RequestStats:
     waves: int  # layer calls that ran in several waves (more distinct experts than slots)
     peak_gpu_bytes: int | None  # torch.cuda.max_memory_allocated during the request (None on cpu)
     device: str
+    prefetch_issued_bytes: int = 0
+    prefetch_used_bytes: int = 0  # prefetched experts that their layer then used
+    prefetch_wasted_bytes: int = 0  # prefetched experts evicted unused
+    stall_s: float | None = None  # compute-stream time spent waiting for copies (measure_stalls: true)
+    # [distance][layer]: of the experts a layer used, the share predicted `distance` layers ahead
+    # (recall), and of the predicted ones the share used (precision); None where nothing was scored.
+    prefetch_recall: list = field(default_factory=list)
+    prefetch_precision: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -62,6 +70,14 @@ class RequestStats:
             ("peak GPU memory", _size(self.peak_gpu_bytes) if self.peak_gpu_bytes is not None else "n/a (cpu)"),
             ("device", self.device),
         ]
+        if self.prefetch_issued_bytes:
+            rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
+                         f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
+        if self.prefetch_recall:
+            rows.append(("next-layer recall / precision", f"{_mean(self.prefetch_recall[0]):.1%} / "
+                         f"{_mean(self.prefetch_precision[0]):.1%}"))
+        if self.stall_s is not None:
+            rows.append(("stalled waiting for copies", f"{self.stall_s * 1e3:.2f} ms"))
         if self.waves:
             rows.append(("layer calls run in waves", str(self.waves)))
         width = max(len(k) for k, _ in rows)
@@ -69,6 +85,11 @@ class RequestStats:
         lines.append("per-layer hits/misses: " + " ".join(
             f"L{i}:{h}/{m}" for i, (h, m) in enumerate(zip(self.hits_per_layer, self.misses_per_layer))))
         return "\n".join(lines)
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _size(n: float) -> str:

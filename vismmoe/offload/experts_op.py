@@ -3,8 +3,9 @@
 transformers 5 dispatches every decorated experts module's forward through `ExpertsInterface`; the
 function gets the module, `hidden_states [T, H]`, `top_k_index [T, k]` and `top_k_weights [T, k]`
 and owns execution. The model's own router has already run, so every router type works unchanged.
-Here: one small readback of per-expert token counts, cache lookup and demand loads, then compute
-from the cache slots (in waves when a layer needs more distinct experts than there are slots).
+Per layer: one small readback (per-expert token counts, plus the lookahead predictions made entering
+the layer), demand loads, compute from the cache slots (in waves when a layer needs more distinct
+experts than there are slots), then prefetch of the next layers' predicted experts.
 """
 
 from __future__ import annotations
@@ -26,16 +27,56 @@ class StepContext:
 
     index: int = -1  # 0 = prefill, then one per decode step
     visual_mask: torch.Tensor | None = None  # [T] bool: which tokens of this step are visual
-    observers: list = field(default_factory=list)  # callables(layer, step, top_k_index, visual_mask)
+    observers: list = field(default_factory=list)  # callables(layer, step, top_k_index, visual_mask, predicted)
+    predictions: dict = field(default_factory=dict)  # layer -> device mask [depth, E] made entering it
+    predicted: dict = field(default_factory=dict)  # layer -> {distance: host array of predicted experts}
+
+
+@dataclass
+class PredictionCounters:
+    """Per lookahead distance and layer: true positives, actual and predicted set sizes."""
+
+    true_pos: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
+
+    @classmethod
+    def zeros(cls, depth: int, num_layers: int) -> "PredictionCounters":
+        return cls(*(np.zeros((depth, num_layers), np.int64) for _ in range(3)))
+
+    def recall(self) -> np.ndarray:
+        return np.divide(self.true_pos, self.actual, out=np.full(self.actual.shape, np.nan), where=self.actual > 0)
+
+    def precision(self) -> np.ndarray:
+        return np.divide(self.true_pos, self.predicted, out=np.full(self.predicted.shape, np.nan),
+                         where=self.predicted > 0)
 
 
 class OffloadRuntime:
-    """Binds the cache to the model's experts modules and runs them."""
+    """Binds the cache (and the optional lookahead predictor) to the model's experts modules."""
 
-    def __init__(self, cache: ExpertCache, is_transposed: bool):
+    def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0):
         self.cache = cache
         self.is_transposed = is_transposed
+        self.predictor = predictor
+        self.prefetch_limit = prefetch_limit
         self.step = StepContext()
+        self.depth = predictor.depth if predictor is not None else 1
+        self.prediction_counters = PredictionCounters.zeros(self.depth, cache.num_layers)
+
+    def begin_request(self) -> None:
+        self.step.index = -1
+        self.prediction_counters = PredictionCounters.zeros(self.depth, self.cache.num_layers)
+
+    def begin_step(self) -> None:
+        self.step.predictions.clear()
+        self.step.predicted.clear()
+        self.cache.unpin_through(self.cache.num_layers)
+
+    def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
+        if self.predictor is not None:
+            self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
 
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache = self.cache
@@ -50,16 +91,21 @@ class OffloadRuntime:
         else:
             visual = None
             modality = torch.ones_like(flat)
-        for observer in self.step.observers:
-            observer(layer, self.step.index, top_k_index, visual)
         counts = torch.zeros(2 * num_experts, dtype=torch.int64, device=flat.device)
         counts.scatter_add_(0, modality * num_experts + flat, torch.ones_like(flat))
-        counts = counts.cpu().numpy()  # the one readback of this layer
-        n_visual, n_text = counts[:num_experts], counts[num_experts:]
+        prediction = self.step.predictions.pop(layer, None)
+        if prediction is not None:
+            counts = torch.cat([counts, prediction.reshape(-1).to(torch.int64)])
+        host = counts.cpu().numpy()  # the one readback of this layer: counts and lookahead predictions
+        n_visual, n_text = host[:num_experts], host[num_experts : 2 * num_experts]
         per_expert = n_visual + n_text
         experts = np.flatnonzero(per_expert)
-        offsets = np.concatenate([[0], np.cumsum(per_expert[experts])])
+        predicted_here = self.step.predicted.pop(layer, {})
+        self._score_predictions(layer, experts, predicted_here)
+        for observer in self.step.observers:
+            observer(layer, self.step.index, top_k_index, visual, predicted_here.get(1))
 
+        offsets = np.concatenate([[0], np.cumsum(per_expert[experts])])
         order = torch.argsort(flat, stable=True)
         token_idx = order % num_tokens
         pair_weights = top_k_weights.t().reshape(-1)[order]
@@ -79,7 +125,27 @@ class OffloadRuntime:
             cache.release(slots)
         if len(experts) > cache.num_slots:
             cache.counters.waves += 1
+        cache.unpin_through(layer)
+        if prediction is not None:
+            self._prefetch(layer, host[2 * num_experts :].reshape(-1, num_experts))
         return out
+
+    def _prefetch(self, layer: int, masks: np.ndarray) -> None:
+        # Issued after this layer's demand loads, nearest layer first: demand never queues behind them.
+        for distance, mask in enumerate(masks, start=1):
+            target = layer + distance
+            if target >= self.cache.num_layers:
+                break
+            predicted = np.flatnonzero(mask)
+            self.step.predicted.setdefault(target, {})[distance] = predicted
+            self.cache.prefetch(target, predicted, self.prefetch_limit or len(predicted))
+
+    def _score_predictions(self, layer: int, actual: np.ndarray, predicted_here: dict) -> None:
+        c = self.prediction_counters
+        for distance, predicted in predicted_here.items():
+            c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
+            c.actual[distance - 1, layer] += len(actual)
+            c.predicted[distance - 1, layer] += len(predicted)
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
