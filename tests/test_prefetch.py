@@ -61,3 +61,17 @@ def test_prefetch_improves_hits_on_repeated_decoding(qwen_checkpoint):
         result = engine.generate(image=image, prompt=prompt, max_new_tokens=16)
         misses[prefetch] = result.stats.expert_misses
     assert misses[True] <= misses[False]
+
+
+def test_reconfigure_keeps_answers_and_changes_budget(qwen_checkpoint):
+    from vismmoe import ConfigError
+
+    (image, prompt), = random_requests(1, seed=9)
+    engine = vismmoe.load(qwen_checkpoint)
+    want = engine.generate(image=image, prompt=prompt, max_new_tokens=6).token_ids
+    engine.reconfigure(expert_budget="min", prefetch=False)
+    assert engine.num_slots == engine.layout.top_k and engine.runtime.predictor is None
+    result = engine.generate(image=image, prompt=prompt, max_new_tokens=6)
+    assert result.token_ids == want and result.stats.num_slots == engine.layout.top_k
+    with pytest.raises(ConfigError, match="cannot change on a loaded engine"):
+        engine.reconfigure(device="cpu")

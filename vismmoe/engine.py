@@ -17,7 +17,7 @@ import torch
 
 from . import adapters
 from .config import EngineConfig, load_config, parse_budget
-from .errors import BudgetError, InputError, ModelLoadError
+from .errors import BudgetError, ConfigError, InputError, ModelLoadError
 from .inputs import build_inputs, load_image, load_processor
 from .offload import experts_op
 from .offload.cache import ExpertCache
@@ -63,15 +63,9 @@ class Engine:
 
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
                                  pin=config.store == "pinned" and self.device.type == "cuda")
-        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
-        self.cache.measure_stalls = config.measure_stalls
-        predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
-        self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
-                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k)
+        self._build_runtime()
         for layer in self.layout.layers:
-            layer.experts._vismmoe = (self.runtime, layer.position)
-            if predictor is not None:
-                layer.decoder_layer.register_forward_pre_hook(self._predictor_hook(layer.position), with_kwargs=True)
+            layer.decoder_layer.register_forward_pre_hook(self._predictor_hook(layer.position), with_kwargs=True)
         experts_op.register()
         self.model.set_experts_implementation(experts_op.IMPLEMENTATION)
         for layer in self.layout.layers:
@@ -82,6 +76,35 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+
+    def _build_runtime(self) -> None:
+        config = self.config
+        self.cache = None  # free the old slot pool before allocating the new one
+        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
+        self.cache.measure_stalls = config.measure_stalls
+        predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
+        self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
+                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k)
+        for layer in self.layout.layers:
+            layer.experts._vismmoe = (self.runtime, layer.position)
+
+    _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
+                       "measure_stalls", "max_new_tokens", "do_sample"}
+
+    def reconfigure(self, **overrides) -> "Engine":
+        """Change cache and prefetch settings without reloading the model or the host store.
+
+        The GPU cache starts empty again. Settings that need a reload (device, dtype, store,
+        attention) raise ConfigError: use vismmoe.load for those.
+        """
+        fixed = sorted(set(overrides) - self._RECONFIGURABLE)
+        if fixed:
+            raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
+        config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
+        num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        self.config, self.num_slots = config, num_slots
+        self._build_runtime()
+        return self
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -107,6 +130,7 @@ class Engine:
         self.cache.reset_counters()
         self.cache.policy.reset_request()
         self._first_token_time = None
+        self._prefill_counts = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -131,6 +155,8 @@ class Engine:
             record_bytes=self.store.record_bytes, waves=counters.waves,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
             device=str(self.device),
+            prefill_misses=int((self._prefill_counts or (counters.misses.sum(), 0))[0]),
+            prefill_bytes_h2d=(self._prefill_counts or (0, counters.bytes_h2d))[1],
             prefetch_issued_bytes=counters.prefetch_issued_bytes, prefetch_used_bytes=counters.prefetch_used_bytes,
             prefetch_wasted_bytes=counters.prefetch_wasted_bytes,
             stall_s=counters.stall_s() if counters.stall_events else None,
@@ -155,6 +181,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._first_token_time = time.perf_counter()
+            self._prefill_counts = (int(self.cache.counters.misses.sum()), self.cache.counters.bytes_h2d)
         step.index += 1
         self.runtime.begin_step()
         input_ids = kwargs.get("input_ids", args[0] if args else None)

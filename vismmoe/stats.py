@@ -22,6 +22,8 @@ class RequestStats:
     waves: int  # layer calls that ran in several waves (more distinct experts than slots)
     peak_gpu_bytes: int | None  # torch.cuda.max_memory_allocated during the request (None on cpu)
     device: str
+    prefill_misses: int = 0  # of expert_misses, those of the prefill step
+    prefill_bytes_h2d: int = 0  # of bytes_h2d, those copied before the first token
     prefetch_issued_bytes: int = 0
     prefetch_used_bytes: int = 0  # prefetched experts that their layer then used
     prefetch_wasted_bytes: int = 0  # prefetched experts evicted unused
