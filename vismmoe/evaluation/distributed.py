@@ -8,6 +8,7 @@ Only barriers travel between processes, over gloo, which works with or without G
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 # A barrier waits for the slowest process to finish its shard, which can take hours on a full benchmark.
 _BARRIER_TIMEOUT = datetime.timedelta(hours=48)
+_gloo_group: Any = None  # created once per process: re-creating process groups under torchrun can hang
 
 
 @dataclass
@@ -22,22 +24,15 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    group: Any = None
-    owns_process_group: bool = False
+    group: Any = None  # None: the default group (gloo, ours or the launcher's)
 
     @classmethod
     def from_env(cls) -> "Processes":
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
-        import torch.distributed as dist
-
         rank = int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        if dist.is_initialized():  # e.g. by accelerate; keep its group, add a gloo one for our barriers
-            return cls(rank, world_size, local_rank, dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT))
-        dist.init_process_group("gloo", timeout=_BARRIER_TIMEOUT)
-        return cls(rank, world_size, local_rank, None, owns_process_group=True)
+        return cls(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)), _barrier_group())
 
     @property
     def is_main(self) -> bool:
@@ -49,9 +44,16 @@ class Processes:
 
             dist.barrier(group=self.group)
 
-    def close(self) -> None:
-        if self.owns_process_group:
-            import torch.distributed as dist
 
-            dist.destroy_process_group()
-            self.owns_process_group = False
+def _barrier_group():
+    global _gloo_group
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=_BARRIER_TIMEOUT)
+        atexit.register(dist.destroy_process_group)
+    if dist.get_backend() == "gloo":
+        return None
+    if _gloo_group is None:  # the launcher's group is NCCL: add a gloo one for CPU-side barriers
+        _gloo_group = dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT)
+    return _gloo_group

@@ -33,6 +33,7 @@ class BadRecords:
 
     def report(self, error: EvalDataError) -> None:
         if not self.skip:
+            error.args = (f"{error.args[0]} (--skip-bad / skip_bad=True skips such records and counts them)",)
             raise error
         self.errors.append(str(error))
 

@@ -38,7 +38,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique: data-parallel processes may race
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -10,6 +10,7 @@ from ..errors import ConfigError
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 
+QUESTION_ONLY_TEMPLATE = "{question}"
 SHORT_ANSWER_TEMPLATE = "{question}" + SHORT_ANSWER
 # {context} is "Context: <hint>\n" or "" (ScienceQA); {hint} is "<hint>\n" or "" (MMBench);
 # {options} is "A. first\nB. second...".

@@ -64,7 +64,7 @@ def build_results(task: Task, loaded: Loaded, records: list[dict], *, data, norm
 def read_predictions(path: Path, bad: BadRecords) -> dict[str, str]:
     """{str(question_id): prediction} from JSONL lines {"question_id": ..., "prediction": "..."}."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise EvalDataError("the predictions file does not exist", file=path)
     predictions: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):

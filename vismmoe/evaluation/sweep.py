@@ -62,12 +62,10 @@ def plot(rows: list[dict], headline: str, path: Path) -> Path | None:
     points = [r for r in rows if r.get("latency_s_mean") is not None and r.get(headline) is not None]
     if not points:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r["latency_s_mean"] for r in points], [r[headline] for r in points], "o")
     for r in points:
         ax.annotate(r["setting"], (r["latency_s_mean"], r[headline]), fontsize=7,
@@ -77,5 +75,4 @@ def plot(rows: list[dict], headline: str, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

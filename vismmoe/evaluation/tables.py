@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -89,10 +90,6 @@ def _saved_dataset_files(directory: Path) -> list[Path]:
     return files
 
 
-def column_names(file: Path) -> list[str]:
-    return list(_open(file).schema.names)
-
-
 def read_rows(files: list[Path], required: tuple[str, ...], lazy: tuple[str, ...] = ("image",)) -> Iterator[Row]:
     """Rows of every file in order; `required` columns must exist, `lazy` ones are fetched on demand."""
     for file in files:
@@ -135,7 +132,10 @@ class _ArrowSource:
 
 
 class _ParquetSource:
-    """A parquet file; lazy cells are read one row group at a time, keeping only the last one read."""
+    """A parquet file; lazy cells are read a row group at a time, keeping the last few row groups read
+    (GQA reads its images table in question order, which jumps between row groups)."""
+
+    CACHED_GROUPS = 8
 
     def __init__(self, file: Path):
         import pyarrow.parquet as pq
@@ -144,13 +144,17 @@ class _ParquetSource:
         self.schema = self.file.schema_arrow
         sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
         self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
-        self.cached: tuple[tuple[str, int], Any] | None = None
+        self.cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
 
     def read(self, columns):
         return self.file.read(columns=columns)
 
     def cell(self, column, index):
         group = bisect.bisect_right(self.starts, index) - 1
-        if self.cached is None or self.cached[0] != (column, group):
-            self.cached = ((column, group), self.file.read_row_group(group, columns=[column]).column(0))
-        return self.cached[1][index - self.starts[group]].as_py()
+        key = (column, group)
+        if key not in self.cache:
+            self.cache[key] = self.file.read_row_group(group, columns=[column]).column(0)
+            if len(self.cache) > self.CACHED_GROUPS:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key][index - self.starts[group]].as_py()

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import ConfigError
 from . import datasets, metrics
-from .prompts import MMBENCH_TEMPLATE, SCIENCEQA_TEMPLATE, SHORT_ANSWER_TEMPLATE
+from .prompts import MMBENCH_TEMPLATE, QUESTION_ONLY_TEMPLATE, SCIENCEQA_TEMPLATE, SHORT_ANSWER_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,9 @@ def _agg_mmbench(records):
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
+    # easy-VQA is no lmms-eval benchmark: the plain question, as the bundled demo model was trained on it.
     Task("easyvqa", datasets.load_easyvqa, _score_easyvqa, _agg_easyvqa, "accuracy", needs_data=False,
+         prompt_template=QUESTION_ONLY_TEMPLATE,
          normalization="VQA answer normalisation always (single answer)"),
     Task("vqav2", datasets.load_vqav2, _score_vqav2, _agg_vqav2, "accuracy",
          normalization="official: normalise only when the ten answers disagree; always: every time"),
