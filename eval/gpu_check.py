@@ -94,27 +94,31 @@ def main():
     engine = vismmoe.load(ckpt, expert_budget="min", dtype="bfloat16")  # for the processor
     ref = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.bfloat16, experts_implementation="eager")
     ref = ref.cuda().eval()
-    expected = []
-    for img, prompt in reqs:
-        inputs = build_inputs(engine.processor, img, prompt).to("cuda")
-        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-        with torch.inference_mode():
-            ids = ref.generate(**inputs, max_new_tokens=args.new_tokens, generation_config=engine.generation_config)
-        expected.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+    # vismmoe's loop kernel does transformers' eager arithmetic, its grouped kernel grouped_mm's.
+    expected = {}
+    for kernel, hf_impl in (("loop", "eager"), ("grouped_mm", "grouped_mm")):
+        ref.set_experts_implementation(hf_impl)
+        expected[kernel] = []
+        for img, prompt in reqs:
+            inputs = build_inputs(engine.processor, img, prompt).to("cuda")
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+            with torch.inference_mode():
+                ids = ref.generate(**inputs, max_new_tokens=args.new_tokens, generation_config=engine.generation_config)
+            expected[kernel].append(ids[0, inputs["input_ids"].shape[1]:].tolist())
     del ref, engine
     gc.collect()
     torch.cuda.empty_cache()
 
     report["budgets"] = {}
     all_ok = True
-    for budget in (1.0, 0.25):
+    for budget, kernel in ((1.0, "loop"), (0.25, "loop"), (1.0, "grouped_mm"), (0.25, "grouped_mm")):
         # Demand loading only, so that every copied byte is a miss (prefetch is checked in bench_offload).
-        engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16", prefetch=False)
+        engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16", prefetch=False, experts_kernel=kernel)
         non_expert = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         non_expert += sum(b.numel() * b.element_size() for b in engine.model.buffers())
         engine.generate(image=reqs[0][0], prompt=reqs[0][1], max_new_tokens=2)  # warm-up
         rows, equal = [], 0
-        for i, ((img, prompt), want) in enumerate(zip(reqs, expected)):
+        for i, ((img, prompt), want) in enumerate(zip(reqs, expected[kernel])):
             if i == 1:
                 result, measured = profiled_h2d_bytes(
                     lambda: engine.generate(image=img, prompt=prompt, max_new_tokens=args.new_tokens))
@@ -129,7 +133,7 @@ def main():
         peak = max(r["peak"] for r in rows)
         prof = rows[1]
         entry = dict(
-            slots=engine.num_slots, budget_bytes=engine.cache.budget_bytes, record_bytes=engine.store.record_bytes,
+            kernel=kernel, slots=engine.num_slots, budget_bytes=engine.cache.budget_bytes, record_bytes=engine.store.record_bytes,
             non_expert_bytes=non_expert, peak_gpu_bytes=peak,
             activations_bytes=peak - non_expert - engine.cache.budget_bytes,
             tokens_equal=f"{equal}/{len(reqs)}",
@@ -141,7 +145,7 @@ def main():
             rows=rows,
         )
         all_ok &= equal == len(reqs) and entry["profiled_equals_counted"]
-        report["budgets"][str(budget)] = entry
+        report["budgets"][f"{budget}/{kernel}"] = entry
         print(json.dumps({k: v for k, v in entry.items() if k != "rows"}, indent=1), flush=True)
         engine.close()
         del engine
@@ -151,7 +155,7 @@ def main():
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     lines = [f"GPU: {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}",
              f"model: Qwen3-VL-MoE random, {args.layers} layers, hidden 2048, 128 experts x I=768, top-8, bf16", "",
-             "| budget | slots | tokens equal HF | misses x record == counted | profiled pinned->GPU bytes == counted | "
+             "| budget/kernel | slots | tokens equal HF | misses x record == counted | profiled pinned->GPU bytes == counted | "
              "non-expert MiB | budget MiB | peak MiB | activations MiB | TTFT ms | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, e in report["budgets"].items():

@@ -38,6 +38,9 @@ class EngineConfig:
     prefetch: bool = True
     prefetch_depth: int = 1
     prefetch_limit: int = 0
+    # Expert compute: "grouped_mm" (two grouped GEMMs over the slot pool; CUDA + bfloat16), "loop"
+    # (one expert at a time, the reference arithmetic of transformers' eager experts), or "auto".
+    experts_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Default generation length and sampling.
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ConfigError(f"prefetch_depth must be an integer from 1 to 8, got {self.prefetch_depth!r}")
         if not isinstance(self.prefetch_limit, int) or self.prefetch_limit < 0:
             raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
+        if self.experts_kernel not in ("auto", "grouped_mm", "loop"):
+            raise ConfigError(f"experts_kernel must be auto, grouped_mm or loop, got {self.experts_kernel!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
         from .offload.policies import POLICIES

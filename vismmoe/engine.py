@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters
+from . import adapters, ops
 from .config import EngineConfig, load_config, parse_budget
 from .errors import BudgetError, ConfigError, InputError, ModelLoadError
 from .inputs import build_inputs, load_image, load_processor
@@ -82,14 +82,26 @@ class Engine:
         self.cache = None  # free the old slot pool before allocating the new one
         self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
         self.cache.measure_stalls = config.measure_stalls
+        if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:
+            self.cache.load_all()
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
-                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k)
+                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k,
+                                      grouped=self._use_grouped_mm())
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
 
+    def _use_grouped_mm(self) -> bool:
+        available = ops.grouped_mm_available(self.device, self.dtype)
+        if self.config.experts_kernel == "grouped_mm" and not available:
+            raise ConfigError(
+                f"experts_kernel: grouped_mm needs a CUDA device and bfloat16 (here {self.device}, {self.dtype}); "
+                "use auto or loop"
+            )
+        return available and self.config.experts_kernel != "loop"
+
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
-                       "measure_stalls", "max_new_tokens", "do_sample"}
+                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel"}
 
     def reconfigure(self, **overrides) -> "Engine":
         """Change cache and prefetch settings without reloading the model or the host store.
@@ -143,6 +155,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
+        self.cache.collect_device_hits()
         new = output[0, input_ids.shape[1]:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         counters = self.cache.counters

@@ -58,6 +58,14 @@ class ExpertCache:
         self.clock = 0
         self.counters = CacheCounters.zeros(self.num_layers)
         self._table_updates: list[tuple[int, int, int]] = []
+        # The slot pool viewed as the model's per-expert matrices, for grouped GEMMs over all slots.
+        gu = store.gate_up_numel
+        self.gate_up_view = self.slots[:, :gu].view(num_slots, *store.layout.gate_up_shape)
+        self.down_view = self.slots[:, gu:].view(num_slots, *store.layout.down_shape)
+        # When every expert fits, all are loaded up front and never evicted: layers then run with no
+        # host sync at all, and hits are counted on the device.
+        self.complete = False
+        self.device_hits = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
         self.cuda = device.type == "cuda"
         self.measure_stalls = False
         if self.cuda:
@@ -75,7 +83,31 @@ class ExpertCache:
 
     def reset_counters(self) -> CacheCounters:
         old, self.counters = self.counters, CacheCounters.zeros(self.num_layers)
+        self.device_hits.zero_()
         return old
+
+    def collect_device_hits(self) -> None:
+        """Fold the hits counted on the device (complete cache) into the host counters: one sync."""
+        if self.complete:
+            self.counters.hits += self.device_hits.cpu().numpy()
+            self.device_hits.zero_()
+
+    def load_all(self) -> None:
+        """Fill every slot (budget >= all experts): the cache is complete from then on."""
+        assert self.num_slots >= self.num_layers * self.num_experts
+        for layer in range(self.num_layers):
+            for expert in range(self.num_experts):
+                if self.host_table[layer, expert] < 0:
+                    self._fill(layer, expert, self._victim(np.zeros(self.num_slots, dtype=bool), True), 0)
+        self._flush_table()
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.complete = True
+
+    def count_resident_use(self, layer: int, top_k_index: torch.Tensor) -> None:
+        used = torch.zeros(self.num_experts, dtype=torch.int64, device=top_k_index.device)
+        used.index_fill_(0, top_k_index.reshape(-1), 1)
+        self.device_hits[layer] += used.sum()
 
     # -- demand path -----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .. import ops
 from .cache import ExpertCache
 
 IMPLEMENTATION = "vismmoe_offload"
@@ -55,9 +56,11 @@ class PredictionCounters:
 class OffloadRuntime:
     """Binds the cache (and the optional lookahead predictor) to the model's experts modules."""
 
-    def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0):
+    def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0,
+                 grouped: bool = False):
         self.cache = cache
         self.is_transposed = is_transposed
+        self.grouped = grouped  # compute with grouped GEMMs over the slot pool (ops.experts_from_slots)
         self.predictor = predictor
         self.prefetch_limit = prefetch_limit
         self.step = StepContext()
@@ -75,11 +78,20 @@ class OffloadRuntime:
 
     def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
-        if self.predictor is not None:
+        if self.predictor is not None and not self.cache.complete:
             self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
+
+    def _grouped(self, layer, module, hidden_states, top_k_index, top_k_weights):
+        slot_ids = self.cache.slot_table[layer][top_k_index].to(torch.int64)
+        return ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, self.cache.gate_up_view,
+                                      self.cache.down_view, module._apply_gate, self.is_transposed)
 
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache = self.cache
+        if cache.complete and self.grouped and not self.step.observers:
+            # Every expert is resident and nothing is ever evicted: no host decision, no sync.
+            cache.count_resident_use(layer, top_k_index)
+            return self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
         num_experts = cache.num_experts
         # Pairs (token, slot) ordered slot-major, as transformers' eager loop visits them, so that the
@@ -105,6 +117,12 @@ class OffloadRuntime:
         for observer in self.step.observers:
             observer(layer, self.step.index, top_k_index, visual, predicted_here.get(1))
 
+        if self.grouped and len(experts) <= cache.num_slots:
+            slots = cache.acquire(layer, experts, n_visual[experts], n_text[experts])
+            out = self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
+            cache.release(slots)
+            return self._after_layer(layer, prediction, host, out)
+
         offsets = np.concatenate([[0], np.cumsum(per_expert[experts])])
         order = torch.argsort(flat, stable=True)
         token_idx = order % num_tokens
@@ -125,8 +143,12 @@ class OffloadRuntime:
             cache.release(slots)
         if len(experts) > cache.num_slots:
             cache.counters.waves += 1
-        cache.unpin_through(layer)
+        return self._after_layer(layer, prediction, host, out)
+
+    def _after_layer(self, layer, prediction, host, out):
+        self.cache.unpin_through(layer)
         if prediction is not None:
+            num_experts = self.cache.num_experts
             self._prefetch(layer, host[2 * num_experts :].reshape(-1, num_experts))
         return out
 

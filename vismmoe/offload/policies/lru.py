@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-import numpy as np
+from collections import namedtuple
 
-from .base import EvictionPolicy
+import numpy as np
+from numba import njit
+
+from .base import INT64_MAX, SLOT_FIELDS, EvictionPolicy, register_twins
+
+LRUState = namedtuple("LRUState", SLOT_FIELDS)
 
 
 class LRUPolicy(EvictionPolicy):
     name = "lru"
 
-    def __init__(self, num_slots: int, num_layers: int, num_experts: int):
-        super().__init__(num_slots, num_layers, num_experts)
-        # Empty slots get -1 so they are filled before anything is evicted.
-        self.last_use = np.full(num_slots, -1, dtype=np.int64)
+    def _choose(self, evictable, layer):
+        return int(np.argmin(np.where(evictable, self.last_use, INT64_MAX)))
 
-    def on_insert(self, slot, layer, expert, now):
-        self.last_use[slot] = now
+    def jit_state(self):
+        return LRUState(**self._slot_fields())
 
-    def on_access(self, slot, layer, expert, now, n_visual=0, n_text=0):
-        self.last_use[slot] = now
 
-    def victim(self, evictable):
-        masked = np.where(evictable, self.last_use, np.iinfo(np.int64).max)
-        return int(np.argmin(masked))
+# ------------------------------------------------------------------------------------ numba twins
+@njit(cache=True)
+def lru_choose_jit(st, evictable, layer):
+    best = -1
+    best_last_use = INT64_MAX
+    for s in range(evictable.shape[0]):
+        if evictable[s] and (best < 0 or st.last_use[s] < best_last_use):
+            best = s
+            best_last_use = st.last_use[s]
+    return best
+
+
+@njit(cache=True, inline="always")
+def lru_access_jit(st, slot, layer, expert, now, n_visual, n_text):
+    st.last_use[slot] = now
+
+
+register_twins(LRUState, choose=lru_choose_jit, on_access=lru_access_jit)
