@@ -30,12 +30,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="routing trace (.npz) recorded by vismmoe")
-    source.add_argument("--synthetic", type=int, metavar="REQUESTS", help="use a synthetic trace of this many requests")
+    source.add_argument("--synthetic", type=int, metavar="REQUESTS", help="a synthetic trace of this many requests")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     ap.add_argument("--budgets", help="comma-separated slot counts (default: 10%%..100%% of all experts)")
     ap.add_argument("--prefetch", default=None,
-                    help="comma-separated of none,trace,oracle (default: none, plus trace and oracle if predicted)")
+                    help="comma-separated of none,trace,oracle (default: all three; no trace without predictions)")
     ap.add_argument("--slot-plan", default="global", choices=["global", "uniform"])
     ap.add_argument("--prefetch-limit", type=int, default=0, help="copies per prefetch call, 0 = unlimited")
     ap.add_argument("--threads", type=int, default=None)
@@ -47,7 +47,10 @@ def main(argv=None) -> int:
     meta = trace.meta
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else default_budgets(trace)
-    modes = args.prefetch.split(",") if args.prefetch else ["none", "trace", "oracle"] if trace.has_predictions else ["none"]
+    if args.prefetch:
+        modes = args.prefetch.split(",")
+    else:
+        modes = ["none", "trace", "oracle"] if trace.has_predictions else ["none", "oracle"]
     print(f"trace: {meta.model or args.trace}: {trace.num_requests} requests, {trace.num_groups} layer calls, "
           f"{meta.num_layers} layers x {meta.num_experts} experts, top-{meta.top_k} (loaded in {t_load:.1f} s)")
 
@@ -63,7 +66,9 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    quality = {phase: trace.prediction_quality(phase) for phase in ("prefill", "decode")} if trace.has_predictions else None
+    quality = None
+    if trace.has_predictions:
+        quality = {phase: trace.prediction_quality(phase) for phase in ("prefill", "decode")}
     (out / "policies.md").write_text(_markdown(trace, args, results, timings, quality))
     (out / "results.json").write_text(json.dumps({m: [r.to_dict() for r in rs] for m, rs in results.items()}, indent=1))
     _plot(trace, results, quality, out / "policies.png")

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 
+# torch's grouped_mm handles at most this many groups (weight matrices) per call.
+MAX_GROUPS = 1024
+
+
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """grouped_mm runs on CUDA (sm90 kernels) in bfloat16; elsewhere the per-expert loop is used."""
     return (

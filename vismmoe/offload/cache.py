@@ -95,14 +95,20 @@ class ExpertCache:
     def load_all(self) -> None:
         """Fill every slot (budget >= all experts): the cache is complete from then on."""
         assert self.num_slots >= self.num_layers * self.num_experts
+        assert not (self.host_table >= 0).any(), "load_all expects an empty cache"
+        # Layer-major, so that layer l's experts are the contiguous slots [l*E, (l+1)*E).
         for layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                if self.host_table[layer, expert] < 0:
-                    self._fill(layer, expert, self._victim(np.zeros(self.num_slots, dtype=bool), True), 0)
+                self._fill(layer, expert, layer * self.num_experts + expert, 0)
         self._flush_table()
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         self.complete = True
+
+    def layer_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complete cache: layer `layer`'s experts as [E, ...] views, indexed by expert id."""
+        lo = layer * self.num_experts
+        return self.gate_up_view[lo : lo + self.num_experts], self.down_view[lo : lo + self.num_experts]
 
     def count_resident_use(self, layer: int, top_k_index: torch.Tensor) -> None:
         used = torch.zeros(self.num_experts, dtype=torch.int64, device=top_k_index.device)
@@ -128,7 +134,7 @@ class ExpertCache:
         self.counters.hits[layer] += len(experts) - len(missing)
         self.counters.misses[layer] += len(missing)
         for i in missing:
-            slot = self._victim(protected, allow_pinned=True)
+            slot = self._victim(protected, allow_pinned=True, layer=layer)
             self._fill(layer, int(experts[i]), slot, now)
             protected[slot] = True
             slots[i] = slot
@@ -170,7 +176,7 @@ class ExpertCache:
         for expert in experts[resident < 0]:
             if issued >= limit:
                 break
-            slot = self._victim(protected, allow_pinned=False)
+            slot = self._victim(protected, allow_pinned=False, layer=layer)
             if slot < 0:
                 break  # every slot is in use or pinned for a nearer layer: demand keeps priority
             self._fill(layer, int(expert), slot, self.clock)
@@ -188,13 +194,13 @@ class ExpertCache:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _victim(self, protected: np.ndarray, allow_pinned: bool) -> int:
+    def _victim(self, protected: np.ndarray, allow_pinned: bool, layer: int) -> int:
         evictable = ~protected & (self.pinned_for < 0)
         if not evictable.any():
             if not allow_pinned or not (~protected).any():
                 return -1
             evictable = ~protected  # a demand load outranks any prefetch pin
-        slot = self.policy.victim(evictable)
+        slot = self.policy.victim(evictable, layer=layer)
         if self.prefetched_unused[slot]:
             self.counters.prefetch_wasted_bytes += self.store.record_bytes
             self.prefetched_unused[slot] = False

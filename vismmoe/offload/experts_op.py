@@ -82,9 +82,14 @@ class OffloadRuntime:
             self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
 
     def _grouped(self, layer, module, hidden_states, top_k_index, top_k_weights):
-        slot_ids = self.cache.slot_table[layer][top_k_index].to(torch.int64)
-        return ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, self.cache.gate_up_view,
-                                      self.cache.down_view, module._apply_gate, self.is_transposed)
+        if self.cache.complete:
+            gate_up, down = self.cache.layer_views(layer)
+            slot_ids = top_k_index
+        else:
+            gate_up, down = self.cache.gate_up_view, self.cache.down_view
+            slot_ids = self.cache.slot_table[layer][top_k_index].to(torch.int64)
+        return ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, gate_up, down, module._apply_gate,
+                                      self.is_transposed)
 
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache = self.cache
@@ -117,7 +122,7 @@ class OffloadRuntime:
         for observer in self.step.observers:
             observer(layer, self.step.index, top_k_index, visual, predicted_here.get(1))
 
-        if self.grouped and len(experts) <= cache.num_slots:
+        if self.grouped and len(experts) <= cache.num_slots and (cache.complete or cache.num_slots <= ops.MAX_GROUPS):
             slots = cache.acquire(layer, experts, n_visual[experts], n_text[experts])
             out = self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
             cache.release(slots)

@@ -378,13 +378,15 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
     """ReferenceCache driven as replay_reference does; numba compiles one kernel per policy (per type
     of `st`). Returns the number of layer calls that needed several waves."""
     num_slots = protected.shape[0]
-    num_layers = hits.shape[1]
     wasted = pf[2]
     waves = 0
     clock = 0
     request = -1
     step = -1
+    any_pins = False
     use_prefetch = pred_offsets.shape[0] > 0
+    # `protected` is all False between calls: each section clears exactly the slots it set, so a
+    # layer call costs O(its experts) plus O(slots) per miss (the victim scan), not O(slots).
     for g in range(group_layer.shape[0]):
         layer = group_layer[g]
         phase = 1 if group_step[g] > 0 else 0
@@ -394,9 +396,11 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
             reset_request_jit(st)
         if group_step[g] != step:  # a new forward step: every prefetch pin drops
             step = group_step[g]
-            pinned_for[:] = -1
-        if use_prefetch:
-            protected[:] = False
+            if any_pins:
+                pinned_for[:] = -1
+                any_pins = False
+        if use_prefetch and pred_offsets[g + 1] > pred_offsets[g]:
+            any_pins = True
             for i in range(pred_offsets[g], pred_offsets[g + 1]):
                 slot = table[layer, pred_experts[i]]
                 if slot >= 0:
@@ -418,6 +422,10 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
                 protected[slot] = True
                 issued += 1
             pf[0, layer] += issued
+            for i in range(pred_offsets[g], pred_offsets[g + 1]):
+                slot = table[layer, pred_experts[i]]
+                if slot >= 0:
+                    protected[slot] = False
         lo = set_offsets[g]
         hi = set_offsets[g + 1]
         wave = num_slots if quota.shape[0] == 0 else min(num_slots, quota[layer])
@@ -426,7 +434,6 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
         for start in range(lo, hi, wave):
             stop = min(start + wave, hi)
             clock += 1
-            protected[:] = False
             for i in range(start, stop):
                 slot = table[layer, set_experts[i]]
                 wave_slots[i - start] = slot
@@ -446,13 +453,17 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
                 misses[phase, layer] += 1
             for i in range(start, stop):
                 slot = wave_slots[i - start]
+                protected[slot] = False
                 if prefetched_unused[slot]:
                     prefetched_unused[slot] = False
                     pf[1, layer] += 1
                 on_access_jit(st, slot, layer, set_experts[i], clock, set_visual[i], set_text[i])
-        for s in range(num_slots):  # unpin_through(layer)
-            if pinned_for[s] <= layer:
-                pinned_for[s] = -1
+        if any_pins:  # unpin_through(layer)
+            any_pins = False
+            for s in range(num_slots):
+                if pinned_for[s] <= layer:
+                    pinned_for[s] = -1
+                any_pins |= pinned_for[s] >= 0
     return waves
 
 
