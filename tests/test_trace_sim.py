@@ -161,9 +161,9 @@ def _replay_live(trace, policy, budget, prefetch):
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_numba_simulator_matches_the_live_cache(trace, policy):
-    # The live cache does not pass the incoming layer to victim() yet, so cost-aware runs without its
-    # layer-distance term there; everything else is the same code path.
-    options = {"use_distance": False} if policy == "cost" else None
+    # The live cache passes the incoming layer to victim(), so cost-aware's layer-distance term is on
+    # in both.
+    options = None
     for budget, prefetch in [(3, False), (10, False), (10, True), (24, True)]:
         live = _replay_live(trace, policy, budget, prefetch)
         sim = simulate(trace, policy, budget, "trace" if prefetch else "none", policy_options=options)
