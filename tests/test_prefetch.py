@@ -52,15 +52,15 @@ def test_predictor_matches_the_next_router_on_its_own_input(qwen_checkpoint):
     assert np.array_equal(masks[0].numpy(), want)
 
 
-def test_prefetch_improves_hits_on_repeated_decoding(qwen_checkpoint):
-    # Same request twice at a tight budget: with prefetch, demand misses can only go down.
-    (image, prompt), = random_requests(1, seed=4)
-    misses = {}
-    for prefetch in (False, True):
-        engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=prefetch)
-        result = engine.generate(image=image, prompt=prompt, max_new_tokens=16)
-        misses[prefetch] = result.stats.expert_misses
-    assert misses[True] <= misses[False]
+def test_prefetch_ledger_is_consistent(qwen_checkpoint):
+    # Every prefetched expert that its layer used was a demand hit; used + wasted never exceed issued.
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=True)
+    for image, prompt in random_requests(6, seed=4):
+        s = engine.generate(image=image, prompt=prompt, max_new_tokens=12).stats
+        assert s.prefetch_used_bytes // s.record_bytes <= s.expert_hits
+        assert s.prefetch_used_bytes + s.prefetch_wasted_bytes <= s.prefetch_issued_bytes + engine.cache.budget_bytes
+        # Decode-only prefetch by default: nothing is predicted for the first MoE layer or in the prefill.
+        assert s.prefetch_recall[0][0] is None
 
 
 def test_reconfigure_keeps_answers_and_changes_budget(qwen_checkpoint):

@@ -34,10 +34,13 @@ class EngineConfig:
     policy: str = "lru"
     # Lookahead prefetch: predict the experts of the next `prefetch_depth` MoE layers from the current
     # hidden state (with those layers' own routers) and copy them ahead on the copy stream, at most
-    # `prefetch_limit` per layer and step (0 = twice the model's top-k).
+    # `prefetch_limit` per layer and step (0 = the model's top-k).
     prefetch: bool = True
     prefetch_depth: int = 1
     prefetch_limit: int = 0
+    # Also prefetch during the prefill. Off by default: a many-token step touches nearly every expert,
+    # so predictions are the union of everything and mostly displace useful experts.
+    prefetch_prefill: bool = False
     # Expert compute: "grouped_mm" (two grouped GEMMs over the slot pool; CUDA + bfloat16), "loop"
     # (one expert at a time, the reference arithmetic of transformers' eager experts), or "auto".
     experts_kernel: str = "auto"

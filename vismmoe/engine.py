@@ -86,8 +86,8 @@ class Engine:
             self.cache.load_all()
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
-                                      prefetch_limit=config.prefetch_limit or 2 * self.layout.top_k,
-                                      grouped=self._use_grouped_mm())
+                                      prefetch_limit=config.prefetch_limit or self.layout.top_k,
+                                      grouped=self._use_grouped_mm(), prefetch_prefill=config.prefetch_prefill)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
 
@@ -101,7 +101,7 @@ class Engine:
         return available and self.config.experts_kernel != "loop"
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
-                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel"}
+                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill"}
 
     def reconfigure(self, **overrides) -> "Engine":
         """Change cache and prefetch settings without reloading the model or the host store.

@@ -57,12 +57,13 @@ class OffloadRuntime:
     """Binds the cache (and the optional lookahead predictor) to the model's experts modules."""
 
     def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0,
-                 grouped: bool = False):
+                 grouped: bool = False, prefetch_prefill: bool = False):
         self.cache = cache
         self.is_transposed = is_transposed
         self.grouped = grouped  # compute with grouped GEMMs over the slot pool (ops.experts_from_slots)
         self.predictor = predictor
         self.prefetch_limit = prefetch_limit
+        self.prefetch_prefill = prefetch_prefill
         self.step = StepContext()
         self.depth = predictor.depth if predictor is not None else 1
         self.prediction_counters = PredictionCounters.zeros(self.depth, cache.num_layers)
@@ -78,8 +79,11 @@ class OffloadRuntime:
 
     def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
-        if self.predictor is not None and not self.cache.complete:
-            self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
+        if self.predictor is None or self.cache.complete:
+            return
+        if self.step.index == 0 and not self.prefetch_prefill:
+            return
+        self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
 
     def _grouped(self, layer, module, hidden_states, top_k_index, top_k_weights):
         if self.cache.complete:
