@@ -75,3 +75,21 @@ def test_reconfigure_keeps_answers_and_changes_budget(qwen_checkpoint):
     assert result.token_ids == want and result.stats.num_slots == engine.layout.top_k
     with pytest.raises(ConfigError, match="cannot change on a loaded engine"):
         engine.reconfigure(device="cpu")
+
+
+def test_recorded_trace_replays_to_the_engine_counts(qwen_checkpoint, tmp_path):
+    """A trace recorded from the engine, replayed by the simulator, gives the engine's own hits/misses."""
+    from vismmoe.offload.simulate import simulate
+    from vismmoe.offload.trace import load_trace
+
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=True, prefetch_prefill=True)
+    engine.start_trace("tiny")
+    hits = misses = 0
+    for i, (image, prompt) in enumerate(random_requests(5, seed=30)):
+        s = engine.generate(image=image, prompt=prompt, max_new_tokens=6, request_id=f"q{i}").stats
+        hits, misses = hits + s.expert_hits, misses + s.expert_misses
+    engine.stop_trace(tmp_path / "trace.npz")
+    trace = load_trace(tmp_path / "trace.npz")
+    assert list(trace.request_ids) == [f"q{i}" for i in range(5)]
+    sim = simulate(trace, "lru", engine.num_slots, "trace", prefetch_limit=engine.runtime.prefetch_limit)
+    assert (int(sim.hits_per_layer.sum()), int(sim.misses_per_layer.sum())) == (hits, misses)

@@ -61,6 +61,8 @@ class Engine:
         _release_expert_params(self.layout, self.dtype)
         self.model.to(self.device).eval()
 
+        self.trace = None
+        self._requests = 0
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
                                  pin=config.store == "pinned" and self.device.type == "cuda")
         self._build_runtime()
@@ -90,6 +92,29 @@ class Engine:
                                       grouped=self._use_grouped_mm(), prefetch_prefill=config.prefetch_prefill)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
+        if getattr(self, "trace", None) is not None:
+            self.runtime.step.observers.append(self.trace)
+
+    # -- routing traces --------------------------------------------------------------------------
+
+    def start_trace(self, model_name: str = "") -> "TraceRecorder":
+        """Record every layer call's routed experts (and lookahead predictions) from now on."""
+        from .offload.trace import TraceRecorder
+
+        self.stop_trace()
+        self.trace = TraceRecorder(len(self.layout.layers), self.layout.num_experts, self.layout.top_k,
+                                   self.store.record_bytes, model_name or str(self.model_dir))
+        self.runtime.step.observers.append(self.trace)
+        return self.trace
+
+    def stop_trace(self, path=None):
+        """Stop recording; save the trace to `path` if given. Returns the recorder (or None)."""
+        recorder, self.trace = getattr(self, "trace", None), None
+        if recorder is not None:
+            self.runtime.step.observers.remove(recorder)
+            if path is not None:
+                recorder.save(path)
+        return recorder
 
     def _use_grouped_mm(self) -> bool:
         available = ops.grouped_mm_available(self.device, self.dtype)
@@ -120,8 +145,11 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int | None = None, **generation_kwargs) -> Result:
-        """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True."""
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int | None = None, request_id=None,
+                 **generation_kwargs) -> Result:
+        """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True.
+
+        `request_id` names the request in a routing trace being recorded (see start_trace)."""
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -145,6 +173,9 @@ class Engine:
         self._prefill_counts = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.trace is not None:
+            self._requests += 1
+            self.trace.begin_request(request_id if request_id is not None else self._requests)
         try:
             with torch.inference_mode():
                 output = self.model.generate(**inputs, **kwargs)
@@ -152,6 +183,8 @@ class Engine:
             raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
             self.runtime.step.visual_mask = None
+            if self.trace is not None:
+                self.trace.end_request()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
