@@ -79,8 +79,8 @@ class OffloadRuntime:
 
     def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
-        if self.predictor is None or self.cache.complete:
-            return
+        if self.predictor is None or (self.cache.complete and not self.step.observers):
+            return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
         if self.step.index == 0 and not self.prefetch_prefill:
             return
         self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
