@@ -28,10 +28,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
 from vismmoe.inputs import build_inputs  # noqa: E402
-from vismmoe.tiny_models import TextShape, build_checkpoint  # noqa: E402
+from vismmoe.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
+from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
 
-FULL_SIZE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                 intermediate_size=6144, moe_intermediate_size=768, num_experts=128, top_k=8)
 
 
 def requests(n: int, seed: int = 0):
@@ -80,11 +79,8 @@ def main():
 
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
               "layers": args.layers, **FULL_SIZE}
-    ckpt = Path(tempfile.gettempdir()) / f"vismmoe-fullsize-{args.layers}"
     t0 = time.perf_counter()
-    if not (ckpt / "config.json").exists():
-        build_checkpoint("qwen3_vl_moe", ckpt, shape=TextShape(num_hidden_layers=args.layers, **FULL_SIZE),
-                         dtype="bfloat16", router_std=0.05, image_size=256)
+    ckpt = full_size_checkpoint(args.layers)
     report["build_s"] = time.perf_counter() - t0
     reqs = requests(args.requests)
 

@@ -12,6 +12,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
 from .offload.store import ExpertStore, is_expert_key
 from .stats import RequestStats
+
+if TYPE_CHECKING:
+    from .offload.trace import TraceRecorder
 
 
 @dataclass

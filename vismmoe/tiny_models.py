@@ -301,3 +301,20 @@ def _fix_processor_class(out: Path, name: str, proc_kwargs: dict | None = None):
                 if fname == "processor_config.json":
                     data.update(proc_kwargs or {})
                 path.write_text(json.dumps(data, indent=2))
+
+
+# Qwen3-VL-30B-A3B's text MoE shapes (hidden 2048, 32/4 heads of 128, 128 experts of I=768, top-8):
+# random models of these shapes measure mechanism costs (copies, overheads) at real sizes.
+QWEN3_VL_30B_A3B_TEXT = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                             intermediate_size=6144, moe_intermediate_size=768, num_experts=128, top_k=8)
+
+
+def full_size_checkpoint(num_layers: int, root=None) -> Path:
+    """A bf16 random Qwen3-VL-MoE with Qwen3-VL-30B-A3B-sized experts and `num_layers` layers, built once."""
+    import tempfile
+
+    path = Path(root or tempfile.gettempdir()) / f"vismmoe-fullsize-{num_layers}"
+    if not (path / "config.json").exists():
+        build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=num_layers, **QWEN3_VL_30B_A3B_TEXT),
+                         dtype="bfloat16", router_std=0.05, image_size=256)
+    return path
