@@ -18,8 +18,10 @@ def _demo_inputs(args) -> tuple[Path, str | None, str]:
     if args.model:
         return Path(args.model), args.image, args.prompt or DEMO_QUESTION
     if (DEMO_MODEL / "config.json").is_file():
-        image = args.image or _first_example(DEMO_MODEL)
-        return DEMO_MODEL, image, args.prompt or DEMO_QUESTION
+        if args.image:
+            return DEMO_MODEL, args.image, args.prompt or DEMO_QUESTION
+        image, question = _first_example(DEMO_MODEL)
+        return DEMO_MODEL, image, args.prompt or question
     from .tiny_models import build_checkpoint
 
     print("NOTE: no trained demo model is bundled in models/easyvqa-qwen3vlmoe; building a tiny RANDOM "
@@ -38,9 +40,13 @@ def _demo_inputs(args) -> tuple[Path, str | None, str]:
     return target, image, args.prompt or DEMO_QUESTION
 
 
-def _first_example(model_dir: Path) -> str | None:
-    examples = sorted((model_dir / "examples").glob("*.png"))
-    return str(examples[0]) if examples else None
+def _first_example(model_dir: Path) -> tuple[str, str]:
+    """The bundled example image and its question (examples/questions.json)."""
+    import json
+
+    questions = json.loads((model_dir / "examples" / "questions.json").read_text())
+    name = sorted(questions)[0]
+    return str(model_dir / "examples" / name), questions[name]["question"]
 
 
 def cmd_run(args) -> int:

@@ -75,7 +75,7 @@ class RequestStats:
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
-        if self.prefetch_recall:
+        if any(v is not None for row in self.prefetch_recall for v in row):
             rows.append(("next-layer recall / precision", f"{_mean(self.prefetch_recall[0]):.1%} / "
                          f"{_mean(self.prefetch_precision[0]):.1%}"))
         if self.stall_s is not None:
