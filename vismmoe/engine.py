@@ -85,7 +85,14 @@ class Engine:
 
     def _build_runtime(self) -> None:
         config = self.config
-        self.cache = None  # free the old slot pool before allocating the new one
+        if self.device.type == "cuda":
+            # Copies may still be writing into the old slot pool on the copy stream: let them land
+            # before its memory goes back to the allocator.
+            torch.cuda.synchronize(self.device)
+        # Drop every reference to the old slot pool before allocating the new one (peak = one pool).
+        self.cache = self.runtime = None
+        for layer in self.layout.layers:
+            layer.experts._vismmoe = None
         self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
         self.cache.measure_stalls = config.measure_stalls
         if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:

@@ -195,6 +195,7 @@ def _cuda_ok(err) -> bool:
 
 
 def _unpin(slab: torch.Tensor) -> None:
+    torch.cuda.synchronize()  # no copy may still be reading the slab when it stops being page-locked
     torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
 
 
