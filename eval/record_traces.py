@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "easyvqa-qwen3vlmoe"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=int, default=0, help="first N test questions (0 = all)")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=16)  # "rectangle" + eos is 10 tokens
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     import easy_vqa

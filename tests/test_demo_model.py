@@ -24,7 +24,7 @@ def questions():
 @pytest.fixture(scope="module")
 def full_budget_answers(questions):
     engine = vismmoe.load(DEMO, device="cpu", expert_budget=1.0)
-    return [engine.generate(image=path, prompt=q, max_new_tokens=8) for path, q, _ in questions]
+    return [engine.generate(image=path, prompt=q, max_new_tokens=16) for path, q, _ in questions]
 
 
 def test_demo_model_answers_fixed_questions(questions, full_budget_answers):
@@ -38,7 +38,7 @@ def test_quarter_budget_gives_the_same_answers(questions, full_budget_answers):
     engine = vismmoe.load(DEMO, device="cpu", expert_budget=0.25)
     misses = 0
     for r_full, (path, q, _) in zip(full_budget_answers, questions):
-        r = engine.generate(image=path, prompt=q, max_new_tokens=8)
+        r = engine.generate(image=path, prompt=q, max_new_tokens=16)
         assert r.token_ids == r_full.token_ids
         misses += r.stats.expert_misses
     assert misses > 0  # the quarter budget really evicts
