@@ -75,6 +75,10 @@ def test_reconfigure_keeps_answers_and_changes_budget(qwen_checkpoint):
     assert result.token_ids == want and result.stats.num_slots == engine.layout.top_k
     with pytest.raises(ConfigError, match="cannot change on a loaded engine"):
         engine.reconfigure(device="cpu")
+    with pytest.raises(ConfigError, match="grouped_mm needs a CUDA device"):
+        engine.reconfigure(experts_kernel="grouped_mm")  # this engine runs on the CPU
+    assert engine.config.experts_kernel == "auto"
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=6).token_ids == want
 
 
 def test_recorded_trace_replays_to_the_engine_counts(qwen_checkpoint, tmp_path):

@@ -59,7 +59,7 @@ class Engine:
             skeleton = model_cls(hf_config)
         self.layout = adapters.discover(skeleton)
         self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
-        self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, skeleton, self.dtype, config)
+        self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
         _release_expert_params(self.layout, self.dtype)
@@ -85,6 +85,7 @@ class Engine:
 
     def _build_runtime(self) -> None:
         config = self.config
+        grouped = self._use_grouped_mm()  # validates experts_kernel before the old runtime is torn down
         if self.device.type == "cuda":
             # Copies may still be writing into the old slot pool on the copy stream: let them land
             # before its memory goes back to the allocator.
@@ -100,10 +101,10 @@ class Engine:
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
-                                      grouped=self._use_grouped_mm(), prefetch_prefill=config.prefetch_prefill)
+                                      grouped=grouped, prefetch_prefill=config.prefetch_prefill)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
-        if getattr(self, "trace", None) is not None:
+        if self.trace is not None:
             self.runtime.step.observers.append(self.trace)
 
     # -- routing traces --------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Engine:
 
     def stop_trace(self, path=None):
         """Stop recording; save the trace to `path` if given. Returns the recorder (or None)."""
-        recorder, self.trace = getattr(self, "trace", None), None
+        recorder, self.trace = self.trace, None
         if recorder is not None:
             self.runtime.step.observers.remove(recorder)
             if path is not None:
@@ -150,8 +151,13 @@ class Engine:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
-        self._build_runtime()
+        try:
+            self._build_runtime()
+        except ConfigError:  # raised before the old runtime is touched: it keeps serving
+            self.config, self.num_slots = previous
+            raise
         return self
 
     # -- requests ----------------------------------------------------------------------------------
@@ -347,7 +353,7 @@ def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:
     return min(slots, total)
 
 
-def _load_non_expert_weights(model_cls, hf_config, files, layout, skeleton, dtype, config):
+def _load_non_expert_weights(model_cls, hf_config, files, layout, dtype, config):
     from safetensors import safe_open
 
     handles = [safe_open(str(p), framework="pt") for p in files]
