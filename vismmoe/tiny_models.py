@@ -87,6 +87,22 @@ def _save_processor(out: Path, processor_cls, image_processor, tokenizer, **kwar
     tokenizer.save_pretrained(str(out))
 
 
+def _mrope_section(half: int) -> list[int]:
+    # (T, H, W) rotary sections must sum to half the rotary dimension.
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
+def _text_common(shape: TextShape, vocab_size: int) -> dict:
+    """The text-model fields every family names the same way."""
+    return dict(
+        vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
+        moe_intermediate_size=shape.moe_intermediate_size, num_experts_per_tok=shape.top_k,
+        max_position_embeddings=4096,
+    )
+
+
 def _qwen3_vl_moe(out: Path, shape: TextShape, seed: int, image_size: int):
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -96,14 +112,9 @@ def _qwen3_vl_moe(out: Path, shape: TextShape, seed: int, image_size: int):
         _chat_template("<|vision_start|><|image_pad|><|vision_end|>"),
     )
     ids = tok.convert_tokens_to_ids
-    half = shape.head_dim // 2  # mrope sections must sum to head_dim / 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
+    section = _mrope_section(shape.head_dim // 2)
     text = dict(
-        vocab_size=len(tok), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
-        moe_intermediate_size=shape.moe_intermediate_size, num_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096,
+        _text_common(shape, len(tok)), num_experts=shape.num_experts, decoder_sparse_step=1, mlp_only_layers=[],
         tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=section, mrope_interleaved=True),
     )
@@ -133,16 +144,10 @@ def _glm4v_moe(out: Path, shape: TextShape, seed: int, image_size: int):
     marks = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
     tok = build_tokenizer(marks, _chat_template("<|begin_of_image|><|image|><|end_of_image|>"))
     ids = tok.convert_tokens_to_ids
-    rotary = shape.head_dim // 2  # partial_rotary_factor 0.5
-    half = rotary // 2
-    section = [half - 2 * (half // 3), half // 3, half // 3]
+    section = _mrope_section(shape.head_dim // 4)  # partial_rotary_factor 0.5: rotary dim is head_dim / 2
     text = dict(
-        vocab_size=len(tok), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
-        moe_intermediate_size=shape.moe_intermediate_size, n_routed_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-        norm_topk_prob=True, routed_scaling_factor=1.0, max_position_embeddings=4096,
+        _text_common(shape, len(tok)), n_routed_experts=shape.num_experts, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=section, partial_rotary_factor=0.5),
     )
     text.update(shape.extra)
@@ -173,12 +178,8 @@ def _internvl_qwen3_moe(out: Path, shape: TextShape, seed: int, image_size: int)
     side, patch = 28, 14
     seq = (side // patch) ** 2 // 4  # downsample_ratio 0.5 merges 2x2 patches
     text = dict(
-        model_type="qwen3_moe", vocab_size=len(tok), hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim, moe_intermediate_size=shape.moe_intermediate_size, num_experts=shape.num_experts,
-        num_experts_per_tok=shape.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        _text_common(shape, len(tok)), model_type="qwen3_moe", num_experts=shape.num_experts, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
     )
     text.update(shape.extra)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
