@@ -119,6 +119,7 @@ class OffloadRuntime:
             counts = torch.cat([counts, prediction.reshape(-1).to(torch.int64)])
         host = counts.cpu().numpy()  # the one readback of this layer: counts and lookahead predictions
         n_visual, n_text = host[:num_experts], host[num_experts : 2 * num_experts]
+        masks = host[2 * num_experts :].reshape(-1, num_experts) if prediction is not None else None
         per_expert = n_visual + n_text
         experts = np.flatnonzero(per_expert)
         predicted_here = self.step.predicted.pop(layer, {})
@@ -130,7 +131,7 @@ class OffloadRuntime:
             slots = cache.acquire(layer, experts, n_visual[experts], n_text[experts])
             out = self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
             cache.release(slots)
-            return self._after_layer(layer, prediction, host, out)
+            return self._after_layer(layer, masks, out)
 
         offsets = np.concatenate([[0], np.cumsum(per_expert[experts])])
         order = torch.argsort(flat, stable=True)
@@ -152,13 +153,12 @@ class OffloadRuntime:
             cache.release(slots)
         if len(experts) > cache.num_slots:
             cache.counters.waves += 1
-        return self._after_layer(layer, prediction, host, out)
+        return self._after_layer(layer, masks, out)
 
-    def _after_layer(self, layer, prediction, host, out):
+    def _after_layer(self, layer, masks, out):
         self.cache.unpin_through(layer)
-        if prediction is not None:
-            num_experts = self.cache.num_experts
-            self._prefetch(layer, host[2 * num_experts :].reshape(-1, num_experts))
+        if masks is not None:
+            self._prefetch(layer, masks)
         return out
 
     def _prefetch(self, layer: int, masks: np.ndarray) -> None:
