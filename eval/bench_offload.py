@@ -3,8 +3,11 @@
   (a) HF accelerate device_map offload: whole decoder layers beyond the budget live on the CPU and are
       copied to the GPU every forward (the device map is asserted, not trusted);
   (b) vismmoe on-demand loading, LRU, no prefetch (mixtral-offloading-style baseline);
-  (c) vismmoe with lookahead prediction and copy-stream prefetch;
+  (c) vismmoe as shipped: static decode (experts decided on the device, each step one CUDA graph
+      replay) with lookahead prediction and copy-stream prefetch;
   (d) all experts resident, transformers' own grouped_mm experts (the reference).
+Before/after rows for (c): `c-generate` (transformers' generate loop, host-decided loads, prefetch on:
+what (c) was before static decode) and `c-eager` (static decode without CUDA graphs).
 For each: time to first token, decode ms/token, tokens/s, hit rate, bytes moved, and the ratio to the
 decode floor = max(resident compute time per token, decode bytes moved per token / pinned host->GPU
 bandwidth measured in this run). Writes bench_offload.json / .md into --out.
@@ -47,6 +50,32 @@ def pinned_bandwidth_gbps(nbytes=256 * 2**20, repeats=10) -> float:
     end.record()
     torch.cuda.synchronize()
     return nbytes * repeats / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def device_copy_gbps(ckpt, records=64, repeats=5) -> float:
+    """Bandwidth of the device-decided copy kernel (ops.copy_records) from the page-locked slab."""
+    from vismmoe import ops
+
+    engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget="min", decode="static")
+    src = engine.store.slab_rows
+    dst = torch.empty((records, src.shape[1]), dtype=src.dtype, device="cuda")
+    rows = torch.randperm(src.shape[0])[:records].cuda()
+    slots = torch.arange(records, device="cuda")
+    ops.copy_records(src, dst, rows, slots)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        ops.copy_records(src, dst, rows, slots)
+    end.record()
+    torch.cuda.synchronize()
+    assert torch.equal(dst[-1].cpu(), src[int(rows[-1])]), "device-decided copy returned wrong bytes"
+    gbps = records * repeats * src.shape[1] * src.element_size() / (start.elapsed_time(end) / 1e3) / 1e9
+    engine.close()
+    del engine, dst
+    gc.collect()
+    torch.cuda.empty_cache()
+    return gbps
 
 
 class FirstTokenTimer:
@@ -92,7 +121,8 @@ def run_vismmoe(engine, image, prompt, new_tokens, profile_path=None, warmup=Non
         Path(profile_path).write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
     s = result.stats
     decode_tokens = s.new_tokens - 1
-    return dict(ttft_ms=s.ttft_s * 1e3, decode_ms_per_token=s.decode_s * 1e3 / decode_tokens, new_tokens=s.new_tokens,
+    return dict(decode_path=s.decode_path, ttft_ms=s.ttft_s * 1e3, decode_ms_per_token=s.decode_s * 1e3 / decode_tokens,
+                new_tokens=s.new_tokens,
                 hit_rate=s.hit_rate, misses=s.expert_misses, bytes_h2d=s.bytes_h2d,
                 decode_bytes_per_token=(s.bytes_h2d - s.prefill_bytes_h2d) / decode_tokens,
                 prefetch_issued=s.prefetch_issued_bytes, prefetch_used=s.prefetch_used_bytes,
@@ -158,11 +188,15 @@ def main():
     n = args.new_tokens
     results = {}
 
+    report["device_copy_gbps"] = device_copy_gbps(ckpt)
+    print(f"device-decided record copies {report['device_copy_gbps']:.1f} GB/s", flush=True)
     # (d) resident reference, and (c) at 100%: the resident compute time.
-    engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget=1.0, prefetch=True, measure_stalls=True)
-    t0 = time.perf_counter()
-    results["c@1.0"] = run_vismmoe(engine, image, prompt, n, warmup=warmup)
-    print("c@1.0", {k: v for k, v in results["c@1.0"].items() if k not in ("tokens", "recall", "precision")}, flush=True)
+    engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget=1.0, prefetch=True)
+    for key, overrides in (("c-generate@1.0", dict(decode="generate")), ("c-eager@1.0", dict(cuda_graphs=False)),
+                           ("c@1.0", {})):
+        engine.reconfigure(decode="auto", cuda_graphs=True, **overrides)
+        results[key] = run_vismmoe(engine, image, prompt, n, warmup=warmup)
+        print(key, {k: v for k, v in results[key].items() if k not in ("tokens", "recall", "precision")}, flush=True)
     gen_cfg = engine.generation_config
     inputs = build_inputs(engine.processor, image, prompt).to("cuda")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
@@ -182,9 +216,16 @@ def main():
     resident_ms = min(results["d"]["decode_ms_per_token"], results["c@1.0"]["decode_ms_per_token"])
     report["resident_decode_ms_per_token"] = resident_ms
 
+    variants = (
+        ("b", dict(prefetch=False, decode="generate", measure_stalls=True)),  # mixtral-offloading style
+        ("c-generate", dict(prefetch=True, decode="generate", measure_stalls=True)),
+        ("c-eager", dict(prefetch=True, decode="static", cuda_graphs=False)),
+        ("c", dict(prefetch=True, decode="static", cuda_graphs=True)),
+    )
     for budget in args.budgets:
-        for variant, prefetch in (("b", False), ("c", True)):
-            engine.reconfigure(expert_budget=budget, prefetch=prefetch, measure_stalls=True)
+        for variant, overrides in variants:
+            engine.reconfigure(expert_budget=budget, **{"decode": "auto", "cuda_graphs": True, "measure_stalls": False,
+                                                        **overrides})
             key = f"{variant}@{budget}"
             prof = out / f"profile_{variant}_{budget}.txt" if variant == "c" else None
             results[key] = run_vismmoe(engine, image, prompt, n, profile_path=prof, warmup=warmup)
@@ -192,7 +233,9 @@ def main():
             r["floor_ms_per_token"] = max(resident_ms, r["decode_bytes_per_token"] / (bw * 1e9) * 1e3)
             r["ratio_to_floor"] = r["decode_ms_per_token"] / r["floor_ms_per_token"]
             print(key, {k: v for k, v in r.items() if k not in ("tokens", "recall", "precision")}, flush=True)
-        results[f"b@{budget}"]["same_tokens_as_c"] = results[f"b@{budget}"]["tokens"] == results[f"c@{budget}"]["tokens"]
+        for variant, _ in variants:
+            results[f"{variant}@{budget}"]["same_tokens_as_c"] = (
+                results[f"{variant}@{budget}"]["tokens"] == results[f"c@{budget}"]["tokens"])
     engine.close()
     del engine
     gc.collect()
@@ -225,14 +268,14 @@ def main():
     report["results"] = results
     (out / "bench_offload.json").write_text(json.dumps(report, indent=1))
     lines = [f"GPU {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}; "
-             f"pinned H2D {bw:.1f} GB/s; {args.layers} layers x 128 experts (I=768, H=2048, top-8), bf16; "
+             f"pinned H2D {bw:.1f} GB/s (DMA), device-decided copies {report['device_copy_gbps']:.1f} GB/s; {args.layers} layers x 128 experts (I=768, H=2048, top-8), bf16; "
              f"image 256x256 + prompt -> {n} new tokens", "",
-             "| variant | budget | TTFT ms | decode ms/token | tokens/s | hit rate | decode MB/token | floor ms/token | x floor | end-to-end s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | budget | decode path | TTFT ms | decode ms/token | tokens/s | hit rate | decode MB/token | floor ms/token | x floor | end-to-end s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         variant, budget = key.split("@") if "@" in key else (key, "1.0")
         e2e = (r["ttft_ms"] + r["decode_ms_per_token"] * (r["new_tokens"] - 1)) / 1e3
-        lines.append(f"| {variant} | {budget} | {r['ttft_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
+        lines.append(f"| {variant} | {budget} | {r.get('decode_path', 'hf generate')} | {r['ttft_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
                      f"{1e3 / r['decode_ms_per_token']:.1f} | {r.get('hit_rate', float('nan')):.3f} | "
                      f"{r.get('decode_bytes_per_token', 0) / 1e6:.1f} | {r.get('floor_ms_per_token', float('nan')):.2f} | "
                      f"{r.get('ratio_to_floor', float('nan')):.2f} | {e2e:.2f} |")

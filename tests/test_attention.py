@@ -19,7 +19,7 @@ from vismmoe import ConfigError
 from .conftest import random_requests
 
 
-class _BottomRightCausal:
+class _TopLeftCausal:
     pass
 
 
@@ -30,9 +30,9 @@ def _fake_memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None)
     CALLS.append(type(attn_bias).__name__)
     assert q.shape[2] == k.shape[2], "heads must be expanded before the call"
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if isinstance(attn_bias, _BottomRightCausal):
+    if isinstance(attn_bias, _TopLeftCausal):
         qn, kn = q.shape[2], k.shape[2]
-        mask = torch.ones(qn, kn, dtype=torch.bool).tril(diagonal=kn - qn)
+        mask = torch.ones(qn, kn, dtype=torch.bool).tril()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         if attn_bias is not None:
@@ -45,7 +45,7 @@ def _fake_memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None)
 def fake_xformers(monkeypatch):
     ops = types.ModuleType("xformers.ops")
     ops.memory_efficient_attention = _fake_memory_efficient_attention
-    ops.LowerTriangularFromBottomRightMask = _BottomRightCausal
+    ops.LowerTriangularMask = _TopLeftCausal
     package = types.ModuleType("xformers")
     package.ops = ops
     monkeypatch.setitem(sys.modules, "xformers", package)
@@ -60,7 +60,7 @@ def test_xformers_backend_gives_the_sdpa_answers(qwen_checkpoint, fake_xformers)
     for image, prompt in requests:
         a = sdpa.generate(image=image, prompt=prompt, max_new_tokens=6).token_ids
         assert xf.generate(image=image, prompt=prompt, max_new_tokens=6).token_ids == a
-    assert "_BottomRightCausal" in CALLS  # the text layers really ran through the backend
+    assert "_TopLeftCausal" in CALLS  # the text layers really ran through the backend
 
 
 def test_xformers_missing_is_a_config_error(qwen_checkpoint, monkeypatch):

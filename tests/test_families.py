@@ -29,19 +29,21 @@ def reference_tokens(model_dir, engine, requests):
     return out
 
 
+@pytest.mark.parametrize("decode", ["static", "generate"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_tokens_match_transformers_at_all_budgets(tiny_checkpoints, family):
+def test_greedy_tokens_match_transformers_at_all_budgets(tiny_checkpoints, family, decode):
     model_dir = tiny_checkpoints[family]
     requests = random_requests(N_REQUESTS, seed=100 + FAMILIES.index(family))
     expected = None
     for budget in (1.0, 0.5, "min"):
-        engine = vismmoe.load(model_dir, expert_budget=budget)
+        engine = vismmoe.load(model_dir, expert_budget=budget, decode=decode)
         if expected is None:
             expected = reference_tokens(model_dir, engine, requests)
         misses = 0
         for (image, prompt), want in zip(requests, expected):
             result = engine.generate(image=image, prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
-            assert result.token_ids == want, f"{family} budget={budget} prompt={prompt!r}"
+            assert result.token_ids == want, f"{family} budget={budget} decode={decode} prompt={prompt!r}"
+            assert result.stats.decode_path.startswith(decode)
             stats = result.stats
             assert stats.bytes_h2d == stats.expert_misses * stats.record_bytes + stats.prefetch_issued_bytes
             misses += stats.expert_misses

@@ -51,3 +51,39 @@ def test_experts_from_slots_on_strided_pool_views():
     fast = ops.experts_from_slots(x, weights, slot_ids, gate_up, down, silu_gate)
     ref = ops.experts_from_slots_reference(x, weights, slot_ids, gate_up.contiguous(), down.contiguous(), silu_gate)
     torch.testing.assert_close(fast.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_copy_records_reference_copies_only_marked_rows():
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(12, 40, generator=gen)
+    dst = torch.randn(5, 40, generator=gen)
+    before = dst.clone()
+    src_rows = torch.tensor([3, 7, 11, 0])
+    dst_rows = torch.tensor([4, -1, 0, -1])
+    ops.copy_records(src, dst, src_rows, dst_rows)
+    assert torch.equal(dst[4], src[3]) and torch.equal(dst[0], src[11])
+    assert torch.equal(dst[1:4], before[1:4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy kernel reads page-locked host memory from a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_records_kernel_matches_reference_from_registered_host_memory(dtype):
+    from vismmoe.offload.store import _pin_in_place, _unpin
+
+    for trial in range(3):
+        gen = torch.Generator().manual_seed(trial)
+        numel = int(torch.randint(1, 50_000, (1,), generator=gen))
+        src = torch.randn(20, numel, generator=gen).to(dtype)
+        assert _pin_in_place(src)
+        try:
+            dst = torch.randn(6, numel, device="cuda").to(dtype)
+            expected = dst.clone()
+            src_rows = torch.randperm(20, generator=gen)[:6]
+            dst_rows = torch.randperm(6, generator=gen)
+            dst_rows[torch.rand(6, generator=gen) < 0.4] = -1
+            ops.copy_records_reference(src, expected, src_rows, dst_rows.cuda())
+            ops.copy_records(src, dst, src_rows.cuda(), dst_rows.cuda())
+            torch.cuda.synchronize()
+            assert torch.equal(dst, expected)
+        finally:
+            _unpin(src)

@@ -38,7 +38,8 @@ def xformers_attention_forward(module, query, key, value, attention_mask, dropou
     if attention_mask is not None:
         bias = _aligned_bias(attention_mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]), q.dtype)
     elif is_causal and q.shape[1] > 1:
-        bias = xops.LowerTriangularFromBottomRightMask()
+        # transformers drops the mask only where SDPA's is_causal (aligned top-left) is exact.
+        bias = xops.LowerTriangularMask()
     else:
         bias = None
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout if module.training else 0.0,
@@ -56,6 +57,11 @@ def register_xformers() -> str:
             "or use the default, sdpa"
         ) from None
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, xformers_attention_forward)
+    # Masks as for SDPA (boolean, or None where a plain causal mask suffices): without a registered mask
+    # function transformers passes no mask at all to a custom backend, which is wrong for padded or
+    # static KV caches.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

@@ -46,6 +46,12 @@ class EngineConfig:
     experts_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
+    # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
+    # step one CUDA graph replay when `cuda_graphs`), "generate" (transformers' generate, experts
+    # decided on the host per layer), or "auto" (static whenever the request and the cache allow it:
+    # greedy, a policy with a device twin (lru, lfu) or a budget holding every expert, no trace).
+    decode: str = "auto"
+    cuda_graphs: bool = True
     # Default generation length and sampling.
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -71,6 +77,10 @@ class EngineConfig:
             raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
         if self.experts_kernel not in ("auto", "grouped_mm", "loop"):
             raise ConfigError(f"experts_kernel must be auto, grouped_mm or loop, got {self.experts_kernel!r}")
+        if self.decode not in ("auto", "static", "generate"):
+            raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
         from .offload.policies import POLICIES

@@ -24,6 +24,7 @@ from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
+from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
 from .stats import RequestStats
 
@@ -67,6 +68,8 @@ class Engine:
 
         self.trace = None
         self._requests = 0
+        self._decoders = {}
+        self._device_copy_checked = None
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
                                  pin=config.store == "pinned" and self.device.type == "cuda")
         self._build_runtime()
@@ -102,6 +105,9 @@ class Engine:
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
                                       grouped=grouped, prefetch_prefill=config.prefetch_prefill)
+        self._decoders = {}  # captured decode steps bake in the old runtime and slot pool
+        if not self.cache.complete and config.policy in DEVICE_POLICIES and self._device_copies_work():
+            self.runtime.residency = DeviceResidency(self.cache, config.policy)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
         if self.trace is not None:
@@ -138,7 +144,33 @@ class Engine:
         return available and self.config.experts_kernel != "loop"
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
-                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill"}
+                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
+                       "decode", "cuda_graphs"}
+
+    def _device_copies_work(self) -> bool:
+        """Can misses be copied by device-decided work (static decode)? On CUDA this needs the
+        page-locked slab and triton, and is checked once against a plain copy."""
+        if self.store.slab is None:
+            return False  # mmap store: records must be read by the host first
+        if self.device.type != "cuda":
+            return True
+        if self._device_copy_checked is None:
+            ok = self.store.pinned and ops.device_copy_available(self.store.slab)
+            if ok:
+                try:
+                    rows = torch.tensor([len(self.store.slab_rows) - 1], device=self.device)
+                    probe = torch.empty((1, self.store.record_numel), dtype=self.dtype, device=self.device)
+                    ops.copy_records(self.store.slab_rows, probe, rows, torch.zeros(1, dtype=torch.int64,
+                                                                                 device=self.device))
+                    ok = torch.equal(probe[0].cpu(), self.store.slab_rows[-1])
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the host-decided path, say why
+                    import warnings
+
+                    warnings.warn(f"device-side expert copies unavailable ({exc}); decode uses transformers' "
+                                  "generate with host-decided loads", stacklevel=2)
+                    ok = False
+            self._device_copy_checked = ok
+        return self._device_copy_checked
 
     def reconfigure(self, **overrides) -> "Engine":
         """Change cache and prefetch settings without reloading the model or the host store.
@@ -180,11 +212,16 @@ class Engine:
 
         generation_config = copy.deepcopy(self.generation_config)
         # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
-        kwargs = generation_config.update(do_sample=self.config.do_sample, max_new_tokens=max_new_tokens,
-                                          **generation_kwargs)
+        kwargs = generation_config.update(**{"do_sample": self.config.do_sample, "max_new_tokens": max_new_tokens,
+                                             **generation_kwargs})
         kwargs["generation_config"] = generation_config
+        static_reason = self._static_unavailable(generation_kwargs)
+        if static_reason and self.config.decode == "static":
+            raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
         self.runtime.begin_request()
         self.cache.reset_counters()
+        # The prefetch ledger is per request: leftovers of the last one are neither used nor wasted here.
+        self.cache.prefetched_unused[:] = False
         self.cache.policy.reset_request()
         self._first_token_time = None
         self._prefill_counts = None
@@ -193,9 +230,17 @@ class Engine:
         if self.trace is not None:
             self._requests += 1
             self.trace.begin_request(request_id if request_id is not None else self._requests)
+        decode_path = "generate"
         try:
             with torch.inference_mode():
-                output = self.model.generate(**inputs, **kwargs)
+                if static_reason is None:
+                    decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)
+                    new, _ = decoder.generate(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
+                                              on_first_token=self._mark_first_token)
+                    decode_path = f"static-{decoder.mode}"
+                else:
+                    output = self.model.generate(**inputs, **kwargs)
+                    new = output[0, input_ids.shape[1]:].tolist()
         except ValueError as exc:  # transformers' message for bad generation arguments is clear; keep it
             raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
@@ -206,7 +251,6 @@ class Engine:
             torch.cuda.synchronize(self.device)
         t_end = time.perf_counter()
         self.cache.collect_device_hits()
-        new = output[0, input_ids.shape[1]:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         counters = self.cache.counters
         t_first = self._first_token_time or t_end
@@ -225,6 +269,7 @@ class Engine:
             stall_s=counters.stall_s() if counters.stall_events else None,
             prefetch_recall=_rounded(self.runtime.prediction_counters.recall()),
             prefetch_precision=_rounded(self.runtime.prediction_counters.precision()),
+            decode_path=decode_path,
         )
         return Result(text=text, token_ids=new, stats=stats)
 
@@ -236,15 +281,49 @@ class Engine:
 
         return hook
 
+    _STATIC_KWARGS = {"min_new_tokens"}
+
+    def _static_unavailable(self, generation_kwargs) -> str | None:
+        """Why this request cannot take the static decode path (None if it can)."""
+        if self.config.decode == "generate":
+            return "decode: generate"
+        if self.config.do_sample or generation_kwargs.get("do_sample"):
+            return "sampling (the static path is greedy)"
+        other = sorted(set(generation_kwargs) - self._STATIC_KWARGS)
+        if other:
+            return f"generation arguments {other}"
+        if self.trace is not None:
+            return "a routing trace is being recorded (traces come from the host-decided path)"
+        if not self.cache.complete and self.runtime.residency is None:
+            if self.config.policy not in DEVICE_POLICIES:
+                return f"policy {self.config.policy!r} has no device twin (lru, lfu have)"
+            return "expert copies cannot be decided on the device here (mmap store, or no page-locked slab / triton)"
+        return None
+
+    def _decoder(self, prompt_len: int, max_new_tokens: int):
+        from .static_decode import StaticDecoder, cache_length
+
+        length = cache_length(prompt_len, max_new_tokens)
+        decoder = self._decoders.get(length)
+        if decoder is None:
+            while len(self._decoders) >= 4:  # each holds a KV cache (and a graph): keep the recent few
+                self._decoders.pop(next(iter(self._decoders)))
+            decoder = self._decoders[length] = StaticDecoder(self, length)
+        return decoder
+
+    def _mark_first_token(self) -> None:
+        """The prefill's token is known: note the time and what the prefill moved."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._first_token_time = time.perf_counter()
+        self._prefill_counts = (int(self.cache.counters.misses.sum()), self.cache.counters.bytes_h2d)
+
     def _begin_step(self, module, args, kwargs):
         """Pre-forward hook on the top model: one call per generation step."""
         step = self.runtime.step
         if step.index == 0 and self._first_token_time is None:
             # The previous step was the prefill, and its token has been sampled by now.
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._first_token_time = time.perf_counter()
-            self._prefill_counts = (int(self.cache.counters.misses.sum()), self.cache.counters.bytes_h2d)
+            self._mark_first_token()
         step.index += 1
         self.runtime.begin_step()
         input_ids = kwargs.get("input_ids", args[0] if args else None)

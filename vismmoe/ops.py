@@ -70,3 +70,85 @@ def experts_from_slots_reference(hidden, top_k_weights, slot_ids, gate_up, down,
             acc.append(h * top_k_weights[t, j])
         rows.append(torch.cat(acc).sum(dim=0, keepdim=True))
     return torch.cat(rows).to(hidden.dtype)
+
+
+# -- expert record copies decided on the device ------------------------------------------------------
+
+
+def copy_records(src: torch.Tensor, dst: torch.Tensor, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]] for every i with dst_rows[i] >= 0.
+
+    src [N, D] is the page-locked host slab, dst [S, D] the device slot pool; the row lists are device
+    tensors. On CUDA one kernel reads the host rows directly over the bus (the slab is registered and
+    mapped), so which rows move is decided on the device: no host sync and a fixed launch shape,
+    capturable in a CUDA graph. Skipped rows cost nothing (their loads are masked off).
+    """
+    if dst.is_cuda:
+        _copy_records_cuda(src, dst, src_rows, dst_rows)
+    else:
+        copy_records_reference(src, dst, src_rows, dst_rows)
+
+
+def copy_records_reference(src, dst, src_rows, dst_rows) -> None:
+    keep = dst_rows >= 0
+    chosen = src_rows.to(keep.device)[keep].to(src.device)
+    dst[dst_rows[keep]] = src[chosen].to(dst.device)
+
+
+class _HostRows:
+    """What a Triton launch needs of a tensor argument: the (host, UVA-mapped) address and dtype."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.dtype = tensor, tensor.dtype
+
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+
+_COPY_BLOCK = 8192  # elements per program: 16 KiB of bf16, enough bytes in flight per SM to fill the link
+
+
+def _copy_records_cuda(src, dst, src_rows, dst_rows) -> None:
+    kernel = _copy_kernel()
+    numel = src.shape[1]
+    grid = (dst_rows.numel(), triton_cdiv(numel, _COPY_BLOCK))
+    source = src if src.is_cuda else _HostRows(src)
+    kernel[grid](source, dst, src_rows, dst_rows, numel, BLOCK=_COPY_BLOCK, num_warps=8)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+_KERNEL = None
+
+
+def _copy_kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def copy_rows(src, dst, src_rows, dst_rows, numel, BLOCK: tl.constexpr):
+            pair = tl.program_id(0)
+            chunk = tl.program_id(1)
+            dst_row = tl.load(dst_rows + pair)
+            src_row = tl.load(src_rows + pair)
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
+            live = (offs < numel) & (dst_row >= 0)
+            row = tl.maximum(dst_row, 0)
+            values = tl.load(src + src_row * numel + offs, mask=live)
+            tl.store(dst + row * numel + offs, values, mask=live)
+
+        _KERNEL = copy_rows
+    return _KERNEL
+
+
+def device_copy_available(src: torch.Tensor) -> bool:
+    """Whether copy_records can run on the GPU from `src` (page-locked host memory, triton present)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return src.is_cuda or src.is_pinned()

@@ -32,6 +32,8 @@ class RequestStats:
     # (recall), and of the predicted ones the share used (precision); None where nothing was scored.
     prefetch_recall: list = field(default_factory=list)
     prefetch_precision: list = field(default_factory=list)
+    # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
+    decode_path: str = "generate"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -71,6 +73,7 @@ class RequestStats:
             ("bytes host->device", _size(self.bytes_h2d)),
             ("peak GPU memory", _size(self.peak_gpu_bytes) if self.peak_gpu_bytes is not None else "n/a (cpu)"),
             ("device", self.device),
+            ("decode path", self.decode_path),
         ]
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "

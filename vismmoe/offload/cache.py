@@ -49,7 +49,10 @@ class ExpertCache:
         self.num_slots = num_slots
         self.num_layers, self.num_experts = store.num_layers, store.num_experts
         self.slots = torch.empty((num_slots, store.record_numel), dtype=store.dtype, device=device)
-        self.slot_table = torch.full((self.num_layers, self.num_experts), -1, dtype=torch.int32, device=device)
+        # One spare entry past the table: device-side updates send the writes of hits there (see residency.py).
+        self.slot_table_storage = torch.full((self.num_layers * self.num_experts + 1,), -1, dtype=torch.int32,
+                                             device=device)
+        self.slot_table = self.slot_table_storage[:-1].view(self.num_layers, self.num_experts)
         self.host_table = np.full((self.num_layers, self.num_experts), -1, dtype=np.int32)
         self.slot_owner = np.full((num_slots, 2), -1, dtype=np.int64)  # (layer, expert) held by each slot
         self.pinned_for = np.full(num_slots, -1, dtype=np.int64)  # layer a prefetched slot waits for
@@ -149,6 +152,16 @@ class ExpertCache:
         if self.cuda:
             self._wait_ready(slots)
         return slots
+
+    def mark_device_work_done(self) -> None:
+        """Slots were filled and read by device-decided work on the compute stream (a static decode
+        step): later host-path copies into any slot must wait for that work."""
+        if not self.cuda:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.released = [event] * self.num_slots
+        self.ready = [None] * self.num_slots
 
     def release(self, slots: np.ndarray) -> None:
         """Mark the end of the compute that reads `slots` (queued on the current stream)."""

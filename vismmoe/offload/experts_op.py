@@ -67,6 +67,13 @@ class OffloadRuntime:
         self.step = StepContext()
         self.depth = predictor.depth if predictor is not None else 1
         self.prediction_counters = PredictionCounters.zeros(self.depth, cache.num_layers)
+        # Static decode (see static_decode.py): layers decide on the device, never on the host.
+        self.static = False
+        self.residency = None  # DeviceResidency, when the budget does not hold every expert
+        self._static_predicted: dict = {}  # target layer -> {distance: predicted mask [E]}
+        self._prefetch_pending = False
+        self.static_prediction_counts = torch.zeros((3, self.depth, cache.num_layers), dtype=torch.int64,
+                                                    device=cache.device)
 
     def begin_request(self) -> None:
         self.step.index = -1
@@ -81,7 +88,7 @@ class OffloadRuntime:
         """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
         if self.predictor is None or (self.cache.complete and not self.step.observers):
             return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
-        if self.step.index == 0 and not self.prefetch_prefill:
+        if self.step.index == 0 and not self.prefetch_prefill and not self.static:
             return
         self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
 
@@ -97,6 +104,8 @@ class OffloadRuntime:
 
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache = self.cache
+        if self.static:
+            return self._run_layer_static(layer, module, hidden_states, top_k_index, top_k_weights)
         if cache.complete and self.grouped and not self.step.observers:
             # Every expert is resident and nothing is ever evicted: no host decision, no sync.
             cache.count_resident_use(layer, top_k_index)
@@ -155,6 +164,82 @@ class OffloadRuntime:
             cache.counters.waves += 1
         return self._after_layer(layer, masks, out)
 
+    # -- static decode: every decision on the device -------------------------------------------------
+
+    def begin_static(self) -> None:
+        self.static = True
+        self.static_prediction_counts.zero_()
+        if self.residency is not None:
+            self.residency.load_from_host()
+
+    def end_static(self) -> None:
+        self.static = False
+        self.step.predictions.clear()
+        self._static_predicted.clear()
+        counts = self.static_prediction_counts.cpu().numpy()
+        c = self.prediction_counters
+        c.true_pos += counts[0]
+        c.actual += counts[1]
+        c.predicted += counts[2]
+        if self.residency is not None:
+            self.residency.store_to_host()
+        else:
+            self.cache.collect_device_hits()
+
+    def begin_static_step(self) -> None:
+        self.step.predictions.clear()
+        self._static_predicted.clear()
+        if self.residency is not None:
+            self.residency.begin_step()
+
+    def _run_layer_static(self, layer, module, hidden_states, top_k_index, top_k_weights):
+        cache = self.cache
+        if self._prefetch_pending:  # the prefetches queued at the previous layer land before any lookup
+            torch.cuda.current_stream(cache.device).wait_stream(cache.copy_stream)
+            self._prefetch_pending = False
+        experts = top_k_index.reshape(-1)
+        self._score_static_predictions(layer, experts)
+        masks = self.step.predictions.pop(layer, None)
+        if cache.complete:
+            cache.count_resident_use(layer, top_k_index)
+            gate_up, down = cache.layer_views(layer)
+            slot_ids = top_k_index
+        else:
+            slot_ids = self.residency.demand(layer, experts).view_as(top_k_index)
+            gate_up, down = cache.gate_up_view, cache.down_view
+        if self.grouped:
+            out = ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, gate_up, down, module._apply_gate,
+                                         self.is_transposed)
+        else:
+            out = _loop_from_slots(hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down,
+                                   module._apply_gate, self.is_transposed)
+        if masks is not None and not cache.complete:
+            # Queued after this layer's compute, as on the host path: the copy stream starts once the
+            # layer has read its slots, so any slot not pinned may take a predicted expert.
+            self._prefetch_static(layer, masks, top_k_index.shape[1])
+        return out
+
+    def _prefetch_static(self, layer: int, masks: torch.Tensor, top_k: int) -> None:
+        for distance in range(1, masks.shape[0] + 1):
+            target = layer + distance
+            if target >= self.cache.num_layers:
+                break
+            mask = masks[distance - 1]
+            self._static_predicted.setdefault(target, {})[distance] = mask
+            predicted = torch.topk(mask.to(torch.float32), top_k).indices
+            valid = mask[predicted] > 0
+            stream = self.cache.copy_stream if self.cache.cuda else None
+            self.residency.prefetch(target, predicted, valid, running=layer, limit=self.prefetch_limit or top_k,
+                                    copy_stream=stream)
+            self._prefetch_pending = self.cache.cuda
+
+    def _score_static_predictions(self, layer: int, experts: torch.Tensor) -> None:
+        for distance, mask in self._static_predicted.pop(layer, {}).items():
+            counts = self.static_prediction_counts[:, distance - 1, layer]
+            counts[0] += mask[experts].sum()
+            counts[1] += experts.numel()
+            counts[2] += mask.sum()
+
     def _after_layer(self, layer, masks, out):
         self.cache.unpin_through(layer)
         if masks is not None:
@@ -177,6 +262,22 @@ class OffloadRuntime:
             c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
             c.actual[distance - 1, layer] += len(actual)
             c.predicted[distance - 1, layer] += len(predicted)
+
+
+def _loop_from_slots(hidden, top_k_index, top_k_weights, slot_ids, gate_up, down, apply_gate, transposed):
+    """One expert at a time, in transformers' eager order (experts ascending, pairs by (k, token)), so
+    the arithmetic is the reference's; weights come from the slots in `slot_ids`."""
+    out = torch.zeros_like(hidden)
+    by_k = top_k_index.t()
+    slots_by_k = slot_ids.t()
+    for expert in torch.unique(top_k_index).tolist():
+        pos, tokens = torch.where(by_k == expert)
+        slot = int(slots_by_k[pos[0], tokens[0]])
+        h = _matmul(hidden[tokens], gate_up[slot], transposed)
+        h = _matmul(apply_gate(h), down[slot], transposed)
+        h = h * top_k_weights[tokens, pos, None]
+        out.index_add_(0, tokens, h.to(out.dtype))
+    return out
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:

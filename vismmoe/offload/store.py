@@ -74,6 +74,11 @@ class ExpertStore:
                 self._unpin = weakref.finalize(self, _unpin, self.slab)
 
     @property
+    def slab_rows(self) -> torch.Tensor:
+        """The slab as [layers * experts, record_numel]: row layer * E + expert."""
+        return self.slab.view(self.num_layers * self.num_experts, self.record_numel)
+
+    @property
     def total_bytes(self) -> int:
         return self.record_bytes * self.num_layers * self.num_experts
 

@@ -1,0 +1,108 @@
+"""Static decode (device-decided loads, static KV cache, CUDA graphs on GPUs) against the generate path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vismmoe
+from vismmoe import InputError
+from vismmoe.offload.residency import DeviceResidency
+
+from .conftest import random_requests
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, "min"])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_static_decode_equals_generate_path(qwen_checkpoint, budget, policy):
+    requests = random_requests(6, seed=11)
+    engines = {d: vismmoe.load(qwen_checkpoint, expert_budget=budget, policy=policy, prefetch=True, decode=d)
+               for d in ("generate", "static")}
+    for i, (image, prompt) in enumerate(requests):
+        extra = {"min_new_tokens": 6} if i % 2 else {}
+        a = engines["generate"].generate(image=image, prompt=prompt, max_new_tokens=7, **extra)
+        b = engines["static"].generate(image=image, prompt=prompt, max_new_tokens=7, **extra)
+        assert b.token_ids == a.token_ids, (budget, policy, prompt)
+        assert a.stats.decode_path == "generate" and b.stats.decode_path.startswith("static-")
+        s = b.stats
+        assert s.bytes_h2d == s.expert_misses * s.record_bytes + s.prefetch_issued_bytes
+        assert s.prefetch_used_bytes + s.prefetch_wasted_bytes <= s.prefetch_issued_bytes
+        assert s.expert_hits + s.expert_misses == a.stats.expert_hits + a.stats.expert_misses
+        if extra:
+            assert len(b.token_ids) >= 6
+
+
+def test_prefetch_changes_nothing_but_loads(qwen_checkpoint):
+    requests = random_requests(5, seed=12)
+    off = vismmoe.load(qwen_checkpoint, expert_budget="min", prefetch=False, decode="static")
+    on = vismmoe.load(qwen_checkpoint, expert_budget="min", prefetch=True, prefetch_depth=2, decode="static")
+    issued = 0
+    for image, prompt in requests:
+        a = off.generate(image=image, prompt=prompt, max_new_tokens=8, min_new_tokens=8)
+        b = on.generate(image=image, prompt=prompt, max_new_tokens=8, min_new_tokens=8)
+        assert a.token_ids == b.token_ids
+        issued += b.stats.prefetch_issued_bytes
+        assert any(v is not None for row in b.stats.prefetch_recall for v in row)
+    assert issued > 0
+
+
+def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint):
+    (image, prompt), = random_requests(1, seed=13)
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, policy="cost")
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
+    engine.reconfigure(decode="static")
+    with pytest.raises(InputError, match="cost.*no device twin"):
+        engine.generate(image=image, prompt=prompt, max_new_tokens=3)
+    engine.reconfigure(policy="lru")
+    with pytest.raises(InputError, match="sampling"):
+        engine.generate(image=image, prompt=prompt, max_new_tokens=3, do_sample=True)
+    engine.reconfigure(decode="auto")
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3, do_sample=True).stats.decode_path == "generate"
+    engine.start_trace()
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
+    engine.stop_trace()
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
+
+
+def _check_consistent(res: DeviceResidency, cache) -> None:
+    owner = res.owner[:-1].cpu().numpy()
+    table = res.table_flat[:-1].cpu().numpy()
+    for slot, flat in enumerate(owner):
+        if flat >= 0:
+            assert table[flat] == slot
+            assert torch.equal(cache.slots[slot].cpu(), cache.store.slab_rows[flat]), "slot holds the wrong record"
+    for flat in np.flatnonzero(table >= 0):
+        assert owner[table[flat]] == flat
+    assert res.table_flat[-1] == -1 and res.owner[-1] == -1
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint, policy):
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.3, policy=policy)
+    cache, res = engine.cache, engine.runtime.residency
+    assert res is not None
+    res.load_from_host()
+    rng = np.random.RandomState(0)
+    L, E, k = cache.num_layers, cache.num_experts, engine.layout.top_k
+    for step in range(60):
+        res.begin_step()
+        for layer in range(L):
+            experts = torch.from_numpy(rng.choice(E, k, replace=False))
+            slots = res.demand(layer, experts)
+            assert len(set(slots.tolist())) == k
+            assert torch.equal(cache.slot_table[layer, experts].long(), slots)
+            _check_consistent(res, cache)
+            if layer + 1 < L and rng.rand() < 0.7:
+                pinned_before = (res.pin_layer[:-1] > layer).clone()
+                held = res.owner[:-1].clone()
+                predicted = torch.from_numpy(rng.choice(E, k, replace=False))
+                valid = torch.from_numpy(rng.rand(k) < 0.8)
+                res.prefetch(layer + 1, predicted, valid, running=layer, limit=int(rng.randint(1, k + 1)),
+                             copy_stream=None)
+                # A prefetch never evicts what is pinned for a layer that has not run yet.
+                assert torch.equal(res.owner[:-1][pinned_before], held[pinned_before])
+                _check_consistent(res, cache)
+    res.store_to_host()
+    assert cache.counters.hits.sum() + cache.counters.misses.sum() == 60 * L * k
+    assert (cache.host_table == cache.slot_table.cpu().numpy()).all()

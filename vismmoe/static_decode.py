@@ -1,0 +1,187 @@
+"""Greedy decoding over a static KV cache, one fixed-shape step per token, replayed as a CUDA graph.
+
+transformers' `generate` re-enters Python for every layer of every token (on a GPU with a small model
+that is most of the decode time). Here the prefill runs once through the full model (image and all,
+experts through the host-decided cache path), and every decode step after it is the same call on
+static buffers:
+
+    token -> embeddings -> the text decoder (static KV cache, our own 4-D mask) -> lm_head -> argmax
+
+with the experts decided on the device (`DeviceResidency`) or read straight from a complete cache.
+The step also advances its own inputs (next token, positions, mask), so on CUDA it is captured once
+per cache length and each token is one graph replay plus one 8-byte readback of the token. On the CPU
+the same step runs eagerly (that is what the CPU tests compare with transformers).
+
+Positions: the prefill's own position ids (whatever the family computes: M-RoPE rows for Qwen3-VL and
+GLM-4.5V, plain positions elsewhere) are recorded, and each decode step continues every row by +1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+_CACHE_BUCKET = 256  # cache lengths are rounded up to this, so graphs are reused across requests
+
+
+class StaticDecoder:
+    def __init__(self, engine, max_cache_len: int):
+        from transformers import StaticCache
+
+        self.engine = engine
+        model = engine.model
+        self.device = engine.device
+        self.text_model = _text_model(model, engine.layout)
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.max_cache_len = max_cache_len
+        self.kv_cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if any(getattr(layer, "is_sliding", False) for layer in self.kv_cache.layers):
+            raise NotImplementedError("sliding-window attention layers")
+        attn = model.config.get_text_config()._attn_implementation
+        self.additive_mask = attn == "eager"  # eager adds a float mask; sdpa and xformers take booleans
+        eos = engine.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self.eos_ids = torch.tensor(eos or [0], **i64)
+        self.has_eos = bool(eos)
+        # Static inputs of one decode step; the step advances them itself.
+        self.token = torch.zeros((1, 1), **i64)
+        self.kv_len = torch.zeros((), **i64)  # tokens already in the cache = position of this token
+        self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
+        self.kv_index = torch.arange(max_cache_len, **i64)
+        self.positions = None  # [rows..., 1, 1] recorded from the prefill
+        self.graph = None
+        # Graphs need every op of the step on the device: the grouped kernel (the per-expert loop reads
+        # the routing on the host).
+        graphable = self.device.type == "cuda" and engine.config.cuda_graphs and engine.runtime.grouped
+        self.mode = "graph" if graphable else "eager"
+
+    # -- one request -----------------------------------------------------------------------------
+
+    def generate(self, inputs, max_new_tokens: int, min_new_tokens: int, on_first_token=None):
+        """Greedy tokens for `inputs`; returns (tokens, time the first token was known)."""
+        engine, runtime = self.engine, self.engine.runtime
+        self.kv_cache.reset()
+        recorded = {}
+
+        def record_positions(module, args, kwargs):
+            recorded["position_ids"] = kwargs.get("position_ids")
+
+        hook = self.text_model.register_forward_pre_hook(record_positions, with_kwargs=True)
+        try:
+            out = engine.model(**inputs, past_key_values=self.kv_cache, use_cache=True, logits_to_keep=1)
+        finally:
+            hook.remove()
+        prompt_len = inputs["input_ids"].shape[1]
+        logits = out.logits[:, -1, :].float()
+        if min_new_tokens > 0 and self.has_eos:
+            logits[:, self.eos_ids] = float("-inf")
+        first = int(logits.argmax(-1))
+        t_first = time.perf_counter()
+        if on_first_token is not None:
+            on_first_token()
+        tokens = [first]
+        if max_new_tokens == 1 or first in self.eos:
+            return tokens, t_first
+        self._set_inputs(first, prompt_len, recorded.get("position_ids"), min_new_tokens - 1)
+        runtime.begin_static()
+        try:
+            for _ in range(max_new_tokens - 1):
+                self._run_step()
+                token = int(self.token)  # the one readback of the step
+                tokens.append(token)
+                if token in self.eos:
+                    break
+        finally:
+            runtime.end_static()
+        return tokens, t_first
+
+    def _set_inputs(self, first: int, prompt_len: int, prefill_positions, min_left: int) -> None:
+        self.token.fill_(first)
+        self.kv_len.fill_(prompt_len)
+        self.min_left.fill_(max(min_left, 0))
+        if prefill_positions is None:
+            positions = torch.full((1, 1), prompt_len, dtype=torch.int64, device=self.device)
+        else:
+            positions = prefill_positions[..., -1:].to(torch.int64) + 1
+        if self.positions is not None and self.positions.shape != positions.shape:
+            self.graph = None  # a different position layout: the captured step no longer fits
+            self.positions = None
+        if self.positions is None:
+            self.positions = positions.clone()
+        else:
+            self.positions.copy_(positions)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One decode step on the static buffers (no host sync; capturable)."""
+        self.engine.runtime.begin_static_step()
+        embeds = self.embed(self.token)
+        keep = (self.kv_index <= self.kv_len).view(1, 1, 1, -1)
+        if self.additive_mask:
+            mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=self.device)
+            mask = mask.masked_fill(~keep, torch.finfo(embeds.dtype).min)
+        else:
+            mask = keep
+        out = self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions,
+                              past_key_values=self.kv_cache, use_cache=True)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        logits = self.lm_head(hidden[:, -1, :]).float()
+        if self.has_eos:
+            suppress = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+            suppress[self.eos_ids] = True
+            logits = logits.masked_fill(suppress & (self.min_left > 0), float("-inf"))
+        self.token.copy_(logits.argmax(-1).view(1, 1))
+        self.kv_len.add_(1)
+        self.positions.add_(1)
+        self.min_left.sub_(1).clamp_(min=0)
+
+    def _run_step(self) -> None:
+        if self.mode == "eager":
+            self._step()
+            return
+        if self.graph is None:
+            self._capture()
+        else:
+            self.graph.replay()
+
+    def _capture(self) -> None:
+        """Take this step eagerly on a side stream (the warm-up CUDA graphs need: allocator, cuBLAS and
+        Triton initialised), then capture the step; the capture executes nothing, so later steps replay it."""
+        compute = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            self._step()
+        compute.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step()
+        except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
+            import warnings
+
+            warnings.warn(f"CUDA graph capture of the decode step failed ({exc}); decoding eagerly", stacklevel=3)
+            self.mode = "eager"
+            self.engine.runtime.step.predictions.clear()
+            return
+        self.graph = graph
+        # The warm-up step above already produced this step's token: the graph runs from the next one.
+
+
+def _text_model(model, layout):
+    first = layout.layers[0].decoder_layer
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and any(layer is first for layer in layers):
+            return module
+    raise NotImplementedError("cannot find the text decoder that holds the MoE layers")
+
+
+def cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    need = prompt_len + max_new_tokens
+    return (need + _CACHE_BUCKET - 1) // _CACHE_BUCKET * _CACHE_BUCKET
