@@ -32,7 +32,7 @@ def _fake_memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if isinstance(attn_bias, _TopLeftCausal):
         qn, kn = q.shape[2], k.shape[2]
-        mask = torch.ones(qn, kn, dtype=torch.bool).tril()
+        mask = torch.ones(qn, kn, dtype=torch.bool, device=q.device).tril()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         if attn_bias is not None:

@@ -43,13 +43,14 @@ def test_predictor_matches_the_next_router_on_its_own_input(qwen_checkpoint):
     engine = vismmoe.load(qwen_checkpoint)
     predictor = engine.runtime.predictor
     layer = engine.layout.layers[1]
-    hidden = torch.randn(5, engine.layout.hidden_size)
+    hidden = torch.randn(5, engine.layout.hidden_size, device=engine.device)
     # predict(position=0) applies layer 1's norm and router; compare with doing that by hand.
-    masks = predictor.predict(0, hidden)
-    _, _, indices = layer.block.gate(layer.decoder_layer.post_attention_layernorm(hidden))
+    with torch.inference_mode():
+        masks = predictor.predict(0, hidden)
+        _, _, indices = layer.block.gate(layer.decoder_layer.post_attention_layernorm(hidden))
     want = np.zeros(engine.layout.num_experts, dtype=np.int32)
-    want[indices.reshape(-1).numpy()] = 1
-    assert np.array_equal(masks[0].numpy(), want)
+    want[indices.reshape(-1).cpu().numpy()] = 1
+    assert np.array_equal(masks[0].cpu().numpy(), want)
 
 
 def test_prefetch_ledger_is_consistent(qwen_checkpoint):

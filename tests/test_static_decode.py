@@ -88,7 +88,7 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
     for step in range(60):
         res.begin_step()
         for layer in range(L):
-            experts = torch.from_numpy(rng.choice(E, k, replace=False))
+            experts = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
             slots = res.demand(layer, experts)
             assert len(set(slots.tolist())) == k
             assert torch.equal(cache.slot_table[layer, experts].long(), slots)
@@ -96,10 +96,12 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
             if layer + 1 < L and rng.rand() < 0.7:
                 pinned_before = (res.pin_layer[:-1] > layer).clone()
                 held = res.owner[:-1].clone()
-                predicted = torch.from_numpy(rng.choice(E, k, replace=False))
-                valid = torch.from_numpy(rng.rand(k) < 0.8)
+                predicted = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
+                valid = torch.from_numpy(rng.rand(k) < 0.8).to(cache.device)
                 res.prefetch(layer + 1, predicted, valid, running=layer, limit=int(rng.randint(1, k + 1)),
                              copy_stream=None)
+                if cache.cuda:
+                    torch.cuda.synchronize()
                 # A prefetch never evicts what is pinned for a layer that has not run yet.
                 assert torch.equal(res.owner[:-1][pinned_before], held[pinned_before])
                 _check_consistent(res, cache)

@@ -107,7 +107,7 @@ class Engine:
                                       grouped=grouped, prefetch_prefill=config.prefetch_prefill)
         self._decoders = {}  # captured decode steps bake in the old runtime and slot pool
         if not self.cache.complete and config.policy in DEVICE_POLICIES and self._device_copies_work():
-            self.runtime.residency = DeviceResidency(self.cache, config.policy)
+            self.runtime.residency = DeviceResidency(self.cache, config.policy, self.layout.top_k, config.prefetch_depth)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
         if self.trace is not None:

@@ -133,7 +133,7 @@ class StaticDecoder:
         logits = self.lm_head(hidden[:, -1, :]).float()
         if self.has_eos:
             suppress = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
-            suppress[self.eos_ids] = True
+            suppress.index_fill_(0, self.eos_ids, True)
             logits = logits.masked_fill(suppress & (self.min_left > 0), float("-inf"))
         self.token.copy_(logits.argmax(-1).view(1, 1))
         self.kv_len.add_(1)
@@ -165,7 +165,11 @@ class StaticDecoder:
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
             import warnings
 
-            warnings.warn(f"CUDA graph capture of the decode step failed ({exc}); decoding eagerly", stacklevel=3)
+            import traceback
+
+            where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[::-1][:4])
+            warnings.warn(f"CUDA graph capture of the decode step failed ({exc}; at {where}); decoding eagerly",
+                          stacklevel=3)
             self.mode = "eager"
             self.engine.runtime.step.predictions.clear()
             return

@@ -230,7 +230,7 @@ class OffloadRuntime:
             valid = mask[predicted] > 0
             stream = self.cache.copy_stream if self.cache.cuda else None
             self.residency.prefetch(target, predicted, valid, running=layer, limit=self.prefetch_limit or top_k,
-                                    copy_stream=stream)
+                                    copy_stream=stream, distance=distance)
             self._prefetch_pending = self.cache.cuda
 
     def _score_static_predictions(self, layer: int, experts: torch.Tensor) -> None:

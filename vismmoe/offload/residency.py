@@ -34,7 +34,7 @@ _COUNT_SHIFT = 1 << 40  # LFU: count * this + last use (clocks stay far below 2*
 
 
 class DeviceResidency:
-    def __init__(self, cache, policy: str):
+    def __init__(self, cache, policy: str, top_k: int, depth: int):
         if policy not in DEVICE_POLICIES:
             raise ValueError(f"policy {policy!r} has no device twin; choose one of {DEVICE_POLICIES}")
         self.cache = cache
@@ -54,7 +54,10 @@ class DeviceResidency:
         self.hits = torch.zeros(L, **i64)
         self.misses = torch.zeros(L, **i64)
         self.prefetch_counts = torch.zeros(3, **i64)  # issued, used, wasted (records)
-        self.arange_slots = torch.arange(S, **i64)
+        # Row lists of the prefetch copies, per (target layer, distance): the copy stream reads them
+        # after the compute stream has moved on, so they must not be temporaries the allocator could
+        # hand to the compute stream again before the copy ran.
+        self.prefetch_rows = torch.zeros((L, depth, 2, top_k), **i64)
 
     # -- host <-> device -------------------------------------------------------------------------
 
@@ -116,7 +119,7 @@ class DeviceResidency:
         self.misses[layer] += (~hit).sum()
         used_prefetch = self.prefetched[slots] & hit
         self.prefetch_counts[1] += used_prefetch.sum()
-        self.prefetched[slots] = False
+        self.prefetched.index_fill_(0, slots, False)
         self.last_use[slots] = self.clock
         if self.policy == "lfu":
             self.count.index_add_(0, layer * self.num_experts + experts, torch.ones_like(experts))
@@ -124,7 +127,7 @@ class DeviceResidency:
         return slots
 
     def prefetch(self, layer: int, experts: torch.Tensor, valid: torch.Tensor, running: int, limit: int,
-                 copy_stream) -> None:
+                 copy_stream, distance: int = 1) -> None:
         """Load the predicted `experts[valid]` of `layer` (at most `limit`) on `copy_stream`, queued after
         layer `running`'s compute: never evict an expert pinned for a layer that has not run yet."""
         slots, fill = self._place(layer, experts, running=running, valid=valid, for_prefetch=True, limit=limit)
@@ -132,16 +135,19 @@ class DeviceResidency:
         pin = torch.where(resident | (fill >= 0), slots, self.num_slots)
         self.pin_layer[pin] = torch.maximum(self.pin_layer[pin], torch.full_like(pin, layer))
         filled = torch.where(fill >= 0, fill, self.num_slots)
-        self.prefetched[filled] = True
-        self.prefetched[self.num_slots] = False
+        self.prefetched.index_fill_(0, filled, True)
+        self.prefetched[-1:].fill_(False)
         self.last_use[filled] = self.clock
         self.prefetch_counts[0] += (fill >= 0).sum()
+        rows = self.prefetch_rows[layer, distance - 1]
+        rows[0].copy_(layer * self.num_experts + experts)
+        rows[1].copy_(fill)
         if copy_stream is None:
-            self._copy(layer, experts, fill)
+            ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
             return
         copy_stream.wait_stream(torch.cuda.current_stream(experts.device))
         with torch.cuda.stream(copy_stream):
-            self._copy(layer, experts, fill)
+            ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -165,7 +171,7 @@ class DeviceResidency:
             miss = miss & valid
         if protect is None:
             protect = torch.zeros(self.num_slots + 1, dtype=torch.bool, device=experts.device)
-        protect[torch.where(slots >= 0, slots, self.num_slots)] = True
+        protect.index_fill_(0, torch.where(slots >= 0, slots, self.num_slots), True)
         score = self._score(running) + protect[:-1].to(torch.int64) * _PROTECTED
         victim_score, victims = torch.topk(score, n, largest=False, sorted=True)
         rank = torch.cumsum(miss.to(torch.int64), 0) - 1
@@ -177,13 +183,14 @@ class DeviceResidency:
         target = torch.where(take, fill, self.num_slots)
         # A prefetched expert evicted before any use is wasted bytes.
         self.prefetch_counts[2] += (self.prefetched[target] & take).sum()
-        self.prefetched[target] = False
+        self.prefetched.index_fill_(0, target, False)
         old = self.owner[target]
-        self.table_flat[torch.where(take & (old >= 0), old, self.dummy_entry)] = -1
+        # (In-place fills, not `x[i] = scalar`: that copies a host scalar, which graph capture forbids.)
+        self.table_flat.index_fill_(0, torch.where(take & (old >= 0), old, self.dummy_entry), -1)
         self.table_flat[torch.where(take, flat, self.dummy_entry)] = target.to(torch.int32)
         self.owner[target] = flat
-        self.owner[self.num_slots] = -1
-        self.table_flat[self.dummy_entry] = -1
+        self.owner[-1:].fill_(-1)
+        self.table_flat[-1:].fill_(-1)
         return torch.where(take, fill, slots), fill
 
     def _copy(self, layer: int, experts: torch.Tensor, fill: torch.Tensor) -> None:
