@@ -194,7 +194,7 @@ def main():
     engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget=1.0, prefetch=True)
     for key, overrides in (("c-generate@1.0", dict(decode="generate")), ("c-eager@1.0", dict(cuda_graphs=False)),
                            ("c@1.0", {})):
-        engine.reconfigure(decode="auto", cuda_graphs=True, **overrides)
+        engine.reconfigure(**{"decode": "auto", "cuda_graphs": True, **overrides})
         results[key] = run_vismmoe(engine, image, prompt, n, warmup=warmup)
         print(key, {k: v for k, v in results[key].items() if k not in ("tokens", "recall", "precision")}, flush=True)
     gen_cfg = engine.generation_config

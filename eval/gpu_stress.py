@@ -4,8 +4,8 @@ A Qwen3-VL-30B-A3B-shaped random model (full-size experts, a few layers) at the 
 slots for the whole model: nearly every expert of every token is a miss, evicting what the previous
 layer just used), with lookahead prefetch two layers deep racing the demand loads on the copy
 stream. Many random image + prompt requests; every one's greedy tokens must equal the same request's
-tokens with all experts resident (same kernels, nothing ever copied during decode). Also compares
-the tiny budget with prefetch off, LFU, and the host-decided generate path. Writes gpu_stress.json.
+tokens without prefetch at the same budget, and the host-decided generate path's; for 8 slots (LRU)
+and 10% (LFU). Writes gpu_stress.json.
 
     python eval/gpu_stress.py --out /tmp/out --layers 4 --requests 48
 """
@@ -64,23 +64,31 @@ def main():
         print(name, entry, flush=True)
         return tokens
 
+    # A race (a slot read before its copy landed) changes tokens against the same budget without
+    # prefetch and against the host-decided path, which use the same slot pool and hence the same
+    # grouped-GEMM shapes. The all-resident run is reported too: it computes over a differently sized
+    # pool, where bf16 grouped_mm may round differently (not a race).
     reference = run("resident", expert_budget=1.0)
-    # Same slot-pool shape as the prefetch runs: a mismatch against it cannot be kernel numerics.
-    minimal = run("min", expert_budget="min")
-    report["runs"]["min"]["mismatched_requests"] = [i for i, (a, b) in enumerate(zip(minimal, reference)) if a != b]
-    checks = [
-        ("min+prefetch2", dict(expert_budget="min", prefetch=True, prefetch_depth=2)),
-        ("min+prefetch1", dict(expert_budget="min", prefetch=True)),
-        ("10%+prefetch2+lfu", dict(expert_budget=0.1, prefetch=True, prefetch_depth=2, policy="lfu")),
-        ("min+prefetch+generate", dict(expert_budget="min", prefetch=True, decode="generate")),
-    ]
-    ok = not report["runs"]["min"]["mismatched_requests"]
-    for name, overrides in checks:
-        tokens = run(name, **overrides)
-        mismatched = [i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b]
-        report["runs"][name]["mismatched_requests"] = mismatched
-        report["runs"][name]["mismatched_vs_min"] = [i for i, (a, b) in enumerate(zip(tokens, minimal)) if a != b]
-        ok &= not mismatched and report["runs"][name]["decode_misses"] > 0
+    ok = True
+    for budget, policy in (("min", "lru"), (0.1, "lfu")):
+        base_name = f"{budget}/{policy}"
+        base = run(base_name, expert_budget=budget, policy=policy)
+        checks = [
+            (f"{base_name}+prefetch2", dict(expert_budget=budget, policy=policy, prefetch=True, prefetch_depth=2)),
+            (f"{base_name}+prefetch1", dict(expert_budget=budget, policy=policy, prefetch=True)),
+            (f"{base_name}+prefetch+generate", dict(expert_budget=budget, policy=policy, prefetch=True, decode="generate")),
+        ]
+        report["runs"][base_name]["mismatched_vs_resident"] = [i for i, (a, b) in enumerate(zip(base, reference)) if a != b]
+        ok &= report["runs"][base_name]["decode_misses"] > 0
+        for name, overrides in checks:
+            tokens = run(name, **overrides)
+            entry = report["runs"][name]
+            entry["mismatched_vs_same_budget"] = [i for i, (a, b) in enumerate(zip(tokens, base)) if a != b]
+            entry["mismatched_vs_resident"] = [i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b]
+            ok &= not entry["mismatched_vs_same_budget"] and entry["decode_misses"] > 0
+            print(name, "mismatched vs same budget:", entry["mismatched_vs_same_budget"], "vs resident:",
+                  entry["mismatched_vs_resident"], flush=True)
+            (out / "gpu_stress.json").write_text(json.dumps(report, indent=1))
     report["all_ok"] = ok
     (out / "gpu_stress.json").write_text(json.dumps(report, indent=1))
     print("all_ok", ok)
