@@ -108,3 +108,17 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
     res.store_to_host()
     assert cache.counters.hits.sum() + cache.counters.misses.sum() == 60 * L * k
     assert (cache.host_table == cache.slot_table.cpu().numpy()).all()
+
+
+def test_mmap_store_falls_back_and_short_requests_take_the_static_path(qwen_checkpoint):
+    (image, prompt), = random_requests(1, seed=14)
+    mmap = vismmoe.load(qwen_checkpoint, expert_budget=0.5, store="mmap")
+    assert mmap.runtime.residency is None
+    assert mmap.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
+    static = vismmoe.load(qwen_checkpoint, expert_budget=0.5)
+    generate = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="generate")
+    for n in (1, 2):
+        a = static.generate(image=image, prompt=prompt, max_new_tokens=n)
+        b = generate.generate(image=image, prompt=prompt, max_new_tokens=n)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == n
+        assert a.stats.expert_hits + a.stats.expert_misses == b.stats.expert_hits + b.stats.expert_misses
