@@ -111,12 +111,12 @@ _COPY_BLOCK = 8192  # elements per program: 16 KiB of bf16, enough bytes in flig
 def _copy_records_cuda(src, dst, src_rows, dst_rows) -> None:
     kernel = _copy_kernel()
     numel = src.shape[1]
-    grid = (dst_rows.numel(), triton_cdiv(numel, _COPY_BLOCK))
+    grid = (dst_rows.numel(), _cdiv(numel, _COPY_BLOCK))
     source = src if src.is_cuda else _HostRows(src)
     kernel[grid](source, dst, src_rows, dst_rows, numel, BLOCK=_COPY_BLOCK, num_warps=8)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
