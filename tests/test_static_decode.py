@@ -122,3 +122,18 @@ def test_mmap_store_falls_back_and_short_requests_take_the_static_path(qwen_chec
         b = generate.generate(image=image, prompt=prompt, max_new_tokens=n)
         assert a.token_ids == b.token_ids and len(a.token_ids) == n
         assert a.stats.expert_hits + a.stats.expert_misses == b.stats.expert_hits + b.stats.expert_misses
+
+
+def test_a_model_the_static_cache_cannot_hold_falls_back(qwen_checkpoint, monkeypatch):
+    from vismmoe import static_decode
+
+    def unsupported(model, layout):
+        raise NotImplementedError("sliding-window attention layers")
+
+    monkeypatch.setattr(static_decode, "_text_model", unsupported)
+    (image, prompt), = random_requests(1, seed=15)
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5)
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
+    engine.reconfigure(decode="static")
+    with pytest.raises(InputError, match="sliding-window"):
+        engine.generate(image=image, prompt=prompt, max_new_tokens=3)

@@ -216,6 +216,12 @@ class Engine:
                                              **generation_kwargs})
         kwargs["generation_config"] = generation_config
         static_reason = self._static_unavailable(generation_kwargs)
+        decoder = None
+        if static_reason is None:
+            try:
+                decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)
+            except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
+                static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
         self.runtime.begin_request()
@@ -233,10 +239,9 @@ class Engine:
         decode_path = "generate"
         try:
             with torch.inference_mode():
-                if static_reason is None:
-                    decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)
-                    new, _ = decoder.generate(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
-                                              on_first_token=self._mark_first_token)
+                if decoder is not None:
+                    new = decoder.generate(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
+                                           on_first_token=self._mark_first_token)
                     decode_path = f"static-{decoder.mode}"
                 else:
                     output = self.model.generate(**inputs, **kwargs)

@@ -18,8 +18,6 @@ GLM-4.5V, plain positions elsewhere) are recorded, and each decode step continue
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 _CACHE_BUCKET = 256  # cache lengths are rounded up to this, so graphs are reused across requests
@@ -62,7 +60,7 @@ class StaticDecoder:
     # -- one request -----------------------------------------------------------------------------
 
     def generate(self, inputs, max_new_tokens: int, min_new_tokens: int, on_first_token=None):
-        """Greedy tokens for `inputs`; returns (tokens, time the first token was known)."""
+        """Greedy tokens for `inputs`; `on_first_token()` runs once the prefill's token is known."""
         engine, runtime = self.engine, self.engine.runtime
         self.kv_cache.reset()
         recorded = {}
@@ -80,12 +78,11 @@ class StaticDecoder:
         if min_new_tokens > 0 and self.has_eos:
             logits[:, self.eos_ids] = float("-inf")
         first = int(logits.argmax(-1))
-        t_first = time.perf_counter()
         if on_first_token is not None:
             on_first_token()
         tokens = [first]
         if max_new_tokens == 1 or first in self.eos:
-            return tokens, t_first
+            return tokens
         self._set_inputs(first, prompt_len, recorded.get("position_ids"), min_new_tokens - 1)
         runtime.begin_static()
         try:
@@ -97,7 +94,7 @@ class StaticDecoder:
                     break
         finally:
             runtime.end_static()
-        return tokens, t_first
+        return tokens
 
     def _set_inputs(self, first: int, prompt_len: int, prefill_positions, min_left: int) -> None:
         self.token.fill_(first)

@@ -20,6 +20,8 @@ top-k experts are distinct: that is the case this path serves.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -142,11 +144,9 @@ class DeviceResidency:
         rows = self.prefetch_rows[layer, distance - 1]
         rows[0].copy_(layer * self.num_experts + experts)
         rows[1].copy_(fill)
-        if copy_stream is None:
-            ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
-            return
-        copy_stream.wait_stream(torch.cuda.current_stream(experts.device))
-        with torch.cuda.stream(copy_stream):
+        if copy_stream is not None:
+            copy_stream.wait_stream(torch.cuda.current_stream(experts.device))
+        with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
             ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
 
     # -- internals -------------------------------------------------------------------------------
