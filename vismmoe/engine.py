@@ -9,6 +9,7 @@ from the safetensors files straight into the host store.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,24 @@ from .stats import RequestStats
 
 if TYPE_CHECKING:
     from .offload.trace import TraceRecorder
+
+
+def _on_engine_device(method):
+    """Run `method` with the engine's GPU as the current CUDA device.
+
+    Streams, events, Triton launches, CUDA graphs and their memory pool follow the current device, and a
+    caller's current device is normally cuda:0: an engine on cuda:1 (or two engines on two GPUs in one
+    process) must not depend on it.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -71,7 +90,7 @@ class Engine:
         self._decoders = {}
         self._device_copy_checked = None
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
-                                 pin=config.store == "pinned" and self.device.type == "cuda")
+                                 pin=config.store == "pinned" and self.device.type == "cuda", device=self.device)
         self._build_runtime()
         for layer in self.layout.layers:
             layer.decoder_layer.register_forward_pre_hook(self._predictor_hook(layer.position), with_kwargs=True)
@@ -86,6 +105,7 @@ class Engine:
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
 
+    @_on_engine_device
     def _build_runtime(self) -> None:
         config = self.config
         grouped = self._use_grouped_mm()  # validates experts_kernel before the old runtime is torn down
@@ -194,6 +214,7 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
 
+    @_on_engine_device
     def generate(self, image=None, prompt: str = "", max_new_tokens: int | None = None, request_id=None,
                  **generation_kwargs) -> Result:
         """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True.
@@ -278,6 +299,13 @@ class Engine:
         )
         return Result(text=text, token_ids=new, stats=stats)
 
+    def warm_up(self, image=None, prompt: str = "", max_new_tokens: int | None = None) -> None:
+        """Answer one request and discard it, so that JIT compilation (numba, Triton) and CUDA graph
+        capture happen here rather than in the first measured request. Nothing is recorded while a
+        routing trace is being recorded (the trace would gain a request)."""
+        if self.trace is None:
+            self.generate(image=image, prompt=prompt, max_new_tokens=max_new_tokens)
+
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -345,12 +373,20 @@ class Engine:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """The engine's device, with its index: "cuda" means the current CUDA device now, once and for all."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} was requested but CUDA is not available; use device: cpu or auto")
-    return device
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise ModelLoadError(f"device {name!r} was requested but only {count} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{count - 1}); check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", index)
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:

@@ -113,7 +113,10 @@ def _copy_records_cuda(src, dst, src_rows, dst_rows) -> None:
     numel = src.shape[1]
     grid = (dst_rows.numel(), _cdiv(numel, _COPY_BLOCK))
     source = src if src.is_cuda else _HostRows(src)
-    kernel[grid](source, dst, src_rows, dst_rows, numel, BLOCK=_COPY_BLOCK, num_warps=8)
+    # Triton launches on the current device: make it the destination's (an engine on cuda:1 is called
+    # from threads whose current device is cuda:0).
+    with torch.cuda.device(dst.device):
+        kernel[grid](source, dst, src_rows, dst_rows, numel, BLOCK=_COPY_BLOCK, num_warps=8)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -102,10 +102,17 @@ class _Run:
         mine = pending[procs.rank::procs.world_size]
         if mine:
             self._engine_for(setting, overrides, out_dir)
+            self._warm_up(mine[0])
+        procs.barrier()  # every engine is loaded: the timed evaluation starts together on every process
+        start = time.perf_counter()
+        if mine:
             self._evaluate(mine, out_dir / f"samples.rank{procs.rank}.partial.jsonl", _label(setting))
         procs.barrier()
+        wall = time.perf_counter() - start
         if procs.is_main:
-            self._finish(loaded, bad, out_dir, overrides)
+            throughput = {"evaluated": len(pending), "processes": procs.world_size, "wall_s": round(wall, 3),
+                          "samples_per_s": round(len(pending) / wall, 3) if pending and wall > 0 else None}
+            self._finish(loaded, bad, out_dir, overrides, throughput)
         procs.barrier()
         return json.loads((out_dir / "results.json").read_text())
 
@@ -146,6 +153,18 @@ class _Run:
         if config is not None and hasattr(config, "to_dict"):
             write_atomic(out_dir / "engine_config.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
 
+    def _warm_up(self, sample) -> None:
+        """One unrecorded request first (engines that offer `warm_up`): JIT compilation (numba, Triton)
+        and CUDA graph capture would otherwise land in the first sample's latency and in the throughput."""
+        warm_up = getattr(self.engine, "warm_up", None)
+        if warm_up is None:
+            return
+        try:
+            image = sample.image.load() if sample.image is not None else None
+        except EvalDataError:
+            return  # the timed loop reports (or skips) the bad sample
+        warm_up(image=image, prompt=sample.prompt, max_new_tokens=self.max_new_tokens)
+
     def _evaluate(self, samples: list, partial: Path, label: str) -> None:
         from tqdm.auto import tqdm
 
@@ -172,7 +191,7 @@ class _Run:
                 total += record["score"]
                 bar.set_postfix(acc=f"{total / count:.3f}")
 
-    def _finish(self, loaded, bad: BadRecords, out_dir: Path, overrides: dict) -> None:
+    def _finish(self, loaded, bad: BadRecords, out_dir: Path, overrides: dict, throughput: dict) -> None:
         partials = sorted(out_dir.glob("samples.rank*.partial.jsonl"))
         by_id, skipped = {}, {}
         for record in read_jsonl(out_dir / "samples.jsonl") + [r for p in partials for r in read_jsonl(p)]:
@@ -197,6 +216,9 @@ class _Run:
             config_file=self.config if isinstance(self.config, (dict, type(None))) else str(self.config),
             config=json.loads(engine_config.read_text()) if engine_config.is_file() else None,
             world_size=self.procs.world_size,
+            # This invocation's evaluation loop (engine loading excluded; a resumed run counts only the
+            # samples it evaluated), for data-parallel scaling.
+            throughput=throughput,
         )
         write_results(out_dir, results, records)
         if run_skipped:

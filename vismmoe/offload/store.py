@@ -47,7 +47,8 @@ class ExpertSource:
 class ExpertStore:
     """Expert records on the host, addressed by (MoE layer position, expert id)."""
 
-    def __init__(self, layout: MoeLayout, files: list[Path], dtype: torch.dtype, mode: str, pin: bool):
+    def __init__(self, layout: MoeLayout, files: list[Path], dtype: torch.dtype, mode: str, pin: bool,
+                 device: torch.device | None = None):
         self.layout = layout
         self.dtype = dtype
         self.mode = mode
@@ -71,7 +72,7 @@ class ExpertStore:
                 self.pinned = True
                 # Unregister before the slab's memory goes back to the allocator, even when the store
                 # is dropped without close(): a later allocation at the same address could not be pinned.
-                self._unpin = weakref.finalize(self, _unpin, self.slab)
+                self._unpin = weakref.finalize(self, _unpin, self.slab, device)
 
     @property
     def slab_rows(self) -> torch.Tensor:
@@ -195,12 +196,18 @@ def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertS
     return table
 
 
+# cudaHostRegister flags (cuda_runtime_api.h).
+_HOST_REGISTER_PORTABLE = 1
+_HOST_REGISTER_MAPPED = 2
+
+
 def _cuda_ok(err) -> bool:
     return getattr(err, "value", err) == 0
 
 
-def _unpin(slab: torch.Tensor) -> None:
-    torch.cuda.synchronize()  # no copy may still be reading the slab when it stops being page-locked
+def _unpin(slab: torch.Tensor, device: torch.device | None) -> None:
+    # No copy may still be reading the slab when it stops being page-locked.
+    torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
 
 
@@ -220,12 +227,16 @@ def _pin_in_place(tensor: torch.Tensor) -> bool:
     """Page-lock an existing host allocation with cudaHostRegister.
 
     One registration of one slab: torch's pinned caching allocator would round each block up to a
-    power of two (a 58 GB slab would take 64 GB).
+    power of two (a 58 GB slab would take 64 GB). Registered portable and mapped: without
+    `cudaHostRegisterPortable` only the CUDA context current at registration (normally cuda:0) treats
+    the slab as page-locked, so an engine on cuda:1 could neither copy it at pinned speed nor read it
+    from a kernel.
     """
     if not torch.cuda.is_available():
         return False
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                                  _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED)
     ok = _cuda_ok(err)
     if not ok:
         cudart.cudaGetLastError()  # clear it, or the next kernel launch would report it as its own
