@@ -6,6 +6,7 @@ the evaluation loops' throughput (results.json's `throughput`: engine loading ex
 between two barriers on rank 0).
 
     PYTHONPATH=. python3 eval/dp_scaling.py --out OUT [--nproc 2] [--limit 2000] [--sweep budget=0.25,1.0]
+        [--config configs/deploy/gpu-demo-bf16.yaml]
 
 Writes OUT/dp_scaling.{json,md} and keeps both runs' output directories under OUT/.
 """
@@ -23,8 +24,11 @@ from pathlib import Path
 
 def _run(cmd: list[str], log: Path) -> float:
     start = time.perf_counter()
+    # torchrun gives each worker OMP_NUM_THREADS=1 unless it is set: the single process gets the same, so
+    # that the comparison measures data parallelism, not CPU thread settings.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see {log}")
     return time.perf_counter() - start
@@ -45,19 +49,23 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="models/easyvqa-qwen3vlmoe")
     ap.add_argument("--task", default="easyvqa")
+    ap.add_argument("--config", default="configs/deploy/gpu-demo-bf16.yaml", help="engine config for both runs")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--sweep", nargs="+", default=["budget=0.25,1.0"])
+    ap.add_argument("--logs", help="directory for the two runs' logs (default: --out)")
     args = ap.parse_args()
     out = Path(args.out)
+    logs = Path(args.logs or args.out)
+    logs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["eval", "--model", args.model, "--task", args.task, "--limit", str(args.limit), "--no-progress",
+    common = ["eval", "--model", args.model, "--task", args.task, "--limit", str(args.limit), "--config", args.config,
               "--sweep", *args.sweep]
     single_dir, dp_dir = out / "single", out / f"dp{args.nproc}"
     single_s = _run([sys.executable, "-m", "vismmoe.evaluation", *common, "--output", str(single_dir)],
-                    out / "single.log")
+                    logs / "single.log")
     dp_s = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                 "-m", "vismmoe.evaluation", *common, "--output", str(dp_dir)], out / f"dp{args.nproc}.log")
+                 "-m", "vismmoe.evaluation", *common, "--output", str(dp_dir)], logs / f"dp{args.nproc}.log")
     rows = []
     for name, single in sorted(_settings(single_dir).items()):
         dp = _settings(dp_dir)[name]

@@ -157,7 +157,10 @@ class StaticDecoder:
         compute.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # Our own capture stream on the engine's device: torch.cuda.graph's default is one stream per
+            # process, made on whichever device was current at the first capture, and a capture on another
+            # device's stream records nothing (an empty graph, and replays that do nothing).
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=self.device)):
                 self._step()
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
             import warnings

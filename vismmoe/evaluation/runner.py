@@ -147,6 +147,9 @@ class _Run:
         if self.engine is None:
             overrides = dict(overrides)
             if self.procs.world_size > 1 and _cuda_available():
+                import torch
+
+                torch.cuda.set_device(self.procs.local_rank)  # nothing of this process lands on cuda:0
                 overrides.setdefault("device", f"cuda:{self.procs.local_rank}")
             self.engine = self.factory(self.model, config=self.config, **overrides)
         config = getattr(self.engine, "config", None)
