@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ def main() -> int:
     common = ["eval", "--model", args.model, "--task", args.task, "--limit", str(args.limit), "--config", args.config,
               "--sweep", *args.sweep]
     single_dir, dp_dir = out / "single", out / f"dp{args.nproc}"
+    for stale in (single_dir, dp_dir):  # a resumed eval would evaluate nothing and time nothing
+        shutil.rmtree(stale, ignore_errors=True)
     single_s = _run([sys.executable, "-m", "vismmoe.evaluation", *common, "--output", str(single_dir)],
                     logs / "single.log")
     dp_s = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
