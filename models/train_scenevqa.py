@@ -18,9 +18,11 @@ count); train = `scenevqa.SPLITS["train"]` images x 7 questions, val and test 1 
 
 GPU command (one H200; nothing to carry beyond the repository; about 7 minutes wall in total):
 
-    PYTHONUNBUFFERED=1 python3 models/train_scenevqa.py --out /tmp/scene --time-limit 330 \\
-        --metrics $OUT/metrics.json 2>&1 | tee $OUT/train_log_stdout.txt
-    cp -r /tmp/scene $OUT/   # the checkpoint directory, train_log.txt included (~30 MB)
+    PYTHONUNBUFFERED=1 python3 models/train_scenevqa.py --out $OUT/scenevqa-qwen3vlmoe --time-limit 330 \\
+        --metrics $OUT/metrics.json
+
+It writes the checkpoint directory (36.6 MB float32 weights + tokenizer/processor/chat template,
+generation_config, examples/, train_log.txt), ready to copy to models/scenevqa-qwen3vlmoe.
 
 CPU smoke run (a few steps on a small subset, checks the pipeline end to end):
 
@@ -192,6 +194,14 @@ def _main(argv, tee):
         args.eval_every, args.workers = 2, 1
 
     t_start = time.time()
+    # ---- data, generated before anything touches CUDA (the workers are forked)
+    n_val = args.max_val or scenevqa.SPLITS["val"][0]
+    n_test = args.max_test or scenevqa.SPLITS["test"][0]
+    tr = generate("train", args.train_images, args.workers)
+    va = generate("val", n_val, args.workers)
+    te = generate("test", n_test, args.workers)
+    data_s = time.time() - t_start
+
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -205,16 +215,9 @@ def _main(argv, tee):
     log(f"torch {torch.__version__}  transformers {transformers.__version__}  device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""))
     log("argv:", " ".join(sys.argv))
-
-    # ---- data
-    t0 = time.time()
-    n_val = args.max_val or scenevqa.SPLITS["val"][0]
-    n_test = args.max_test or scenevqa.SPLITS["test"][0]
-    tr = generate("train", args.train_images, args.workers)
-    va = generate("val", n_val, args.workers)
-    te = generate("test", n_test, args.workers)
     log(f"generated {len(tr['images'])} train images ({len(tr['questions'])} questions), {n_val} val, {n_test} test "
-        f"in {time.time() - t0:.1f}s with {args.workers} workers")
+        f"in {data_s:.1f}s with {args.workers} workers")
+
 
     model, processor, (proc_cls, ip, tok, proc_kwargs) = common.build_model_and_processor(
         args.seed, args.aux_coef, TEXT_SHAPE, VISION, GEOM)
