@@ -292,27 +292,31 @@ def _main(argv, tee):
                     position_ids=pos.to(device).unsqueeze(1).expand(3, b, -1),
                     image_grid_thw=grid_thw.to(device).expand(b, 3)), img_ids
 
-    # ---- training-only speed-ups, each checked against the stock path on this machine
+    # ---- training-only speed-ups, each checked against the stock path on this machine (fp32, no TF32);
+    # one that disagrees is switched off (slower, same maths) rather than trusted
     restore_attn = common.enable_batched_vision_attention()
     probe, _ = batch(torch.arange(2), torch.Generator().manual_seed(1), False)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model.eval()
     with torch.no_grad():
         fast = model(**probe).logits
         restore_attn()
         stock = model(**probe).logits
-        restore_attn = common.enable_batched_vision_attention()
+        d_attn = (fast - stock).abs().max().item()
+        restore_attn = common.enable_batched_vision_attention() if d_attn < 1e-3 else (lambda: None)
         restore_share = common.enable_shared_image_encoding(model, GEOM)
         short, _ = batch(torch.arange(2), torch.Generator().manual_seed(1), True)
         model.model.visual._share = R
-        shared = model(**short).logits
+        d_share = (model(**short).logits - stock).abs().max().item()
         model.model.visual._share = 1
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    d_attn, d_share = (fast - stock).abs().max().item(), (shared - stock).abs().max().item()
-    log(f"batched vision attention vs stock: max abs logit diff {d_attn:.2e}; shared image encoding: {d_share:.2e}")
-    if d_attn > 1e-3 or d_share > 1e-3:
-        raise RuntimeError("a training speed-up changes the model's outputs")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    share_on = d_share < 1e-3
+    log(f"batched vision attention vs stock: max abs logit diff {d_attn:.2e} ({'on' if d_attn < 1e-3 else 'OFF'}); "
+        f"shared image encoding: {d_share:.2e} ({'on' if share_on else 'OFF'})")
+    if not share_on:
+        restore_share()
+        restore_share = lambda: None  # noqa: E731
     model.train()
     for impl in (["grouped_mm", "batched_mm", "eager"] if cuda else ["eager"]):
         try:
@@ -337,7 +341,7 @@ def _main(argv, tee):
         hook = model.model.visual.merger.register_forward_hook(lambda mod, inp, out: captured.__setitem__("v", out))
 
     def token_loss(img_ids):
-        v = captured.pop("v").float().view(len(img_ids), n_visual, -1)
+        v = captured.pop("v").float().view(len(img_ids), -1, n_visual, hidden)[:, 0]  # one copy per image
         lab = tr_tok[img_ids]
         return sum(F.cross_entropy(h(v).flatten(0, 1), lab[..., c].flatten()) for c, h in enumerate(heads.values()))
 
@@ -372,11 +376,11 @@ def _main(argv, tee):
     for step in range(args.steps):
         if cursor + U > n_train:
             order, cursor = torch.randperm(n_train, generator=gen), 0
-        inputs, img_ids = batch(order[cursor: cursor + U], gen, True)
+        inputs, img_ids = batch(order[cursor: cursor + U], gen, share_on)
         cursor += U
         for grp in opt.param_groups:
             grp["lr"] = cosine_lr(step, time.time() - t_train, args)
-        model.model.visual._share = R
+        model.model.visual._share = R if share_on else 1
         with autocast():
             out = model(**inputs, output_router_logits=True)
         loss = out.loss
