@@ -9,7 +9,7 @@ import sys
 from ..errors import VismmoeError
 from .tasks import TASKS
 
-_TASK_HELP = "one of " + ", ".join(TASKS) + " (easyvqa needs no --data)"
+_TASK_HELP = "one of " + ", ".join(TASKS) + " (easyvqa and scenevqa need no --data)"
 
 
 def register_cli(subparsers) -> None:

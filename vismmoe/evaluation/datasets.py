@@ -106,6 +106,28 @@ def load_easyvqa(path, split, bad: BadRecords) -> Loaded:
     return Loaded(samples, split, [str(source)])
 
 
+# ---- scene-VQA (generated: vismmoe/evaluation/scenevqa.py) ------------------------------------------------
+
+def load_scenevqa(path, split, bad: BadRecords) -> Loaded:
+    from . import scenevqa
+
+    split = split or "test"
+    if split not in scenevqa.SPLITS:
+        raise EvalDataError(f"scene-VQA has splits {', '.join(scenevqa.SPLITS)}, not {split!r}")
+    samples = []
+    for image_id, scene in enumerate(scenevqa.split_items(split)):
+        for k, (qtype, question, answer) in enumerate(scene.questions):
+            qid = f"{image_id}" if len(scene.questions) == 1 else f"{image_id}.{k}"
+            samples.append(Sample(
+                question_id=qid, question=question, references=[answer],
+                # rendered when the model needs it (deterministic: the same pixels every time)
+                image=ImageRef(lambda scene=scene: scenevqa.render(scene), f"scenevqa/{split}/{image_id}",
+                               question_id=qid),
+                prompt_fields={"question": question}, fields={"question_type": qtype, "image_id": image_id},
+            ))
+    return Loaded(samples, split, [f"generated: vismmoe.evaluation.scenevqa split {split!r}"])
+
+
 # ---- VQAv2 (parquet / save_to_disk, or the official questions + annotations JSON pair) ---------------------
 
 _VQA_QUESTIONS = re.compile(r"^v2_OpenEnded_mscoco_(?P<split>.+)_questions\.json$")

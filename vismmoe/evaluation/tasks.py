@@ -96,6 +96,10 @@ def _agg_easyvqa(records):
             "accuracy_other": by_type.get("other", 0.0)}
 
 
+def _agg_scenevqa(records):
+    return {**_agg_accuracy(records), "per_question_type": _by(records, "question_type")}
+
+
 def _agg_vqav2(records):
     return {**_agg_accuracy(records), "per_answer_type": _by(records, "answer_type")}
 
@@ -148,6 +152,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("easyvqa", datasets.load_easyvqa, _score_easyvqa, _agg_easyvqa, "accuracy", needs_data=False,
          prompt_template=QUESTION_ONLY_TEMPLATE,
          normalization="VQA answer normalisation always (single answer)"),
+    # scene-VQA is generated (vismmoe/evaluation/scenevqa.py); the plain question, as the scene model was trained.
+    Task("scenevqa", datasets.load_scenevqa, _score_easyvqa, _agg_scenevqa, "accuracy", needs_data=False,
+         prompt_template=QUESTION_ONLY_TEMPLATE, max_new_tokens=12,
+         normalization="VQA answer normalisation always (single answer)"),
     Task("vqav2", datasets.load_vqav2, _score_vqav2, _agg_vqav2, "accuracy",
          normalization="official: normalise only when the ten answers disagree; always: every time"),
     Task("textvqa", datasets.load_textvqa, _score_textvqa, _agg_accuracy, "accuracy",
@@ -165,7 +173,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 _ALIASES = {"easy-vqa": "easyvqa", "easy_vqa": "easyvqa", "scienceqa-img": "scienceqa",
-            "scienceqa_img": "scienceqa", "sqa": "scienceqa", "vqa-v2": "vqav2"}
+            "scienceqa_img": "scienceqa", "sqa": "scienceqa", "vqa-v2": "vqav2",
+            "scene-vqa": "scenevqa", "scene_vqa": "scenevqa"}
 
 
 def get_task(name: str) -> Task:
