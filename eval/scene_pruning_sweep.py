@@ -6,9 +6,15 @@ unpruned accuracy on the same questions. The pruning settings reach the engine o
 (`visual_keep`, `visual_prune`, `visual_merge`, as overrides / sweep keys): an engine that does not know
 them stops the script with a message saying so, before any model is loaded.
 
-GPU (the scene model, full test split of 1,500 questions; resumable: a re-run skips finished questions):
+GPU (the scene model, full test split: 1 + 4 keeps x 5 methods x 2 merge = 41 settings x 1,500 questions;
+resumable: a re-run of the same command skips every finished question, so it can run in several pieces):
 
     PYTHONPATH=. python3 eval/scene_pruning_sweep.py --model models/scenevqa-qwen3vlmoe --out $OUT/scene_pruning
+
+or data-parallel over two GPUs (run_eval's torchrun support; rank 0 writes the summary):
+
+    PYTHONPATH=. torchrun --nproc-per-node 2 eval/scene_pruning_sweep.py --model models/scenevqa-qwen3vlmoe \
+        --out $OUT/scene_pruning
 
 CPU quick check (a few questions per setting):
 
@@ -123,10 +129,10 @@ def sweep(args, engine_factory=None, progress: bool = True) -> dict:
     summary = {"task": args.task, "model": str(args.model), "headline": headline, "n_samples": base["n_samples"],
                "expert_budget": args.budget, "unpruned_accuracy": base_acc, "rows": rows,
                "checks": _checks(rows), "provenance": base.get("provenance")}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scene_pruning.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "scene_pruning.md").write_text(markdown(summary))
-    plot(summary, out / "scene_pruning.png")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the results; one writes
+        (out / "scene_pruning.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (out / "scene_pruning.md").write_text(markdown(summary))
+        plot(summary, out / "scene_pruning.png")
     return summary
 
 
@@ -230,7 +236,9 @@ def main(argv=None, engine_factory=None, progress: bool = True) -> int:
     except ConfigError as error:
         print(f"scene_pruning_sweep: error: {error}", file=sys.stderr)
         return 2
-    print(Path(args.out, "scene_pruning.md").read_text())
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(markdown(summary))
     failed = [c["check"] for c in summary["checks"] if c["pass"] is False]
     print(f"wrote {args.out}/scene_pruning.{{json,md,png}}; acceptance conditions failed: {failed or 'none'}")
     return 0
