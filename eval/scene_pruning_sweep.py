@@ -197,7 +197,7 @@ def markdown(summary: dict) -> str:
         lines.append("")
     lines += ["## Acceptance conditions (issue 10)", ""]
     for c in summary["checks"]:
-        verdict = {True: "pass", False: "FAIL", None: "not run"}[c["pass"]]
+        verdict = {True: "pass", False: "FAIL", None: "n/a (not run, or no unpruned accuracy)"}[c["pass"]]
         lines.append(f"- {c['check']}: **{verdict}**")
     return "\n".join(lines) + "\n\n![retention vs keep](scene_pruning.png)\n"
 
