@@ -1,9 +1,14 @@
-"""Record routing traces of a model over the easy-VQA test split, through vismmoe.
+"""Record routing traces of a bundled model over its task's test split, through vismmoe.
 
 Per request, step and MoE layer: the routed experts of every token, a visual/text flag per token and
 the lookahead predictions (decode steps). The trace replays in vismmoe.offload.simulate.
 
-    python eval/record_traces.py --model models/easyvqa-qwen3vlmoe --out eval/results/easyvqa_test_traces.npz
+The questions, images and prompts are the eval harness's own (`vismmoe eval --task T`, test split), so a
+trace is recorded on exactly what the accuracy numbers were measured on.
+
+    python eval/record_traces.py --out eval/results/easyvqa_test_traces.npz      # easy-VQA, the demo model
+    python eval/record_traces.py --task scenevqa --model models/scenevqa-qwen3vlmoe \
+        --out eval/results/scenevqa_test_traces.npz                             # scene-VQA, the scene model
 """
 
 from __future__ import annotations
@@ -14,39 +19,48 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
+from vismmoe.evaluation.errors import BadRecords  # noqa: E402
+from vismmoe.evaluation.scoring import prepare_samples  # noqa: E402
+from vismmoe.evaluation.tasks import get_task  # noqa: E402
+
+# The bundled model of each task (the default --model).
+MODELS = {"easyvqa": REPO / "models" / "easyvqa-qwen3vlmoe", "scenevqa": REPO / "models" / "scenevqa-qwen3vlmoe"}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "easyvqa-qwen3vlmoe"))
-    ap.add_argument("--out", required=True)
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(MODELS), default="easyvqa")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the task's bundled model)")
+    ap.add_argument("--out", required=True, help="trace file to write (.npz)")
     ap.add_argument("--limit", type=int, default=0, help="first N test questions (0 = all)")
-    ap.add_argument("--max-new-tokens", type=int, default=16)  # "rectangle" + eos is 10 tokens
+    ap.add_argument("--max-new-tokens", type=int, default=16)  # the longest answer ("rectangle") + eos is 10 tokens
     ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    import easy_vqa
+    args = ap.parse_args(argv)
+    model = Path(args.model) if args.model else MODELS[args.task]
     from tqdm import tqdm
 
-    questions, answers, image_ids = easy_vqa.get_test_questions()
-    paths = easy_vqa.get_test_image_paths()
-    n = len(questions) if args.limit <= 0 else min(args.limit, len(questions))
+    spec = get_task(args.task)
+    samples = prepare_samples(spec, None, "test", args.limit or None, None, BadRecords(False)).samples
     # Every expert resident, so that recording does not depend on any cache setting.
-    engine = vismmoe.load(args.model, expert_budget=1.0, prefetch=True, device=args.device)
-    engine.start_trace(Path(args.model).name)
+    engine = vismmoe.load(model, expert_budget=1.0, prefetch=True, device=args.device)
+    engine.start_trace(model.name)
     correct = 0
     t0 = time.perf_counter()
-    for i in tqdm(range(n), desc="recording"):
-        result = engine.generate(image=paths[image_ids[i]], prompt=questions[i], max_new_tokens=args.max_new_tokens,
-                                 request_id=f"test-{i}")
-        correct += result.text.strip() == answers[i]
+    for sample in tqdm(samples, desc=f"recording {args.task}"):
+        result = engine.generate(image=sample.image.load(), prompt=sample.prompt, max_new_tokens=args.max_new_tokens,
+                                 request_id=f"test-{sample.question_id}")
+        correct += result.text.strip() == sample.references[0]
     engine.stop_trace(args.out)
-    print(f"recorded {n} requests in {time.perf_counter() - t0:.0f} s -> {args.out} "
-          f"(exact-match accuracy {correct / n:.4f})")
+    accuracy = correct / max(1, len(samples))
+    print(f"recorded {len(samples)} {args.task} requests in {time.perf_counter() - t0:.0f} s -> {args.out} "
+          f"(exact-match accuracy {accuracy:.4f})")
+    return {"requests": len(samples), "accuracy": accuracy}
 
 
 if __name__ == "__main__":

@@ -1,17 +1,34 @@
-"""Pieces shared by the bundled models' training recipes (models/train_easyvqa.py, models/train_scenevqa.py).
+"""The shared part of the bundled models' training recipes (models/train_easyvqa.py, models/train_scenevqa.py).
 
 A recipe trains transformers' own Qwen3-VL-MoE from scratch on one synthetic VQA task: every image of the
 task is resized to one fixed square side, so every prompt has the same number of visual tokens and the
-same M-RoPE positions up to its question. `Geometry` holds that side and the vision patching; the
-helpers below build the model, tokenise the prompts, lay out pixel values on the device exactly as the
-image processor does, patch two training-only speed-ups into the model (both checked against the stock
-path by the recipes), evaluate (teacher-forced and through the processor + `generate`) and save the
-checkpoint the way `vismmoe.load` reads it.
+same M-RoPE positions up to its question. A recipe supplies its data, its model geometry (`Geometry` + the
+text/vision shapes) and its training-only auxiliary loss on the merger output; everything else is here, in
+the order a recipe runs it:
+
+  run_arguments             the command-line options every recipe has
+  start_run                 seeds, TF32, the version/device/argv header of the log
+  build_model_and_processor the model and its image-only processor (vismmoe.tiny_models' tokenizer)
+  encode_split, pad_splits  token ids / labels, right-padded to one length; mrope_positions
+  check_against_processor   prompt tokens, pixel layout and M-RoPE positions equal the processor's/model's
+  parameter_counts          total / vision / expert / active parameters
+  ImageMajorBatches         training batches of U images x r questions, pixels patchified on the device
+  enable_checked_speedups   two training-only speed-ups, each checked against the stock path
+  choose_experts_implementation, MergerCapture, adamw, cosine_lr, train
+  end_training, teacher_forced_eval, routing_stats, log_routing
+  save_checkpoint, reload_and_generate, finish
+
+Why one module of more than 400 lines: it is one concept (the recipe minus the task), and splitting it
+would make each recipe import from several places for what reads as a single sequence.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +68,10 @@ class Geometry:
     @property
     def n_visual(self) -> int:  # merged visual tokens per image
         return (self.grid // self.merge) ** 2
+
+    @property
+    def grid_thw(self) -> torch.Tensor:  # the processor's image_grid_thw of one image
+        return torch.tensor([[1, self.grid, self.grid]])
 
     def patchify(self, img_u8: torch.Tensor, ip) -> torch.Tensor:
         """uint8 (B, 3, side, side) -> pixel_values (B*n_patches, 3*tpatch*patch^2), as Qwen2VLImageProcessor lays them out."""
@@ -142,8 +163,147 @@ def mrope_positions(input_ids: torch.Tensor, image_token_id: int, grid: int) -> 
     return pos
 
 
+# ------------------------------------------------------------------------------------- run set-up
+def run_arguments(description: str, *, out: str, steps: int, lr: float, warmup: int, eval_bs: int,
+                  eval_every_help: str, smoke_help: str):
+    """The argument parser with the options every recipe has (and that `train`/`cosine_lr` read); a
+    recipe adds its data / batch / auxiliary-loss options to it."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.02)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--aux-coef", type=float, default=0.01, help="router_aux_loss_coef (load balancing)")
+    ap.add_argument("--time-limit", type=float, default=0, help="stop training after this many seconds; the cosine "
+                    "then follows max(step fraction, time fraction) (0: off)")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=500, help=eval_every_help)
+    ap.add_argument("--eval-bs", type=int, default=eval_bs)
+    ap.add_argument("--max-test", type=int, default=0, help="evaluate only the first N test questions")
+    ap.add_argument("--generate-limit", type=int, default=0, help="greedy-generate only N test questions (0: all)")
+    ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--metrics", default="", help="write a JSON summary here")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    return ap
 
 
+def start_run(seed: int, device_name: str) -> tuple[torch.device, bool]:
+    """Seed Python, NumPy and torch; allow TF32 on CUDA (training runs in bf16 autocast anyway); log the
+    versions, the device and the command line. Returns (device, is_cuda)."""
+    import transformers
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log(f"torch {torch.__version__}  transformers {transformers.__version__}  device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""))
+    log("argv:", " ".join(sys.argv))
+    return device, cuda
+
+
+def autocast_for(cuda: bool):
+    """The training compute context: bf16 autocast on CUDA, plain float32 on the CPU."""
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+
+def pad_splits(splits, pad_token_id: int):
+    """Right-pad every split's (ids, labels, mask) to the longest split's length; returns (splits, length)."""
+    length = max(ids.shape[1] for ids, _, _ in splits)
+
+    def pad(t, value):
+        return F.pad(t, (0, length - t.shape[1]), value=value)
+
+    return [(pad(ids, pad_token_id), pad(lab, -100), pad(mask, 0)) for ids, lab, mask in splits], length
+
+
+def check_against_processor(model, processor, ip, geom: Geometry, question: str, image, image_u8: torch.Tensor,
+                            ids_row: torch.Tensor, lab_row: torch.Tensor, pos: torch.Tensor) -> None:
+    """One training row against the stock pipeline: the recipe's prompt tokens and visual-token count equal
+    the processor's (assert), its on-device patchify of `image_u8` (1, 3, side, side) equals the processor's
+    pixel_values for the PIL `image` (assert), and its M-RoPE positions equal the model's get_rope_index
+    (logged: that method's signature varies across transformers versions)."""
+    image_token_id = model.config.image_token_id
+    ref = processor(text=[render_prompt(processor, question)], images=[image], return_tensors="pt")
+    n_prompt = int((lab_row == -100).long().cumprod(0).sum())
+    assert ref["input_ids"][0].tolist() == ids_row[:n_prompt].tolist(), "prompt tokens differ from the processor's"
+    assert int((ref["input_ids"] == image_token_id).sum()) == geom.n_visual
+    diff = (geom.patchify(image_u8, ip) - ref["pixel_values"]).abs().max().item()
+    log(f"patchify vs processor pixel_values: max abs diff {diff:.2e}")
+    assert diff < 1e-4
+    try:
+        kw = {"mm_token_type_ids": ref["mm_token_type_ids"]} if "mm_token_type_ids" in ref else {}
+        want, _ = model.model.get_rope_index(ref["input_ids"], image_grid_thw=ref["image_grid_thw"], **kw)
+        same = torch.equal(want[:, 0].cpu(), pos[:, :n_prompt])
+        log("M-RoPE positions match get_rope_index" if same else
+            f"WARNING: M-RoPE positions differ from get_rope_index:\n{want[:, 0, :64]}\n{pos[:, :64]}")
+    except Exception as exc:  # noqa: BLE001 - signature varies across transformers versions
+        log(f"WARNING: could not compare with get_rope_index: {type(exc).__name__}: {exc}")
+
+
+def parameter_counts(model) -> dict:
+    """Total, vision, text, expert, per-expert and active-per-token parameter counts (logged)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vis = sum(p.numel() for p in model.model.visual.parameters())
+    n_exp = sum(p.numel() for n_, p in model.named_parameters() if ".experts." in n_)
+    tc = model.config.text_config
+    per_expert = n_exp // (tc.num_hidden_layers * tc.num_experts)
+    n_active = n_params - n_exp + tc.num_hidden_layers * tc.num_experts_per_tok * per_expert
+    counts = dict(total=n_params, vision=n_vis, text=n_params - n_vis, experts=n_exp, per_expert=per_expert,
+                  active_per_token=n_active)
+    log("parameters:", json.dumps(counts), f"(float32 {n_params * 4 / 1e6:.1f} MB)")
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ batches
+class ImageMajorBatches:
+    """Training batches of U images x r questions each, image-major (the layout shared image encoding needs).
+
+    `row_image` gives each training row's image index (into `images_u8`, uint8 (N, 3, side, side) on the
+    device); ids / labels / mask are the padded rows on the device. A batch draws, for each image, r of its
+    rows uniformly with replacement, then applies `transform(images, gen)` (augmentation; skipped for
+    augment=False) and patchifies on the device. With share=True pixel_values hold one copy per image (for the shared image
+    encoding), else one copy per row. Returns (inputs, image ids).
+    """
+
+    def __init__(self, row_image: np.ndarray, images_u8, ids, lab, mask, pos, geom: Geometry, ip, device,
+                 transform=None):
+        self.images, self.ids, self.lab, self.mask = images_u8, ids, lab, mask
+        self.geom, self.ip, self.device, self.transform = geom, ip, device, transform
+        self.order = torch.from_numpy(np.argsort(row_image, kind="stable")).to(device)
+        self.count = torch.from_numpy(np.bincount(row_image, minlength=len(images_u8))).to(device)
+        self.start = torch.cumsum(self.count, 0) - self.count
+        self.pos = pos.to(device)
+        self.grid_thw = geom.grid_thw.to(device)
+
+    def __call__(self, img_ids, r: int, gen: torch.Generator, share: bool, augment: bool = True):
+        img_ids = img_ids.to(self.device)
+        u = len(img_ids)
+        pick = (torch.rand(u, r, generator=gen).to(self.device) * self.count[img_ids, None]).long()
+        idx = self.order[self.start[img_ids, None] + pick].reshape(-1)
+        img = self.images[img_ids]
+        if augment and self.transform is not None:
+            img = self.transform(img, gen)
+        pv = self.geom.patchify(img, self.ip)
+        if not share:
+            pv = pv.view(u, -1, pv.shape[-1]).repeat_interleave(r, 0).reshape(-1, pv.shape[-1])
+        b = u * r
+        return dict(input_ids=self.ids[idx], attention_mask=self.mask[idx], labels=self.lab[idx], pixel_values=pv,
+                    position_ids=self.pos.unsqueeze(1).expand(3, b, -1),
+                    image_grid_thw=self.grid_thw.expand(b, 3)), img_ids
+
+
+# -------------------------------------------------------------------- checked training speed-ups
 def enable_batched_vision_attention():
     """With sdpa/eager, transformers' vision attention loops over the images of a batch one by one.
 
@@ -211,15 +371,208 @@ def enable_shared_image_encoding(model, geom: Geometry):
     return lambda: (delattr(visual, "forward"), delattr(visual, "_share"))
 
 
-# ----------------------------------------------------------------------------------- evaluation
+@dataclass
+class SpeedUps:
+    """Which training-only speed-ups are on, and how to take them out again before evaluation."""
+
+    batched_attention: bool
+    shared_images: bool
+    _restore: list
+
+    def restore(self) -> None:
+        for undo in reversed(self._restore):
+            undo()
+        self._restore.clear()
 
 
-# ----------------------------------------------------------------------------------- evaluation
+def enable_checked_speedups(model, geom: Geometry, make_probe, r: int, batched_attention: bool = True,
+                            shared_images: bool = True) -> SpeedUps:
+    """Turn on batched vision attention and shared image encoding, each only if it gives the stock path's
+    logits on this machine (float32, TF32 off, max abs difference < 1e-3): one that disagrees is switched
+    off (slower, same maths) rather than trusted.
+
+    make_probe(share) -> a few images x r rows of training inputs (pixels one copy per image when share).
+    """
+    undo, attn_on, share_on = [], False, False
+    probe = make_probe(False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.eval()
+    try:
+        with torch.no_grad():
+            stock = model(**probe).logits
+            if batched_attention:
+                restore_attn = enable_batched_vision_attention()
+                d = (model(**probe).logits - stock).abs().max().item()
+                attn_on = d < 1e-3
+                log(f"batched vision attention vs stock: max abs logit diff {d:.2e} ({'on' if attn_on else 'OFF'})")
+                if attn_on:
+                    undo.append(restore_attn)
+                else:
+                    restore_attn()
+            if shared_images:
+                restore_share = enable_shared_image_encoding(model, geom)
+                short = make_probe(True)
+                model.model.visual._share = r
+                try:
+                    d = (model(**short).logits - stock).abs().max().item()
+                    share_on = torch.equal(short["input_ids"], probe["input_ids"]) and d < 1e-3
+                except Exception as exc:  # noqa: BLE001 - a failing speed-up is switched off, not fatal
+                    d = f"{type(exc).__name__}: {exc}"
+                model.model.visual._share = 1
+                log(f"shared image encoding vs one image copy per row: max abs logit diff {d} "
+                    f"({'on' if share_on else 'OFF'})")
+                if share_on:
+                    undo.append(restore_share)
+                else:
+                    restore_share()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return SpeedUps(attn_on, share_on, undo)
+
+
+def choose_experts_implementation(model, probe: dict, autocast, cuda: bool) -> str:
+    """The fastest experts kernel that runs a forward and backward here (grouped_mm > batched_mm > eager)."""
+    model.train()
+    for impl in (["grouped_mm", "batched_mm", "eager"] if cuda else ["eager"]):
+        try:
+            if hasattr(model, "set_experts_implementation"):
+                model.set_experts_implementation(impl)
+            with autocast():
+                model(**probe, output_router_logits=True).loss.backward()
+            model.zero_grad(set_to_none=True)
+            log(f"experts implementation: {impl}")
+            return impl
+        except Exception as exc:  # noqa: BLE001 - fall back to a slower but always-available kernel
+            log(f"experts implementation {impl} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            model.zero_grad(set_to_none=True)
+    raise RuntimeError("no experts implementation works")
+
+
+class MergerCapture:
+    """Holds the vision merger's output (the visual tokens the LLM sees) of the last forward, for a
+    recipe's training-only auxiliary loss."""
+
+    def __init__(self, model):
+        self.value = None
+        self.hook = model.model.visual.merger.register_forward_hook(self._store)
+
+    def _store(self, module, inputs, output):
+        self.value = output
+
+    def pop(self):
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.hook.remove()
+
+
+# ----------------------------------------------------------------------------------------- training
+def adamw(model, extra: torch.nn.Module, lr: float, weight_decay: float, cuda: bool):
+    """AdamW over the model and the auxiliary heads; no decay on norms, embeddings and biases."""
+    decay, no_decay = [], []
+    for n_, p in list(model.named_parameters()) + list(extra.named_parameters()):
+        (no_decay if p.ndim < 2 or "norm" in n_ or "embed" in n_ else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-8, **({"fused": True} if cuda else {}),
+    )
+
+
+def cosine_lr(step: int, elapsed: float, args) -> float:
+    """Linear warm-up, then cosine to min_lr_ratio * lr; a binding --time-limit compresses the cosine
+    (it follows max(step fraction, time fraction)) so the run still anneals."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    if args.time_limit:
+        t = min(1.0, max(t, elapsed / args.time_limit))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(model, opt, args, *, pool: torch.Tensor, images_per_step: int, rows_per_image: int, batches,
+          speedups: SpeedUps, autocast, aux_name: str, aux_weight: float, aux_loss, capture, periodic_eval=None):
+    """The training loop: epochs over a shuffled `pool` of image ids, U images x r rows per step.
+
+    Loss = the model's (answer tokens + router aux) + aux_weight * aux_loss(image ids) (the recipe's
+    auxiliary loss on `capture`'s merger output); gradient clipping at 1.0; cosine_lr. Every
+    args.log_every steps a history record (step, loss, <aux_name>, aux, tok_acc, lr, gnorm, elapsed_s)
+    is logged; every args.eval_every steps `periodic_eval(step)` runs (its non-None return joins the
+    history). Stops after args.steps or args.time_limit seconds. Returns (history, steps done, seconds).
+    """
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    u, r = images_per_step, rows_per_image
+    order, cursor = pool[torch.randperm(len(pool), generator=gen)], 0
+    share = r if speedups.shared_images else 1
+    model.train()
+    t_train = time.time()
+    hist, step = [], 0
+    for step in range(args.steps):
+        if cursor + u > len(order):
+            order, cursor = pool[torch.randperm(len(pool), generator=gen)], 0
+        inputs, img_ids = batches(order[cursor: cursor + u], r, gen, speedups.shared_images)
+        cursor += u
+        for grp in opt.param_groups:
+            grp["lr"] = cosine_lr(step, time.time() - t_train, args)
+        model.model.visual._share = share
+        with autocast():
+            out = model(**inputs, output_router_logits=True)
+        loss, extra = out.loss, None
+        if aux_weight:
+            extra = aux_loss(img_ids)
+            loss = loss + aux_weight * extra
+        if capture is not None:
+            capture.pop()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.log_every == 0 or step == args.steps - 1:
+            with torch.no_grad():
+                y = inputs["labels"][:, 1:]
+                m = y != -100
+                tok_ok = ((out.logits[:, :-1].argmax(-1) == y) & m).sum() / m.sum()
+            rec = {"step": step + 1, "loss": round(loss.item(), 5),
+                   aux_name: None if extra is None else round(extra.item(), 4),
+                   "aux": round(out.aux_loss.float().item(), 4), "tok_acc": round(tok_ok.item(), 4),
+                   "lr": round(opt.param_groups[0]["lr"], 6), "gnorm": round(gnorm.item(), 3),
+                   "elapsed_s": round(time.time() - t_train, 1)}
+            hist.append(rec)
+            log(json.dumps(rec))
+        stop = args.time_limit and time.time() - t_train > args.time_limit
+        if periodic_eval and args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps \
+                and not stop:
+            model.model.visual._share = 1
+            rec = periodic_eval(step + 1)
+            if rec is not None:
+                hist.append(rec)
+            model.train()
+        if stop:
+            log(f"time limit reached: stopping after step {step + 1} of {args.steps}")
+            break
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    train_s = time.time() - t_train
+    log(f"training: {step + 1} steps in {train_s:.1f}s ({train_s / (step + 1) * 1000:.0f} ms/step)")
+    return hist, step + 1, train_s
+
+
+def end_training(model, speedups: SpeedUps, capture) -> None:
+    """Back to the stock model for evaluation and saving: speed-ups out, hook off, float32, eval mode."""
+    speedups.restore()
+    if capture is not None:
+        capture.remove()
+    model.float().eval()
+
+
+# ------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def teacher_forced_eval(model, ids, lab, mask, img_idx, imgs_u8, ip, pos, grid_thw, bs, device, autocast,
-                        geom: Geometry):
+def teacher_forced_eval(model, ids, lab, mask, img_idx, imgs_u8, ip, pos, bs, device, autocast, geom: Geometry):
     """Exact match of the argmax at every answer position (= greedy decoding of the answer)."""
     model.eval()
+    grid_thw = geom.grid_thw
     correct = torch.zeros(len(ids), dtype=torch.bool)
     for s in range(0, len(ids), bs):
         sl = slice(s, s + bs)
@@ -236,6 +589,7 @@ def teacher_forced_eval(model, ids, lab, mask, img_idx, imgs_u8, ip, pos, grid_t
         ok = (pred == tgt) | (tgt == -100)
         correct[sl] = ok.all(-1).cpu()
     return correct
+
 
 @torch.no_grad()
 def generate_eval(model, processor, questions, answers, image_ids, images, bs, device, limit=None):
@@ -263,10 +617,10 @@ def generate_eval(model, processor, questions, answers, image_ids, images, bs, d
 
 
 @torch.no_grad()
-def routing_stats(model, ids, mask, img_idx, imgs_u8, ip, pos, grid_thw, device, image_token_id, geom: Geometry,
-                  n=256):
+def routing_stats(model, ids, mask, img_idx, imgs_u8, ip, pos, device, geom: Geometry, n=256):
     """Per layer: share of top-k picks going to each expert, for visual and for text tokens."""
     model.eval()
+    grid_thw, image_token_id = geom.grid_thw, model.config.image_token_id
     b = min(n, len(ids))
     x, am = ids[:b].to(device), mask[:b].to(device)
     pv = geom.patchify(imgs_u8[img_idx[:b].to(imgs_u8.device)].to(device), ip)
@@ -291,8 +645,13 @@ def routing_stats(model, ids, mask, img_idx, imgs_u8, ip, pos, grid_thw, device,
     return stats
 
 
+def log_routing(route: list[dict], n_experts: int) -> None:
+    for r in route:
+        log(f"routing layer {r['layer']}: expert perplexity visual {r['visual']['perplexity']} "
+            f"text {r['text']['perplexity']} (of {n_experts}); visual max share {max(r['visual']['share']):.3f}")
 
 
+# ------------------------------------------------------------------------------------------- saving
 def save_checkpoint(model, out_dir: Path, proc_parts, bf16_above_bytes: float) -> tuple[str, float]:
     """Write the checkpoint as tiny_models.build_checkpoint does, with eos/pad = <|im_end|> and greedy decoding.
 
@@ -322,3 +681,40 @@ def save_checkpoint(model, out_dir: Path, proc_parts, bf16_above_bytes: float) -
     _fix_processor_class(out_dir, proc_cls.__name__)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return dtype, size / 1e6
+
+
+def reload_and_generate(out_dir: Path, proc_cls, questions, answers, image_ids, images, bs: int, device,
+                        limit: int | None, tf_correct: torch.Tensor) -> dict:
+    """Reload the saved checkpoint (float32) and answer the test questions through the engine's path
+    (processor + greedy generate); logs accuracy, disagreements with teacher forcing and the first wrong
+    answers. Returns model, processor, correct, preds, n_visual, acc, mismatches."""
+    from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
+
+    t0 = time.time()
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(out_dir), dtype=torch.float32).to(device)
+    proc = image_only_processor_class(proc_cls).from_pretrained(str(out_dir))
+    assert AutoConfig.from_pretrained(str(out_dir)).text_config.num_experts == model.config.text_config.num_experts
+    correct, preds, n_visual = generate_eval(model, proc, questions, answers, image_ids, images, bs, device, limit)
+    acc = float(correct.mean())
+    mismatches = int((correct != tf_correct.numpy()[: len(correct)]).sum())
+    log(f"greedy generate (reloaded checkpoint, processor path): test accuracy {acc:.4%} "
+        f"({int(correct.sum())}/{len(correct)}); visual tokens per prompt {n_visual}; "
+        f"disagreements with teacher-forced {mismatches}; {time.time() - t0:.1f}s")
+    for w in [(str(q), str(a), p) for q, a, p, ok in zip(questions, answers, preds, correct) if not ok][:15]:
+        log("  wrong:", w)
+    return dict(model=model, processor=proc, correct=correct, preds=preds, n_visual=n_visual, acc=acc,
+                mismatches=mismatches)
+
+
+def finish(summary: dict, metrics_path: str, t_start: float, device, cuda: bool) -> dict:
+    """Add the wall time, device and versions to the run summary, write it to `metrics_path` (if given)."""
+    import transformers
+
+    total_s = time.time() - t_start
+    summary = dict(command="python " + " ".join(sys.argv), **summary, total_wall_s=round(total_s, 1),
+                   device=torch.cuda.get_device_name(device) if cuda else "cpu",
+                   versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+    if metrics_path:
+        Path(metrics_path).write_text(json.dumps(summary, indent=1))
+    log(f"done in {total_s:.1f}s")
+    return summary

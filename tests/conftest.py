@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -49,3 +51,14 @@ def random_prompt(rng: random.Random) -> str:
 def random_requests(n: int, seed: int):
     rng_np, rng = np.random.RandomState(seed), random.Random(seed)
     return [(random_image(rng_np), random_prompt(rng)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def recipe(request):
+    """The training recipe at the test module's RECIPE path (models/train_*.py), imported as a module."""
+    path = request.module.RECIPE
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module

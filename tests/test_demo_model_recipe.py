@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("easy_vqa")  # the recipe's data; a dev dependency
 
+# the `recipe` fixture (tests/conftest.py) imports this file as a module
 RECIPE = Path(__file__).resolve().parents[1] / "models" / "train_easyvqa.py"
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("train_easyvqa", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_easyvqa"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_image_attributes_are_read_off_the_answers(recipe):

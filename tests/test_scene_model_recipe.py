@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+# the `recipe` fixture (tests/conftest.py) imports this file as a module
 RECIPE = Path(__file__).resolve().parents[1] / "models" / "train_scenevqa.py"
-
-
-@pytest.fixture(scope="module")
-def recipe():
-    spec = importlib.util.spec_from_file_location("train_scenevqa", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_scenevqa"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_token_labels_follow_the_objects(recipe):
