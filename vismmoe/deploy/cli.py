@@ -72,7 +72,7 @@ def cmd_devices(args) -> int:
         return 2
     table = Table(title="shipped device profiles (configs/devices; `vismmoe devices NAME` shows sources)")
     for col in ("name", "kind", "memory GB", "mem GB/s", "host->GPU GB/s", "disk GB/s", "bf16 TFLOPS", "description"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "name")
     for p in profiles:
         link = p.get("h2d_pinned_gbs")
         table.add_row(p.name, p.kind, f"{p['memory_gb']:g}", f"{p['memory_bandwidth_gbs']:g}",

@@ -229,7 +229,7 @@ def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
 def _evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt) -> Candidate:
     total = model.num_moe_layers * model.num_experts
     complete = slots >= total
-    path = "static" if (store != "mmap" or complete) and profile.kind != "cpu" else "generate"
+    path = "static" if store != "mmap" or complete else "generate"  # static decode needs a host slab
     B = model.expert_bytes(dtype)
     miss_ms = _miss_ms(profile, store, B, path)
     memory = dict(fixed, expert_cache=slots * B, host_store=shared if profile.kind != "discrete" else
@@ -271,7 +271,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         per_expert = profile.get("cpu_expert_decode_ms", 0.05)
         compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
         overhead = L * ENGINE["generate_layer_ms"]
-        tflops = max(1e-3, 2 * model.record_numel / (per_expert * 1e-3) / 1e12)
+        tflops = profile.get("cpu_tflops", 0.05) * ENGINE["prefill_efficiency"]
     else:
         compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
         overhead = L * (ENGINE["static_layer_ms"] if path == "static" else ENGINE["generate_layer_ms"])
@@ -337,7 +337,7 @@ def best_quotas(curves: np.ndarray, slots: int) -> np.ndarray:
     choice = np.zeros((L, slots + 1), np.int64)
     for layer in range(L):
         new = np.full(slots + 1, np.inf)
-        for q in range(1, Q + 1):
+        for q in range(1, min(Q, slots) + 1):
             cand = np.full(slots + 1, np.inf)
             cand[q:] = cost[:slots + 1 - q] + curves[layer, q]
             better = cand < new

@@ -53,6 +53,7 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5) -> dict:
         "cores this process may use (sched_getaffinity)")
     put("host_memcpy_gbs", _memcpy_gbs(copy_mib, repeats), f"{copy_mib} MiB host memory copies (torch)")
     put("cpu_expert_decode_ms", _expert_ms(hidden, inter, 1, "cpu"), f"one expert MLP ({hidden}x{inter}, float32) on the CPU, 1 token")
+    put("cpu_tflops", _cpu_tflops(), "1024^3 float32 torch.matmul on the CPU")
     disk, how = _disk_gbs(model_dir)
     put("disk_read_gbs", disk, how)
     name = "probe-" + (gpu_name or platform.node() or "cpu").lower().replace(" ", "-")
@@ -98,6 +99,11 @@ def _d2d_gbs(mib, repeats):
 def _gemm_tflops():
     a = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     return 2 * 4096 ** 3 / _timed(lambda: a @ a, 5, True) / 1e12
+
+
+def _cpu_tflops():
+    a = torch.randn(1024, 1024)
+    return 2 * 1024 ** 3 / _timed(lambda: a @ a, 3, False) / 1e12
 
 
 def _copy_kernel_gbs(hidden, inter):

@@ -35,6 +35,7 @@ FIGURES = {
     "cpu_cores": ("host", True, True, True),
     "cpu_expert_decode_ms": ("host", False, False, False),  # one expert, one token, on the CPU
     "host_memcpy_gbs": ("host", False, False, True),
+    "cpu_tflops": ("host", False, False, False),  # float32 GEMM on all cores
     "disk_read_gbs": ("storage", True, True, True),
     "reserved_gb": ("gpu", True, True, True),  # memory the process cannot use (OS, CUDA context, slack)
     "expert_prefill_ms": ("gpu", False, False, False),  # measured: one expert over 512 tokens
