@@ -108,11 +108,11 @@ class Plan:
         return [
             f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens",
             f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
-            f"{_gb(m['expert_cache'])} GB, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
+            f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
             f"GPU memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
             f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + reserved {_gb(m['reserved'])} = "
-            f"{_gb(m['gpu_total'])} GB of {_gb(self.usable_gpu_bytes)} GB; host store {_gb(m['host_store'])} GB",
+            f"{_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
             f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms']:.1f} + compute "
             f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
@@ -151,7 +151,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     for store in _stores(profile):
         host_store = model.total_expert_bytes(dtype) if store != "mmap" else 0
         if profile.kind == "discrete" and host_store > 0.85 * profile["ram_gb"] * GB:
-            shortfalls.append(f"store {store}: {_gb(host_store)} GB of experts exceed 85% of {profile['ram_gb']:.0f} "
+            shortfalls.append(f"store {store}: {_gb(host_store)} of experts exceed 85% of {profile['ram_gb']:.0f} "
                               "GB host RAM")
             continue
         shared = host_store if profile.kind != "discrete" else 0  # unified / cpu: the store shares the pool
@@ -159,8 +159,8 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         max_slots = min(total_slots, int(room // B)) if room > 0 else 0
         if max_slots < model.top_k:
             need = sum(fixed.values()) + shared + model.top_k * B
-            shortfalls.append(f"store {store}: needs {_gb(need)} GB for the smallest budget ({model.top_k} experts), "
-                              f"{_gb(usable)} GB usable: short by {_gb(need - usable)} GB")
+            shortfalls.append(f"store {store}: needs {_gb(need)} for the smallest budget ({model.top_k} experts), "
+                              f"{_gb(usable)} usable: short by {_gb(need - usable)}")
             continue
         budgets = [max_slots] if goal == "latency" else sorted(
             {max(model.top_k, int(max_slots * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)})
@@ -190,8 +190,8 @@ def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store:
     B = model.expert_bytes(dtype)
     slots = min(model.num_moe_layers * model.num_experts, int(room // B)) if room > 0 else 0
     if slots < model.top_k:
-        raise BudgetError(f"expert_budget: auto found {_gb(available)} GB available here, but the model needs "
-                          f"{_gb(fixed + model.top_k * B + (model.total_expert_bytes(dtype) if shared_store else 0))} GB "
+        raise BudgetError(f"expert_budget: auto found {_gb(available)} available here, but the model needs "
+                          f"{_gb(fixed + model.top_k * B + (model.total_expert_bytes(dtype) if shared_store else 0))} "
                           "at its smallest budget; free memory or use store: mmap")
     return slots * B
 
@@ -372,4 +372,4 @@ def _slot_plan(model: ModelInfo, chosen: Candidate, sim) -> tuple[list | None, s
 
 
 def _gb(n) -> str:
-    return f"{n / GB:.2f}"
+    return f"{n / GB:.2f} GB" if abs(n) >= 0.1 * GB else f"{n / 1e6:.1f} MB"
