@@ -150,7 +150,7 @@ def test_dp_quotas_are_optimal_on_random_curves():
 
 
 @needs_bundle
-@pytest.mark.parametrize("slots", [12, 24, 32])
+@pytest.mark.parametrize("slots", [8, 16, 24, 32, 40])
 def test_per_layer_plan_beats_uniform_on_the_bundled_trace(bundled_info, bundled_trace, slots):
     from vismmoe.offload.policies import SlotPlan
 
