@@ -236,7 +236,8 @@ def markdown(report) -> str:
             f"{_ratio(m['decode_ms_per_token'], pr['decode_ms_per_token'])} | "
             f"{p['hit_rates'].get('global_pool', p['hit_rates'].get('global_pool_prior', 1.0)):.3f} | {m['hit_rate']:.3f} | "
             f"{(mem['gpu_total'] - mem['reserved']) / 2**20:.0f} MiB | {m['peak_gpu_bytes'] / 2**20:.0f} MiB |")
-    lines += ["", "Memory by part, predicted / measured (MiB): non-expert weights, expert cache, KV cache, activations.", "",
+    lines += ["", "Memory by part, predicted / measured (MiB): non-expert weights, expert cache, KV cache, activations "
+              "(predicted: prefill activations + the engine's workspace allowance; measured: peak minus the other parts).", "",
               "| model | budget | non-expert | expert cache | KV | activations |", "|---|---|---|---|---|---|"]
     for r in report["rows_a"]:
         if "error" in r or not r["measured"].get("memory"):
@@ -245,7 +246,7 @@ def markdown(report) -> str:
         cell = lambda a, b: f"{a / 2**20:.0f} / {b / 2**20:.0f}" if b is not None else f"{a / 2**20:.0f} / n/a"  # noqa: E731
         lines.append(f"| {r['model']} | {r['fraction']} | {cell(p['non_expert'], m['non_expert_weights'])} | "
                      f"{cell(p['expert_cache'], m['expert_cache'])} | {cell(p['kv_cache'], m['kv_cache'])} | "
-                     f"{cell(p['activations'], m['activations_peak'])} |")
+                     f"{cell(p['activations'] + p['workspace'], m['activations_peak'])} |")
     lines += ["", "B. Target profiles: the planned config run under the profile's GPU-memory cap. Times measured are this "
               "GPU's (link and compute NOT emulated), shown beside the profile's predictions without a ratio.", "",
               "| model | profile | slots | store | decode path | allocator cap MiB | peak meas MiB | fits | TTFT pred (profile) "

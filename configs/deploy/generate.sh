@@ -11,7 +11,7 @@ Q=configs/models/qwen3-vl-30b-a3b
 for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do
   plan --model $B --device $d --trace $T --image-size 64 --output configs/deploy/easyvqa-$d.yaml
 done
-plan --model $B --device rtx4060-laptop-8gb --trace $T --image-size 64 --max-gpu-memory 606744326 \
+plan --model $B --device rtx4060-laptop-8gb --trace $T --image-size 64 --max-gpu-memory 774516486 \
   --output configs/deploy/easyvqa-rtx4060-laptop-8gb-capped.yaml
 # Qwen3-VL-30B-A3B from its config (58 GB of experts): no trace of it exists here, so the routing prior.
 for d in jetson-orin-nano-8gb jetson-orin-nx-16gb jetson-agx-orin-32gb jetson-agx-orin-64gb rtx4060-laptop-8gb \

@@ -26,4 +26,5 @@ def auto_budget_bytes(model_dir: Path, device: torch.device, dtype: torch.dtype,
         available = _meminfo()[1] - 2**30  # keep 1 GiB for everything else on the machine
         shared = True
     context = info.visual_tokens(448) + 32 + config.max_new_tokens
-    return fit_budget_bytes(info, name, available, shared and config.store != "mmap", context)
+    return fit_budget_bytes(info, name, available, shared and config.store != "mmap", context,
+                            gpu=device.type == "cuda")

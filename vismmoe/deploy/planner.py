@@ -38,6 +38,10 @@ ENGINE = dict(
     prefill_layer_ms=3.5,  # c@1.0 TTFT 62.2 ms = 20 + 12 x 3.5
     copy_overhead_ms=0.007,  # per extra copy (research/offload.md)
     prefill_efficiency=0.4,  # share of dense bf16 peak a prefill reaches
+    # GPU memory beyond weights, expert cache and KV that a request holds at its peak besides the
+    # prefill's activations: CUDA-graph pool, static-decode buffers, cuBLAS workspace. eval/results/
+    # gpu_check.md measured 41-49 MiB (generate) and 114-146 MiB (static) above the other parts.
+    gpu_workspace_bytes=160 * 2**20,
 )
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
@@ -111,7 +115,8 @@ class Plan:
             f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
             f"GPU memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
-            f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + reserved {_gb(m['reserved'])} = "
+            f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + workspace {_gb(m['workspace'])} + "
+            f"reserved {_gb(m['reserved'])} = "
             f"{_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
             f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms']:.1f} + compute "
             f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
@@ -143,7 +148,8 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     usable = _usable_bytes(profile, max_gpu_memory)
     fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_bytes(context, dtype),
                  activations=model.activation_peak_bytes(prompt, image_size, dtype),
-                 reserved=int(profile["reserved_gb"] * GB))
+                 reserved=int(profile["reserved_gb"] * GB),
+                 workspace=ENGINE["gpu_workspace_bytes"] if profile.kind != "cpu" else 0)
     B = model.expert_bytes(dtype)
     total_slots = model.num_moe_layers * model.num_experts
     sim = _Simulator(trace, model) if trace is not None else None
@@ -182,9 +188,9 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
 
 
 def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
-                     image_size: int = 448) -> int:
+                     image_size: int = 448, gpu: bool = True) -> int:
     """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else."""
-    fixed = (model.non_expert_bytes(dtype) + model.kv_bytes(context, dtype)
+    fixed = (model.non_expert_bytes(dtype) + model.kv_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
              + model.activation_peak_bytes(min(context, model.visual_tokens(image_size) + 32), image_size, dtype))
     room = available - fixed - (model.total_expert_bytes(dtype) if shared_store else 0)
     B = model.expert_bytes(dtype)
