@@ -289,18 +289,19 @@ class Engine:
 
     def _memory_parts(self, decoder, tokens: int, peak) -> dict:
         """Bytes by part, like `ollama ps`: on the compute device non-expert weights, the expert cache,
-        the KV cache (the static cache's tensors, or what a dynamic cache held for `tokens`) and the rest
-        of the request's peak (activations; None on cpu); on the host the expert store."""
+        the KV caches (every static cache the engine keeps, plus what this request's dynamic cache held
+        for `tokens` on the generate path) and the rest of the request's peak (activations; None on
+        cpu); on the host the expert store."""
         kv = 0
-        if decoder is not None:
-            for layer in decoder.kv_cache.layers:
+        for kept in self._decoders.values():
+            for layer in kept.kv_cache.layers:
                 for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                     kv += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-        else:
+        if decoder is None:
             text = self.model.config.get_text_config()
             kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
             head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            kv = 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * self.store.record_bytes // self.store.record_numel
+            kv += 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * self.store.record_bytes // self.store.record_numel
         cache = self.cache.slots.numel() * self.cache.slots.element_size()
         parts = {"non_expert_weights": self.non_expert_bytes, "expert_cache": cache, "kv_cache": kv,
                  "activations_peak": None if peak is None else max(0, peak - self.non_expert_bytes - cache - kv),
