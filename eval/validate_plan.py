@@ -17,7 +17,7 @@ Models: the 12-layer full-size-expert bench model of eval/bench_offload.py (rand
 trace is recorded here on warm-up requests, then other requests are measured) and the bundled
 easyvqa model (its recorded test-split trace). Writes validate_plan.json and validate_plan.md to --out.
 
-    python eval/validate_plan.py --out $OUT                  # GPU
+    python eval/validate_plan.py --out $OUT                  # GPU (both models; --models bench|bundled for one)
     python eval/validate_plan.py --out /tmp/v --tiny         # CPU smoke run (tiny random bench model)
 """
 
@@ -135,6 +135,7 @@ def main():
     ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
+    ap.add_argument("--models", nargs="+", default=["bench", "bundled"], choices=("bench", "bundled"))
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random bench model")
     args = ap.parse_args()
     out = Path(args.out)
@@ -155,10 +156,12 @@ def main():
     gpu_profile = parse_profile(probe(bench_dir), "probe")
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                   probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, rows_a=[], rows_b=[])
-    bench_trace = record_trace(bench_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
-                               out / "bench_trace.npz")
-    models = [("bench", bench_dir, bench_trace, 256)]
-    if (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file():
+    models = []
+    if "bench" in args.models:
+        bench_trace = record_trace(bench_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
+                                   out / "bench_trace.npz")
+        models.append(("bench", bench_dir, bench_trace, 256))
+    if "bundled" in args.models and (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file():
         models.append(("bundled", BUNDLED, BUNDLED_TRACE, 64))
     for name, model_dir, trace_path, image_size in models:
         info, trace = model_info(model_dir), load_trace(trace_path)

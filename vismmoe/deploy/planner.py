@@ -114,7 +114,7 @@ class Plan:
             f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
             f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
-            f"GPU memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
+            f"{'host' if self.profile.kind == 'cpu' else 'GPU'} memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
             f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + workspace {_gb(m['workspace'])} + "
             f"reserved {_gb(m['reserved'])} = "
             f"{_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
