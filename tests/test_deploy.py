@@ -202,7 +202,9 @@ def test_planner_never_writes_a_config_that_fails_to_load(bundled_info, profile_
     """Grid of memory caps and contexts: every written config validates, fits its cap, and loads
     (on this CPU, device overridden) with the planned slots and non-expert bytes."""
     profile = load_profile(profile_name)
-    base = int(profile["reserved_gb"] * 1e9) + bundled_info.non_expert_bytes("bfloat16")
+    from vismmoe.deploy.planner import ENGINE
+
+    base = int(profile["reserved_gb"] * 1e9) + bundled_info.non_expert_bytes("bfloat16") + ENGINE["gpu_workspace_bytes"]
     loaded = 0
     for extra, context in itertools.product((2e6, 5e6, 2e7, 1e9), (64, 512, 4096)):
         cap = base + extra + bundled_info.kv_bytes(context, "bfloat16")
