@@ -9,7 +9,7 @@ import pytest
 import vismmoe
 from vismmoe.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "deploy").glob("*.yaml"))  # devices/: tests/test_deploy.py
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

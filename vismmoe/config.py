@@ -25,7 +25,8 @@ class EngineConfig:
     # Compute dtype; "auto" = the checkpoint's dtype (float32 on cpu if the checkpoint is float16).
     dtype: str = "auto"
     # GPU expert cache size: bytes (int), a size string ("12GiB", "800MB"), a fraction of all expert
-    # bytes (0 < x <= 1, or "25%"), or "min" for the smallest budget that can run the model.
+    # bytes (0 < x <= 1, or "25%"), "min" for the smallest budget that can run the model, or "auto":
+    # the largest budget that fits this machine's free memory next to the rest (vismmoe.deploy).
     expert_budget: Any = 1.0
     # Host tier: "pinned" (one page-locked slab; plain memory on CPU-only machines), "memory"
     # (pageable), or "mmap" (read experts lazily from the safetensors files: models larger than RAM).
@@ -58,6 +59,10 @@ class EngineConfig:
     # Attention backend passed to transformers ("sdpa", "eager"; "xformers" needs the optional package).
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # Per-MoE-layer slot quotas (a list of positive ints, one per MoE layer), as `vismmoe plan` computes
+    # them. The live cache runs one global pool and does not take quotas yet: the engine refuses a
+    # non-null value instead of ignoring it (the planner writes its plan under `plan:`, not here).
+    slot_plan: Any = None
 
     def __post_init__(self):
         self.validate()
@@ -87,6 +92,11 @@ class EngineConfig:
 
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
+        if self.slot_plan is not None and (
+                not isinstance(self.slot_plan, list) or not self.slot_plan
+                or not all(isinstance(q, int) and not isinstance(q, bool) and q >= 1 for q in self.slot_plan)):
+            raise ConfigError(f"slot_plan must be null or a list of positive integers (one per MoE layer), "
+                              f"got {self.slot_plan!r}")
         parse_budget(self.expert_budget)  # raises BudgetError on nonsense, before any model is touched
 
     def to_dict(self) -> dict:
@@ -149,11 +159,11 @@ def parse_budget(value) -> tuple[str, float]:
     """Parse an expert budget into ("bytes", n), ("fraction", x) or ("min", 0).
 
     Accepted: an int (bytes), a float in (0, 1] (fraction of all expert bytes), "25%", "0.25",
-    "12GiB", "800 MB", "1e9", "min".
+    "12GiB", "800 MB", "1e9", "min", "auto" (-> ("auto", 0): the engine sizes it for the machine).
     """
     bad = BudgetError(
         f"cannot parse expert budget {value!r}: use a size such as '12GiB' or '800MB', a fraction of all "
-        "expert bytes such as 0.25 or '25%', a byte count such as 4000000000, or 'min'"
+        "expert bytes such as 0.25 or '25%', a byte count such as 4000000000, 'min' or 'auto'"
     )
     if isinstance(value, bool):
         raise bad
@@ -168,8 +178,8 @@ def parse_budget(value) -> tuple[str, float]:
     if not isinstance(value, str):
         raise bad
     text = value.strip().lower().replace(" ", "")
-    if text == "min":
-        return ("min", 0.0)
+    if text in ("min", "auto"):
+        return (text, 0.0)
     if text.endswith("%"):
         try:
             pct = float(text[:-1])

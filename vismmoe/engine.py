@@ -78,12 +78,18 @@ class Engine:
         with torch.device("meta"):
             skeleton = model_cls(hf_config)
         self.layout = adapters.discover(skeleton)
+        if config.slot_plan is not None:
+            raise ConfigError("slot_plan: the live expert cache does not take per-layer quotas yet; remove the key "
+                              "(`vismmoe plan` records its per-layer plan under `plan:`, which load ignores)")
+        self.config = config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
         self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
         _release_expert_params(self.layout, self.dtype)
         self.model.to(self.device).eval()
+        self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
+                                    (*self.model.parameters(), *self.model.buffers()))
 
         self.trace = None
         self._requests = 0
@@ -202,6 +208,7 @@ class Engine:
         if fixed:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
+        config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
@@ -297,6 +304,8 @@ class Engine:
             prefetch_precision=_rounded(self.runtime.prediction_counters.precision()),
             decode_path=decode_path,
         )
+        stats.memory = self._memory_parts(decoder if decode_path != "generate" else None,
+                                          int(input_ids.shape[1]) + len(new), stats.peak_gpu_bytes)
         return Result(text=text, token_ids=new, stats=stats)
 
     def warm_up(self, image=None, prompt: str = "", max_new_tokens: int | None = None) -> None:
@@ -305,6 +314,28 @@ class Engine:
         routing trace is being recorded (the trace would gain a request)."""
         if self.trace is None:
             self.generate(image=image, prompt=prompt, max_new_tokens=max_new_tokens)
+
+    def _memory_parts(self, decoder, tokens: int, peak) -> dict:
+        """Bytes by part, like `ollama ps`: on the compute device non-expert weights, the expert cache,
+        the KV caches (every static cache the engine keeps, plus what this request's dynamic cache held
+        for `tokens` on the generate path) and the rest of the request's peak (activations; None on
+        cpu); on the host the expert store."""
+        kv = 0
+        for kept in self._decoders.values():
+            for layer in kept.kv_cache.layers:
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    kv += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        if decoder is None:
+            text = self.model.config.get_text_config()
+            kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            kv += 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * self.store.record_bytes // self.store.record_numel
+        cache = self.cache.slots.numel() * self.cache.slots.element_size()
+        parts = {"non_expert_weights": self.non_expert_bytes, "expert_cache": cache, "kv_cache": kv,
+                 "activations_peak": None if peak is None else max(0, peak - self.non_expert_bytes - cache - kv),
+                 "host_store": 0 if self.store.slab is None else self.store.total_bytes,
+                 "host_store_kind": self.config.store + (" (page-locked)" if self.store.pinned else "")}
+        return parts
 
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):
@@ -454,6 +485,15 @@ def _resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype == torch.float16:
         return torch.float32  # float16 matmuls are slow or missing on many CPUs
     return dtype
+
+
+def _resolve_auto_budget(config: EngineConfig, model_dir: Path, device: torch.device, dtype) -> EngineConfig:
+    """expert_budget: auto -> the bytes `vismmoe.deploy` fits into this machine's free memory now."""
+    if parse_budget(config.expert_budget)[0] != "auto":
+        return config
+    from .deploy.auto import auto_budget_bytes
+
+    return config.replace(expert_budget=auto_budget_bytes(model_dir, device, dtype, config))
 
 
 def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:

@@ -34,6 +34,9 @@ class RequestStats:
     prefetch_precision: list = field(default_factory=list)
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
+    # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
+    # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
+    memory: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -85,6 +88,13 @@ class RequestStats:
             rows.append(("stalled waiting for copies", f"{self.stall_s * 1e3:.2f} ms"))
         if self.waves:
             rows.append(("layer calls run in waves", str(self.waves)))
+        if self.memory:
+            m, where = self.memory, "GPU" if self.device.startswith("cuda") else "device"
+            act = m.get("activations_peak")
+            rows.append((f"{where} memory by part", f"non-expert {_size(m['non_expert_weights'])} + expert cache "
+                         f"{_size(m['expert_cache'])} + KV {_size(m['kv_cache'])} + activations "
+                         f"{_size(act) if act is not None else 'n/a (cpu)'}"))
+            rows.append(("host memory (expert store)", f"{_size(m['host_store'])} {m['host_store_kind']}"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         lines.append("per-layer hits/misses: " + " ".join(

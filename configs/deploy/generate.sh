@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerates the planner-written deployment configs in this directory (the others are written by hand).
+# Run from the repository root: bash configs/deploy/generate.sh
+set -euo pipefail
+plan() { python -m vismmoe.cli plan "$@" > /dev/null; }
+B=models/easyvqa-qwen3vlmoe
+T=eval/results/easyvqa_test_traces.npz
+Q=configs/models/qwen3-vl-30b-a3b
+# The bundled demo model (20 MB) fits every profile entirely. The -capped file limits usable GPU memory to
+# leave room for 24 of its 64 experts, to show the per-layer slot plan planned on its own routing trace.
+for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do
+  plan --model $B --device $d --trace $T --image-size 64 --output configs/deploy/easyvqa-$d.yaml
+done
+plan --model $B --device rtx4060-laptop-8gb --trace $T --image-size 64 --max-gpu-memory 774516486 \
+  --output configs/deploy/easyvqa-rtx4060-laptop-8gb-capped.yaml
+# Qwen3-VL-30B-A3B from its config (58 GB of experts): no trace of it exists here, so the routing prior.
+for d in jetson-orin-nano-8gb jetson-orin-nx-16gb jetson-agx-orin-32gb jetson-agx-orin-64gb rtx4060-laptop-8gb \
+         rtx3060-12gb rtx4090-24gb a100-40gb h100-80gb h200-141gb; do
+  plan --model $Q --device $d --output configs/deploy/qwen3-vl-30b-a3b-$d.yaml
+done

@@ -1,0 +1,263 @@
+"""Deployment: device profiles, probe, the planner and its configs, expert_budget: auto, memory by part."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import vismmoe
+from vismmoe.config import load_config, parse_budget
+from vismmoe.deploy.model_info import model_info
+from vismmoe.deploy.planner import _Simulator, best_quotas, layer_miss_curves, make_plan
+from vismmoe.deploy.profiles import load_profile, parse_profile, profile_names, shipped_profiles
+from vismmoe.deploy.writer import write_plan
+from vismmoe.errors import BudgetError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "easyvqa-qwen3vlmoe"
+TRACE = ROOT / "eval" / "results" / "easyvqa_test_traces.npz"
+QWEN30B = ROOT / "configs" / "models" / "qwen3-vl-30b-a3b"
+needs_bundle = pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file() or not TRACE.is_file(),
+                                  reason="bundled model or its trace missing")
+
+
+@pytest.fixture(scope="module")
+def bundled_info():
+    return model_info(BUNDLED)
+
+
+@pytest.fixture(scope="module")
+def bundled_trace():
+    from vismmoe.offload.trace import load_trace
+
+    return load_trace(TRACE)
+
+
+# -- profiles ----------------------------------------------------------------------------------------
+
+
+def test_shipped_profiles_cover_the_device_classes():
+    names = set(profile_names())
+    assert {"jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-32gb", "jetson-agx-orin-64gb",
+            "rtx4060-laptop-8gb", "rtx3060-12gb", "rtx4090-24gb", "a100-40gb", "h100-80gb", "h200-141gb"} <= names
+    for p in shipped_profiles():
+        assert all(f.source in ("datasheet", "measured", "estimate") and f.ref for f in p.figures.values())
+        if p.name.startswith("jetson"):
+            assert p.unified and not p.has("h2d_pinned_gbs")
+        else:
+            assert p.kind == "discrete" and p["h2d_pinned_gbs"] < p["memory_bandwidth_gbs"]
+    assert load_profile("h100-80gb").figures["h2d_pinned_gbs"].source == "measured"
+    assert load_profile("jetson-orin-nano-8gb").figures["memory_gb"].source == "datasheet"
+
+
+def _raw(name):
+    return yaml.safe_load((ROOT / "configs" / "devices" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["figures"].pop("memory_bandwidth_gbs"), r"needs figure\(s\) \['memory_bandwidth_gbs'\]"),
+    (lambda d: d["figures"]["memory_gb"].update(value=-8), "positive finite number"),
+    (lambda d: d["figures"]["memory_gb"].update(value="8GB"), "positive finite number"),
+    (lambda d: d["figures"]["memory_gb"].pop("source"), "source must be one of"),
+    (lambda d: d["figures"]["memory_gb"].update(ref=""), "ref must name"),
+    (lambda d: d["figures"].update(pcie_gbs={"value": 1, "source": "estimate", "ref": "x"}), "unknown figure"),
+    (lambda d: d.update(colour="green"), "unknown key"),
+    (lambda d: d.update(kind="tablet"), "kind must be one of"),
+    (lambda d: d.update(compute_capability="eight"), "compute_capability"),
+    (lambda d: d["figures"]["reserved_gb"].update(value=100), "reserved_gb"),
+    (lambda d: d["figures"].update(h2d_pinned_gbs={"value": 10, "source": "estimate", "ref": "x"}),
+     "make no sense on a unified-memory device"),
+])
+def test_bad_profiles_are_rejected_with_the_field_named(mutate, message):
+    data = copy.deepcopy(_raw("jetson-orin-nano-8gb"))
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        parse_profile(data, "bad.yaml")
+
+
+def test_unknown_profile_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="unknown device profile 'jetson-thor'.*rtx4090-24gb"):
+        load_profile("jetson-thor")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_profile(bad)
+
+
+def test_probe_runs_on_cpu_and_writes_a_valid_profile(tmp_path):
+    from vismmoe.deploy.probe import probe
+
+    data = probe(BUNDLED if BUNDLED.is_dir() else None, copy_mib=8, repeats=2)
+    profile = parse_profile(data, "probe")
+    if profile.kind == "cpu":  # this machine: no GPU fields at all
+        assert not profile.gpu_name and not profile.has("memory_gb") and not profile.has("h2d_pinned_gbs")
+    assert profile["cpu_cores"] >= 1 and profile["ram_gb"] > 0.1 and profile["disk_read_gbs"] > 0
+    assert all(f.source == "measured" for f in profile.figures.values())
+    # a probed profile plans like a shipped one
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    if BUNDLED.is_dir():
+        plan = make_plan(model_info(BUNDLED), load_profile(path), image_size=64)
+        assert plan.chosen.predicted["decode_ms_per_token"] > 0
+
+
+# -- model sizes -------------------------------------------------------------------------------------
+
+
+@needs_bundle
+def test_bundled_sizes_from_headers_match_the_trace_and_file(bundled_info, bundled_trace):
+    info = bundled_info
+    assert info.sizes_from == "safetensors headers"
+    assert info.expert_bytes(info.checkpoint_dtype) == bundled_trace.meta.expert_bytes
+    file_bytes = (BUNDLED / "model.safetensors").stat().st_size
+    stored = info.total_expert_bytes("float32") + info.non_expert_bytes("float32")
+    assert 0 < file_bytes - stored < 64 * 1024  # the rest is the JSON header
+
+
+def test_qwen3_vl_30b_sizes_from_its_config():
+    info = model_info(QWEN30B)
+    assert info.sizes_from.startswith("config")
+    assert (info.num_moe_layers, info.num_experts, info.top_k) == (48, 128, 8)
+    assert info.expert_bytes("bfloat16") == 9_437_184  # research/models.md
+    assert round(info.total_expert_bytes("bfloat16") / 1e9, 1) == 58.0
+    assert 3.5e9 < info.non_expert_bytes("bfloat16") < 4.5e9
+    # it fits a 4090 only partly, an H200 entirely, and a Jetson Orin Nano not at all
+    assert make_plan(info, load_profile("h200-141gb")).chosen.budget_slots == 48 * 128
+    assert make_plan(info, load_profile("rtx4090-24gb")).chosen.budget_slots < 48 * 128
+    with pytest.raises(BudgetError, match="cannot fit jetson-orin-nano-8gb.*short by"):
+        make_plan(info, load_profile("jetson-orin-nano-8gb"), max_gpu_memory=5e9)
+
+
+# -- the planner -------------------------------------------------------------------------------------
+
+
+def test_dp_quotas_are_optimal_on_random_curves():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        L, Q = 3, 5
+        curves = np.concatenate([np.full((L, 1), np.inf), rng.integers(0, 50, (L, Q)).astype(float)], axis=1)
+        for S in range(L, L * Q + 1):
+            best = min((sum(curves[l, q[l]] for l in range(L)), q)
+                       for q in itertools.product(range(1, Q + 1), repeat=L) if sum(q) == S)[0]
+            quotas = best_quotas(curves, S)
+            assert quotas.sum() == S and (quotas >= 1).all()
+            assert sum(curves[l, quotas[l]] for l in range(L)) == best
+
+
+@needs_bundle
+@pytest.mark.parametrize("slots", [8, 16, 24, 32, 40])
+def test_per_layer_plan_beats_uniform_on_the_bundled_trace(bundled_info, bundled_trace, slots):
+    from vismmoe.offload.policies import SlotPlan
+
+    sim = _Simulator(bundled_trace, bundled_info)
+    curves = layer_miss_curves(sim, "lru", "none", min(16, slots - 3))
+    quotas = best_quotas(curves, slots)
+    planned = sim.run("lru", slots, "none", SlotPlan(quotas))
+    uniform = sim.run("lru", slots, "none", SlotPlan.uniform(slots, 4))
+    assert planned["misses"] == sum(curves[l, q] for l, q in enumerate(quotas))  # layers are independent
+    assert planned["hit_rate"] > uniform["hit_rate"] + 0.01
+
+
+@needs_bundle
+def test_plan_with_and_without_the_trace(bundled_info, bundled_trace, tmp_path):
+    profile = load_profile("rtx3060-12gb")
+    full = make_plan(bundled_info, profile, image_size=64).chosen.memory
+    cap = full["gpu_total"] - full["expert_cache"] + 20.5 * bundled_info.expert_bytes("bfloat16")  # 20 of 64 fit
+    prior = make_plan(bundled_info, profile, max_gpu_memory=cap, image_size=64)
+    traced = make_plan(bundled_info, profile, bundled_trace, max_gpu_memory=cap, image_size=64, trace_path=str(TRACE))
+    for plan in (prior, traced):
+        p, c = plan.chosen.predicted, plan.chosen
+        assert c.budget_slots == 20 and c.memory["gpu_total"] <= cap
+        assert p["decode_ms_per_token"] == pytest.approx(p["decode_compute_ms"] + p["decode_overhead_ms"]
+                                                         + p["decode_miss_ms"] + p["decode_prefetch_ms"])
+        assert p["decode_misses_per_token"] > 0 and p["ttft_ms"] > p["ttft_overhead_ms"]
+        assert sum(plan.slot_plan) == c.budget_slots
+    assert "prior" in prior.to_dict()["plan"]["routing"]
+    assert traced.chosen.hit_rates["per_layer_plan"] >= traced.chosen.hit_rates["uniform_plan"]
+    text = (write_plan(traced, tmp_path / "d.yaml")).read_text()
+    assert "# predicted decode" in text and "visual_keep: 1.0" in text
+    with pytest.raises(ConfigError, match="record a trace of this model"):
+        from vismmoe.offload.trace import synthetic_trace
+
+        make_plan(bundled_info, profile, synthetic_trace(2, 3, 8, 2))
+
+
+@needs_bundle
+def test_goal_memory_uses_less_gpu_memory(bundled_info, bundled_trace):
+    profile = load_profile("rtx4060-laptop-8gb")
+    fast = make_plan(bundled_info, profile, bundled_trace, goal="latency", image_size=64)
+    lean = make_plan(bundled_info, profile, bundled_trace, goal="memory", image_size=64)
+    assert lean.chosen.memory["gpu_total"] <= fast.chosen.memory["gpu_total"]
+    assert lean.chosen.predicted["decode_ms_per_token"] <= 1.1 * fast.chosen.predicted["decode_ms_per_token"] + 1e-9
+
+
+@needs_bundle
+@pytest.mark.parametrize("profile_name", ["jetson-orin-nano-8gb", "rtx4060-laptop-8gb", "rtx3060-12gb", "h100-80gb"])
+def test_planner_never_writes_a_config_that_fails_to_load(bundled_info, profile_name, tmp_path):
+    """Grid of memory caps and contexts: every written config validates, fits its cap, and loads
+    (on this CPU, device overridden) with the planned slots and non-expert bytes."""
+    profile = load_profile(profile_name)
+    from vismmoe.deploy.planner import ENGINE
+
+    base = int(profile["reserved_gb"] * 1e9) + bundled_info.non_expert_bytes("bfloat16") + ENGINE["gpu_workspace_bytes"]
+    loaded = 0
+    for extra, context in itertools.product((2e6, 5e6, 2e7, 1e9), (64, 512, 4096)):
+        cap = base + extra + bundled_info.kv_bytes(context, "bfloat16")
+        try:
+            plan = make_plan(bundled_info, profile, max_gpu_memory=cap, context=context, image_size=64)
+        except BudgetError as exc:
+            assert "short by" in str(exc)
+            continue
+        assert plan.chosen.memory["gpu_total"] <= cap
+        path = write_plan(plan, tmp_path / f"{extra}-{context}.yaml")
+        config = load_config(path)
+        assert config.expert_budget == plan.chosen.budget_slots * bundled_info.expert_bytes("bfloat16")
+        if context == 512 and extra in (2e6, 1e9):
+            engine = vismmoe.load(BUNDLED, config=path, device="cpu")
+            assert engine.num_slots == plan.chosen.budget_slots
+            assert engine.non_expert_bytes == pytest.approx(plan.chosen.memory["non_expert"], rel=0.01)
+            engine.close()
+            loaded += 1
+    assert loaded == 2
+
+
+# -- engine: auto budget, slot_plan refusal, memory by part -------------------------------------------
+
+
+def test_auto_budget_and_slot_plan_key(qwen_checkpoint):
+    assert parse_budget("auto") == ("auto", 0.0)
+    with pytest.raises(ConfigError, match="slot_plan must be"):
+        load_config({"slot_plan": [1, 0]})
+    with pytest.raises(ConfigError, match="does not take per-layer quotas yet"):
+        vismmoe.load(qwen_checkpoint, slot_plan=[2, 2, 2, 2])
+    engine = vismmoe.load(qwen_checkpoint, expert_budget="auto", device="cpu")
+    total = len(engine.layout.layers) * engine.layout.num_experts
+    assert engine.num_slots == total  # a tiny model fits this machine's free memory entirely
+    assert isinstance(engine.config.expert_budget, int)
+    result = engine.generate(image=None, prompt="hello", max_new_tokens=3)
+    m = result.stats.memory
+    assert m["non_expert_weights"] == sum(p.numel() * p.element_size() for p in engine.model.parameters()) + sum(
+        b.numel() * b.element_size() for b in engine.model.buffers())
+    assert m["expert_cache"] == engine.num_slots * engine.store.record_bytes
+    assert m["host_store"] == engine.store.total_bytes and m["kv_cache"] > 0 and m["activations_peak"] is None
+    assert "memory by part" in result.stats.table() and "host memory (expert store)" in result.stats.table()
+
+
+def test_cli_devices_plan_and_errors(tmp_path, capsys):
+    from vismmoe.cli import main
+
+    assert main(["devices"]) == 0
+    assert "jetson-orin-nano-8gb" in capsys.readouterr().out
+    assert main(["plan", "--model", str(QWEN30B), "--device", "nope"]) == 2
+    assert "unknown device profile" in capsys.readouterr().err
+    assert main(["plan", "--model", str(QWEN30B), "--device", "jetson-orin-nano-8gb", "--max-gpu-memory", "5GB"]) == 2
+    assert "short by" in capsys.readouterr().err
+    out = tmp_path / "q.yaml"
+    assert main(["plan", "--model", str(QWEN30B), "--device", "rtx4090-24gb", "--output", str(out)]) == 0
+    # 58 GB of experts exceed 85% of the profile's 64 GB host RAM: the NVMe (mmap) tier
+    assert load_config(out).store == "mmap" and "predicted decode" in out.read_text()

@@ -1,0 +1,1 @@
+"""Deployment: device profiles, `vismmoe probe`, and the planner that fits a model to a device."""

@@ -1,0 +1,159 @@
+"""What the planner needs to know about a model, read without loading any weight.
+
+From config.json the model is built on the meta device (transformers' own class, so shapes are the
+engine's); the expert and non-expert element counts come from the safetensors headers when the
+directory has weights, else from that meta skeleton (a config-only description of a model too big to
+have here, e.g. configs/models/qwen3-vl-30b-a3b). Bytes are counts x the element size of the dtype the
+plan runs in, as the engine converts on load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    model_type: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    record_numel: int  # one expert's gate_up + down elements
+    expert_numel: int  # all routed experts
+    non_expert_numel: int  # everything else (attention, shared experts, embeddings, vision tower)
+    vision_numel: int
+    vision_hidden: int
+    num_attention_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    patch_size: int  # vision patch edge in pixels (0: no vision tower)
+    merge_size: int  # spatial merge: one LLM token covers (patch*merge)^2 pixels
+    checkpoint_dtype: str
+    sizes_from: str  # "safetensors headers" or "config (meta skeleton)"
+
+    def expert_bytes(self, dtype: str) -> int:
+        return self.record_numel * DTYPE_BYTES[dtype]
+
+    def total_expert_bytes(self, dtype: str) -> int:
+        return self.expert_numel * DTYPE_BYTES[dtype]
+
+    def non_expert_bytes(self, dtype: str) -> int:
+        return self.non_expert_numel * DTYPE_BYTES[dtype]
+
+    def kv_bytes(self, tokens: int, dtype: str) -> int:
+        return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
+
+    def visual_tokens(self, image_size: int) -> int:
+        """LLM tokens of one square image of `image_size` pixels (Qwen-VL style patch merging)."""
+        if not self.patch_size:
+            return 0
+        side = max(1, math.ceil(image_size / (self.patch_size * self.merge_size)))
+        return side * side
+
+    def activation_peak_bytes(self, tokens: int, image_size: int, dtype: str) -> int:
+        """Transient memory of the prefill, the largest step: the MoE layer's gate_up output for every
+        (token, expert) pair and its sorted copies, a few hidden-state buffers, sdpa's workspace, the
+        last position's float32 logits, and the vision tower's patch activations. An upper estimate:
+        tests compare it with torch's peak on the GPU (eval/validate_plan.py)."""
+        b = DTYPE_BYTES[dtype]
+        inter = self.record_numel // (3 * self.hidden_size) if self.hidden_size else 0
+        moe = tokens * self.top_k * (3 * inter + 2 * self.hidden_size) * b
+        hidden = 8 * tokens * self.hidden_size * b
+        logits = 2 * self.vocab_size * 4
+        patches = 0
+        if self.patch_size:
+            patches = self.visual_tokens(image_size) * self.merge_size ** 2
+        vision = patches * 16 * self.vision_hidden * b  # a ViT block's qkv, MLP and residual buffers
+        return int(1.25 * (moe + hidden + logits + vision))
+
+
+def model_info(model_dir) -> ModelInfo:
+    import torch
+
+    from .. import adapters
+    from ..engine import _load_hf_config, _model_class
+    from ..offload.store import is_expert_key
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{str(model_dir)!r} has no config.json; pass a Hugging Face checkpoint directory "
+                             "(or a directory with only its config.json)")
+    hf_config = _load_hf_config(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = _model_class(hf_config)(hf_config)
+    layout = adapters.discover(skeleton)
+    expert_ids = {id(getattr(layer.experts, n)) for layer in layout.layers for n in ("gate_up_proj", "down_proj")}
+    skeleton_expert = sum(p.numel() for p in skeleton.parameters() if id(p) in expert_ids)
+    skeleton_other = sum(p.numel() for p in skeleton.parameters() if id(p) not in expert_ids)
+    vision = getattr(skeleton, "model", skeleton)
+    vision = getattr(vision, "visual", None) or getattr(vision, "vision_tower", None)
+    vision_numel = sum(p.numel() for p in vision.parameters()) if vision is not None else 0
+    files = sorted(model_dir.glob("*.safetensors"))
+    expert_numel, other_numel, sizes_from = skeleton_expert, skeleton_other, "config (meta skeleton)"
+    dtype = _config_dtype(hf_config)
+    if files:
+        expert_numel, other_numel, header_dtype = _header_counts(files, is_expert_key)
+        dtype = header_dtype or dtype
+        sizes_from = "safetensors headers"
+        if expert_numel != skeleton_expert:
+            raise ModelLoadError(f"the safetensors files of {model_dir} hold {expert_numel} expert elements but "
+                                 f"config.json describes {skeleton_expert}; the checkpoint and config disagree")
+    text = hf_config.get_text_config()
+    layer_types = getattr(text, "layer_types", None)
+    attn_layers = (sum(1 for t in layer_types if "attention" in t) if layer_types else text.num_hidden_layers)
+    vcfg = getattr(hf_config, "vision_config", None)
+    return ModelInfo(
+        name=model_dir.name, model_type=hf_config.model_type, num_moe_layers=len(layout.layers),
+        num_experts=layout.num_experts, top_k=layout.top_k, hidden_size=layout.hidden_size,
+        record_numel=layout.record_numel, expert_numel=expert_numel, non_expert_numel=other_numel,
+        vision_numel=vision_numel, vision_hidden=int(getattr(vcfg, "hidden_size", 0) or 0) if vcfg else 0,
+        num_attention_layers=attn_layers,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        vocab_size=text.vocab_size, patch_size=int(getattr(vcfg, "patch_size", 0) or 0) if vcfg else 0,
+        merge_size=int(getattr(vcfg, "spatial_merge_size", 1) or 1) if vcfg else 1,
+        checkpoint_dtype=dtype, sizes_from=sizes_from,
+    )
+
+
+_ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _header_counts(files, is_expert_key) -> tuple[int, int, str | None]:
+    """(expert elements, other elements, the dominant float dtype) from the files' JSON headers only."""
+    expert = other = 0
+    dtypes: dict[str, int] = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            try:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            except (ValueError, OSError) as exc:
+                raise ModelLoadError(f"{path} has no readable safetensors header ({exc})") from None
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            numel = math.prod(entry["shape"])
+            if is_expert_key(key):
+                expert += numel
+            else:
+                other += numel
+            dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + numel
+    top = max(dtypes, key=dtypes.get) if dtypes else None
+    return expert, other, _ST_DTYPES.get(top)
+
+
+def _config_dtype(hf_config) -> str:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config.get_text_config(), "dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "bfloat16"
+    return name if name in DTYPE_BYTES else "bfloat16"

@@ -1,0 +1,381 @@
+"""Fit a model to a device: expert budget, per-layer slot plan, store tier, policy, prefetch; predict
+TTFT and decode ms/token; write a deployment YAML that `vismmoe.load` accepts.
+
+Memory (bytes on the GPU): non-expert weights + expert cache + KV cache for the context + the prefill's
+activation peak + the profile's reserve must fit the usable memory. On unified-memory devices the host
+store lives in the same DRAM, so a `memory` store costs its bytes twice and `mmap` (NVMe) costs none.
+
+Time. Per decode token:  compute (bytes read at the memory bandwidth) + engine overhead per MoE layer
+(measured on the H100, ENGINE below) + demand misses x time per miss + whatever prefetch copies do not
+hide under the compute. TTFT: fixed and per-layer prefill overhead + FLOPs at 40% of the dense bf16
+peak + the prefill's misses x time per miss. Misses come from replaying the model's routing trace
+(vismmoe.offload.simulate) under the chosen policy and budget; without a trace, from the stated PRIOR.
+
+Per-layer slot plan (SwapMoE-style): with quotas summing to the budget the layers' caches are
+independent, so one replay with q slots for every layer gives every layer's misses at q; a DP over
+those curves gives the quotas with the fewest misses. The live cache runs one global pool today
+(EngineConfig.slot_plan is refused until it takes quotas), so the plan is written under `plan:` and
+the engine settings and predictions are those of the global pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import BudgetError, ConfigError
+from .model_info import DTYPE_BYTES, ModelInfo
+from .profiles import DeviceProfile
+
+# Engine software costs, measured on the H100 (eval/results/bench_offload.md, 12 layers, bf16):
+ENGINE = dict(
+    static_layer_ms=0.276,  # static decode, one CUDA graph, every expert resident: 3.31 ms / 12 layers
+    offload_layer_ms=0.43,  # extra per layer with a partial cache (device residency): c@0.25 and c@0.5 rows
+    generate_layer_ms=2.4,  # transformers' generate loop, host-decided loads: 28.89 ms / 12 layers
+    prefill_fixed_ms=20.0,  # processor, vision launch, first sample
+    prefill_layer_ms=3.5,  # c@1.0 TTFT 62.2 ms = 20 + 12 x 3.5
+    copy_overhead_ms=0.007,  # per extra copy (research/offload.md)
+    prefill_efficiency=0.4,  # share of dense bf16 peak a prefill reaches
+    # GPU memory beyond weights, expert cache and KV that a request holds at its peak besides the
+    # prefill's activations: CUDA-graph pool, static-decode buffers, cuBLAS workspace. eval/results/
+    # gpu_check.md measured 41-49 MiB (generate) and 114-146 MiB (static) above the other parts.
+    gpu_workspace_bytes=160 * 2**20,
+)
+PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
+         "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
+         "for trained models, whose routing has locality")
+POLICIES_WITH_DEVICE_TWIN = ("lru", "lfu")
+GB = 1e9
+
+
+@dataclass
+class Candidate:
+    store: str
+    budget_slots: int
+    decode_path: str  # static or generate
+    miss_ms: float
+    memory: dict
+    predicted: dict = field(default_factory=dict)
+    policy: str = "lru"
+    prefetch: bool = True
+    hit_rates: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    model: ModelInfo
+    profile: DeviceProfile
+    goal: str
+    dtype: str
+    context_tokens: int
+    image_size: int
+    max_new_tokens: int
+    chosen: Candidate
+    slot_plan: list | None
+    slot_plan_note: str
+    usable_gpu_bytes: int
+    trace_path: str | None
+    notes: list = field(default_factory=list)
+
+    def engine_config(self) -> dict:
+        c = self.chosen
+        return dict(device="cpu" if self.profile.kind == "cpu" else "cuda", dtype=self.dtype,
+                    expert_budget=int(c.budget_slots * self.model.expert_bytes(self.dtype)), store=c.store,
+                    policy=c.policy, prefetch=c.prefetch, prefetch_depth=1, decode="auto",
+                    max_new_tokens=self.max_new_tokens)
+
+    def to_dict(self) -> dict:
+        c = self.chosen
+        return dict(
+            engine=self.engine_config(),
+            plan=dict(
+                model=self.model.name, device_profile=self.profile.name, goal=self.goal,
+                context_tokens=self.context_tokens, image_size=self.image_size,
+                expert_slots=c.budget_slots, expert_slots_total=self.model.num_moe_layers * self.model.num_experts,
+                slot_plan=self.slot_plan, slot_plan_note=self.slot_plan_note,
+                miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the engine's only "
+                "miss path today; CPU execution of misses is not implemented)",
+                visual_keep=1.0, visual_keep_note="visual-token pruning is not in this engine yet: 1.0 keeps every "
+                "visual token; the planner will choose it once pruning lands",
+                decode_path=c.decode_path, routing=self.trace_path or f"prior: {PRIOR}",
+                memory={k: int(v) for k, v in c.memory.items()}, usable_gpu_bytes=int(self.usable_gpu_bytes),
+                hit_rates={k: round(v, 4) for k, v in c.hit_rates.items()},
+                predicted={k: round(v, 3) for k, v in c.predicted.items()}, notes=self.notes,
+            ),
+        )
+
+    def summary_lines(self) -> list[str]:
+        c, p = self.chosen, self.chosen.predicted
+        m = c.memory
+        return [
+            f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens",
+            f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
+            f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
+            f"decode path {c.decode_path}",
+            f"{'host' if self.profile.kind == 'cpu' else 'GPU'} memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
+            f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + workspace {_gb(m['workspace'])} + "
+            f"reserved {_gb(m['reserved'])} = "
+            f"{_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
+            f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms']:.1f} + compute "
+            f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
+            f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
+            f"engine overhead {p['decode_overhead_ms']:.2f} + {p['decode_misses_per_token']:.2f} misses "
+            f"{p['decode_miss_ms']:.2f} + unhidden prefetch {p['decode_prefetch_ms']:.2f}",
+            f"slot plan: {self.slot_plan_note}",
+        ]
+
+
+def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = "latency",
+              max_gpu_memory: float | None = None, context: int | None = None, image_size: int = 448,
+              max_new_tokens: int = 64, trace_path: str | None = None) -> Plan:
+    if goal not in ("latency", "memory"):
+        raise ConfigError(f"goal must be latency or memory, got {goal!r}")
+    if trace is not None:
+        meta = trace.meta
+        if (meta.num_layers, meta.num_experts, meta.top_k) != (model.num_moe_layers, model.num_experts, model.top_k):
+            raise ConfigError(f"the trace is of a model with {meta.num_layers} MoE layers x {meta.num_experts} "
+                              f"experts, top-{meta.top_k}; {model.name} has {model.num_moe_layers} x "
+                              f"{model.num_experts}, top-{model.top_k}: record a trace of this model")
+    dtype = "bfloat16" if profile.kind != "cpu" else "float32"
+    visual = model.visual_tokens(image_size)
+    prompt = visual + 32
+    context = context if context is not None else prompt + max_new_tokens
+    if context < 1:
+        raise ConfigError(f"context must be a positive number of tokens, got {context}")
+    prompt = min(prompt, context)
+    usable = _usable_bytes(profile, max_gpu_memory)
+    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_bytes(context, dtype),
+                 activations=model.activation_peak_bytes(prompt, image_size, dtype),
+                 reserved=int(profile["reserved_gb"] * GB),
+                 workspace=ENGINE["gpu_workspace_bytes"] if profile.kind != "cpu" else 0)
+    B = model.expert_bytes(dtype)
+    total_slots = model.num_moe_layers * model.num_experts
+    sim = _Simulator(trace, model) if trace is not None else None
+    candidates, shortfalls = [], []
+    for store in _stores(profile):
+        host_store = model.total_expert_bytes(dtype) if store != "mmap" else 0
+        if profile.kind == "discrete" and host_store > 0.85 * profile["ram_gb"] * GB:
+            shortfalls.append(f"store {store}: {_gb(host_store)} of experts exceed 85% of {profile['ram_gb']:.0f} "
+                              "GB host RAM")
+            continue
+        shared = host_store if profile.kind != "discrete" else 0  # unified / cpu: the store shares the pool
+        room = usable - sum(fixed.values()) - shared
+        max_slots = min(total_slots, int(room // B)) if room > 0 else 0
+        if max_slots < model.top_k:
+            need = sum(fixed.values()) + shared + model.top_k * B
+            shortfalls.append(f"store {store}: needs {_gb(need)} for the smallest budget ({model.top_k} experts), "
+                              f"{_gb(usable)} usable: short by {_gb(need - usable)}")
+            continue
+        budgets = [max_slots] if goal == "latency" else sorted(
+            {max(model.top_k, int(max_slots * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)})
+        for slots in budgets:
+            candidates.append(_evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt))
+    if not candidates:
+        raise BudgetError(f"{model.name} cannot fit {profile.name} at any setting (context {context} tokens, {dtype}): "
+                          + "; ".join(shortfalls) + ". Use a bigger device, a shorter --context, or a smaller model")
+    best_time = min(c.predicted["decode_ms_per_token"] for c in candidates)
+    if goal == "latency":
+        chosen = min(candidates, key=lambda c: (c.predicted["decode_ms_per_token"], c.predicted["ttft_ms"]))
+    else:  # the least GPU memory whose decode is within 10% of the fastest
+        ok = [c for c in candidates if c.predicted["decode_ms_per_token"] <= 1.1 * best_time]
+        chosen = min(ok, key=lambda c: (c.memory["gpu_total"], c.predicted["decode_ms_per_token"]))
+    slot_plan, note = _slot_plan(model, chosen, sim)
+    notes = [f"sizes from {model.sizes_from}"] + [f"rejected {s}" for s in shortfalls]
+    return Plan(model, profile, goal, dtype, context, image_size, max_new_tokens, chosen, slot_plan, note, usable,
+                trace_path, notes)
+
+
+def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
+                     image_size: int = 448, gpu: bool = True) -> int:
+    """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else."""
+    fixed = (model.non_expert_bytes(dtype) + model.kv_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
+             + model.activation_peak_bytes(min(context, model.visual_tokens(image_size) + 32), image_size, dtype))
+    room = available - fixed - (model.total_expert_bytes(dtype) if shared_store else 0)
+    B = model.expert_bytes(dtype)
+    slots = min(model.num_moe_layers * model.num_experts, int(room // B)) if room > 0 else 0
+    if slots < model.top_k:
+        raise BudgetError(f"expert_budget: auto found {_gb(available)} available here, but the model needs "
+                          f"{_gb(fixed + model.top_k * B + (model.total_expert_bytes(dtype) if shared_store else 0))} "
+                          "at its smallest budget; free memory or use store: mmap")
+    return slots * B
+
+
+# ------------------------------------------------------------------------------------------ internals
+def _usable_bytes(profile: DeviceProfile, max_gpu_memory) -> int:
+    pool = profile["ram_gb"] if profile.kind == "cpu" else profile["memory_gb"]
+    usable = pool * GB
+    if max_gpu_memory is not None:
+        if max_gpu_memory <= 0:
+            raise ConfigError(f"max_gpu_memory must be positive, got {max_gpu_memory}")
+        usable = min(usable, max_gpu_memory)
+    return int(usable)
+
+
+def _stores(profile: DeviceProfile) -> list[str]:
+    if profile.kind == "discrete":
+        return ["pinned", "mmap"]
+    return ["mmap", "memory"]  # shared DRAM: the NVMe tier costs no memory, a memory store costs it twice
+
+
+def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
+    if profile.kind == "discrete":
+        if store == "pinned":
+            link = profile.get("copy_kernel_gbs", profile["h2d_pinned_gbs"]) if path == "static" else profile["h2d_pinned_gbs"]
+            t = B / (link * GB)
+        else:  # mmap: read the record from disk (page cache misses), then a pageable copy
+            t = B / (profile["disk_read_gbs"] * GB) + B / (profile["h2d_pageable_gbs"] * GB)
+    else:
+        bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
+        t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
+    return t * 1e3 + ENGINE["copy_overhead_ms"]
+
+
+def _evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt) -> Candidate:
+    total = model.num_moe_layers * model.num_experts
+    complete = slots >= total
+    path = "static" if store != "mmap" or complete else "generate"  # static decode needs a host slab
+    B = model.expert_bytes(dtype)
+    miss_ms = _miss_ms(profile, store, B, path)
+    memory = dict(fixed, expert_cache=slots * B, host_store=shared if profile.kind != "discrete" else
+                  (0 if store == "mmap" else model.total_expert_bytes(dtype)))
+    memory["gpu_total"] = sum(fixed.values()) + slots * B + (shared if profile.kind != "discrete" else 0)
+    cand = Candidate(store, slots, path, miss_ms, memory)
+    L, E, k = model.num_moe_layers, model.num_experts, model.top_k
+    if complete:
+        decode_misses = prefill_misses = prefetch_copies = 0.0
+        cand.hit_rates = dict(global_pool=1.0)
+    elif sim is not None:
+        best = None
+        for policy in POLICIES_WITH_DEVICE_TWIN:
+            for prefetch in ((False, True) if sim.trace.has_predictions else (False,)):
+                r = sim.run(policy, slots, "trace" if prefetch else "none")
+                key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * 0.25, r["prefill_misses"])
+                if best is None or key < best[0]:
+                    best = (key, policy, prefetch, r)
+        _, cand.policy, cand.prefetch, r = best
+        decode_misses, prefill_misses = r["decode_misses_per_token"], r["prefill_misses"]
+        prefetch_copies = r["decode_prefetch_per_token"]
+        cand.hit_rates = dict(global_pool=r["hit_rate"], global_pool_decode=r["decode_hit_rate"])
+    else:
+        h = min(1.0, slots / total)
+        decode_misses = L * k * (1 - h)
+        prefill_misses = L * E * (1 - (1 - k / E) ** prompt) * (1 - h)
+        prefetch_copies = 0.0
+        cand.hit_rates = dict(global_pool_prior=h)
+    cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
+                            prefetch_copies if cand.prefetch else 0.0, prompt)
+    return cand
+
+
+def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt):
+    L, k, b = model.num_moe_layers, model.top_k, DTYPE_BYTES[dtype]
+    decoder_bytes = (model.non_expert_numel - model.vision_numel - model.vocab_size * model.hidden_size) * b
+    active = decoder_bytes + L * k * model.expert_bytes(dtype)
+    if profile.kind == "cpu":
+        per_expert = profile.get("cpu_expert_decode_ms", 0.05)
+        compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
+        overhead = L * ENGINE["generate_layer_ms"]
+        tflops = profile.get("cpu_tflops", 0.05) * ENGINE["prefill_efficiency"]
+    else:
+        compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
+        overhead = L * (ENGINE["static_layer_ms"] if path == "static" else ENGINE["generate_layer_ms"])
+        if not complete and path == "static":
+            overhead += L * ENGINE["offload_layer_ms"]
+        tflops = profile["bf16_tflops"] * ENGINE["prefill_efficiency"]
+    miss = decode_misses * miss_ms
+    unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
+    flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
+    ttft_compute = flops / (tflops * 1e12) * 1e3
+    ttft_overhead = ENGINE["prefill_fixed_ms"] + L * ENGINE["prefill_layer_ms"]
+    ttft_miss = prefill_misses * miss_ms
+    return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
+                decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
+                decode_misses_per_token=decode_misses, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
+                ttft_overhead_ms=ttft_overhead, ttft_compute_ms=ttft_compute, ttft_miss_ms=ttft_miss,
+                prefill_misses=prefill_misses, prompt_tokens=prompt)
+
+
+class _Simulator:
+    """Replays of one trace, memoised: misses per decode token and per request's prefill."""
+
+    def __init__(self, trace, model: ModelInfo):
+        self.trace, self.model = trace, model
+        L = trace.meta.num_layers
+        self.decode_tokens = max(1, int((trace.group_step > 0).sum()) // L)
+        self._memo = {}
+
+    def run(self, policy: str, slots: int, prefetch: str, plan=None) -> dict:
+        from ..offload.simulate import simulate
+
+        key = (policy, slots, prefetch, None if plan is None else tuple(plan.quota))
+        if key not in self._memo:
+            r = simulate(self.trace, policy, slots, prefetch, slot_plan=plan)
+            pf_decode = float(r.prefetch_issued.sum()) * r.decode_misses / max(1, r.misses)  # decode share
+            self._memo[key] = dict(
+                decode_misses_per_token=r.decode_misses / self.decode_tokens,
+                prefill_misses=(r.misses - r.decode_misses) / self.trace.num_requests,
+                decode_prefetch_per_token=pf_decode / self.decode_tokens, hit_rate=r.hit_rate,
+                decode_hit_rate=r.decode_hit_rate, misses_per_layer=r.misses_per_layer, misses=r.misses)
+        return self._memo[key]
+
+
+def layer_miss_curves(sim: _Simulator, policy: str, prefetch: str, max_quota: int) -> np.ndarray:
+    """[L, max_quota + 1]: misses of each layer when it holds q slots of its own (column 0 unused)."""
+    from ..offload.policies import SlotPlan
+
+    L = sim.model.num_moe_layers
+    curves = np.full((L, max_quota + 1), np.inf)
+    for q in range(1, max_quota + 1):
+        r = sim.run(policy, q * L, prefetch, SlotPlan(np.full(L, q)))
+        curves[:, q] = r["misses_per_layer"]
+    return curves
+
+
+def best_quotas(curves: np.ndarray, slots: int) -> np.ndarray:
+    """Quotas (>= 1 each, summing to `slots`) minimising the summed misses: exact DP over the curves."""
+    L, Q = curves.shape[0], curves.shape[1] - 1
+    if slots < L or slots > L * Q:
+        raise ValueError(f"{slots} slots cannot be split over {L} layers with quotas 1..{Q}")
+    cost = np.full(slots + 1, np.inf)
+    cost[0] = 0.0
+    choice = np.zeros((L, slots + 1), np.int64)
+    for layer in range(L):
+        new = np.full(slots + 1, np.inf)
+        for q in range(1, min(Q, slots) + 1):
+            cand = np.full(slots + 1, np.inf)
+            cand[q:] = cost[:slots + 1 - q] + curves[layer, q]
+            better = cand < new
+            new[better], choice[layer, better] = cand[better], q
+        cost = new
+    quotas, s = np.zeros(L, np.int64), slots
+    for layer in range(L - 1, -1, -1):
+        quotas[layer] = choice[layer, s]
+        s -= quotas[layer]
+    return quotas
+
+
+def _slot_plan(model: ModelInfo, chosen: Candidate, sim) -> tuple[list | None, str]:
+    from ..offload.policies import SlotPlan
+
+    L, E, S = model.num_moe_layers, model.num_experts, chosen.budget_slots
+    if S >= L * E:
+        return [E] * L, "every expert resident: each layer holds all its experts"
+    if S < L:
+        return None, f"{S} slots are fewer than the {L} layers: no per-layer plan, one global pool"
+    if sim is None:
+        return SlotPlan.uniform(S, L).quota.tolist(), "uniform split (the routing prior makes all layers alike)"
+    prefetch = "trace" if chosen.prefetch else "none"
+    curves = layer_miss_curves(sim, chosen.policy, prefetch, min(E, S - L + 1))
+    quotas = best_quotas(curves, S)
+    planned = sim.run(chosen.policy, S, prefetch, SlotPlan(quotas))
+    uniform = sim.run(chosen.policy, S, prefetch, SlotPlan.uniform(S, L))
+    chosen.hit_rates.update(per_layer_plan=planned["hit_rate"], uniform_plan=uniform["hit_rate"])
+    return quotas.tolist(), (f"DP on the trace's per-layer miss curves: simulated hit rate {planned['hit_rate']:.1%} "
+                             f"vs {uniform['hit_rate']:.1%} uniform and {chosen.hit_rates['global_pool']:.1%} global "
+                             "pool (the live cache runs the global pool until it takes per-layer quotas)")
+
+
+def _gb(n) -> str:
+    return f"{n / GB:.2f} GB" if abs(n) >= 0.1 * GB else f"{n / 1e6:.1f} MB"
