@@ -58,6 +58,18 @@ class EngineConfig:
     # Attention backend passed to transformers ("sdpa", "eager"; "xformers" needs the optional package).
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # Visual-token pruning between the vision tower and the language model (vismmoe/pruning):
+    # `visual_keep` is a ratio in (0, 1] (1.0 = off) or an integer token count; `visual_prune` the method
+    # (affinity, diversity, importance, pool, random; None = affinity); `visual_merge` folds each pruned
+    # token into its most similar kept token instead of dropping it.
+    visual_keep: Any = 1.0
+    visual_prune: Any = None
+    visual_merge: bool = False
+    # Affinity: score weights (keys importance, concentration, diversity, routing) and how many of the
+    # first MoE layers' routers score the tokens. Seed of the random method.
+    visual_affinity_weights: Any = None
+    visual_affinity_layers: int = 1
+    visual_prune_seed: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -83,6 +95,17 @@ class EngineConfig:
             raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
+        from .pruning import settings as pruning
+
+        pruning.check_keep(self.visual_keep)
+        pruning.check_method(self.visual_prune)
+        pruning.check_weights(self.visual_affinity_weights)
+        if not isinstance(self.visual_merge, bool):
+            raise ConfigError(f"visual_merge must be true or false, got {self.visual_merge!r}")
+        for key in ("visual_affinity_layers", "visual_prune_seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "visual_affinity_layers" else 0):
+                raise ConfigError(f"{key} must be an integer >= {1 if key == 'visual_affinity_layers' else 0}, got {value!r}")
         from .offload.policies import POLICIES
 
         if self.policy not in POLICIES:

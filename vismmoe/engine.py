@@ -85,6 +85,18 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+        self.pruner = self._build_pruner()
+        self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
+
+    def _build_pruner(self):
+        from .pruning import VisualPruner
+        from .static_decode import _text_model
+
+        if self.image_token_id is None:
+            return None  # text-only model: visual_keep has nothing to prune
+        if self.config.visual_keep != 1.0:
+            VisualPruner.check_supported(self.model.config.model_type)
+        return VisualPruner(self.model, _text_model(self.model, self.layout), self.layout, self.image_token_id)
 
     def _build_runtime(self) -> None:
         config = self.config
@@ -145,7 +157,8 @@ class Engine:
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
-                       "decode", "cuda_graphs"}
+                       "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
+                       "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
 
     def _device_copies_work(self) -> bool:
         """Can misses be copied by device-decided work (static decode)? On CUDA this needs the
@@ -183,6 +196,8 @@ class Engine:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        if config.visual_keep != 1.0 and self.pruner is not None:
+            self.pruner.check_supported(self.model.config.model_type)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
         try:
@@ -209,6 +224,13 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         input_ids = inputs["input_ids"]
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        pruning = None
+        if visual_total and self.pruner is not None and self.config.visual_keep != 1.0:
+            with torch.inference_mode():
+                pruning = self.pruner.prune(inputs, self.config, override_decode=True)
+            if pruning is not None:
+                inputs, self.last_pruning = pruning
+                input_ids = inputs["input_ids"]
 
         generation_config = copy.deepcopy(self.generation_config)
         # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
@@ -223,7 +245,10 @@ class Engine:
             except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
                 static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
+            self._clear_pruning()
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
+        if pruning is not None and decoder is not None:
+            self.pruner.state.override_decode = False  # static decode continues the recorded positions itself
         self.runtime.begin_request()
         self.cache.reset_counters()
         # The prefetch ledger is per request: leftovers of the last one are neither used nor wasted here.
@@ -250,6 +275,7 @@ class Engine:
             raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
             self.runtime.step.visual_mask = None
+            self._clear_pruning()
             if self.trace is not None:
                 self.trace.end_request()
         if self.device.type == "cuda":
@@ -261,7 +287,9 @@ class Engine:
         t_first = self._first_token_time or t_end
         stats = RequestStats(
             ttft_s=t_first - t_start, decode_s=t_end - t_first, prefill_tokens=int(input_ids.shape[1]),
-            new_tokens=len(new), visual_tokens_total=visual_total, visual_tokens_kept=visual_total,
+            new_tokens=len(new), visual_tokens_total=visual_total,
+            visual_tokens_kept=len(pruning[1].kept) if pruning is not None else visual_total,
+            pruning_s=pruning[1].seconds if pruning is not None else 0.0,
             hits_per_layer=counters.hits.tolist(), misses_per_layer=counters.misses.tolist(),
             bytes_h2d=int(counters.bytes_h2d), budget_bytes=self.cache.budget_bytes, num_slots=self.num_slots,
             record_bytes=self.store.record_bytes, waves=counters.waves,
@@ -277,6 +305,10 @@ class Engine:
             decode_path=decode_path,
         )
         return Result(text=text, token_ids=new, stats=stats)
+
+    def _clear_pruning(self) -> None:
+        if self.pruner is not None:
+            self.pruner.clear()
 
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):

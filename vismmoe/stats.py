@@ -34,6 +34,7 @@ class RequestStats:
     prefetch_precision: list = field(default_factory=list)
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
+    pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +76,8 @@ class RequestStats:
             ("device", self.device),
             ("decode path", self.decode_path),
         ]
+        if self.visual_tokens_kept < self.visual_tokens_total:
+            rows.append(("visual token pruning", f"{self.pruning_s * 1e3:.1f} ms"))
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
