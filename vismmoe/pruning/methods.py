@@ -90,7 +90,7 @@ def select_pool(tokens: VisualTokens, k: int, seed: int) -> Selection:
         # Fewer cells than grids (many small tiles): stack the grids vertically into one.
         heights = torch.stack([coords[coords[:, 0] == i, 1].max() + 1 for i in images])
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), heights.cumsum(0)[:-1]])
-        rows = coords[:, 1] + offsets[torch.searchsorted(images, coords[:, 0])]
+        rows = coords[:, 1] + offsets[torch.searchsorted(images, coords[:, 0].contiguous())]
         coords = torch.stack([torch.zeros_like(rows), rows, coords[:, 2]], dim=1)
         images = images[:1] * 0
     sizes = torch.stack([(coords[:, 0] == i).sum() for i in images])
