@@ -26,6 +26,7 @@ from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
 from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
+from .pruning.settings import is_off as _pruning_off
 from .stats import RequestStats
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class Engine:
 
         if self.image_token_id is None:
             return None  # text-only model: visual_keep has nothing to prune
-        if self.config.visual_keep != 1.0:
+        if not _pruning_off(self.config.visual_keep):
             VisualPruner.check_supported(self.model.config.model_type)
         return VisualPruner(self.model, _text_model(self.model, self.layout), self.layout, self.image_token_id)
 
@@ -196,7 +197,7 @@ class Engine:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
-        if config.visual_keep != 1.0 and self.pruner is not None:
+        if self.pruner is not None and not _pruning_off(config.visual_keep):
             self.pruner.check_supported(self.model.config.model_type)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
@@ -225,7 +226,7 @@ class Engine:
         input_ids = inputs["input_ids"]
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         pruning = None
-        if visual_total and self.pruner is not None and self.config.visual_keep != 1.0:
+        if visual_total and self.pruner is not None and not _pruning_off(self.config.visual_keep):
             with torch.inference_mode():
                 pruning = self.pruner.prune(inputs, self.config, override_decode=True)
             if pruning is not None:
