@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub) -> None:
     # Subcommands that live with their feature (evaluation, benchmarks) register themselves.
-    for module in ("vismmoe.evaluation.cli",):
+    for module in ("vismmoe.evaluation.cli", "vismmoe.pruning.cli"):
         try:
             mod = __import__(module, fromlist=["register_cli"])
         except ImportError:
