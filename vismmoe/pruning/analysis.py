@@ -134,19 +134,19 @@ def plots(report: dict, out: Path) -> list[Path]:
     settings = report["settings"]
     methods = sorted({s["method"] for s in settings if s["method"] != "none"})
     base = [s for s in settings if s["method"] == "none"]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for method in methods:
+    fig = Figure(figsize=(4 * max(1, len(methods)), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(methods)), sharey=True))
+    for ax, method in zip(axes, methods or ["none"]):
         rows = sorted(base + [s for s in settings if s["method"] == method], key=lambda s: -s["keep"])
         for layer in range(report["layers"]):
             ax.plot([s["keep"] for s in rows], [s["routing"]["visual"]["distinct_experts"][layer] for s in rows],
-                    marker="o", alpha=0.8, label=f"{method} L{layer}" if report["layers"] <= 8 else
-                    (method if layer == 0 else None))
-    ax.set_xlabel("visual_keep")
-    ax.set_ylabel("distinct experts per request (visual tokens)")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+                    marker="o", alpha=0.8, label=f"layer {layer}")
+        ax.set_title(method)
+        ax.set_xlabel("visual_keep")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("distinct experts / request (visual)")
+    axes[-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     paths.append(out / "working_set_vs_keep.png")
     fig.savefig(paths[-1], dpi=120)
