@@ -52,6 +52,11 @@ def references(tiny_checkpoints):
 # -- the hand-built reference -------------------------------------------------------------------------
 
 
+def _cat(parts):
+    # Per-image tuples (transformers 5.24) or one tensor (5.17 for deepstack features).
+    return torch.cat(parts) if isinstance(parts, (list, tuple)) else parts
+
+
 def full_language_inputs(model, inputs):
     """The unpruned request's language-model inputs, from each family's public methods:
     (embeddings [1, L, D], positions, deepstack features or None)."""
@@ -62,9 +67,9 @@ def full_language_inputs(model, inputs):
     positions = torch.arange(ids.shape[1]).view(1, -1)
     if cfg.model_type in ("qwen3_vl_moe", "glm4v_moe"):
         out = m.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        feats = torch.cat(out.pooler_output)
+        feats = _cat(out.pooler_output)
         if cfg.model_type == "qwen3_vl_moe":
-            deepstack = [torch.cat(d) for d in out.deepstack_features]
+            deepstack = [_cat(d) for d in out.deepstack_features]
         positions = m.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                      image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])[0]
     elif cfg.model_type == "internvl":
@@ -76,7 +81,7 @@ def full_language_inputs(model, inputs):
                                    vision_feature_layer=cfg.vision_feature_layer,
                                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                    batch_num_images=torch.tensor([1]), return_dict=True)
-        feats = torch.cat(out.pooler_output)
+        feats = _cat(out.pooler_output)
     visual = ids[0] == cfg.image_token_id
     embeds = embeds.clone()
     embeds[0, visual] = feats.to(embeds.dtype)

@@ -86,18 +86,22 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
-        self.pruner = self._build_pruner()
+        self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
         self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
+        self._check_pruning(config)
 
-    def _build_pruner(self):
+    def _check_pruning(self, config: EngineConfig) -> None:
         from .pruning import VisualPruner
-        from .static_decode import _text_model
 
-        if self.image_token_id is None:
-            return None  # text-only model: visual_keep has nothing to prune
-        if not _pruning_off(self.config.visual_keep):
+        if self.image_token_id is not None and not _pruning_off(config.visual_keep):
             VisualPruner.check_supported(self.model.config.model_type)
-        return VisualPruner(self.model, _text_model(self.model, self.layout), self.layout, self.image_token_id)
+
+    def _visual_pruner(self):
+        if self.pruner is None:
+            from .pruning import VisualPruner
+
+            self.pruner = VisualPruner(self.model, self.layout, self.image_token_id)
+        return self.pruner
 
     def _build_runtime(self) -> None:
         config = self.config
@@ -197,8 +201,7 @@ class Engine:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
-        if self.pruner is not None and not _pruning_off(config.visual_keep):
-            self.pruner.check_supported(self.model.config.model_type)
+        self._check_pruning(config)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
         try:
@@ -226,9 +229,9 @@ class Engine:
         input_ids = inputs["input_ids"]
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         pruning = None
-        if visual_total and self.pruner is not None and not _pruning_off(self.config.visual_keep):
+        if visual_total and not _pruning_off(self.config.visual_keep):
             with torch.inference_mode():
-                pruning = self.pruner.prune(inputs, self.config, override_decode=True)
+                pruning = self._visual_pruner().prune(inputs, self.config, override_decode=True)
             if pruning is not None:
                 inputs, self.last_pruning = pruning
                 input_ids = inputs["input_ids"]

@@ -78,14 +78,15 @@ class _PrefillState:
 @dataclass
 class VisualPruner:
     model: torch.nn.Module
-    text_model: torch.nn.Module
     layout: object
     image_token_id: int
     state: _PrefillState | None = None
     last: PruneRecord | None = None
+    text_model: torch.nn.Module = field(default=None, repr=False)
     _hook: object = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.text_model = _language_model(self.model, self.layout)
         # prepend: runs before static decode's position recorder, which must see the pruned positions.
         self._hook = self.text_model.register_forward_pre_hook(self._swap_inputs, with_kwargs=True, prepend=True)
 
@@ -268,6 +269,16 @@ class VisualPruner:
         else:
             kwargs["position_ids"] = (steps + state.shift.to(embeds.device)).view(1, n)
         return args, kwargs
+
+
+def _language_model(model, layout) -> torch.nn.Module:
+    """The decoder module that holds the MoE layers (what the multimodal model calls with inputs_embeds)."""
+    first = layout.layers[0].decoder_layer
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and any(layer is first for layer in layers):
+            return module
+    raise ConfigError(f"cannot find the language model of {type(model).__name__}; visual token pruning needs it")
 
 
 def _tile_tokens(config) -> int:
