@@ -80,3 +80,13 @@ def test_bench_pruning_tiny(tmp_path):
     assert all(r["prefill_tokens"] == rows[0]["prefill_tokens"] - (total - r["visual_tokens_kept"]) for r in rows)
     assert all(r["ttft_ms"] > 0 and r["new_tokens"] == 3 for r in rows)
     assert "| 0.5 | affinity | 8/16 |" in (tmp_path / "bench_pruning.md").read_text()
+
+
+def test_run_command_prunes(capsys):
+    from vismmoe.cli import main
+
+    assert main(["run", "--keep", "0.25", "--prune", "diversity", "--merge", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(12/49 visual kept)" in out and "visual token pruning" in out
+    assert main(["run", "--keep", "0", "--max-new-tokens", "3"]) == 2
+    assert "visual_keep as a token count must be >= 1, got 0" in capsys.readouterr().err
