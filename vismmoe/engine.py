@@ -229,6 +229,7 @@ class Engine:
         input_ids = inputs["input_ids"]
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         pruning = None
+        self._clear_pruning()  # nothing armed by an earlier request that failed half-way may reach this one
         if visual_total and not _pruning_off(self.config.visual_keep):
             with torch.inference_mode():
                 pruning = self._visual_pruner().prune(inputs, self.config, override_decode=True)
