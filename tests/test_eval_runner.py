@@ -110,16 +110,16 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_sweep_builds_one_engine_per_setting_and_plots(tmp_path):
     factory = Factory()
     table = run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False,
-                     sweep=["budget=0.25,0.5", "keep=1.0,0.5"])
+                     sweep=["budget=0.25,0.5", "visual_keep=1.0,0.5"])
     assert [e.overrides for e in factory.engines] == [
-        {"expert_budget": 0.25, "visual_keep_ratio": 1.0}, {"expert_budget": 0.25, "visual_keep_ratio": 0.5},
-        {"expert_budget": 0.5, "visual_keep_ratio": 1.0}, {"expert_budget": 0.5, "visual_keep_ratio": 0.5}]
-    assert [r["setting"] for r in table["rows"]][:2] == ["expert_budget=0.25 visual_keep_ratio=1.0",
-                                                        "expert_budget=0.25 visual_keep_ratio=0.5"]
+        {"expert_budget": 0.25, "visual_keep": 1.0}, {"expert_budget": 0.25, "visual_keep": 0.5},
+        {"expert_budget": 0.5, "visual_keep": 1.0}, {"expert_budget": 0.5, "visual_keep": 0.5}]
+    assert [r["setting"] for r in table["rows"]][:2] == ["expert_budget=0.25 visual_keep=1.0",
+                                                        "expert_budget=0.25 visual_keep=0.5"]
     assert [r["visual_tokens_kept_mean"] for r in table["rows"]] == [16, 8, 16, 8]
-    assert (tmp_path / "expert_budget=0.5__visual_keep_ratio=0.5" / "results.json").is_file()
+    assert (tmp_path / "expert_budget=0.5__visual_keep=0.5" / "results.json").is_file()
     assert (tmp_path / "accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| expert_budget=0.5 visual_keep_ratio=0.5 |" in (tmp_path / "summary.md").read_text()
+    assert "| expert_budget=0.5 visual_keep=0.5 |" in (tmp_path / "summary.md").read_text()
 
 
 class ReconfigurableEngine(FakeEngine):
@@ -132,7 +132,7 @@ class ReconfigurableEngine(FakeEngine):
 def test_sweep_reuses_an_engine_that_can_reconfigure(tmp_path):
     factory = Factory(ReconfigurableEngine)
     table = run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False,
-                     sweep={"keep": [1.0, 0.25]})
+                     sweep={"visual_keep": [1.0, 0.25]})
     assert len(factory.engines) == 1 and factory.calls == 16
     assert [r["visual_tokens_kept_mean"] for r in table["rows"]] == [16, 4]
 

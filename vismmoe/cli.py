@@ -53,7 +53,8 @@ def cmd_run(args) -> int:
     import vismmoe
 
     model, image, prompt = _demo_inputs(args)
-    overrides = {"expert_budget": args.budget, "device": args.device, "max_new_tokens": args.max_new_tokens}
+    overrides = {"expert_budget": args.budget, "device": args.device, "max_new_tokens": args.max_new_tokens,
+                 "visual_keep": args.keep, "visual_prune": args.prune, "visual_merge": args.merge}
     try:
         engine = vismmoe.load(model, config=args.config, **overrides)
         result = engine.generate(image=image, prompt=prompt)
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", help="GPU expert budget: '12GiB', '800MB', 0.25, '25%%' or 'min'")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    run.add_argument("--keep", type=_keep_value,
+                     help="visual tokens to keep: a ratio in (0, 1] such as 0.25 (1.0 = no pruning) or a count such as 64")
+    run.add_argument("--prune", help="pruning method: affinity (default), diversity, importance, pool or random")
+    run.add_argument("--merge", action="store_true", default=None,
+                     help="merge each pruned visual token into its most similar kept token instead of dropping it")
     run.set_defaults(func=cmd_run)
     _register_optional(sub)
     return parser
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_optional(sub) -> None:
     # Subcommands that live with their feature (evaluation, benchmarks) register themselves.
-    for module in ("vismmoe.evaluation.cli", "vismmoe.deploy.cli"):
+    for module in ("vismmoe.evaluation.cli", "vismmoe.deploy.cli", "vismmoe.pruning.cli"):
         try:
             mod = __import__(module, fromlist=["register_cli"])
         except ImportError:
@@ -102,6 +108,18 @@ def main(argv=None) -> int:
     if getattr(args, "budget", None) is not None:
         args.budget = _number_or_text(args.budget)
     return args.func(args)
+
+
+def _keep_value(text: str):
+    # An integer is a token count, anything with a point or exponent a ratio (validated by the config).
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep takes a ratio such as 0.25 or a token count such as 64, got {text!r}") from None
 
 
 def _number_or_text(value: str):

@@ -63,6 +63,18 @@ class EngineConfig:
     # them. The live cache runs one global pool and does not take quotas yet: the engine refuses a
     # non-null value instead of ignoring it (the planner writes its plan under `plan:`, not here).
     slot_plan: Any = None
+    # Visual-token pruning between the vision tower and the language model (vismmoe/pruning):
+    # `visual_keep` is a ratio in (0, 1] (1.0 = off) or an integer token count; `visual_prune` the method
+    # (affinity, diversity, importance, pool, random; None = affinity); `visual_merge` folds each pruned
+    # token into its most similar kept token instead of dropping it.
+    visual_keep: Any = 1.0
+    visual_prune: Any = None
+    visual_merge: bool = False
+    # Affinity: score weights (keys importance, concentration, diversity, routing) and how many of the
+    # first MoE layers' routers score the tokens. Seed of the random method.
+    visual_affinity_weights: Any = None
+    visual_affinity_layers: int = 1
+    visual_prune_seed: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -88,6 +100,17 @@ class EngineConfig:
             raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
+        from .pruning import settings as pruning
+
+        pruning.check_keep(self.visual_keep)
+        pruning.check_method(self.visual_prune)
+        pruning.check_weights(self.visual_affinity_weights)
+        if not isinstance(self.visual_merge, bool):
+            raise ConfigError(f"visual_merge must be true or false, got {self.visual_merge!r}")
+        for key in ("visual_affinity_layers", "visual_prune_seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "visual_affinity_layers" else 0):
+                raise ConfigError(f"{key} must be an integer >= {1 if key == 'visual_affinity_layers' else 0}, got {value!r}")
         from .offload.policies import POLICIES
 
         if self.policy not in POLICIES:

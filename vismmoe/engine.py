@@ -27,6 +27,7 @@ from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
 from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
+from .pruning.settings import is_off as _pruning_off
 from .stats import RequestStats
 
 if TYPE_CHECKING:
@@ -110,6 +111,22 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+        self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
+        self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
+        self._check_pruning(config)
+
+    def _check_pruning(self, config: EngineConfig) -> None:
+        from .pruning import VisualPruner
+
+        if self.image_token_id is not None and not _pruning_off(config.visual_keep):
+            VisualPruner.check_supported(self.model.config.model_type)
+
+    def _visual_pruner(self):
+        if self.pruner is None:
+            from .pruning import VisualPruner
+
+            self.pruner = VisualPruner(self.model, self.layout, self.image_token_id)
+        return self.pruner
 
     @_on_engine_device
     def _build_runtime(self) -> None:
@@ -171,7 +188,8 @@ class Engine:
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
-                       "decode", "cuda_graphs"}
+                       "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
+                       "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
 
     def _device_copies_work(self) -> bool:
         """Can misses be copied by device-decided work (static decode)? On CUDA this needs the
@@ -210,6 +228,7 @@ class Engine:
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        self._check_pruning(config)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
         try:
@@ -237,6 +256,14 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         input_ids = inputs["input_ids"]
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        pruning = None
+        self._clear_pruning()  # nothing armed by an earlier request that failed half-way may reach this one
+        if visual_total and not _pruning_off(self.config.visual_keep):
+            with torch.inference_mode():
+                pruning = self._visual_pruner().prune(inputs, self.config, override_decode=True)
+            if pruning is not None:
+                inputs, self.last_pruning = pruning
+                input_ids = inputs["input_ids"]
 
         generation_config = copy.deepcopy(self.generation_config)
         # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
@@ -251,7 +278,10 @@ class Engine:
             except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
                 static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
+            self._clear_pruning()
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
+        if pruning is not None and decoder is not None:
+            self.pruner.state.override_decode = False  # static decode continues the recorded positions itself
         self.runtime.begin_request()
         self.cache.reset_counters()
         # The prefetch ledger is per request: leftovers of the last one are neither used nor wasted here.
@@ -278,6 +308,7 @@ class Engine:
             raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
             self.runtime.step.visual_mask = None
+            self._clear_pruning()
             if self.trace is not None:
                 self.trace.end_request()
         if self.device.type == "cuda":
@@ -289,7 +320,9 @@ class Engine:
         t_first = self._first_token_time or t_end
         stats = RequestStats(
             ttft_s=t_first - t_start, decode_s=t_end - t_first, prefill_tokens=int(input_ids.shape[1]),
-            new_tokens=len(new), visual_tokens_total=visual_total, visual_tokens_kept=visual_total,
+            new_tokens=len(new), visual_tokens_total=visual_total,
+            visual_tokens_kept=len(pruning[1].kept) if pruning is not None else visual_total,
+            pruning_s=pruning[1].seconds if pruning is not None else 0.0,
             hits_per_layer=counters.hits.tolist(), misses_per_layer=counters.misses.tolist(),
             bytes_h2d=int(counters.bytes_h2d), budget_bytes=self.cache.budget_bytes, num_slots=self.num_slots,
             record_bytes=self.store.record_bytes, waves=counters.waves,
@@ -336,6 +369,9 @@ class Engine:
                  "host_store": 0 if self.store.slab is None else self.store.total_bytes,
                  "host_store_kind": self.config.store + (" (page-locked)" if self.store.pinned else "")}
         return parts
+    def _clear_pruning(self) -> None:
+        if self.pruner is not None:
+            self.pruner.clear()
 
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):

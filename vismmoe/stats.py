@@ -37,6 +37,7 @@ class RequestStats:
     # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
     memory: dict = field(default_factory=dict)
+    pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -78,6 +79,8 @@ class RequestStats:
             ("device", self.device),
             ("decode path", self.decode_path),
         ]
+        if self.visual_tokens_kept < self.visual_tokens_total:
+            rows.append(("visual token pruning", f"{self.pruning_s * 1e3:.1f} ms"))
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))

@@ -22,7 +22,7 @@ def register_cli(subparsers) -> None:
     ev.add_argument("--limit", type=int, help="evaluate only the first N questions")
     ev.add_argument("--config", help="engine config YAML")
     ev.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
-                    help="grid of engine overrides, e.g. budget=0.25,0.5 keep=1.0,0.5 (one run per combination)")
+                    help="grid of engine overrides, e.g. budget=0.25,0.5 visual_keep=1.0,0.5 visual_prune=affinity,random (one run per combination)")
     ev.add_argument("--max-new-tokens", type=int, help="generation length (default: the task's)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--output", help="output directory (default runs/eval/<model>/<task>)")

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 # Per-request engine statistics lifted to the top level of each record; the rest stays under "stats".
-STAT_KEYS = ("ttft_s", "decode_s", "new_tokens", "peak_gpu_bytes", "visual_tokens_kept", "visual_tokens_total",
+STAT_KEYS = ("ttft_s", "decode_s", "new_tokens", "peak_gpu_bytes", "visual_tokens_kept", "visual_tokens_total", "pruning_s",
              "expert_hits", "expert_misses", "bytes_h2d")
 _RECORD_ORDER = ("question_id", "score", "prediction", "parsed", "references", "prompt", "image", "latency_s",
                  *STAT_KEYS, "fields", "stats")

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 # Short sweep names for the engine's config keys; any other key is passed through as written.
-KEY_ALIASES = {"budget": "expert_budget", "keep": "visual_keep_ratio"}
+KEY_ALIASES = {"budget": "expert_budget"}
 
 
 def parse_value(text: str):
@@ -26,7 +26,7 @@ def parse_value(text: str):
 
 
 def parse_sweep(spec) -> dict[str, list]:
-    """["budget=0.25,0.5", "keep=1.0"] or {"budget": [0.25, 0.5]} -> {"expert_budget": [0.25, 0.5], ...}."""
+    """["budget=0.25,0.5", "visual_keep=1.0,0.5"] or {"budget": [0.25, 0.5]} -> {"expert_budget": [0.25, 0.5], ...}."""
     if not spec:
         return {}
     if isinstance(spec, dict):
