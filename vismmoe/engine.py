@@ -9,6 +9,8 @@ from the safetensors files straight into the host store.
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +19,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import adapters, ops
-from .config import EngineConfig, load_config, parse_budget
-from .errors import BudgetError, ConfigError, InputError, ModelLoadError
-from .inputs import build_inputs, load_image, load_processor
+from .config import EngineConfig, check_keys, load_config, parse_budget
+from .errors import BudgetError, ConfigError, EngineClosedError, InputError, ModelLoadError
+from .inputs import build_inputs, check_prompt, load_image, load_processor
 from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
 from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
+from .static_decode import initial_cache_length, model_context
 from .stats import RequestStats
 
 if TYPE_CHECKING:
@@ -44,6 +47,9 @@ def load(model_dir, config=None, **overrides) -> "Engine":
 
     `config` is a YAML path, a dict or an EngineConfig; keyword overrides win (e.g. expert_budget=0.25).
     """
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise ModelLoadError(f"model_dir must be the path of a checkpoint directory, got {type(model_dir).__name__} "
+                             f"{model_dir!r}")
     return Engine(model_dir, load_config(config, **overrides))
 
 
@@ -53,13 +59,19 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.device = _resolve_device(config.device)
         files = _checkpoint_files(self.model_dir)
-        hf_config = _load_hf_config(self.model_dir, config.trust_remote_code)
+        # Only the boolean True runs checkpoint code (EngineConfig already refuses strings such as "false").
+        hf_config = _load_hf_config(self.model_dir, config.trust_remote_code is True)
         self.dtype = _resolve_dtype(config.dtype, hf_config, self.device)
         model_cls = _model_class(hf_config)
-        with torch.device("meta"):
-            skeleton = model_cls(hf_config)
+        try:
+            with torch.device("meta"):
+                skeleton = model_cls(hf_config)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ModelLoadError(f"{self.model_dir}/config.json does not describe a buildable "
+                                 f"{hf_config.model_type!r} model ({type(exc).__name__}: {exc})") from None
         self.layout = adapters.discover(skeleton)
         self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        _check_static_settings(config, self.num_slots, self.layout)
         self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
@@ -67,6 +79,7 @@ class Engine:
         self.model.to(self.device).eval()
 
         self.trace = None
+        self.closed = False
         self._requests = 0
         self._decoders = {}
         self._device_copy_checked = None
@@ -85,6 +98,9 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+        self.context = model_context(self.model)
+        # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
+        self._placeholders = _placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
 
     def _build_runtime(self) -> None:
         config = self.config
@@ -178,11 +194,14 @@ class Engine:
         The GPU cache starts empty again. Settings that need a reload (device, dtype, store,
         attention) raise ConfigError: use vismmoe.load for those.
         """
+        self._check_open()
+        check_keys(overrides, "reconfigure()")  # an unknown key is a typo, not a setting that needs a reload
         fixed = sorted(set(overrides) - self._RECONFIGURABLE)
         if fixed:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        _check_static_settings(config, num_slots, self.layout)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
         try:
@@ -198,28 +217,38 @@ class Engine:
                  **generation_kwargs) -> Result:
         """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True.
 
-        `request_id` names the request in a routing trace being recorded (see start_trace)."""
+        `request_id` names the request in a routing trace being recorded (see start_trace).
+        Every bad argument raises InputError naming it, before any work; the engine keeps serving."""
+        self._check_open()
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        # Generation arguments are checked before the inputs are built: an error later, while decoding,
+        # is reported as what it is.
+        generation_config, kwargs = self._generation_arguments(max_new_tokens, generation_kwargs)
         t_start = time.perf_counter()
         pil = load_image(image)
+        check_prompt(prompt, self._placeholders)
         inputs = build_inputs(self.processor, pil, prompt).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         input_ids = inputs["input_ids"]
+        prompt_len = int(input_ids.shape[1])
+        if self.context is not None:
+            if prompt_len > self.context:
+                raise InputError(
+                    f"the prompt is {prompt_len} tokens (image included) but the model's context is {self.context} "
+                    "tokens; shorten the prompt or use a smaller image")
+            # The answer ends where the context does (the last token needs no cache position).
+            max_new_tokens = min(max_new_tokens, self.context - prompt_len + 1)
+            generation_config.max_new_tokens = max_new_tokens
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
 
-        generation_config = copy.deepcopy(self.generation_config)
-        # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
-        kwargs = generation_config.update(**{"do_sample": self.config.do_sample, "max_new_tokens": max_new_tokens,
-                                             **generation_kwargs})
-        kwargs["generation_config"] = generation_config
         static_reason = self._static_unavailable(generation_kwargs)
         decoder = None
         if static_reason is None:
             try:
-                decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)
+                decoder = self._decoder(prompt_len, max_new_tokens)
             except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
                 static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
@@ -240,14 +269,17 @@ class Engine:
         try:
             with torch.inference_mode():
                 if decoder is not None:
-                    new = decoder.generate(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
-                                           on_first_token=self._mark_first_token)
+                    length = decoder.max_cache_len
+                    try:
+                        new = decoder.generate(inputs, max_new_tokens,
+                                               int(generation_kwargs.get("min_new_tokens") or 0),
+                                               on_first_token=self._mark_first_token)
+                    finally:
+                        self._rekey_decoder(decoder, length)
                     decode_path = f"static-{decoder.mode}"
                 else:
                     output = self.model.generate(**inputs, **kwargs)
                     new = output[0, input_ids.shape[1]:].tolist()
-        except ValueError as exc:  # transformers' message for bad generation arguments is clear; keep it
-            raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
             self.runtime.step.visual_mask = None
             if self.trace is not None:
@@ -278,6 +310,32 @@ class Engine:
         )
         return Result(text=text, token_ids=new, stats=stats)
 
+    def _generation_arguments(self, max_new_tokens: int, generation_kwargs: dict):
+        """This request's GenerationConfig and the other arguments of transformers' generate, checked."""
+        generation_config = copy.deepcopy(self.generation_config)
+        for key, value in generation_kwargs.items():
+            rule = _GENERATION_RULES.get(key)
+            if rule is not None and not rule[0](value):
+                raise InputError(f"invalid generation arguments: {key} must be {rule[1]}, got {value!r}")
+        try:
+            # GenerationConfig.update validates the values and returns what it does not know (streamer,
+            # logits_processor, ...), which must be arguments of generate itself.
+            kwargs = generation_config.update(**{"do_sample": self.config.do_sample, "max_new_tokens": max_new_tokens,
+                                                 **generation_kwargs})
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"invalid generation arguments: {exc}") from None
+        unknown = sorted(set(kwargs) - _generate_parameters(self.model))
+        if unknown:
+            raise InputError(
+                f"invalid generation arguments: unknown argument(s) {unknown}; pass GenerationConfig fields "
+                "(e.g. do_sample, temperature, min_new_tokens) or arguments of transformers' generate")
+        kwargs["generation_config"] = generation_config
+        return generation_config, kwargs
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("this engine is closed (close() was called); load a new one with vismmoe.load")
+
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -305,16 +363,29 @@ class Engine:
             return "expert copies cannot be decided on the device here (mmap store, or no page-locked slab / triton)"
         return None
 
-    def _decoder(self, prompt_len: int, max_new_tokens: int):
-        from .static_decode import StaticDecoder, cache_length
+    _MAX_DECODERS = 4  # each holds a KV cache (and a graph): keep the most recently used few
 
-        length = cache_length(prompt_len, max_new_tokens)
-        decoder = self._decoders.get(length)
+    def _decoder(self, prompt_len: int, max_new_tokens: int):
+        """The decoder whose cache fits the prompt and a first bucket of new tokens (it grows as needed)."""
+        from .static_decode import StaticDecoder
+
+        length = initial_cache_length(prompt_len, max_new_tokens, self.context)
+        decoder = self._decoders.pop(length, None)
         if decoder is None:
-            while len(self._decoders) >= 4:  # each holds a KV cache (and a graph): keep the recent few
+            while len(self._decoders) >= self._MAX_DECODERS:
                 self._decoders.pop(next(iter(self._decoders)))
-            decoder = self._decoders[length] = StaticDecoder(self, length)
+            decoder = StaticDecoder(self, length)
+        self._decoders[length] = decoder  # most recently used last
         return decoder
+
+    def _rekey_decoder(self, decoder, length: int) -> None:
+        """A decoder whose cache grew during the request is filed under its new length (replacing any
+        decoder of that length), so the number of KV caches held stays bounded."""
+        if decoder.max_cache_len == length or self._decoders.get(length) is not decoder:
+            return
+        del self._decoders[length]
+        self._decoders.pop(decoder.max_cache_len, None)
+        self._decoders[decoder.max_cache_len] = decoder
 
     def _mark_first_token(self) -> None:
         """The prefill's token is known: note the time and what the prefill moved."""
@@ -338,6 +409,9 @@ class Engine:
             step.visual_mask = None
 
     def close(self):
+        """Release the host store and the decoders; later calls raise EngineClosedError."""
+        self.closed = True
+        self._decoders = {}
         self.store.close()
 
 
@@ -367,15 +441,64 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
         raise ModelLoadError(f"no .safetensors weight files in {str(model_dir)!r}{hint}")
     from safetensors import SafetensorError, safe_open
 
+    keys_of = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
+                keys_of[path.name] = set(handle.keys())
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(
                 f"{path} is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
             ) from None
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        _check_index(index, keys_of)
+    else:
+        _check_no_duplicates(model_dir, keys_of)
     return files
+
+
+def _check_index(index: Path, keys_of: dict[str, set]) -> None:
+    """Every weight file agrees with model.safetensors.index.json: the files it names, no others, and each
+    key in the file the index says (a stray backup file would otherwise replace weights silently)."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not a mapping")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
+    named = set(weight_map.values())
+    missing = sorted(named - set(keys_of))
+    if missing:
+        raise ModelLoadError(f"{index} names weight file(s) {missing} that are not in {index.parent}; "
+                             "the checkpoint is incomplete: re-download it")
+    extra = sorted(set(keys_of) - named)
+    if extra:
+        raise ModelLoadError(f"{index.parent} holds safetensors file(s) {extra} that {index.name} does not name; "
+                             "move them out of the checkpoint directory (a stray file would change the weights)")
+    for name, keys in sorted(keys_of.items()):
+        wrong = sorted(k for k in keys if weight_map.get(k) != name)
+        if wrong:
+            raise ModelLoadError(f"{name} holds {len(wrong)} tensor(s) that {index.name} places elsewhere or not at "
+                                 f"all (e.g. {wrong[0]!r} -> {weight_map.get(wrong[0])!r}); the files disagree with "
+                                 "the index: re-save or re-download the checkpoint")
+    absent = sorted(k for k, f in weight_map.items() if k not in keys_of[f])
+    if absent:
+        raise ModelLoadError(f"{index.name} places {absent[0]!r} in {weight_map[absent[0]]} but that file does not hold "
+                             f"it ({len(absent)} such tensor(s)); re-download the checkpoint")
+
+
+def _check_no_duplicates(model_dir: Path, keys_of: dict[str, set]) -> None:
+    owner = {}
+    for name, keys in sorted(keys_of.items()):
+        for key in keys:
+            if key in owner:
+                raise ModelLoadError(
+                    f"{owner[key]} and {name} in {str(model_dir)!r} both hold {key!r}; a checkpoint holds each tensor "
+                    "once: remove the stray file (or add the model.safetensors.index.json that says which is used)")
+            owner[key] = name
 
 
 def _load_hf_config(model_dir: Path, trust_remote_code: bool):
@@ -433,6 +556,8 @@ def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:
             f"expert budget {budget!r} holds {slots} expert(s) of {record_bytes} bytes, but one layer's top-{layout.top_k} "
             f"experts need {minimum} slots: the minimum budget is {minimum * record_bytes} bytes "
             f"({minimum * record_bytes / 2**20:.2f} MiB, or {minimum / total:.4f} of all experts, or 'min')"
+            + ("; an integer budget is a byte count: write a fraction as 1.0 or '100%'"
+               if kind == "bytes" and str(budget).strip().isdigit() else "")
         )
     return min(slots, total)
 
@@ -470,6 +595,74 @@ def _load_non_expert_weights(model_cls, hf_config, files, layout, dtype, config)
             f"the checkpoint does not match config.json: missing or mismatched weights ({shown}, ...)"
         )
     return model
+
+
+def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
+    """decode: static decides every cache load on the device: below a budget that holds every expert it
+    needs a policy with a device twin and a host slab (not mmap). Refused here, not on every request."""
+    if config.decode != "static" or num_slots >= len(layout.layers) * layout.num_experts:
+        return
+    if config.policy not in DEVICE_POLICIES:
+        raise ConfigError(
+            f"decode: static below a full budget needs policy {' or '.join(sorted(DEVICE_POLICIES))} (decided on the "
+            f"device); policy {config.policy!r} has no device twin. Use decode: auto (generate for this policy), "
+            "a device policy, or a budget holding every expert")
+    if config.store == "mmap":
+        raise ConfigError(
+            "decode: static below a full budget cannot use store: mmap (experts are read by the host first); "
+            "use store: pinned or memory, decode: auto, or a budget holding every expert")
+
+
+def _is_int(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(low: float, high: float = float("inf"), low_open: bool = False):
+    def check(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return check
+
+
+_is_bool = lambda v: isinstance(v, bool)  # noqa: E731
+
+# The generation arguments users pass most, with their types and ranges (transformers' own validation
+# lets a string "no" through as a truthy do_sample, or divides by num_beams=0 while decoding).
+_GENERATION_RULES = {
+    "do_sample": (_is_bool, "True or False"),
+    "use_cache": (_is_bool, "True or False"),
+    "early_stopping": (lambda v: isinstance(v, bool) or v == "never", "True, False or 'never'"),
+    "num_beams": (_is_int(1), "an integer >= 1"),
+    "top_k": (_is_int(0), "an integer >= 0"),
+    "min_new_tokens": (_is_int(0), "an integer >= 0"),
+    "min_length": (_is_int(0), "an integer >= 0"),
+    "no_repeat_ngram_size": (_is_int(0), "an integer >= 0"),
+    "num_return_sequences": (lambda v: v == 1 and not isinstance(v, bool), "1 (one answer per request)"),
+    "return_dict_in_generate": (lambda v: v is False, "False (the engine returns a Result)"),
+    "temperature": (_is_number(0.0, low_open=True), "a number > 0"),
+    "top_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "min_p": (_is_number(0.0, 1.0), "a number in [0, 1]"),
+    "typical_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "repetition_penalty": (_is_number(0.0, low_open=True), "a number > 0"),
+    "length_penalty": (_is_number(float("-inf")), "a number"),
+}
+
+
+def _generate_parameters(model) -> set[str]:
+    """Keyword arguments of transformers' generate besides the GenerationConfig fields."""
+    skip = {"self", "inputs", "generation_config", "kwargs", "args"}
+    return {name for name in inspect.signature(model.generate).parameters if name not in skip}
+
+
+def _placeholder_tokens(processor, tokenizer, image_token_id) -> list[str]:
+    """The image/video placeholder strings the processor expands; a prompt holding one would desynchronise
+    the processor's expansion and the vision features."""
+    names = {getattr(processor, attr, None) for attr in ("image_token", "video_token")}
+    if image_token_id is not None:
+        names.add(tokenizer.convert_ids_to_tokens(int(image_token_id)))
+    return sorted(n for n in names if isinstance(n, str) and n)
 
 
 def _rounded(matrix) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -18,10 +19,19 @@ def load_image(image) -> Image.Image | None:
         return None
     if isinstance(image, Image.Image):
         _check_pixels(image.size, "the given PIL image")
-        return image.convert("RGB") if image.mode != "RGB" else image
+        try:
+            image.load()  # a closed image raises here ("Operation on closed image")
+            return image.convert("RGB") if image.mode != "RGB" else image
+        except (ValueError, OSError, AttributeError) as exc:
+            raise InputError(f"the given PIL image cannot be read ({exc}); was it closed? pass an open image") from None
     if not isinstance(image, (str, os.PathLike)):
         raise InputError(f"image must be a file path, a PIL.Image or None, got {type(image).__name__}")
+    text = os.fspath(image)
+    if isinstance(text, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        raise InputError(f"image {text!r} is a URL; URLs are not fetched: download the image and pass its path")
     path = Path(image)
+    if path.is_dir():
+        raise InputError(f"image {str(path)!r} is a directory, not an image file")
     if not path.is_file():
         raise InputError(f"image file {str(path)!r} does not exist")
     try:
@@ -41,6 +51,8 @@ def load_image(image) -> Image.Image | None:
 
 
 def _check_pixels(size, what: str) -> None:
+    if size[0] < 1 or size[1] < 1:
+        raise InputError(f"image {what} has no pixels ({size[0]}x{size[1]})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:
         raise InputError(_too_many_pixels(what, size))
@@ -73,7 +85,8 @@ def load_processor(model_dir: Path):
     from .tiny_models import image_only_processor_class
 
     config = _read_json(model_dir / "processor_config.json") or {}
-    name = config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
+    name = (config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
+            or _processor_class_for_model_type(model_dir))
     processor_cls = getattr(transformers, name, None) if name else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -91,6 +104,18 @@ def load_processor(model_dir: Path):
     return image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
     )
+
+
+def _processor_class_for_model_type(model_dir: Path) -> str | None:
+    """The processor class transformers' AutoProcessor maps config.json's model_type to, when the
+    checkpoint saved its image processor and tokenizer separately (no processor_class anywhere)."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    model_type = (_read_json(model_dir / "config.json") or {}).get("model_type")
+    if not (model_dir / "preprocessor_config.json").is_file() and not (model_dir / "processor_config.json").is_file():
+        return None  # no image processor saved: a text-only checkpoint
+    name = PROCESSOR_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    return name if isinstance(name, str) else None
 
 
 def _load_image_processor(model_dir: Path, processor_config: dict):
@@ -131,10 +156,24 @@ def _read_json(path: Path):
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
 
 
+def check_prompt(prompt, placeholders=()) -> None:
+    """A prompt is non-empty text that encodes as UTF-8 and holds none of the processor's placeholders."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"prompt must be a non-empty string, got {prompt!r}"[:200])
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"prompt is not valid Unicode text: {exc.reason} {prompt[exc.start:exc.end]!r} at "
+                         f"character {exc.start}") from None
+    for token in placeholders:
+        if token in prompt:
+            raise InputError(f"prompt contains the model's image placeholder {token!r}; remove it and pass the "
+                             "image with image=")
+
+
 def build_inputs(processor, image, prompt: str):
     """Render the chat template and run the processor; returns a BatchFeature of tensors."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt must be a non-empty string")
+    check_prompt(prompt)
     tokenizer = getattr(processor, "tokenizer", processor)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -145,7 +184,12 @@ def build_inputs(processor, image, prompt: str):
     if image is not None:
         if not hasattr(processor, "image_processor"):
             raise InputError("this model has no image processor: it takes text only; pass image=None")
-        return processor(text=[text], images=[image], return_tensors="pt")
+        try:
+            return processor(text=[text], images=[image], return_tensors="pt")
+        except (ValueError, TypeError, ZeroDivisionError, IndexError) as exc:
+            # e.g. an aspect ratio the image processor refuses (1x5000)
+            raise InputError(f"image ({image.width}x{image.height}) cannot be prepared by the model's image "
+                             f"processor: {exc}") from None
     if processor is tokenizer:
         return tokenizer([text], return_tensors="pt")
     return processor(text=[text], return_tensors="pt")
