@@ -61,7 +61,7 @@ def test_outputs_of_an_eval(tmp_path):
     # The fake always answers "A": right on the two rows whose answer is A, so no question survives rotation.
     assert results["metrics"]["vanilla_accuracy"] == pytest.approx(2 / 6)
     assert results["metrics"]["circular_accuracy"] == 0.0
-    assert results["config"] == {"model": "models/fake"}
+    assert results["config"] == {"model": "models/fake", "max_new_tokens": 16}  # the length this run used
     assert results["efficiency"]["expert_hit_rate"] == 0.75
     assert results["provenance"]["versions"]["torch"] and "cpu" in results["provenance"]["device"]
     assert results["prompt_template"].endswith("Answer with the option's letter from the given choices directly.")
@@ -110,16 +110,22 @@ def test_resume_refuses_a_different_run(tmp_path):
 def test_sweep_builds_one_engine_per_setting_and_plots(tmp_path):
     factory = Factory()
     table = run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False,
-                     sweep=["budget=0.25,0.5", "keep=1.0,0.5"])
+                     sweep=["budget=0.25,0.5", "policy=lru,lfu"])
     assert [e.overrides for e in factory.engines] == [
-        {"expert_budget": 0.25, "visual_keep_ratio": 1.0}, {"expert_budget": 0.25, "visual_keep_ratio": 0.5},
-        {"expert_budget": 0.5, "visual_keep_ratio": 1.0}, {"expert_budget": 0.5, "visual_keep_ratio": 0.5}]
-    assert [r["setting"] for r in table["rows"]][:2] == ["expert_budget=0.25 visual_keep_ratio=1.0",
-                                                        "expert_budget=0.25 visual_keep_ratio=0.5"]
-    assert [r["visual_tokens_kept_mean"] for r in table["rows"]] == [16, 8, 16, 8]
-    assert (tmp_path / "expert_budget=0.5__visual_keep_ratio=0.5" / "results.json").is_file()
+        {"expert_budget": 0.25, "policy": "lru"}, {"expert_budget": 0.25, "policy": "lfu"},
+        {"expert_budget": 0.5, "policy": "lru"}, {"expert_budget": 0.5, "policy": "lfu"}]
+    assert [r["setting"] for r in table["rows"]][:2] == ["expert_budget=0.25 policy=lru",
+                                                        "expert_budget=0.25 policy=lfu"]
+    assert [r["ttft_s_mean"] for r in table["rows"]] == pytest.approx([0.04, 0.04, 0.02, 0.02])
+    assert (tmp_path / "expert_budget=0.5__policy=lfu" / "results.json").is_file()
     assert (tmp_path / "accuracy_vs_latency.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| expert_budget=0.5 visual_keep_ratio=0.5 |" in (tmp_path / "summary.md").read_text()
+    assert "| expert_budget=0.5 policy=lfu |" in (tmp_path / "summary.md").read_text()
+
+
+def test_unknown_sweep_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown sweep key 'keep'; valid keys are: .*budget.*policy"):
+        run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=Factory(), progress=False,
+                 sweep=["keep=1.0,0.5"])
 
 
 class ReconfigurableEngine(FakeEngine):
@@ -132,9 +138,9 @@ class ReconfigurableEngine(FakeEngine):
 def test_sweep_reuses_an_engine_that_can_reconfigure(tmp_path):
     factory = Factory(ReconfigurableEngine)
     table = run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False,
-                     sweep={"keep": [1.0, 0.25]})
+                     sweep={"budget": [1.0, 0.25]})
     assert len(factory.engines) == 1 and factory.calls == 16
-    assert [r["visual_tokens_kept_mean"] for r in table["rows"]] == [16, 4]
+    assert [r["ttft_s_mean"] for r in table["rows"]] == pytest.approx([0.01, 0.04])
 
 
 def test_cli_eval_on_easyvqa_with_progress(tmp_path, monkeypatch, capsys):

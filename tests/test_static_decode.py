@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vismmoe
-from vismmoe import InputError
+from vismmoe import ConfigError, InputError
 from vismmoe.offload.residency import DeviceResidency
 
 from .conftest import random_requests
@@ -51,10 +51,9 @@ def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint):
     (image, prompt), = random_requests(1, seed=13)
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, policy="cost")
     assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
-    engine.reconfigure(decode="static")
-    with pytest.raises(InputError, match="cost.*no device twin"):
-        engine.generate(image=image, prompt=prompt, max_new_tokens=3)
-    engine.reconfigure(policy="lru")
+    with pytest.raises(ConfigError, match="cost.*no device twin"):  # refused up front, not on every request
+        engine.reconfigure(decode="static")
+    engine.reconfigure(decode="static", policy="lru")
     with pytest.raises(InputError, match="sampling"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=3, do_sample=True)
     engine.reconfigure(decode="auto")
@@ -137,3 +136,52 @@ def test_a_model_the_static_cache_cannot_hold_falls_back(qwen_checkpoint, monkey
     engine.reconfigure(decode="static")
     with pytest.raises(InputError, match="sliding-window"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=3)
+
+
+def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint):
+    """max_new_tokens is a limit, not a reservation: the cache starts at prompt + one bucket, grows while
+    decoding (same tokens as transformers' generate), and never passes the model's context."""
+    from vismmoe.static_decode import cache_length, initial_cache_length
+
+    assert initial_cache_length(30, 800_000, 4096) == 512 and initial_cache_length(30, 6, 4096) == 256
+    assert cache_length(5000, 4096) == 4096 and cache_length(257, None) == 512
+    (image, prompt), = random_requests(1, seed=16)
+    static = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    generate = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="generate")
+    a = static.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
+    b = generate.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 600
+    prompt_len = a.stats.prefill_tokens
+    (decoder,) = static._decoders.values()
+    assert decoder.grown >= 1 and decoder.max_cache_len == cache_length(prompt_len + 599, 4096)
+    assert list(static._decoders) == [decoder.max_cache_len]  # filed under its grown length
+    # A short answer with a huge limit reserves one bucket above the prompt, not max_new_tokens.
+    static._decoders.clear()
+    short = static.generate(image=image, prompt=prompt, max_new_tokens=10**7, min_new_tokens=3)
+    assert len(static._decoders) == 1
+    assert list(static._decoders)[0] == initial_cache_length(prompt_len, 10**7, 4096) <= prompt_len + 512
+    assert short.token_ids[:3] == a.token_ids[:3]
+
+
+def test_answers_stop_at_the_context(qwen_checkpoint, monkeypatch):
+    (image, prompt), = random_requests(1, seed=17)
+    engines = [vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode=d) for d in ("static", "generate")]
+    prompt_len = engines[0].generate(image=image, prompt=prompt, max_new_tokens=1).stats.prefill_tokens
+    answers = []
+    for engine in engines:
+        engine.context = prompt_len + 300  # as if the model's context ended 300 tokens after this prompt
+        answers.append(engine.generate(image=image, prompt=prompt, max_new_tokens=10**6, min_new_tokens=10**6))
+    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 301
+    (decoder,) = engines[0]._decoders.values()
+    assert decoder.max_cache_len == prompt_len + 300
+    with pytest.raises(InputError, match=rf"the prompt is {prompt_len} tokens .* context is {prompt_len - 1} tokens"):
+        engines[0].context = prompt_len - 1
+        engines[0].generate(image=image, prompt=prompt, max_new_tokens=3)
+
+
+def test_decoders_held_are_bounded(qwen_checkpoint):
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    engine.context = None  # lengths 256, 512, 1024, ... (no context cap)
+    for n in (1, 300, 600, 1200, 2500):
+        engine.generate(image=None, prompt="x" * n, max_new_tokens=2)
+    assert len(engine._decoders) <= engine._MAX_DECODERS

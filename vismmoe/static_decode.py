@@ -56,7 +56,6 @@ class StaticDecoder:
         self.kv_len = torch.zeros((), **i64)  # tokens already in the cache = position of this token
         self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
         self.kv_index = torch.arange(max_cache_len, **i64)
-        self.context = model_context(model)
         self.grown = 0  # how many times this decoder's cache has grown (tests and stats read it)
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
         self.graph = None
@@ -132,7 +131,7 @@ class StaticDecoder:
             for step in range(max_new_tokens - 1):
                 position = prompt_len + step  # where this step's token goes in the cache
                 if position >= self.max_cache_len:
-                    self.grow(cache_length(position + 1, self.context))
+                    self.grow(cache_length(position + 1, self.engine.context))
                 self._run_step()
                 token = int(self.token)  # the one readback of the step
                 tokens.append(token)

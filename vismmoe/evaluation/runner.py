@@ -33,7 +33,7 @@ def run_eval(model, task: str, data=None, *, limit: int | None = None, config=No
     """Evaluate `model` on `task`; returns results.json's content (with --sweep: the sweep table).
 
     engine_factory(model, config=config, **overrides) builds an engine; the default is `vismmoe.load`.
-    `sweep` is a list like ["budget=0.25,0.5", "keep=1.0,0.5"] or a dict {key: [values]}.
+    `sweep` is a list like ["budget=0.25,0.5", "policy=lru,lfu"] or a dict {key: [values]}.
     """
     check_mode(normalize)
     spec = get_task(task)

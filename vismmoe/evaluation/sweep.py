@@ -26,7 +26,7 @@ def parse_value(text: str):
 
 
 def parse_sweep(spec) -> dict[str, list]:
-    """["budget=0.25,0.5", "keep=1.0"] or {"budget": [0.25, 0.5]} -> {"expert_budget": [0.25, 0.5], ...}."""
+    """["budget=0.25,0.5", "policy=lru"] or {"budget": [0.25, 0.5]} -> {"expert_budget": [0.25, 0.5], ...}."""
     if not spec:
         return {}
     if isinstance(spec, dict):
