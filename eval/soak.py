@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import vismmoe  # noqa: E402
-from vismmoe import ConfigError, InputError, VismmoeError  # noqa: E402
+from vismmoe import ConfigError, InputError  # noqa: E402
 
 # Engine settings the soak cycles through with reconfigure (each must keep answers identical).
 SETTINGS = [
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     setting_index = 0
     for i in range(args.requests):
         kind = rng.random()
-        if i and i % 50 == 0:  # a reconfigure call, good or bad
-            if rng.random() < 0.3:
+        if i and i % 25 == 0:  # a reconfigure call: every third one is bad
+            if (i // 25) % 3 == 0:
                 overrides = BAD_RECONFIGURES[counts["bad_reconfigure"] % len(BAD_RECONFIGURES)]
                 counts["bad_reconfigure"] += 1
                 try:

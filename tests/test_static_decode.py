@@ -141,8 +141,9 @@ def test_a_model_the_static_cache_cannot_hold_falls_back(qwen_checkpoint, monkey
 def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint):
     """max_new_tokens is a limit, not a reservation: the cache starts at prompt + one bucket, grows while
     decoding (same tokens as transformers' generate), and never passes the model's context."""
-    from vismmoe.static_decode import cache_length, initial_cache_length
+    from vismmoe.static_decode import cache_can_grow, cache_length, initial_cache_length
 
+    assert cache_can_grow()  # transformers 5.2x: the cache grows in place
     assert initial_cache_length(30, 800_000, 4096) == 512 and initial_cache_length(30, 6, 4096) == 256
     assert cache_length(5000, 4096) == 4096 and cache_length(257, None) == 512
     (image, prompt), = random_requests(1, seed=16)
@@ -185,3 +186,20 @@ def test_decoders_held_are_bounded(qwen_checkpoint):
     for n in (1, 300, 600, 1200, 2500):
         engine.generate(image=None, prompt="x" * n, max_new_tokens=2)
     assert len(engine._decoders) <= engine._MAX_DECODERS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grown_cache_recaptures_the_graph(qwen_checkpoint):
+    """On a GPU the decode step is a CUDA graph per cache length: a cache that grows mid-answer captures
+    again, and the tokens equal the same static decode run eagerly."""
+    (image, prompt), = random_requests(1, seed=18)
+    results = {}
+    for graphs in (True, False):
+        engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", dtype="bfloat16",
+                              cuda_graphs=graphs, device="cuda")
+        result = engine.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
+        (decoder,) = engine._decoders.values()
+        assert decoder.grown >= 1 and decoder.mode == ("graph" if graphs else "eager")
+        results[graphs] = result.token_ids
+    assert results[True] == results[False] and len(results[True]) == 600

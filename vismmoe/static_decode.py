@@ -249,5 +249,29 @@ def cache_length(needed: int, context: int | None) -> int:
 
 
 def initial_cache_length(prompt_len: int, max_new_tokens: int, context: int | None) -> int:
-    """The cache a request starts with: its prompt and at most one bucket of new tokens (it grows later)."""
+    """The cache a request starts with: its prompt and at most one bucket of new tokens (it grows later).
+    Where this transformers version's static cache cannot be grown in place, the whole request's length."""
+    if not cache_can_grow():
+        return cache_length(prompt_len + max_new_tokens - 1, context)
     return cache_length(prompt_len + min(max_new_tokens - 1, _CACHE_BUCKET), context)
+
+
+_CAN_GROW = None
+
+
+def cache_can_grow() -> bool:
+    """`grow` relies on StaticLayer.lazy_initialization(keys, values) and its on-device write counter
+    (`cumulative_length`, transformers 5.2x); checked once on a tiny layer."""
+    global _CAN_GROW
+    if _CAN_GROW is None:
+        import inspect
+
+        from transformers.cache_utils import StaticLayer
+
+        try:
+            layer = StaticLayer(max_cache_len=4)
+            params = inspect.signature(layer.lazy_initialization).parameters
+            _CAN_GROW = isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and len(params) >= 2
+        except Exception:  # noqa: BLE001 - any surprise: reserve the whole request instead of growing
+            _CAN_GROW = False
+    return _CAN_GROW
