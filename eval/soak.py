@@ -51,7 +51,7 @@ def rss_bytes() -> int:
 
 
 def bad_requests(tmp: Path, good_image: str):
-    """(name, generate kwargs) pairs; each must raise InputError."""
+    """Requests that must each raise InputError whose message names the problem."""
     from PIL import Image
 
     corrupt = tmp / "corrupt.png"
@@ -60,24 +60,24 @@ def bad_requests(tmp: Path, good_image: str):
     truncated.write_bytes(Path(good_image).read_bytes()[:100])
     closed = Image.new("RGB", (32, 32))
     closed.close()
-    return [
-        ("missing file", dict(image=str(tmp / "nope.png"), prompt="what shape?")),
-        ("corrupt image", dict(image=str(corrupt), prompt="what shape?")),
-        ("truncated image", dict(image=str(truncated), prompt="what shape?")),
-        ("directory as image", dict(image=str(tmp), prompt="what shape?")),
-        ("URL", dict(image="https://example.com/cat.png", prompt="what shape?")),
-        ("0x0 image", dict(image=Image.new("RGB", (0, 0)), prompt="what shape?")),
-        ("1x5000 image", dict(image=Image.new("RGB", (1, 5000)), prompt="what shape?")),
-        ("closed image", dict(image=closed, prompt="what shape?")),
-        ("image of wrong type", dict(image=12345, prompt="what shape?")),
-        ("empty prompt", dict(image=good_image, prompt="")),
-        ("lone surrogate", dict(image=good_image, prompt="what \ud800 shape?")),
-        ("placeholder in prompt", dict(image=good_image, prompt="what <|image_pad|> shape?")),
-        ("prompt over the context", dict(image=None, prompt="x " * 5000)),
-        ("max_new_tokens=0", dict(image=good_image, prompt="what shape?", max_new_tokens=0)),
-        ("do_sample='no'", dict(image=good_image, prompt="what shape?", do_sample="no")),
-        ("unknown kwarg", dict(image=good_image, prompt="what shape?", foo=1)),
-        ("num_beams=0", dict(image=good_image, prompt="what shape?", num_beams=0)),
+    return [  # (name, generate kwargs, a fragment the InputError's message must contain)
+        ("missing file", dict(image=str(tmp / "nope.png"), prompt="what shape?"), "does not exist"),
+        ("corrupt image", dict(image=str(corrupt), prompt="what shape?"), "not an image file"),
+        ("truncated image", dict(image=str(truncated), prompt="what shape?"), "truncated or corrupt"),
+        ("directory as image", dict(image=str(tmp), prompt="what shape?"), "is a directory"),
+        ("URL", dict(image="https://example.com/cat.png", prompt="what shape?"), "URLs are not fetched"),
+        ("0x0 image", dict(image=Image.new("RGB", (0, 0)), prompt="what shape?"), "no pixels"),
+        ("1x5000 image", dict(image=Image.new("RGB", (1, 5000)), prompt="what shape?"), "1x5000"),
+        ("closed image", dict(image=closed, prompt="what shape?"), "closed"),
+        ("image of wrong type", dict(image=12345, prompt="what shape?"), "image must be"),
+        ("empty prompt", dict(image=good_image, prompt=""), "prompt must be a non-empty string"),
+        ("lone surrogate", dict(image=good_image, prompt="what \ud800 shape?"), "not valid Unicode"),
+        ("placeholder in prompt", dict(image=good_image, prompt="what <|image_pad|> shape?"), "<|image_pad|>"),
+        ("prompt over the context", dict(image=None, prompt="x " * 5000), "context is"),
+        ("max_new_tokens=0", dict(image=good_image, prompt="what shape?", max_new_tokens=0), "max_new_tokens"),
+        ("do_sample='no'", dict(image=good_image, prompt="what shape?", do_sample="no"), "do_sample"),
+        ("unknown kwarg", dict(image=good_image, prompt="what shape?", foo=1), "['foo']"),
+        ("num_beams=0", dict(image=good_image, prompt="what shape?", num_beams=0), "num_beams"),
     ]
 
 
@@ -144,13 +144,14 @@ def main(argv=None) -> int:
                                       **SETTINGS[setting_index]})
                 counts["reconfigure"] += 1
         if kind < 0.15:  # a bad request
-            name, kwargs = bad[counts["bad"] % len(bad)]
+            name, kwargs, fragment = bad[counts["bad"] % len(bad)]
             counts["bad"] += 1
             try:
                 engine.generate(**kwargs)
                 unexpected.append({"request": i, "bad": name, "outcome": "accepted"})
-            except InputError:
-                pass
+            except InputError as exc:
+                if fragment not in str(exc):
+                    unexpected.append({"request": i, "bad": name, "outcome": f"message without {fragment!r}: {exc}"})
             except Exception as exc:  # noqa: BLE001 - recorded as a failure of the soak
                 unexpected.append({"request": i, "bad": name, "outcome": f"{type(exc).__name__}: {exc}"[:300]})
         else:
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
         "gpu_reserved_growth_after_warmup": None if gpu_growth is None else round(gpu_growth, 4),
         "elapsed_s": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
         "memory_samples": samples,
-        "settings": SETTINGS, "bad_requests": [name for name, _ in bad],
+        "settings": SETTINGS, "bad_requests": [name for name, _, _ in bad],
         "bad_reconfigures": [repr(b) for b in BAD_RECONFIGURES],
         "versions": {"vismmoe": vismmoe.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
