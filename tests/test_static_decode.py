@@ -138,52 +138,53 @@ def test_a_model_the_static_cache_cannot_hold_falls_back(qwen_checkpoint, monkey
         engine.generate(image=image, prompt=prompt, max_new_tokens=3)
 
 
-def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint):
+def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint, monkeypatch):
     """max_new_tokens is a limit, not a reservation: the cache starts at prompt + one bucket, grows while
     decoding (same tokens as transformers' generate), and never passes the model's context."""
+    from vismmoe import static_decode
     from vismmoe.static_decode import cache_can_grow, cache_length, initial_cache_length
 
     assert cache_can_grow()  # transformers 5.2x: the cache grows in place
     assert initial_cache_length(30, 800_000, 4096) == 512 and initial_cache_length(30, 6, 4096) == 256
     assert cache_length(5000, 4096) == 4096 and cache_length(257, None) == 512
-    (image, prompt), = random_requests(1, seed=16)
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)  # small buckets: growth within a short answer
     static = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
     generate = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="generate")
-    a = static.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
-    b = generate.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
-    assert a.token_ids == b.token_ids and len(a.token_ids) == 600
+    a = static.generate(image=None, prompt="hello there", max_new_tokens=120, min_new_tokens=120)
+    b = generate.generate(image=None, prompt="hello there", max_new_tokens=120, min_new_tokens=120)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 120
     prompt_len = a.stats.prefill_tokens
     (decoder,) = static._decoders.values()
-    assert decoder.grown >= 1 and decoder.max_cache_len == cache_length(prompt_len + 599, 4096)
+    assert decoder.grown >= 2 and decoder.max_cache_len == cache_length(prompt_len + 119, 4096)
     assert list(static._decoders) == [decoder.max_cache_len]  # filed under its grown length
-    # A short answer with a huge limit reserves one bucket above the prompt, not max_new_tokens.
-    static._decoders.clear()
-    short = static.generate(image=image, prompt=prompt, max_new_tokens=10**7, min_new_tokens=3)
-    assert len(static._decoders) == 1
-    assert list(static._decoders)[0] == initial_cache_length(prompt_len, 10**7, 4096) <= prompt_len + 512
-    assert short.token_ids[:3] == a.token_ids[:3]
+    # A huge limit reserves the prompt and one bucket, not max_new_tokens.
+    assert static._decoder(prompt_len, 10**7).max_cache_len == cache_length(prompt_len + 16, 4096) < 2 * (prompt_len + 16)
 
 
 def test_answers_stop_at_the_context(qwen_checkpoint, monkeypatch):
-    (image, prompt), = random_requests(1, seed=17)
+    from vismmoe import static_decode
+
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)
     engines = [vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode=d) for d in ("static", "generate")]
-    prompt_len = engines[0].generate(image=image, prompt=prompt, max_new_tokens=1).stats.prefill_tokens
+    prompt_len = engines[0].generate(image=None, prompt="hello there", max_new_tokens=1).stats.prefill_tokens
     answers = []
     for engine in engines:
-        engine.context = prompt_len + 300  # as if the model's context ended 300 tokens after this prompt
-        answers.append(engine.generate(image=image, prompt=prompt, max_new_tokens=10**6, min_new_tokens=10**6))
-    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 301
-    (decoder,) = engines[0]._decoders.values()
-    assert decoder.max_cache_len == prompt_len + 300
+        engine.context = prompt_len + 40  # as if the model's context ended 40 tokens after this prompt
+        answers.append(engine.generate(image=None, prompt="hello there", max_new_tokens=10**6,  # capped at 41
+                                       min_new_tokens=41))
+    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 41
+    assert max(engines[0]._decoders) == prompt_len + 40
     with pytest.raises(InputError, match=rf"the prompt is {prompt_len} tokens .* context is {prompt_len - 1} tokens"):
         engines[0].context = prompt_len - 1
-        engines[0].generate(image=image, prompt=prompt, max_new_tokens=3)
+        engines[0].generate(image=None, prompt="hello there", max_new_tokens=3)
 
 
-def test_decoders_held_are_bounded(qwen_checkpoint):
+def test_decoders_held_are_bounded(qwen_checkpoint, monkeypatch):
+    from vismmoe import static_decode
+
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)  # lengths 16, 32, 64, ...
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
-    engine.context = None  # lengths 256, 512, 1024, ... (no context cap)
-    for n in (1, 300, 600, 1200, 2500):
+    for n in (1, 40, 80, 160, 320, 640):
         engine.generate(image=None, prompt="x" * n, max_new_tokens=2)
     assert len(engine._decoders) <= engine._MAX_DECODERS
 
@@ -203,3 +204,15 @@ def test_grown_cache_recaptures_the_graph(qwen_checkpoint):
         assert decoder.grown >= 1 and decoder.mode == ("graph" if graphs else "eager")
         results[graphs] = result.token_ids
     assert results[True] == results[False] and len(results[True]) == 600
+
+
+def test_no_past_key_values_deprecation_warnings(qwen_checkpoint):
+    """The static path passes the cache under the name the model's forward takes (`cache` in 5.2x)."""
+    import warnings
+
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    (image, prompt), = random_requests(1, seed=19)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
