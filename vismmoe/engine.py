@@ -9,7 +9,6 @@ from the safetensors files straight into the host store.
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -19,9 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import adapters, ops
+from .checkpoint import checkpoint_files
 from .config import EngineConfig, check_keys, load_config, parse_budget
 from .errors import BudgetError, ConfigError, EngineClosedError, InputError, ModelLoadError
-from .inputs import build_inputs, check_prompt, load_image, load_processor
+from .inputs import (GENERATION_RULES, build_inputs, check_prompt, generate_parameters, load_image, load_processor,
+                     placeholder_tokens)
 from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
@@ -58,7 +59,7 @@ class Engine:
         self.config = config
         self.model_dir = Path(model_dir)
         self.device = _resolve_device(config.device)
-        files = _checkpoint_files(self.model_dir)
+        files = checkpoint_files(self.model_dir)
         # Only the boolean True runs checkpoint code (EngineConfig already refuses strings such as "false").
         hf_config = _load_hf_config(self.model_dir, config.trust_remote_code is True)
         self.dtype = _resolve_dtype(config.dtype, hf_config, self.device)
@@ -100,7 +101,7 @@ class Engine:
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
         self.context = model_context(self.model)
         # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
-        self._placeholders = _placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
+        self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
 
     def _build_runtime(self) -> None:
         config = self.config
@@ -314,7 +315,7 @@ class Engine:
         """This request's GenerationConfig and the other arguments of transformers' generate, checked."""
         generation_config = copy.deepcopy(self.generation_config)
         for key, value in generation_kwargs.items():
-            rule = _GENERATION_RULES.get(key)
+            rule = GENERATION_RULES.get(key)
             if rule is not None and not rule[0](value):
                 raise InputError(f"invalid generation arguments: {key} must be {rule[1]}, got {value!r}")
         try:
@@ -324,7 +325,7 @@ class Engine:
                                                  **generation_kwargs})
         except (ValueError, TypeError) as exc:
             raise InputError(f"invalid generation arguments: {exc}") from None
-        unknown = sorted(set(kwargs) - _generate_parameters(self.model))
+        unknown = sorted(set(kwargs) - generate_parameters(self.model))
         if unknown:
             raise InputError(
                 f"invalid generation arguments: unknown argument(s) {unknown}; pass GenerationConfig fields "
@@ -425,80 +426,6 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} was requested but CUDA is not available; use device: cpu or auto")
     return device
-
-
-def _checkpoint_files(model_dir: Path) -> list[Path]:
-    if not model_dir.exists():
-        raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist")
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{str(model_dir)!r} is not a directory; pass a Hugging Face checkpoint directory")
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{str(model_dir)!r} has no config.json; it is not a Hugging Face checkpoint directory")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {', '.join(others)}: vismmoe loads safetensors only; re-save with save_pretrained)" if others else ""
-        raise ModelLoadError(f"no .safetensors weight files in {str(model_dir)!r}{hint}")
-    from safetensors import SafetensorError, safe_open
-
-    keys_of = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                keys_of[path.name] = set(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(
-                f"{path} is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
-            ) from None
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        _check_index(index, keys_of)
-    else:
-        _check_no_duplicates(model_dir, keys_of)
-    return files
-
-
-def _check_index(index: Path, keys_of: dict[str, set]) -> None:
-    """Every weight file agrees with model.safetensors.index.json: the files it names, no others, and each
-    key in the file the index says (a stray backup file would otherwise replace weights silently)."""
-    import json
-
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not a mapping")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
-    named = set(weight_map.values())
-    missing = sorted(named - set(keys_of))
-    if missing:
-        raise ModelLoadError(f"{index} names weight file(s) {missing} that are not in {index.parent}; "
-                             "the checkpoint is incomplete: re-download it")
-    extra = sorted(set(keys_of) - named)
-    if extra:
-        raise ModelLoadError(f"{index.parent} holds safetensors file(s) {extra} that {index.name} does not name; "
-                             "move them out of the checkpoint directory (a stray file would change the weights)")
-    for name, keys in sorted(keys_of.items()):
-        wrong = sorted(k for k in keys if weight_map.get(k) != name)
-        if wrong:
-            raise ModelLoadError(f"{name} holds {len(wrong)} tensor(s) that {index.name} places elsewhere or not at "
-                                 f"all (e.g. {wrong[0]!r} -> {weight_map.get(wrong[0])!r}); the files disagree with "
-                                 "the index: re-save or re-download the checkpoint")
-    absent = sorted(k for k, f in weight_map.items() if k not in keys_of[f])
-    if absent:
-        raise ModelLoadError(f"{index.name} places {absent[0]!r} in {weight_map[absent[0]]} but that file does not hold "
-                             f"it ({len(absent)} such tensor(s)); re-download the checkpoint")
-
-
-def _check_no_duplicates(model_dir: Path, keys_of: dict[str, set]) -> None:
-    owner = {}
-    for name, keys in sorted(keys_of.items()):
-        for key in keys:
-            if key in owner:
-                raise ModelLoadError(
-                    f"{owner[key]} and {name} in {str(model_dir)!r} both hold {key!r}; a checkpoint holds each tensor "
-                    "once: remove the stray file (or add the model.safetensors.index.json that says which is used)")
-            owner[key] = name
 
 
 def _load_hf_config(model_dir: Path, trust_remote_code: bool):
@@ -611,58 +538,6 @@ def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None
         raise ConfigError(
             "decode: static below a full budget cannot use store: mmap (experts are read by the host first); "
             "use store: pinned or memory, decode: auto, or a budget holding every expert")
-
-
-def _is_int(low: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_number(low: float, high: float = float("inf"), low_open: bool = False):
-    def check(v):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-            return False
-        return (v > low if low_open else v >= low) and v <= high
-
-    return check
-
-
-_is_bool = lambda v: isinstance(v, bool)  # noqa: E731
-
-# The generation arguments users pass most, with their types and ranges (transformers' own validation
-# lets a string "no" through as a truthy do_sample, or divides by num_beams=0 while decoding).
-_GENERATION_RULES = {
-    "do_sample": (_is_bool, "True or False"),
-    "use_cache": (_is_bool, "True or False"),
-    "early_stopping": (lambda v: isinstance(v, bool) or v == "never", "True, False or 'never'"),
-    "num_beams": (_is_int(1), "an integer >= 1"),
-    "top_k": (_is_int(0), "an integer >= 0"),
-    "min_new_tokens": (_is_int(0), "an integer >= 0"),
-    "min_length": (_is_int(0), "an integer >= 0"),
-    "no_repeat_ngram_size": (_is_int(0), "an integer >= 0"),
-    "num_return_sequences": (lambda v: v == 1 and not isinstance(v, bool), "1 (one answer per request)"),
-    "return_dict_in_generate": (lambda v: v is False, "False (the engine returns a Result)"),
-    "temperature": (_is_number(0.0, low_open=True), "a number > 0"),
-    "top_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
-    "min_p": (_is_number(0.0, 1.0), "a number in [0, 1]"),
-    "typical_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
-    "repetition_penalty": (_is_number(0.0, low_open=True), "a number > 0"),
-    "length_penalty": (_is_number(float("-inf")), "a number"),
-}
-
-
-def _generate_parameters(model) -> set[str]:
-    """Keyword arguments of transformers' generate besides the GenerationConfig fields."""
-    skip = {"self", "inputs", "generation_config", "kwargs", "args"}
-    return {name for name in inspect.signature(model.generate).parameters if name not in skip}
-
-
-def _placeholder_tokens(processor, tokenizer, image_token_id) -> list[str]:
-    """The image/video placeholder strings the processor expands; a prompt holding one would desynchronise
-    the processor's expansion and the vision features."""
-    names = {getattr(processor, attr, None) for attr in ("image_token", "video_token")}
-    if image_token_id is not None:
-        names.add(tokenizer.convert_ids_to_tokens(int(image_token_id)))
-    return sorted(n for n in names if isinstance(n, str) and n)
 
 
 def _rounded(matrix) -> list:

@@ -1,7 +1,8 @@
-"""Request inputs: images, the model's own processor and chat template."""
+"""Request inputs: images, prompts, generation arguments, the model's own processor and chat template."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -193,3 +194,57 @@ def build_inputs(processor, image, prompt: str):
     if processor is tokenizer:
         return tokenizer([text], return_tensors="pt")
     return processor(text=[text], return_tensors="pt")
+
+
+# -- generation arguments ----------------------------------------------------------------------------
+
+def _is_int(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(low: float, high: float = float("inf"), low_open: bool = False):
+    def check(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return check
+
+
+_is_bool = lambda v: isinstance(v, bool)  # noqa: E731
+
+# The generation arguments users pass most, with their types and ranges (transformers' own validation
+# lets a string "no" through as a truthy do_sample, or divides by num_beams=0 while decoding).
+GENERATION_RULES = {
+    "do_sample": (_is_bool, "True or False"),
+    "use_cache": (_is_bool, "True or False"),
+    "early_stopping": (lambda v: isinstance(v, bool) or v == "never", "True, False or 'never'"),
+    "num_beams": (_is_int(1), "an integer >= 1"),
+    "top_k": (_is_int(0), "an integer >= 0"),
+    "min_new_tokens": (_is_int(0), "an integer >= 0"),
+    "min_length": (_is_int(0), "an integer >= 0"),
+    "no_repeat_ngram_size": (_is_int(0), "an integer >= 0"),
+    "num_return_sequences": (lambda v: v == 1 and not isinstance(v, bool), "1 (one answer per request)"),
+    "return_dict_in_generate": (lambda v: v is False, "False (the engine returns a Result)"),
+    "temperature": (_is_number(0.0, low_open=True), "a number > 0"),
+    "top_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "min_p": (_is_number(0.0, 1.0), "a number in [0, 1]"),
+    "typical_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "repetition_penalty": (_is_number(0.0, low_open=True), "a number > 0"),
+    "length_penalty": (_is_number(float("-inf")), "a number"),
+}
+
+
+def generate_parameters(model) -> set[str]:
+    """Keyword arguments of transformers' generate besides the GenerationConfig fields."""
+    skip = {"self", "inputs", "generation_config", "kwargs", "args"}
+    return {name for name in inspect.signature(model.generate).parameters if name not in skip}
+
+
+def placeholder_tokens(processor, tokenizer, image_token_id) -> list[str]:
+    """The image/video placeholder strings the processor expands; a prompt holding one would desynchronise
+    the processor's expansion and the vision features."""
+    names = {getattr(processor, attr, None) for attr in ("image_token", "video_token")}
+    if image_token_id is not None:
+        names.add(tokenizer.convert_ids_to_tokens(int(image_token_id)))
+    return sorted(n for n in names if isinstance(n, str) and n)
