@@ -61,7 +61,7 @@ def test_outputs_of_an_eval(tmp_path):
     # The fake always answers "A": right on the two rows whose answer is A, so no question survives rotation.
     assert results["metrics"]["vanilla_accuracy"] == pytest.approx(2 / 6)
     assert results["metrics"]["circular_accuracy"] == 0.0
-    assert results["config"] == {"model": "models/fake"}
+    assert results["config"] == {"model": "models/fake", "max_new_tokens": 16}  # the length this run used
     assert results["efficiency"]["expert_hit_rate"] == 0.75
     assert results["provenance"]["versions"]["torch"] and "cpu" in results["provenance"]["device"]
     assert results["prompt_template"].endswith("Answer with the option's letter from the given choices directly.")
@@ -122,6 +122,12 @@ def test_sweep_builds_one_engine_per_setting_and_plots(tmp_path):
     assert "| expert_budget=0.5 visual_keep=0.5 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_unknown_sweep_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown sweep key 'keep'; valid keys are: .*budget.*policy"):
+        run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=Factory(), progress=False,
+                 sweep=["keep=1.0,0.5"])
+
+
 class ReconfigurableEngine(FakeEngine):
     def reconfigure(self, **overrides):
         if "dtype" in overrides:
@@ -132,9 +138,9 @@ class ReconfigurableEngine(FakeEngine):
 def test_sweep_reuses_an_engine_that_can_reconfigure(tmp_path):
     factory = Factory(ReconfigurableEngine)
     table = run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False,
-                     sweep={"visual_keep": [1.0, 0.25]})
+                     sweep={"budget": [1.0, 0.25]})
     assert len(factory.engines) == 1 and factory.calls == 16
-    assert [r["visual_tokens_kept_mean"] for r in table["rows"]] == [16, 4]
+    assert [r["ttft_s_mean"] for r in table["rows"]] == pytest.approx([0.01, 0.04])
 
 
 def test_cli_eval_on_easyvqa_with_progress(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vismmoe
-from vismmoe import InputError
+from vismmoe import ConfigError, InputError
 from vismmoe.offload.residency import DeviceResidency
 
 from .conftest import random_requests
@@ -51,10 +51,9 @@ def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint):
     (image, prompt), = random_requests(1, seed=13)
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, policy="cost")
     assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
-    engine.reconfigure(decode="static")
-    with pytest.raises(InputError, match="cost.*no device twin"):
-        engine.generate(image=image, prompt=prompt, max_new_tokens=3)
-    engine.reconfigure(policy="lru")
+    with pytest.raises(ConfigError, match="cost.*no device twin"):  # refused up front, not on every request
+        engine.reconfigure(decode="static")
+    engine.reconfigure(decode="static", policy="lru")
     with pytest.raises(InputError, match="sampling"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=3, do_sample=True)
     engine.reconfigure(decode="auto")
@@ -137,3 +136,83 @@ def test_a_model_the_static_cache_cannot_hold_falls_back(qwen_checkpoint, monkey
     engine.reconfigure(decode="static")
     with pytest.raises(InputError, match="sliding-window"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=3)
+
+
+def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint, monkeypatch):
+    """max_new_tokens is a limit, not a reservation: the cache starts at prompt + one bucket, grows while
+    decoding (same tokens as transformers' generate), and never passes the model's context."""
+    from vismmoe import static_decode
+    from vismmoe.static_decode import cache_can_grow, cache_length, initial_cache_length
+
+    assert cache_can_grow()  # transformers 5.2x: the cache grows in place
+    assert initial_cache_length(30, 800_000, 4096) == 512 and initial_cache_length(30, 6, 4096) == 256
+    assert cache_length(5000, 4096) == 4096 and cache_length(257, None) == 512
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)  # small buckets: growth within a short answer
+    static = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    generate = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="generate")
+    a = static.generate(image=None, prompt="hello there", max_new_tokens=120, min_new_tokens=120)
+    b = generate.generate(image=None, prompt="hello there", max_new_tokens=120, min_new_tokens=120)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 120
+    prompt_len = a.stats.prefill_tokens
+    (decoder,) = static._decoders.values()
+    assert decoder.grown >= 2 and decoder.max_cache_len == cache_length(prompt_len + 119, 4096)
+    assert list(static._decoders) == [decoder.max_cache_len]  # filed under its grown length
+    # A huge limit reserves the prompt and one bucket, not max_new_tokens.
+    assert static._decoder(prompt_len, 10**7).max_cache_len == cache_length(prompt_len + 16, 4096) < 2 * (prompt_len + 16)
+
+
+def test_answers_stop_at_the_context(qwen_checkpoint, monkeypatch):
+    from vismmoe import static_decode
+
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)
+    engines = [vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode=d) for d in ("static", "generate")]
+    prompt_len = engines[0].generate(image=None, prompt="hello there", max_new_tokens=1).stats.prefill_tokens
+    answers = []
+    for engine in engines:
+        engine.context = prompt_len + 40  # as if the model's context ended 40 tokens after this prompt
+        answers.append(engine.generate(image=None, prompt="hello there", max_new_tokens=10**6,  # capped at 41
+                                       min_new_tokens=41))
+    assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 41
+    assert max(engines[0]._decoders) == prompt_len + 40
+    with pytest.raises(InputError, match=rf"the prompt is {prompt_len} tokens .* context is {prompt_len - 1} tokens"):
+        engines[0].context = prompt_len - 1
+        engines[0].generate(image=None, prompt="hello there", max_new_tokens=3)
+
+
+def test_decoders_held_are_bounded(qwen_checkpoint, monkeypatch):
+    from vismmoe import static_decode
+
+    monkeypatch.setattr(static_decode, "_CACHE_BUCKET", 16)  # lengths 16, 32, 64, ...
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    for n in (1, 40, 80, 160, 320, 640):
+        engine.generate(image=None, prompt="x" * n, max_new_tokens=2)
+    assert len(engine._decoders) <= engine._MAX_DECODERS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grown_cache_recaptures_the_graph(qwen_checkpoint):
+    """On a GPU the decode step is a CUDA graph per cache length: a cache that grows mid-answer captures
+    again, and the tokens equal the same static decode run eagerly."""
+    (image, prompt), = random_requests(1, seed=18)
+    results = {}
+    for graphs in (True, False):
+        engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", dtype="bfloat16",
+                              cuda_graphs=graphs, device="cuda")
+        result = engine.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
+        (decoder,) = engine._decoders.values()
+        assert decoder.grown >= 1 and decoder.mode == ("graph" if graphs else "eager")
+        results[graphs] = result.token_ids
+    assert results[True] == results[False] and len(results[True]) == 600
+
+
+def test_no_past_key_values_deprecation_warnings(qwen_checkpoint):
+    """The static path passes the cache under the name the model's forward takes (`cache` in 5.2x)."""
+    import warnings
+
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    (image, prompt), = random_requests(1, seed=19)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -2,10 +2,10 @@
 
 from .config import EngineConfig, load_config
 from .engine import Engine, Result, load
-from .errors import BudgetError, ConfigError, InputError, ModelLoadError, VismmoeError
+from .errors import BudgetError, ConfigError, EngineClosedError, InputError, ModelLoadError, VismmoeError
 
 __version__ = "0.1.0"
 __all__ = [
     "Engine", "EngineConfig", "Result", "load", "load_config",
-    "VismmoeError", "ModelLoadError", "ConfigError", "BudgetError", "InputError",
+    "VismmoeError", "ModelLoadError", "ConfigError", "BudgetError", "InputError", "EngineClosedError",
 ]

@@ -5,39 +5,38 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO_ROOT / "models" / "easyvqa-qwen3vlmoe"
+DEMO_ENV = "VISMMOE_DEMO_MODEL"
 DEMO_QUESTION = "what shape is in the image?"
 
 
+def demo_model() -> Path:
+    """The bundled demo model: $VISMMOE_DEMO_MODEL if set, else models/easyvqa-qwen3vlmoe of the source
+    checkout this package runs from (a wheel does not carry the 20 MB model)."""
+    from .errors import ModelLoadError
+
+    configured = os.environ.get(DEMO_ENV)
+    path = Path(configured) if configured else REPO_ROOT / "models" / "easyvqa-qwen3vlmoe"
+    if (path / "config.json").is_file():
+        return path
+    where = f"{DEMO_ENV}={configured!r} is not a checkpoint directory" if configured else f"{path} does not exist"
+    raise ModelLoadError(
+        f"no demo model: {where}. Pass --model DIR, or set {DEMO_ENV} to the models/easyvqa-qwen3vlmoe directory "
+        "of the vismmoe source repository"
+    )
+
+
 def _demo_inputs(args) -> tuple[Path, str | None, str]:
-    """The bundled demo model and image, or (until one is bundled) a tiny random model built now."""
+    """The model, image and question of `vismmoe run`; without --model the bundled demo and its example."""
     if args.model:
-        return Path(args.model), args.image, args.prompt or DEMO_QUESTION
-    if (DEMO_MODEL / "config.json").is_file():
-        if args.image:
-            return DEMO_MODEL, args.image, args.prompt or DEMO_QUESTION
-        image, question = _first_example(DEMO_MODEL)
-        return DEMO_MODEL, image, args.prompt or question
-    from .tiny_models import build_checkpoint
-
-    print("NOTE: no trained demo model is bundled in models/easyvqa-qwen3vlmoe; building a tiny RANDOM "
-          "Qwen3-VL-MoE model on the fly instead. Its answers are noise; the stats are real.")
-    target = Path(tempfile.gettempdir()) / "vismmoe-tiny-demo"
-    if not (target / "config.json").is_file():
-        build_checkpoint("qwen3_vl_moe", target, init_std=0.2)
-    image = args.image
-    if image is None:
-        from PIL import Image, ImageDraw
-
-        img = Image.new("RGB", (64, 64), "white")
-        ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill="red")
-        image = str(target / "demo.png")
-        img.save(image)
-    return target, image, args.prompt or DEMO_QUESTION
+        return Path(args.model), args.image, args.prompt if args.prompt is not None else DEMO_QUESTION
+    model = demo_model()
+    if args.image:
+        return model, args.image, args.prompt if args.prompt is not None else DEMO_QUESTION
+    image, question = _first_example(model)
+    return model, image, args.prompt if args.prompt is not None else question
 
 
 def _first_example(model_dir: Path) -> tuple[str, str]:
@@ -53,14 +52,11 @@ def cmd_run(args) -> int:
     import vismmoe
 
     model, image, prompt = _demo_inputs(args)
+    # The budget text goes to the engine as written: one grammar (config.parse_budget) for CLI, YAML and API.
     overrides = {"expert_budget": args.budget, "device": args.device, "max_new_tokens": args.max_new_tokens,
                  "visual_keep": args.keep, "visual_prune": args.prune, "visual_merge": args.merge}
-    try:
-        engine = vismmoe.load(model, config=args.config, **overrides)
-        result = engine.generate(image=image, prompt=prompt)
-    except vismmoe.VismmoeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    engine = vismmoe.load(model, config=args.config, **overrides)
+    result = engine.generate(image=image, prompt=prompt)
     print(f"model:    {model}")
     print(f"image:    {image}")
     print(f"question: {prompt}")
@@ -71,16 +67,20 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vismmoe", description="VL-MoE inference with offloaded experts")
+    parser.add_argument("--version", action="version", version=f"vismmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one question about one image")
     run.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
     run.add_argument("--image", help="image file (default: a bundled example image)")
     run.add_argument("--prompt", help=f"the question (default: {DEMO_QUESTION!r})")
     run.add_argument("--config", help="YAML engine config or deployment profile")
-    run.add_argument("--budget", help="GPU expert budget: '12GiB', '800MB', 0.25, '25%%' or 'min'")
+    run.add_argument("--budget", help="GPU expert budget: a size ('12GiB', '800MB'), a fraction in (0, 1] (0.25, "
+                                      "'25%%'), an integer byte count, or 'min'")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    run.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    run.add_argument("--max-new-tokens", type=positive_int, dest="max_new_tokens")
     run.add_argument("--keep", type=_keep_value,
                      help="visual tokens to keep: a ratio in (0, 1] such as 0.25 (1.0 = no pruning) or a count such as 64")
     run.add_argument("--prune", help="pruning method: affinity (default), diversity, importance, pool or random")
@@ -101,13 +101,41 @@ def _register_optional(sub) -> None:
         mod.register_cli(sub)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (0 and negatives are refused, not read as 'all' or 'default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def run_command(args) -> int:
+    """The one error path of every subcommand: a VismmoeError is one line on stderr and exit 2; Ctrl-C
+    says what was saved and exits 130; anything else is a bug and keeps its traceback."""
+    from .errors import VismmoeError
+
+    try:
+        return args.func(args)
+    except VismmoeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        saved, total = getattr(exc, "saved", None), getattr(exc, "total", None)
+        if saved is not None:
+            print(f"interrupted: {saved}/{total} saved; re-run to resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    if getattr(args, "budget", None) is not None:
-        args.budget = _number_or_text(args.budget)
-    return args.func(args)
+    return run_command(args)
 
 
 def _keep_value(text: str):
@@ -120,14 +148,6 @@ def _keep_value(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--keep takes a ratio such as 0.25 or a token count such as 64, got {text!r}") from None
-
-
-def _number_or_text(value: str):
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return number if number <= 1 else int(number)
 
 
 if __name__ == "__main__":

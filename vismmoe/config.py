@@ -80,24 +80,23 @@ class EngineConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_types(self)
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.store not in _STORES:
             raise ConfigError(f"store must be one of {_STORES}, got {self.store!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if not isinstance(self.prefetch_depth, int) or not 1 <= self.prefetch_depth <= 8:
+        if not 1 <= self.prefetch_depth <= 8:
             raise ConfigError(f"prefetch_depth must be an integer from 1 to 8, got {self.prefetch_depth!r}")
-        if not isinstance(self.prefetch_limit, int) or self.prefetch_limit < 0:
+        if self.prefetch_limit < 0:
             raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
         if self.experts_kernel not in ("auto", "grouped_mm", "loop"):
             raise ConfigError(f"experts_kernel must be auto, grouped_mm or loop, got {self.experts_kernel!r}")
         if self.decode not in ("auto", "static", "generate"):
             raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
         from .pruning import settings as pruning
@@ -126,20 +125,47 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **overrides) -> "EngineConfig":
-        _check_keys(overrides, "override")
+        check_keys(overrides, "override")
         return dataclasses.replace(self, **overrides)
 
 
 _ALIASES = {"budget": "expert_budget"}
 
+# Top-level sections a deployment file may hold; the engine reads `engine:`. A file without an `engine:`
+# section is flat: its top-level keys are the engine keys themselves.
+DEPLOYMENT_SECTIONS = ("engine",)
 
-def _check_keys(data: dict, where: str) -> None:
+
+_SIMPLE_TYPES = {"bool": bool, "int": int, "str": str}  # fields annotated with these are type-checked
+
+
+def _check_types(config: "EngineConfig") -> None:
+    """Every value has its field's type: a YAML `"false"` or `"no"` string is not a boolean (a string
+    `trust_remote_code: "false"` would otherwise be truthy), and a boolean is not an integer."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = _SIMPLE_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{f.name} must be true or false (a boolean, not a string or number), got {value!r}")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ConfigError(f"{f.name} must be a string, got {value!r}")
+
+
+def check_keys(data: dict, where: str) -> None:
     valid = {f.name for f in fields(EngineConfig)}
+    bad_type = sorted(repr(k) for k in data if not isinstance(k, str))
+    if bad_type:
+        raise ConfigError(f"config keys must be strings; got {', '.join(bad_type)} in {where}")
     unknown = sorted(k for k in data if _ALIASES.get(k, k) not in valid)
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {unknown} in {where}; valid keys are: {', '.join(sorted(valid))}"
         )
+    for alias, name in _ALIASES.items():
+        if alias in data and name in data:
+            raise ConfigError(f"{where} gives both {alias!r} and {name!r} (the same setting); keep one")
 
 
 def load_config(config: str | Path | dict | EngineConfig | None = None, **overrides) -> EngineConfig:
@@ -151,27 +177,47 @@ def load_config(config: str | Path | dict | EngineConfig | None = None, **overri
         data, where = {}, "defaults"
     elif isinstance(config, dict):
         data, where = dict(config), "config dict"
+    elif isinstance(config, (str, Path)):
+        data, where = _read_yaml(Path(config)), str(config)
     else:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
-        import yaml
-
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must contain a mapping of keys to values")
-        # Deployment profiles keep engine settings under an `engine:` section; plain files are flat.
-        if "engine" in data and isinstance(data["engine"], dict):
-            data = data["engine"]
-        where = str(path)
+        raise ConfigError(
+            f"config must be a YAML file path, a dict or an EngineConfig, got {type(config).__name__} {config!r}"
+        )
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    _check_keys(data, where)
-    _check_keys(overrides, "keyword overrides")
+    check_keys(data, where)
+    check_keys(overrides, "keyword overrides")
+    # An override of either spelling of the budget replaces the file's, whichever spelling it used.
+    if any(_ALIASES.get(k, k) == "expert_budget" for k in overrides):
+        data = {k: v for k, v in data.items() if _ALIASES.get(k, k) != "expert_budget"}
     merged = {_ALIASES.get(k, k): v for k, v in {**data, **overrides}.items()}
     return EngineConfig(**merged)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file (not UTF-8); pass a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must contain a mapping of keys to values")
+    if "engine" not in data:
+        return data  # a flat file: its keys are engine keys (checked by the caller)
+    # A deployment file: engine settings under `engine:`, other top-level keys must be known sections.
+    unknown = sorted(str(k) for k in data if k not in DEPLOYMENT_SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"config file {str(path)!r} has an `engine:` section and unknown top-level key(s) {unknown}; "
+            f"engine settings go under `engine:` (known sections: {', '.join(DEPLOYMENT_SECTIONS)})"
+        )
+    if not isinstance(data["engine"], dict):
+        raise ConfigError(f"the `engine:` section of {str(path)!r} must be a mapping of keys to values")
+    return data["engine"]
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -179,14 +225,19 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_budget(value) -> tuple[str, float]:
-    """Parse an expert budget into ("bytes", n), ("fraction", x) or ("min", 0).
+    """Parse an expert budget into ("bytes", n), ("fraction", x), ("min", 0) or ("auto", 0).
 
-    Accepted: an int (bytes), a float in (0, 1] (fraction of all expert bytes), "25%", "0.25",
-    "12GiB", "800 MB", "1e9", "min", "auto" (-> ("auto", 0): the engine sizes it for the machine).
+    One grammar for the API, YAML and the CLI (which passes its text here unchanged):
+      * an integer is a byte count: 4096, "4096", "4e9" (so 1 means one byte, not 100%);
+      * a decimal number in (0, 1] is a fraction of all expert bytes: 0.25, "0.25", "1.0";
+        "25%" is the same; a decimal above 1 without a unit ("1.5") is an error;
+      * a size with a unit: "12GiB", "800 MB", "1.5GiB";
+      * "min": the smallest budget that runs the model;
+      * "auto" (-> ("auto", 0)): the engine plans it for this machine at load (vismmoe/deploy).
     """
     bad = BudgetError(
         f"cannot parse expert budget {value!r}: use a size such as '12GiB' or '800MB', a fraction of all "
-        "expert bytes such as 0.25 or '25%', a byte count such as 4000000000, 'min' or 'auto'"
+        "expert bytes such as 0.25 or '25%', an integer byte count such as 4000000000, 'min' or 'auto'"
     )
     if isinstance(value, bool):
         raise bad
@@ -196,7 +247,8 @@ def parse_budget(value) -> tuple[str, float]:
         return ("bytes", float(value))
     if isinstance(value, float):
         if not 0 < value <= 1:
-            raise BudgetError(f"a fractional expert budget must be in (0, 1], got {value}; use bytes for sizes")
+            raise BudgetError(f"a fractional expert budget must be in (0, 1], got {value}; "
+                              "use an integer byte count or a size such as '12GiB' for sizes")
         return ("fraction", value)
     if not isinstance(value, str):
         raise bad
@@ -208,14 +260,17 @@ def parse_budget(value) -> tuple[str, float]:
             pct = float(text[:-1])
         except ValueError:
             raise bad from None
-        return parse_budget(pct / 100.0)
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", text)
+        if not 0 < pct <= 100:
+            raise BudgetError(f"a percentage expert budget must be in (0%, 100%], got {value!r}")
+        return ("fraction", pct / 100.0)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(e[0-9]+)?([a-z]*)", text)
     if not m:
         raise bad
-    number, unit = float(m.group(1)), m.group(2)
+    mantissa, exponent, unit = m.groups()
+    number = float(mantissa + (exponent or ""))
     if unit == "":
-        if number <= 1 and "." in m.group(1):
-            return parse_budget(number)
+        if "." in mantissa and not exponent:
+            return parse_budget(number)  # a decimal: a fraction in (0, 1]
         if number < 1 or number != int(number):
             raise bad
         return ("bytes", number)

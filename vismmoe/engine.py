@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import adapters, ops
-from .config import EngineConfig, load_config, parse_budget
-from .errors import BudgetError, ConfigError, InputError, ModelLoadError
-from .inputs import build_inputs, load_image, load_processor
+from .checkpoint import checkpoint_files
+from .config import EngineConfig, check_keys, load_config, parse_budget
+from .errors import BudgetError, ConfigError, EngineClosedError, InputError, ModelLoadError
+from .inputs import (GENERATION_RULES, build_inputs, check_prompt, generate_parameters, load_image, load_processor,
+                     placeholder_tokens)
 from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
@@ -28,6 +31,7 @@ from .offload.predictor import LookaheadPredictor
 from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
 from .pruning.settings import is_off as _pruning_off
+from .static_decode import initial_cache_length, model_context
 from .stats import RequestStats
 
 if TYPE_CHECKING:
@@ -64,6 +68,9 @@ def load(model_dir, config=None, **overrides) -> "Engine":
 
     `config` is a YAML path, a dict or an EngineConfig; keyword overrides win (e.g. expert_budget=0.25).
     """
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise ModelLoadError(f"model_dir must be the path of a checkpoint directory, got {type(model_dir).__name__} "
+                             f"{model_dir!r}")
     return Engine(model_dir, load_config(config, **overrides))
 
 
@@ -72,18 +79,24 @@ class Engine:
         self.config = config
         self.model_dir = Path(model_dir)
         self.device = _resolve_device(config.device)
-        files = _checkpoint_files(self.model_dir)
-        hf_config = _load_hf_config(self.model_dir, config.trust_remote_code)
+        files = checkpoint_files(self.model_dir)
+        # Only the boolean True runs checkpoint code (EngineConfig already refuses strings such as "false").
+        hf_config = _load_hf_config(self.model_dir, config.trust_remote_code is True)
         self.dtype = _resolve_dtype(config.dtype, hf_config, self.device)
         model_cls = _model_class(hf_config)
-        with torch.device("meta"):
-            skeleton = model_cls(hf_config)
+        try:
+            with torch.device("meta"):
+                skeleton = model_cls(hf_config)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise ModelLoadError(f"{self.model_dir}/config.json does not describe a buildable "
+                                 f"{hf_config.model_type!r} model ({type(exc).__name__}: {exc})") from None
         self.layout = adapters.discover(skeleton)
         if config.slot_plan is not None:
             raise ConfigError("slot_plan: the live expert cache does not take per-layer quotas yet; remove the key "
                               "(`vismmoe plan` records its per-layer plan under `plan:`, which load ignores)")
         self.config = config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        _check_static_settings(config, self.num_slots, self.layout)
         self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
@@ -93,6 +106,7 @@ class Engine:
                                     (*self.model.parameters(), *self.model.buffers()))
 
         self.trace = None
+        self.closed = False
         self._requests = 0
         self._decoders = {}
         self._device_copy_checked = None
@@ -111,6 +125,9 @@ class Engine:
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+        self.context = model_context(self.model)
+        # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
+        self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
         self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
         self._check_pruning(config)
@@ -222,12 +239,15 @@ class Engine:
         The GPU cache starts empty again. Settings that need a reload (device, dtype, store,
         attention) raise ConfigError: use vismmoe.load for those.
         """
+        self._check_open()
+        check_keys(overrides, "reconfigure()")  # an unknown key is a typo, not a setting that needs a reload
         fixed = sorted(set(overrides) - self._RECONFIGURABLE)
         if fixed:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
         config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        _check_static_settings(config, num_slots, self.layout)
         self._check_pruning(config)
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
@@ -245,16 +265,31 @@ class Engine:
                  **generation_kwargs) -> Result:
         """Answer `prompt` about `image` (a path, a PIL image or None). Greedy unless do_sample=True.
 
-        `request_id` names the request in a routing trace being recorded (see start_trace)."""
+        `request_id` names the request in a routing trace being recorded (see start_trace).
+        Every bad argument raises InputError naming it, before any work; the engine keeps serving."""
+        self._check_open()
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        # Generation arguments are checked before the inputs are built: an error later, while decoding,
+        # is reported as what it is.
+        generation_config, kwargs = self._generation_arguments(max_new_tokens, generation_kwargs)
         t_start = time.perf_counter()
         pil = load_image(image)
+        check_prompt(prompt, self._placeholders)
         inputs = build_inputs(self.processor, pil, prompt).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         input_ids = inputs["input_ids"]
+        prompt_len = int(input_ids.shape[1])
+        if self.context is not None:
+            if prompt_len > self.context:
+                raise InputError(
+                    f"the prompt is {prompt_len} tokens (image included) but the model's context is {self.context} "
+                    "tokens; shorten the prompt or use a smaller image")
+            # The answer ends where the context does (the last token needs no cache position).
+            max_new_tokens = min(max_new_tokens, self.context - prompt_len + 1)
+            generation_config.max_new_tokens = max_new_tokens
         visual_total = int((input_ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         pruning = None
         self._clear_pruning()  # nothing armed by an earlier request that failed half-way may reach this one
@@ -265,16 +300,11 @@ class Engine:
                 inputs, self.last_pruning = pruning
                 input_ids = inputs["input_ids"]
 
-        generation_config = copy.deepcopy(self.generation_config)
-        # GenerationConfig.update returns what it does not know (streamer, logits_processor, ...).
-        kwargs = generation_config.update(**{"do_sample": self.config.do_sample, "max_new_tokens": max_new_tokens,
-                                             **generation_kwargs})
-        kwargs["generation_config"] = generation_config
         static_reason = self._static_unavailable(generation_kwargs)
         decoder = None
         if static_reason is None:
             try:
-                decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)
+                decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)  # pruned length
             except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
                 static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
@@ -298,14 +328,17 @@ class Engine:
         try:
             with torch.inference_mode():
                 if decoder is not None:
-                    new = decoder.generate(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
-                                           on_first_token=self._mark_first_token)
+                    length = decoder.max_cache_len
+                    try:
+                        new = decoder.generate(inputs, max_new_tokens,
+                                               int(generation_kwargs.get("min_new_tokens") or 0),
+                                               on_first_token=self._mark_first_token)
+                    finally:
+                        self._rekey_decoder(decoder, length)
                     decode_path = f"static-{decoder.mode}"
                 else:
                     output = self.model.generate(**inputs, **kwargs)
                     new = output[0, input_ids.shape[1]:].tolist()
-        except ValueError as exc:  # transformers' message for bad generation arguments is clear; keep it
-            raise InputError(f"invalid generation arguments: {exc}") from None
         finally:
             self.runtime.step.visual_mask = None
             self._clear_pruning()
@@ -369,9 +402,36 @@ class Engine:
                  "host_store": 0 if self.store.slab is None else self.store.total_bytes,
                  "host_store_kind": self.config.store + (" (page-locked)" if self.store.pinned else "")}
         return parts
+
     def _clear_pruning(self) -> None:
         if self.pruner is not None:
             self.pruner.clear()
+
+    def _generation_arguments(self, max_new_tokens: int, generation_kwargs: dict):
+        """This request's GenerationConfig and the other arguments of transformers' generate, checked."""
+        generation_config = copy.deepcopy(self.generation_config)
+        for key, value in generation_kwargs.items():
+            rule = GENERATION_RULES.get(key)
+            if rule is not None and not rule[0](value):
+                raise InputError(f"invalid generation arguments: {key} must be {rule[1]}, got {value!r}")
+        try:
+            # GenerationConfig.update validates the values and returns what it does not know (streamer,
+            # logits_processor, ...), which must be arguments of generate itself.
+            kwargs = generation_config.update(**{"do_sample": self.config.do_sample, "max_new_tokens": max_new_tokens,
+                                                 **generation_kwargs})
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"invalid generation arguments: {exc}") from None
+        unknown = sorted(set(kwargs) - generate_parameters(self.model))
+        if unknown:
+            raise InputError(
+                f"invalid generation arguments: unknown argument(s) {unknown}; pass GenerationConfig fields "
+                "(e.g. do_sample, temperature, min_new_tokens) or arguments of transformers' generate")
+        kwargs["generation_config"] = generation_config
+        return generation_config, kwargs
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("this engine is closed (close() was called); load a new one with vismmoe.load")
 
     def _predictor_hook(self, position: int):
         def hook(module, args, kwargs):
@@ -400,16 +460,29 @@ class Engine:
             return "expert copies cannot be decided on the device here (mmap store, or no page-locked slab / triton)"
         return None
 
-    def _decoder(self, prompt_len: int, max_new_tokens: int):
-        from .static_decode import StaticDecoder, cache_length
+    _MAX_DECODERS = 4  # each holds a KV cache (and a graph): keep the most recently used few
 
-        length = cache_length(prompt_len, max_new_tokens)
-        decoder = self._decoders.get(length)
+    def _decoder(self, prompt_len: int, max_new_tokens: int):
+        """The decoder whose cache fits the prompt and a first bucket of new tokens (it grows as needed)."""
+        from .static_decode import StaticDecoder
+
+        length = initial_cache_length(prompt_len, max_new_tokens, self.context)
+        decoder = self._decoders.pop(length, None)
         if decoder is None:
-            while len(self._decoders) >= 4:  # each holds a KV cache (and a graph): keep the recent few
+            while len(self._decoders) >= self._MAX_DECODERS:
                 self._decoders.pop(next(iter(self._decoders)))
-            decoder = self._decoders[length] = StaticDecoder(self, length)
+            decoder = StaticDecoder(self, length)
+        self._decoders[length] = decoder  # most recently used last
         return decoder
+
+    def _rekey_decoder(self, decoder, length: int) -> None:
+        """A decoder whose cache grew during the request is filed under its new length (replacing any
+        decoder of that length), so the number of KV caches held stays bounded."""
+        if decoder.max_cache_len == length or self._decoders.get(length) is not decoder:
+            return
+        del self._decoders[length]
+        self._decoders.pop(decoder.max_cache_len, None)
+        self._decoders[decoder.max_cache_len] = decoder
 
     def _mark_first_token(self) -> None:
         """The prefill's token is known: note the time and what the prefill moved."""
@@ -433,6 +506,9 @@ class Engine:
             step.visual_mask = None
 
     def close(self):
+        """Release the host store and the decoders; later calls raise EngineClosedError."""
+        self.closed = True
+        self._decoders = {}
         self.store.close()
 
 
@@ -454,31 +530,6 @@ def _resolve_device(name: str) -> torch.device:
         raise ModelLoadError(f"device {name!r} was requested but only {count} CUDA device(s) are visible "
                              f"(cuda:0 to cuda:{count - 1}); check CUDA_VISIBLE_DEVICES")
     return torch.device("cuda", index)
-
-
-def _checkpoint_files(model_dir: Path) -> list[Path]:
-    if not model_dir.exists():
-        raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist")
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"{str(model_dir)!r} is not a directory; pass a Hugging Face checkpoint directory")
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{str(model_dir)!r} has no config.json; it is not a Hugging Face checkpoint directory")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {', '.join(others)}: vismmoe loads safetensors only; re-save with save_pretrained)" if others else ""
-        raise ModelLoadError(f"no .safetensors weight files in {str(model_dir)!r}{hint}")
-    from safetensors import SafetensorError, safe_open
-
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(
-                f"{path} is truncated or corrupt ({exc}); re-download or re-save the checkpoint"
-            ) from None
-    return files
 
 
 def _load_hf_config(model_dir: Path, trust_remote_code: bool):
@@ -545,6 +596,8 @@ def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:
             f"expert budget {budget!r} holds {slots} expert(s) of {record_bytes} bytes, but one layer's top-{layout.top_k} "
             f"experts need {minimum} slots: the minimum budget is {minimum * record_bytes} bytes "
             f"({minimum * record_bytes / 2**20:.2f} MiB, or {minimum / total:.4f} of all experts, or 'min')"
+            + ("; an integer budget is a byte count: write a fraction as 1.0 or '100%'"
+               if kind == "bytes" and str(budget).strip().isdigit() else "")
         )
     return min(slots, total)
 
@@ -582,6 +635,22 @@ def _load_non_expert_weights(model_cls, hf_config, files, layout, dtype, config)
             f"the checkpoint does not match config.json: missing or mismatched weights ({shown}, ...)"
         )
     return model
+
+
+def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
+    """decode: static decides every cache load on the device: below a budget that holds every expert it
+    needs a policy with a device twin and a host slab (not mmap). Refused here, not on every request."""
+    if config.decode != "static" or num_slots >= len(layout.layers) * layout.num_experts:
+        return
+    if config.policy not in DEVICE_POLICIES:
+        raise ConfigError(
+            f"decode: static below a full budget needs policy {' or '.join(sorted(DEVICE_POLICIES))} (decided on the "
+            f"device); policy {config.policy!r} has no device twin. Use decode: auto (generate for this policy), "
+            "a device policy, or a budget holding every expert")
+    if config.store == "mmap":
+        raise ConfigError(
+            "decode: static below a full budget cannot use store: mmap (experts are read by the host first); "
+            "use store: pinned or memory, decode: auto, or a budget holding every expert")
 
 
 def _rounded(matrix) -> list:

@@ -19,3 +19,7 @@ class BudgetError(ConfigError):
 
 class InputError(VismmoeError, ValueError):
     """A request input (image, prompt, generation argument) is invalid."""
+
+
+class EngineClosedError(VismmoeError, RuntimeError):
+    """The engine was closed; load a new one."""

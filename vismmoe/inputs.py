@@ -1,9 +1,11 @@
-"""Request inputs: images, the model's own processor and chat template."""
+"""Request inputs: images, prompts, generation arguments, the model's own processor and chat template."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -18,10 +20,19 @@ def load_image(image) -> Image.Image | None:
         return None
     if isinstance(image, Image.Image):
         _check_pixels(image.size, "the given PIL image")
-        return image.convert("RGB") if image.mode != "RGB" else image
+        try:
+            image.load()  # a closed image raises here ("Operation on closed image")
+            return image.convert("RGB") if image.mode != "RGB" else image
+        except (ValueError, OSError, AttributeError) as exc:
+            raise InputError(f"the given PIL image cannot be read ({exc}); was it closed? pass an open image") from None
     if not isinstance(image, (str, os.PathLike)):
         raise InputError(f"image must be a file path, a PIL.Image or None, got {type(image).__name__}")
+    text = os.fspath(image)
+    if isinstance(text, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+        raise InputError(f"image {text!r} is a URL; URLs are not fetched: download the image and pass its path")
     path = Path(image)
+    if path.is_dir():
+        raise InputError(f"image {str(path)!r} is a directory, not an image file")
     if not path.is_file():
         raise InputError(f"image file {str(path)!r} does not exist")
     try:
@@ -41,6 +52,8 @@ def load_image(image) -> Image.Image | None:
 
 
 def _check_pixels(size, what: str) -> None:
+    if size[0] < 1 or size[1] < 1:
+        raise InputError(f"image {what} has no pixels ({size[0]}x{size[1]})")
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:
         raise InputError(_too_many_pixels(what, size))
@@ -73,7 +86,8 @@ def load_processor(model_dir: Path):
     from .tiny_models import image_only_processor_class
 
     config = _read_json(model_dir / "processor_config.json") or {}
-    name = config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
+    name = (config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
+            or _processor_class_for_model_type(model_dir))
     processor_cls = getattr(transformers, name, None) if name else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -91,6 +105,18 @@ def load_processor(model_dir: Path):
     return image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
     )
+
+
+def _processor_class_for_model_type(model_dir: Path) -> str | None:
+    """The processor class transformers' AutoProcessor maps config.json's model_type to, when the
+    checkpoint saved its image processor and tokenizer separately (no processor_class anywhere)."""
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    model_type = (_read_json(model_dir / "config.json") or {}).get("model_type")
+    if not (model_dir / "preprocessor_config.json").is_file() and not (model_dir / "processor_config.json").is_file():
+        return None  # no image processor saved: a text-only checkpoint
+    name = PROCESSOR_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    return name if isinstance(name, str) else None
 
 
 def _load_image_processor(model_dir: Path, processor_config: dict):
@@ -131,10 +157,24 @@ def _read_json(path: Path):
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
 
 
+def check_prompt(prompt, placeholders=()) -> None:
+    """A prompt is non-empty text that encodes as UTF-8 and holds none of the processor's placeholders."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError(f"prompt must be a non-empty string, got {prompt!r}"[:200])
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"prompt is not valid Unicode text: {exc.reason} {prompt[exc.start:exc.end]!r} at "
+                         f"character {exc.start}") from None
+    for token in placeholders:
+        if token in prompt:
+            raise InputError(f"prompt contains the model's image placeholder {token!r}; remove it and pass the "
+                             "image with image=")
+
+
 def build_inputs(processor, image, prompt: str):
     """Render the chat template and run the processor; returns a BatchFeature of tensors."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt must be a non-empty string")
+    check_prompt(prompt)
     tokenizer = getattr(processor, "tokenizer", processor)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
@@ -145,7 +185,66 @@ def build_inputs(processor, image, prompt: str):
     if image is not None:
         if not hasattr(processor, "image_processor"):
             raise InputError("this model has no image processor: it takes text only; pass image=None")
-        return processor(text=[text], images=[image], return_tensors="pt")
+        try:
+            return processor(text=[text], images=[image], return_tensors="pt")
+        except (ValueError, TypeError, ZeroDivisionError, IndexError) as exc:
+            # e.g. an aspect ratio the image processor refuses (1x5000)
+            raise InputError(f"image ({image.width}x{image.height}) cannot be prepared by the model's image "
+                             f"processor: {exc}") from None
     if processor is tokenizer:
         return tokenizer([text], return_tensors="pt")
     return processor(text=[text], return_tensors="pt")
+
+
+# -- generation arguments ----------------------------------------------------------------------------
+
+def _is_int(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(low: float, high: float = float("inf"), low_open: bool = False):
+    def check(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return check
+
+
+_is_bool = lambda v: isinstance(v, bool)  # noqa: E731
+
+# The generation arguments users pass most, with their types and ranges (transformers' own validation
+# lets a string "no" through as a truthy do_sample, or divides by num_beams=0 while decoding).
+GENERATION_RULES = {
+    "do_sample": (_is_bool, "True or False"),
+    "use_cache": (_is_bool, "True or False"),
+    "early_stopping": (lambda v: isinstance(v, bool) or v == "never", "True, False or 'never'"),
+    "num_beams": (_is_int(1), "an integer >= 1"),
+    "top_k": (_is_int(0), "an integer >= 0"),
+    "min_new_tokens": (_is_int(0), "an integer >= 0"),
+    "min_length": (_is_int(0), "an integer >= 0"),
+    "no_repeat_ngram_size": (_is_int(0), "an integer >= 0"),
+    "num_return_sequences": (lambda v: v == 1 and not isinstance(v, bool), "1 (one answer per request)"),
+    "return_dict_in_generate": (lambda v: v is False, "False (the engine returns a Result)"),
+    "temperature": (_is_number(0.0, low_open=True), "a number > 0"),
+    "top_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "min_p": (_is_number(0.0, 1.0), "a number in [0, 1]"),
+    "typical_p": (_is_number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "repetition_penalty": (_is_number(0.0, low_open=True), "a number > 0"),
+    "length_penalty": (_is_number(float("-inf")), "a number"),
+}
+
+
+def generate_parameters(model) -> set[str]:
+    """Keyword arguments of transformers' generate besides the GenerationConfig fields."""
+    skip = {"self", "inputs", "generation_config", "kwargs", "args"}
+    return {name for name in inspect.signature(model.generate).parameters if name not in skip}
+
+
+def placeholder_tokens(processor, tokenizer, image_token_id) -> list[str]:
+    """The image/video placeholder strings the processor expands; a prompt holding one would desynchronise
+    the processor's expansion and the vision features."""
+    names = {getattr(processor, attr, None) for attr in ("image_token", "video_token")}
+    if image_token_id is not None:
+        names.add(tokenizer.convert_ids_to_tokens(int(image_token_id)))
+    return sorted(n for n in names if isinstance(n, str) and n)

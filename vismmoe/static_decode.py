@@ -12,6 +12,12 @@ The step also advances its own inputs (next token, positions, mask), so on CUDA 
 per cache length and each token is one graph replay plus one 8-byte readback of the token. On the CPU
 the same step runs eagerly (that is what the CPU tests compare with transformers).
 
+KV cache length: a request reserves the next of 256, 512, 1024, ... positions above its prompt plus at
+most 256 new tokens (never past the model's context), and the cache doubles while decoding when the
+answer runs longer; a CUDA graph is captured per cache length, so a grown cache captures once more.
+`max_new_tokens` is a limit, not a reservation: a 9-token answer with max_new_tokens=800_000 keeps a
+256-position cache.
+
 Positions: the prefill's own position ids (whatever the family computes: M-RoPE rows for Qwen3-VL and
 GLM-4.5V, plain positions elsewhere) are recorded, and each decode step continues every row by +1.
 """
@@ -20,13 +26,11 @@ from __future__ import annotations
 
 import torch
 
-_CACHE_BUCKET = 256  # cache lengths are rounded up to this, so graphs are reused across requests
+_CACHE_BUCKET = 256  # cache lengths are this times a power of two, so graphs are reused across requests
 
 
 class StaticDecoder:
     def __init__(self, engine, max_cache_len: int):
-        from transformers import StaticCache
-
         self.engine = engine
         model = engine.model
         self.device = engine.device
@@ -34,9 +38,11 @@ class StaticDecoder:
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         self.max_cache_len = max_cache_len
-        self.kv_cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if any(getattr(layer, "is_sliding", False) for layer in self.kv_cache.layers):
-            raise NotImplementedError("sliding-window attention layers")
+        self.kv_cache = self._new_cache(max_cache_len)
+        # The model's own forward takes the cache as `cache` from transformers 5.2x on (`past_key_values`
+        # is deprecated there with a FutureWarning per call); older versions only know `past_key_values`.
+        self.cache_kwarg = _cache_kwarg(model)
+        self.text_cache_kwarg = _cache_kwarg(self.text_model)
         attn = model.config.get_text_config()._attn_implementation
         self.additive_mask = attn == "eager"  # eager adds a float mask; sdpa and xformers take booleans
         eos = engine.generation_config.eos_token_id
@@ -50,6 +56,7 @@ class StaticDecoder:
         self.kv_len = torch.zeros((), **i64)  # tokens already in the cache = position of this token
         self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
         self.kv_index = torch.arange(max_cache_len, **i64)
+        self.grown = 0  # how many times this decoder's cache has grown (tests and stats read it)
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
         self.graph = None
         # Graphs need every op of the step on the device: the grouped kernel (the per-expert loop reads
@@ -59,8 +66,43 @@ class StaticDecoder:
 
     # -- one request -----------------------------------------------------------------------------
 
+    def _new_cache(self, length: int):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.engine.model.config, max_cache_len=length)
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            raise NotImplementedError("sliding-window attention layers")
+        return cache
+
+    def grow(self, length: int) -> None:
+        """Move the cached keys and values into a cache of `length` positions (on the same device); the
+        captured step read the old buffers, so the next step captures again."""
+        new = self._new_cache(length)
+        for old_layer, new_layer in zip(self.kv_cache.layers, new.layers):
+            if not getattr(old_layer, "is_initialized", True) or getattr(old_layer, "keys", None) is None:
+                continue
+            try:
+                new_layer.lazy_initialization(old_layer.keys, old_layer.values)
+            except TypeError:  # versions whose lazy_initialization takes the keys only
+                new_layer.lazy_initialization(old_layer.keys)
+            new_layer.keys[:, :, : self.max_cache_len].copy_(old_layer.keys)
+            new_layer.values[:, :, : self.max_cache_len].copy_(old_layer.values)
+            counter = getattr(old_layer, "cumulative_length", None)  # where the next update writes (5.2x)
+            if isinstance(counter, torch.Tensor):
+                new_layer.cumulative_length = counter.clone()
+            elif counter is not None:
+                new_layer.cumulative_length = counter
+        self.kv_cache = new
+        self.max_cache_len = length
+        self.kv_index = torch.arange(length, dtype=torch.int64, device=self.device)
+        self.graph = None
+        self.grown += 1
+
     def generate(self, inputs, max_new_tokens: int, min_new_tokens: int, on_first_token=None):
-        """Greedy tokens for `inputs`; `on_first_token()` runs once the prefill's token is known."""
+        """Greedy tokens for `inputs`; `on_first_token()` runs once the prefill's token is known.
+
+        The caller caps `max_new_tokens` at the model's context (prompt + max_new_tokens - 1 positions
+        are cached at most); the cache grows on the way when the answer needs it."""
         engine, runtime = self.engine, self.engine.runtime
         self.kv_cache.reset()
         recorded = {}
@@ -70,7 +112,7 @@ class StaticDecoder:
 
         hook = self.text_model.register_forward_pre_hook(record_positions, with_kwargs=True)
         try:
-            out = engine.model(**inputs, past_key_values=self.kv_cache, use_cache=True, logits_to_keep=1)
+            out = engine.model(**inputs, **{self.cache_kwarg: self.kv_cache}, use_cache=True, logits_to_keep=1)
         finally:
             hook.remove()
         prompt_len = inputs["input_ids"].shape[1]
@@ -86,7 +128,10 @@ class StaticDecoder:
         self._set_inputs(first, prompt_len, recorded.get("position_ids"), min_new_tokens - 1)
         runtime.begin_static()
         try:
-            for _ in range(max_new_tokens - 1):
+            for step in range(max_new_tokens - 1):
+                position = prompt_len + step  # where this step's token goes in the cache
+                if position >= self.max_cache_len:
+                    self.grow(cache_length(position + 1, self.engine.context))
                 self._run_step()
                 token = int(self.token)  # the one readback of the step
                 tokens.append(token)
@@ -125,7 +170,7 @@ class StaticDecoder:
         else:
             mask = keep
         out = self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions,
-                              past_key_values=self.kv_cache, use_cache=True)
+                              **{self.text_cache_kwarg: self.kv_cache}, use_cache=True)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         logits = self.lm_head(hidden[:, -1, :]).float()
         if self.has_eos:
@@ -186,6 +231,50 @@ def _text_model(model, layout):
     raise NotImplementedError("cannot find the text decoder that holds the MoE layers")
 
 
-def cache_length(prompt_len: int, max_new_tokens: int) -> int:
-    need = prompt_len + max_new_tokens
-    return (need + _CACHE_BUCKET - 1) // _CACHE_BUCKET * _CACHE_BUCKET
+def _cache_kwarg(module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def model_context(model) -> int | None:
+    """The longest sequence the text model supports (max_position_embeddings), or None if unknown."""
+    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def cache_length(needed: int, context: int | None) -> int:
+    """Positions to reserve for `needed`: the next of 256, 512, 1024, ... never past the model's context."""
+    length = _CACHE_BUCKET
+    while length < needed:
+        length *= 2
+    return min(length, context) if context else length
+
+
+def initial_cache_length(prompt_len: int, max_new_tokens: int, context: int | None) -> int:
+    """The cache a request starts with: its prompt and at most one bucket of new tokens (it grows later).
+    Where this transformers version's static cache cannot be grown in place, the whole request's length."""
+    if not cache_can_grow():
+        return cache_length(prompt_len + max_new_tokens - 1, context)
+    return cache_length(prompt_len + min(max_new_tokens - 1, _CACHE_BUCKET), context)
+
+
+_CAN_GROW = None
+
+
+def cache_can_grow() -> bool:
+    """`grow` relies on StaticLayer.lazy_initialization(keys, values) and its on-device write counter
+    (`cumulative_length`, transformers 5.2x); checked once on a tiny layer."""
+    global _CAN_GROW
+    if _CAN_GROW is None:
+        import inspect
+
+        from transformers.cache_utils import StaticLayer
+
+        try:
+            layer = StaticLayer(max_cache_len=4)
+            params = inspect.signature(layer.lazy_initialization).parameters
+            _CAN_GROW = isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and len(params) >= 2
+        except Exception:  # noqa: BLE001 - any surprise: reserve the whole request instead of growing
+            _CAN_GROW = False
+    return _CAN_GROW

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..errors import VismmoeError
+from ..cli import positive_int, run_command
 from .tasks import TASKS
 
 _TASK_HELP = "one of " + ", ".join(TASKS) + " (easyvqa and scenevqa need no --data)"
@@ -19,11 +19,11 @@ def register_cli(subparsers) -> None:
                                            "torchrun --nproc-per-node N -m vismmoe.evaluation eval ...")
     ev.add_argument("--model", required=True, help="model directory")
     _common(ev)
-    ev.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    ev.add_argument("--limit", type=positive_int, help="evaluate only the first N questions (N >= 1)")
     ev.add_argument("--config", help="engine config YAML")
     ev.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
-                    help="grid of engine overrides, e.g. budget=0.25,0.5 visual_keep=1.0,0.5 visual_prune=affinity,random (one run per combination)")
-    ev.add_argument("--max-new-tokens", type=int, help="generation length (default: the task's)")
+                    help="grid of engine config overrides, e.g. budget=0.25,0.5 visual_keep=1.0,0.5 visual_prune=affinity,random (one run per combination)")
+    ev.add_argument("--max-new-tokens", type=positive_int, help="generation length (default: the task's)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--output", help="output directory (default runs/eval/<model>/<task>)")
     ev.set_defaults(func=_eval)
@@ -84,8 +84,4 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vismmoe.evaluation")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except VismmoeError as error:  # bad data or settings: the message says what to fix
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(args)  # the same error path as `vismmoe eval`

@@ -37,11 +37,15 @@ def run_eval(model, task: str, data=None, *, limit: int | None = None, config=No
     """
     check_mode(normalize)
     spec = get_task(task)
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                                       or max_new_tokens < 1):
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     grid = sweeps.parse_sweep(sweep)
     out_root = Path(output) if output is not None else Path("runs/eval") / Path(str(model)).name / spec.name
     procs = Processes.from_env()
     run = _Run(model=model, spec=spec, data=data, config=config, normalize=normalize,
-               prompt_template=prompt_template, max_new_tokens=max_new_tokens or spec.max_new_tokens,
+               prompt_template=prompt_template,
+               max_new_tokens=spec.max_new_tokens if max_new_tokens is None else max_new_tokens,
                skip_bad=skip_bad, overrides=dict(overrides or {}), factory=engine_factory or _default_factory,
                progress=progress, procs=procs)
     bad = BadRecords(skip_bad)
@@ -106,7 +110,10 @@ class _Run:
         procs.barrier()  # every engine is loaded: the timed evaluation starts together on every process
         start = time.perf_counter()
         if mine:
-            self._evaluate(mine, out_dir / f"samples.rank{procs.rank}.partial.jsonl", _label(setting))
+            try:
+                self._evaluate(mine, out_dir / f"samples.rank{procs.rank}.partial.jsonl", _label(setting))
+            except KeyboardInterrupt:
+                raise Interrupted(len(_done_ids(out_dir)), len(loaded.samples)) from None
         procs.barrier()
         wall = time.perf_counter() - start
         if procs.is_main:
@@ -154,7 +161,13 @@ class _Run:
             self.engine = self.factory(self.model, config=self.config, **overrides)
         config = getattr(self.engine, "config", None)
         if config is not None and hasattr(config, "to_dict"):
-            write_atomic(out_dir / "engine_config.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
+            recorded = config.to_dict()
+            # What ran, not what was asked for: "auto" resolved, and the generation length of this run.
+            for key in ("device", "dtype"):
+                if getattr(self.engine, key, None) is not None:
+                    recorded[key] = str(getattr(self.engine, key)).removeprefix("torch.")
+            recorded["max_new_tokens"] = self.max_new_tokens
+            write_atomic(out_dir / "engine_config.json", json.dumps(recorded, indent=2, default=str) + "\n")
 
     def _warm_up(self, sample) -> None:
         """One unrecorded request first (engines that offer `warm_up`): JIT compilation (numba, Triton)
@@ -235,6 +248,14 @@ class _Run:
                 self.engine.close()
             self.engine = None
             gc.collect()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an evaluation: `saved` of `total` questions have records on disk (a re-run resumes)."""
+
+    def __init__(self, saved: int, total: int):
+        super().__init__(f"{saved}/{total} saved")
+        self.saved, self.total = saved, total
 
 
 def _done_ids(out_dir: Path) -> set[str]:

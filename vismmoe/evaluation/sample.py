@@ -24,6 +24,14 @@ class ImageRef:
     record: Any = None
     question_id: Any = None
     base_dir: Path | None = None  # relative paths inside a table are relative to the dataset directory
+    path: Path | None = None  # the local file, when the image is one (checked up front by run_eval)
+
+    def missing(self) -> EvalDataError | None:
+        """The error for a local image file that does not exist (None otherwise)."""
+        if self.path is None or self.path.is_file():
+            return None
+        return EvalDataError(f"image file {self.path} does not exist", file=self.file, record=self.record,
+                             question_id=self.question_id)
 
     def load(self):
         from PIL import Image
@@ -54,7 +62,7 @@ class ImageRef:
 
 def image_from_path(path, *, file=None, record=None, question_id=None) -> ImageRef:
     path = Path(path)
-    return ImageRef(lambda: path, str(path), file=file, record=record, question_id=question_id)
+    return ImageRef(lambda: path, str(path), file=file, record=record, question_id=question_id, path=path)
 
 
 @dataclass

@@ -14,8 +14,14 @@ from .prompts import render
 from .tasks import Task, get_task
 
 
-def prepare_samples(task: Task, data, split, limit, prompt_template, bad: BadRecords) -> Loaded:
-    """Load the task's samples, drop repeated ids, keep the first `limit`, render each prompt."""
+def prepare_samples(task: Task, data, split, limit, prompt_template, bad: BadRecords,
+                    need_images: bool = True) -> Loaded:
+    """Load the task's samples, drop repeated ids, keep the first `limit`, render each prompt.
+
+    With `need_images` (evaluation), local image files that do not exist are bad records up front;
+    scoring reads no images and does not need them."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer (the number of questions), got {limit!r}")
     if task.needs_data and data is None:
         raise ConfigError(f"task {task.name} needs --data: the path of its local files")
     loaded = task.load(data, split, bad)
@@ -26,9 +32,13 @@ def prepare_samples(task: Task, data, split, limit, prompt_template, bad: BadRec
             bad.report(EvalDataError("question_id occurs more than once", file=", ".join(loaded.files),
                                      question_id=sample.question_id))
             continue
+        missing = sample.image.missing() if need_images and sample.image is not None else None
+        if missing is not None:
+            bad.report(missing)
+            continue
         seen.add(key)
         samples.append(sample)
-    samples = samples[:limit] if limit else samples
+    samples = samples[:limit] if limit is not None else samples
     template = prompt_template or task.prompt_template
     for sample in samples:
         sample.prompt = render(template, sample.prompt_fields)
@@ -94,7 +104,7 @@ def score(task: str, predictions, data=None, *, output=None, split=None, normali
     check_mode(normalize)
     spec = get_task(task)
     bad = BadRecords(skip_bad)
-    loaded = prepare_samples(spec, data, split, None, prompt_template, bad)
+    loaded = prepare_samples(spec, data, split, None, prompt_template, bad, need_images=False)
     predicted = read_predictions(predictions, bad)
     known = {str(s.question_id) for s in loaded.samples}
     for key in predicted.keys() - known:

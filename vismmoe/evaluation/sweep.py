@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-# Short sweep names for the engine's config keys; any other key is passed through as written.
+# Short sweep names for the engine's config keys; other keys must be EngineConfig keys.
 KEY_ALIASES = {"budget": "expert_budget"}
 
 
@@ -38,9 +38,17 @@ def parse_sweep(spec) -> dict[str, list]:
             if not sep or not key.strip() or not values.strip():
                 raise ConfigError(f"--sweep entries look like key=v1,v2; got {entry!r}")
             items.append((key.strip(), [parse_value(v) for v in values.split(",")]))
+    from dataclasses import fields
+
+    from ..config import EngineConfig
+
+    valid = {f.name for f in fields(EngineConfig)}
     grid = {}
     for key, values in items:
         name = KEY_ALIASES.get(key, key)
+        if name not in valid:
+            raise ConfigError(f"unknown sweep key {key!r}; valid keys are: "
+                              f"{', '.join(sorted(valid | set(KEY_ALIASES)))}")
         if name in grid:
             raise ConfigError(f"sweep key {key!r} given twice")
         grid[name] = list(values) if isinstance(values, (list, tuple)) else [values]
