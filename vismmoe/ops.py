@@ -152,3 +152,57 @@ def device_copy_available(src: torch.Tensor) -> bool:
     except ImportError:
         return False
     return src.is_cuda or src.is_pinned()
+
+
+# -- the cache's decisions on the device ------------------------------------------------------------
+# One layer call of the cache's state machine (offload/core.py): the fused Triton kernel
+# (kernels/cache_step.py) on CUDA, its torch twin (offload/device_core.py) elsewhere. `kernel=True`
+# forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
+
+
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None):
+    """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
+    (src_rows[i] -> fill[i]) for fill[i] >= 0."""
+    if _use_kernel(experts, kernel):
+        from .kernels import cache_step
+
+        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text)
+    from .offload import device_core
+
+    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    return slots, fill, layer * state.shape[2] + experts
+
+
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None):
+    """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
+    issued after layer `running`. Returns (src_rows, fill), the copy list."""
+    if _use_kernel(experts, kernel):
+        from .kernels import cache_step
+
+        _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
+                                             running=running)
+        return src, fill
+    from .offload import device_core
+
+    return device_core.prefetch(state, layer, experts, valid, running, limit)
+
+
+def _use_kernel(experts, kernel: bool | None) -> bool:
+    if kernel is not None:
+        return kernel
+    return experts.is_cuda and cache_kernel_available()
+
+
+_CACHE_KERNEL_OK = None
+
+
+def cache_kernel_available() -> bool:
+    global _CACHE_KERNEL_OK
+    if _CACHE_KERNEL_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _CACHE_KERNEL_OK = True
+        except ImportError:
+            _CACHE_KERNEL_OK = False
+    return _CACHE_KERNEL_OK
