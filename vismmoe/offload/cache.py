@@ -60,7 +60,8 @@ class ExpertCache:
         # The cache's bookkeeping: offload/core.py's state, driven by its host transitions here.
         self.state = self.policy.new_state(num_slots, self.num_layers, self.num_experts)
         self.counters = CacheCounters.zeros(self.num_layers)
-        self._fill = np.empty(num_slots, np.int64)
+        # Scratch for the core's outputs (it does not bounds-check): a call has at most S or E experts.
+        self._fill = np.empty(max(num_slots, self.num_experts), np.int64)
         self._slots = np.empty(num_slots, np.int64)
         # The slot pool viewed as the model's per-expert matrices, for grouped GEMMs over all slots.
         gu = store.gate_up_numel

@@ -51,6 +51,8 @@ class SimResult:
     copy_overhead_s: float = COPY_OVERHEAD_S
     seconds: float = 0.0  # wall time of the replay
     extra: dict = field(default_factory=dict)
+    group_tables: np.ndarray | None = None  # [G, L, E] slot table after each group (record_groups=True)
+    group_misses: np.ndarray | None = None  # [G]
 
     @property
     def hits(self) -> int:
@@ -107,10 +109,11 @@ class SimResult:
 def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch="none",
              slot_plan: SlotPlan | str | None = None, prefetch_limit: int = 0, link_gbps: float = PINNED_GBPS,
              expert_bytes: int | None = None, copy_overhead_s: float = COPY_OVERHEAD_S,
-             policy_options: dict | None = None) -> SimResult:
+             policy_options: dict | None = None, record_groups: bool = False) -> SimResult:
     """Replay `trace` in numba. prefetch: "none" (or False), "trace" (recorded predictions), "oracle".
     slot_plan: None (one global pool), "uniform", or a SlotPlan. prefetch_limit: copies per prefetch
-    call, 0 = no limit (the engine's `prefetch_limit`)."""
+    call, 0 = no limit (the engine's `prefetch_limit`). record_groups: keep the slot table after every
+    group and the group's misses (`group_tables`, `group_misses`)."""
     meta = trace.meta
     plan = _resolve_plan(slot_plan, budget_slots, meta.num_layers)
     mode = _prefetch_mode(prefetch, trace)
@@ -122,13 +125,19 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     start = time.perf_counter()
     hits, misses = np.zeros((2, meta.num_layers), np.int64), np.zeros((2, meta.num_layers), np.int64)
     scratch = np.empty(budget_slots, np.int64), np.empty(max(budget_slots, meta.num_experts), np.int64)
+    G = trace.num_groups if record_groups else 0
+    tables, group_misses = np.zeros((G, meta.num_layers, meta.num_experts), np.int32), np.zeros(G, np.int64)
     waves = _replay(state, trace.group_request, trace.group_step, trace.group_layer, demand.offsets,
                     demand.experts.astype(np.int64), demand.n_visual.astype(np.int64), demand.n_text.astype(np.int64),
-                    pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses)
+                    pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses, tables,
+                    group_misses)
     pf = state.pf
     seconds = time.perf_counter() - start
-    return _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
-                   copy_overhead_s, seconds)
+    result = _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
+                     copy_overhead_s, seconds)
+    if record_groups:
+        result.group_tables, result.group_misses = tables, group_misses
+    return result
 
 
 def sweep(trace: Trace, policies=None, budgets=None, prefetch="none", slot_plan=None, threads: int | None = None,
@@ -219,9 +228,11 @@ def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, ex
 # _nrt=False: no reference counting (the driver allocates nothing; the caller passes every array).
 @njit(cache=True, nogil=True, _nrt=False)
 def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts, set_visual, set_text,
-            pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses):
-    """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). Returns the
-    number of layer calls that needed several waves."""
+            pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses, tables, group_misses):
+    """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). With `tables`
+    [G, L, E] (else empty), the slot table after every group and its misses are recorded too.
+    Returns the number of layer calls that needed several waves."""
+    record = tables.shape[0] > 0
     num_slots = st.owner.shape[0]
     waves = 0
     request = -1
@@ -251,6 +262,12 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
                                  quota, slots, fill)
             hits[phase, layer] += stop - start - missed
             misses[phase, layer] += missed
+            if record:
+                group_misses[g] += missed
+        if record:
+            for layer_ in range(st.table.shape[0]):
+                for expert in range(st.table.shape[1]):
+                    tables[g, layer_, expert] = st.table[layer_, expert]
     return waves
 
 
