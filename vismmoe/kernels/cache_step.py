@@ -32,7 +32,7 @@ def _next_pow2(n: int) -> int:
 
 def _jit(fn):
     """The spec's formula `fn` itself, compiled by Triton (which wants triton.language among its globals)."""
-    return triton.jit(types.FunctionType(fn.__code__, {"tl": tl, "triton": triton}, fn.__name__))
+    return triton.jit(types.FunctionType(fn.__code__, {"tl": tl, "triton": triton, "__name__": __name__}, fn.__name__))
 
 
 score = _jit(core.score)
@@ -198,9 +198,9 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
     slots = torch.empty(n, dtype=torch.int64, device=device)
     fill = torch.empty(n, dtype=torch.int64, device=device)
     src = torch.empty(n, dtype=torch.int64, device=device)
-    dummy = experts
+    dummy = experts  # for the pointers a mode does not read (no allocation: graph capture forbids host copies)
     if limit is None:
-        limit = torch.tensor(n, dtype=torch.int64, device=device)
+        limit = dummy
     elif not torch.is_tensor(limit):
         limit = torch.tensor(int(limit), dtype=torch.int64, device=device)
     running = layer if running is None else running
@@ -213,5 +213,5 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
         dummy if valid is None else valid.to(torch.int8), limit,
         slots, fill, src, layer, running, n, S, L, E, L * E + 1, L + 1,
         MODE=mode, BLOCK_S=_next_pow2(max(S, 16)), BLOCK_N=_next_pow2(max(n, 16)),
-        BLOCK_E=_next_pow2(max(E, 16)), num_warps=4, **extra)
+        BLOCK_E=_next_pow2(max(E, 16)), num_warps=4 if S <= 256 else 8 if S <= 1024 else 16, **extra)
     return (slots if mode == DEMAND else None), fill, src
