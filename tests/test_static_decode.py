@@ -43,7 +43,7 @@ def test_static_decode_equals_generate_path(qwen_checkpoint, budget, policy):
 
 @pytest.fixture(scope="module")
 def demo_engines():
-    return {d: vismmoe.load(DEMO, device="cpu", expert_budget=0.25, prefetch=False, decode=d)
+    return {d: vismmoe.load(DEMO, expert_budget=0.25, prefetch=False, decode=d)
             for d in ("generate", "static")}
 
 

@@ -128,7 +128,9 @@ def slot_score(st, s, layer, a_vis, a_txt):
     num_layers, num_experts = st.cost.shape
     sl = o // num_experts
     se = o % num_experts
-    dist = layer_distance_jit(float(sl), float(layer), float(num_layers), st.params[USE_DISTANCE])
+    dist = 1.0  # what layer_distance gives without the distance term (skipping its float mod)
+    if st.params[USE_DISTANCE] != 0.0:
+        dist = layer_distance_jit(float(sl), float(layer), float(num_layers), st.params[USE_DISTANCE])
     return score_jit(st.cost[sl, se], st.counts[0, sl, se], st.counts[1, sl, se], a_vis, a_txt, st.weight[sl], dist)
 
 
@@ -146,6 +148,7 @@ def victim(st, layer, running, quota, allow_pinned):
                 held += 1
         own_only = held >= quota[layer]
     a_vis, a_txt = mix_weights_jit(st.mix[0], st.mix[1], st.params[MODAL])
+    counting = st.params[COUNTING] != 0.0
     best = -1
     best_pinned = True
     best_score = 0.0
@@ -158,7 +161,7 @@ def victim(st, layer, running, quota, allow_pinned):
         pinned = st.pin[s] > running
         if pinned and not allow_pinned:
             continue
-        sc = slot_score(st, s, layer, a_vis, a_txt)
+        sc = slot_score(st, s, layer, a_vis, a_txt) if counting else 0.0  # no counts: every score is 0
         last = st.last_use[s]
         if (best < 0 or (best_pinned and not pinned)
                 or (pinned == best_pinned and (sc < best_score or (sc == best_score and last < best_last)))):
