@@ -49,9 +49,9 @@ def demo_engines():
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_demo_model_static_and_generate_decide_alike(demo_engines, policy):
-    # The bundled demo model at a quarter budget, prefetch off: the static path (eager on the CPU,
-    # with the torch reference of the device decisions) and transformers' generate with the host
-    # path load exactly the same experts, layer by layer.
+    # The bundled demo model at a quarter budget, prefetch off: the static path (eager with the torch
+    # reference of the device decisions on the CPU; the fused kernel in CUDA graphs on a GPU) and
+    # transformers' generate with the host path load exactly the same experts, layer by layer.
     engines = {d: engine.reconfigure(policy=policy) for d, engine in demo_engines.items()}
     misses = 0
     for image, prompt in random_requests(2, seed=21):
