@@ -1,12 +1,19 @@
-"""Where a static decode step's time goes (issue 5), on the bench_offload model: GPU time of each
-piece of a layer, measured inside CUDA graphs (as decode runs them, no launch gaps).
+"""Where a static decode step's time goes (issues 5 and 11), on the bench_offload model: GPU time of
+each piece of a layer, measured inside CUDA graphs (as decode runs them, no launch gaps).
 
   * experts compute (ops.experts_from_slots, one token, top-8) over slot pools of different sizes;
-  * the device-side cache decision of one layer (DeviceResidency.demand) when every expert hits;
-  * the record-copy kernel when nothing is copied, and when one 9.4 MB record is copied;
-  * whole decode steps at 100% and 25% budget, prefetch off and on.
+  * the device-side cache decision of one layer: the fused kernel (ops.cache_demand, the default on
+    CUDA) and its torch reference, when every expert hits and when all of them miss; the whole
+    DeviceResidency.demand (decision + copy launch); a prefetch decision that issues nothing;
+  * the record-copy kernel when nothing is copied, and when one record is copied;
+  * whole decode steps at 100%, 25% and 50% budget, prefetch off and on, and the issue-11 targets:
+    decision <= 15 us per layer, 25% prefetch off <= 1.3x its floor (floor = max(decode at 100%,
+    decode misses x one record's copy time)), 50% prefetch on (nothing issued) <= 1.05x prefetch off.
 
-    python eval/profile_static.py --out /tmp/out --layers 12
+Writes profile_static.json and profile_static.md into --out.
+
+    python eval/profile_static.py --out $OUT --layers 12
+    python eval/profile_static.py --out /tmp/p --checkpoint models/easyvqa-qwen3vlmoe   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,11 +33,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
 from vismmoe import ops  # noqa: E402
+from vismmoe.offload import device_core  # noqa: E402
+from vismmoe.offload.policies import make_policy  # noqa: E402
 from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 def graph_us(fn, reps=20, replays=5) -> float:
-    """GPU microseconds per call of fn, captured `reps` times in one CUDA graph."""
+    """GPU microseconds per call of fn, captured `reps` times in one CUDA graph (CPU: wall time, eager)."""
+    if not torch.cuda.is_available():
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) * 1e6 / reps
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -50,43 +66,85 @@ def graph_us(fn, reps=20, replays=5) -> float:
     return start.elapsed_time(end) * 1e3 / (reps * replays)
 
 
+def decision_times(engine, policy: str) -> dict:
+    """Per-layer device decision, fused kernel and torch reference, on the engine's slot count."""
+    cache, k = engine.cache, engine.layout.top_k
+    L, E, S = cache.num_layers, cache.num_experts, cache.num_slots
+    device = cache.device
+    i64 = dict(dtype=torch.int64, device=device)
+    nv, nt = torch.zeros(k, **i64), torch.ones(k, **i64)
+    experts = torch.arange(k, **i64)
+    out = {}
+    kernels = {"fused": True, "torch": False} if device.type == "cuda" else {"torch": False}
+    for name, kernel in kernels.items():
+        # A state of the engine's size whose layer 0 holds `experts`: every call is all hits.
+        state = device_core.DeviceState.empty(S, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32, device=device))
+        state.load(make_policy(policy).new_state(S, L, E))
+        ops.cache_demand(state, 0, experts, nv, nt, kernel=kernel)
+        out[f"{name}_all_hits_us"] = graph_us(lambda: ops.cache_demand(state, 0, experts, nv, nt, kernel=kernel))
+        # ... and a prefetch of those same experts for layer 0 after layer L-1: resident, nothing issued.
+        valid = torch.ones(k, dtype=torch.bool, device=device)
+        limit = torch.tensor(k, **i64)
+        out[f"{name}_prefetch_nothing_issued_us"] = graph_us(
+            lambda: ops.cache_prefetch(state, 0, experts, valid, L - 1, limit, kernel=kernel))
+        # k slots and two alternating expert sets: every call evicts and installs k experts.
+        small = device_core.DeviceState.empty(k, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32, device=device))
+        small.load(make_policy(policy).new_state(k, L, E))
+        other = experts + k
+
+        def two_calls():
+            ops.cache_demand(small, 0, experts, nv, nt, kernel=kernel)
+            ops.cache_demand(small, 0, other, nv, nt, kernel=kernel)
+
+        out[f"{name}_all_miss_us"] = graph_us(two_calls) / 2
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--checkpoint", help="profile this checkpoint instead of the full-size bench model")
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = full_size_checkpoint(args.layers)
-    report = {"gpu": torch.cuda.get_device_name(), "layers": args.layers}
-    engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget=0.25, prefetch=False)
+    cuda = torch.cuda.is_available()
+    ckpt = Path(args.checkpoint) if args.checkpoint else full_size_checkpoint(args.layers)
+    dtype = "bfloat16" if cuda else "float32"
+    report = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "checkpoint": str(ckpt), "policy": args.policy}
+    engine = vismmoe.load(ckpt, dtype=dtype, expert_budget=0.25, prefetch=False, policy=args.policy)
     cache, layout = engine.cache, engine.layout
+    report.update(layers=cache.num_layers, slots_at_25pct=cache.num_slots, record_bytes=engine.store.record_bytes)
     module = layout.layers[0].experts
     k, h = layout.top_k, layout.hidden_size
     with torch.inference_mode():
-        x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
-        w = torch.softmax(torch.randn(1, k, device="cuda"), -1).to(torch.bfloat16)
-        compute = {}
-        for groups in (128, 256, cache.num_slots):
-            ids = torch.randperm(groups, device="cuda")[:k].view(1, k)
-            gu, dn = cache.gate_up_view[:groups], cache.down_view[:groups]
-            compute[groups] = graph_us(lambda: ops.experts_from_slots(x, w, ids, gu, dn, module._apply_gate))
-        report["experts_compute_us_by_pool_slots"] = compute
-        # One layer's device-side decision with every expert resident (a hit): fill the slots first.
+        if cuda:
+            x = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+            w = torch.softmax(torch.randn(1, k, device="cuda"), -1).to(torch.bfloat16)
+            compute = {}
+            for groups in (128, 256, cache.num_slots):
+                ids = torch.randperm(groups, device="cuda")[:k].view(1, k)
+                gu, dn = cache.gate_up_view[:groups], cache.down_view[:groups]
+                compute[groups] = graph_us(lambda: ops.experts_from_slots(x, w, ids, gu, dn, module._apply_gate))
+            report["experts_compute_us_by_pool_slots"] = compute
+        report["decision_per_layer"] = decision_times(engine, args.policy)
+        # The whole per-layer demand of the static path (decision + copy launch), every expert resident.
         res = engine.runtime.residency
-        res.load_from_host()
-        experts = torch.arange(k, device="cuda")
-        res.demand(0, experts)
-        torch.cuda.synchronize()
-        report["demand_all_hits_us"] = graph_us(lambda: res.demand(0, experts))
-        none = torch.full((k,), -1, device="cuda", dtype=torch.int64)
-        rows = torch.arange(k, device="cuda")
-        report["copy_kernel_nothing_copied_us"] = graph_us(
-            lambda: ops.copy_records(engine.store.slab_rows, cache.slots, rows, none))
-        one = none.clone()
-        one[0] = cache.num_slots - 1
-        report["copy_kernel_one_record_us"] = graph_us(
-            lambda: ops.copy_records(engine.store.slab_rows, cache.slots, rows, one), reps=5)
+        if res is not None:
+            res.load_from_host()
+            experts = torch.arange(k, device=cache.device)
+            res.demand(0, experts)
+            report["residency_demand_all_hits_us"] = graph_us(lambda: res.demand(0, experts))
+            none = torch.full((k,), -1, device=cache.device, dtype=torch.int64)
+            rows = torch.arange(k, device=cache.device)
+            report["copy_kernel_nothing_copied_us"] = graph_us(
+                lambda: ops.copy_records(engine.store.slab_rows, cache.slots, rows, none))
+            one = none.clone()
+            one[0] = cache.num_slots - 1
+            report["copy_kernel_one_record_us"] = graph_us(
+                lambda: ops.copy_records(engine.store.slab_rows, cache.slots, rows, one), reps=5)
     print(json.dumps(report, indent=1), flush=True)
 
     import numpy as np
@@ -96,18 +154,61 @@ def main():
     image = Image.fromarray((rs.rand(256, 256, 3) * 255).astype("uint8"))
     prompt = "what is the color of the shape on the left of the image?"
     steps = {}
+    n = args.tokens
     for budget in (1.0, 0.25, 0.5):
         for prefetch in (False, True):
-            engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static")
-            engine.generate(image=image, prompt=prompt, max_new_tokens=32, min_new_tokens=32)
-            s = engine.generate(image=image, prompt=prompt, max_new_tokens=32, min_new_tokens=32).stats
+            engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy)
+            engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
+            s = engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n).stats
             steps[f"{budget}/prefetch={prefetch}"] = dict(
                 decode_ms_per_token=s.decode_s * 1e3 / (s.new_tokens - 1), path=s.decode_path,
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / (s.new_tokens - 1),
                 prefetch_mb_per_token=s.prefetch_issued_bytes / 1e6 / (s.new_tokens - 1))
             print(budget, prefetch, steps[f"{budget}/prefetch={prefetch}"], flush=True)
     report["decode_steps"] = steps
+    report["targets"] = targets(report)
     (out / "profile_static.json").write_text(json.dumps(report, indent=1))
+    (out / "profile_static.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def targets(report: dict) -> dict:
+    steps, decision = report["decode_steps"], report["decision_per_layer"]
+    quarter = steps["0.25/prefetch=False"]
+    record_ms = report.get("copy_kernel_one_record_us", 0.0) / 1e3
+    floor = max(steps["1.0/prefetch=False"]["decode_ms_per_token"], quarter["decode_misses_per_token"] * record_ms)
+    half_on, half_off = steps["0.5/prefetch=True"], steps["0.5/prefetch=False"]
+    decision_us = decision.get("fused_all_hits_us", decision["torch_all_hits_us"])
+    return {
+        "decision_us_per_layer": decision_us, "decision_target_us": 15.0, "decision_met": decision_us <= 15.0,
+        "floor_25pct_ms_per_token": floor, "ratio_25pct_prefetch_off_to_floor": quarter["decode_ms_per_token"] / floor,
+        "ratio_target": 1.3, "ratio_met": quarter["decode_ms_per_token"] / floor <= 1.3,
+        "prefetch_50pct_mb_per_token": half_on["prefetch_mb_per_token"],
+        "prefetch_overhead_50pct": half_on["decode_ms_per_token"] / half_off["decode_ms_per_token"] - 1,
+        "prefetch_overhead_target": 0.05,
+        "prefetch_overhead_met": half_on["decode_ms_per_token"] / half_off["decode_ms_per_token"] - 1 <= 0.05,
+    }
+
+
+def markdown(report: dict) -> str:
+    t, d = report["targets"], report["decision_per_layer"]
+    lines = [f"# Static decode profile ({report['gpu']}, {report['layers']} layers, policy {report['policy']})", "",
+             "| device decision per layer | us |", "|---|---:|"]
+    lines += [f"| {name} | {value:.1f} |" for name, value in d.items()]
+    if "residency_demand_all_hits_us" in report:
+        lines.append(f"| DeviceResidency.demand, all hits (decision + copy launch) | "
+                     f"{report['residency_demand_all_hits_us']:.1f} |")
+    lines += ["", "| budget / prefetch | path | decode ms/token | misses/token | prefetch MB/token |", "|---|---|---:|---:|---:|"]
+    for name, s in report["decode_steps"].items():
+        lines.append(f"| {name} | {s['path']} | {s['decode_ms_per_token']:.2f} | {s['decode_misses_per_token']:.2f} | "
+                     f"{s['prefetch_mb_per_token']:.1f} |")
+    lines += ["", "| issue-11 target | measured | target | met |", "|---|---:|---:|---|",
+              f"| decision per layer (us) | {t['decision_us_per_layer']:.1f} | <= 15 | {t['decision_met']} |",
+              f"| 25% prefetch off / floor ({t['floor_25pct_ms_per_token']:.2f} ms) | "
+              f"{t['ratio_25pct_prefetch_off_to_floor']:.2f}x | <= 1.3x | {t['ratio_met']} |",
+              f"| 50% prefetch on (issued {t['prefetch_50pct_mb_per_token']:.1f} MB/token) over off | "
+              f"{t['prefetch_overhead_50pct']:+.1%} | <= +5% | {t['prefetch_overhead_met']} |"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

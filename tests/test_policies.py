@@ -1,19 +1,52 @@
-"""Eviction policies and slot plans: each policy evicts what its formula says it should."""
+"""Eviction policies and slot plans: each policy evicts what its formula says it should.
+
+The policies run inside the cache's state machine (offload/core.py); `Harness` drives its
+transitions one at a time: install a record, use it, ask for the victim among some slots.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vismmoe.offload.policies import POLICIES, SlotPlan, evictable_mask, make_policy
-from vismmoe.offload.policies.base import DecayedCounts
+from vismmoe.offload import core
+from vismmoe.offload.policies import POLICIES, SlotPlan, make_policy
 
 ALL = np.ones(4, bool)
 
 
+class Harness:
+    def __init__(self, name, slots, layers, experts, **options):
+        self.st = make_policy(name, **options).new_state(slots, layers, experts)
+
+    def on_insert(self, slot, layer, expert, now):
+        core.install(self.st, slot, layer, expert, now)
+
+    def on_access(self, slot, layer, expert, now, n_visual=0, n_text=0):
+        core.use(self.st, slot, layer, expert, now, n_visual, n_text)
+
+    def victim(self, evictable, layer, quota=core.NO_PLAN):
+        """The slot a miss of `layer` would take among `evictable` (the rest count as in use)."""
+        self.st.protected[:] = ~np.asarray(evictable)
+        try:
+            return core.victim(self.st, layer, layer, np.asarray(quota, np.int64), True)
+        finally:
+            self.st.protected[:] = False
+
+    def reset_request(self):
+        core.begin_request(self.st)
+
+    def modality_weights(self):
+        return core.mix_weights(self.st.mix[0], self.st.mix[1], 1.0)
+
+
+def make(name, slots, layers, experts, **options):
+    return Harness(name, slots, layers, experts, **options)
+
+
 def filled(name, slots=4, layers=2, experts=8, **options):
     """A policy whose slots 0..slots-1 hold (layer 0, expert s), inserted at clocks 1..slots."""
-    policy = make_policy(name, slots, layers, experts, **options)
+    policy = make(name, slots, layers, experts, **options)
     for s in range(slots):
         policy.on_insert(s, 0, s, s + 1)
         policy.on_access(s, 0, s, s + 1, 0, 1)
@@ -23,12 +56,12 @@ def filled(name, slots=4, layers=2, experts=8, **options):
 def test_registry_has_every_policy_and_rejects_unknown():
     assert set(POLICIES) == {"lru", "lfu", "lfru", "cost", "affinity"}
     with pytest.raises(ValueError, match="unknown cache policy"):
-        make_policy("fifo", 4, 2, 8)
+        make_policy("fifo")
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_empty_slots_first_and_mask_respected(name):
-    policy = make_policy(name, 4, 2, 8)
+    policy = make(name, 4, 2, 8)
     policy.on_insert(0, 0, 3, 1)
     policy.on_access(0, 0, 3, 1, 1, 0)
     assert policy.victim(ALL, 0) == 1  # lowest empty slot before any resident one
@@ -87,14 +120,16 @@ def test_lfru_recent_uses_outweigh_old_ones():
 
 
 def test_decayed_counts_renormalise_without_changing_ratios():
-    counts = DecayedCounts(1, 2, half_life=0.5)  # weight x4 per call: crosses 1e100 within ~170 calls
+    policy = make("lfru", 2, 1, 2, half_life=0.5)  # weight x4 per call: crosses 1e100 within ~170 calls
+    policy.on_insert(0, 0, 0, 0)
+    policy.on_insert(1, 0, 1, 0)
     for now in range(1, 400):
-        w = counts.tick(0, now)
-        counts.counts[0, 0, 0] += w
+        policy.on_access(0, 0, 0, now)
         if now % 2:
-            counts.counts[0, 0, 1] += w
-    value = counts.counts[0, 0] / counts.weight[0]
-    assert np.isfinite(value).all() and counts.weight[0] < 1e101
+            policy.on_access(1, 0, 1, now)
+    st = policy.st
+    value = st.counts[0, 0] / st.weight[0]
+    assert np.isfinite(value).all() and st.weight[0] < 1e101
     # expert 0 used every call, expert 1 every other call (ending on an odd call): steady-state values
     assert value[0] == pytest.approx(4 / 3)
     assert value[1] == pytest.approx(16 / 15)
@@ -107,18 +142,18 @@ def test_cost_aware_keeps_expensive_experts():
     assert policy.victim(ALL, 0) == 0  # all used once; expert 0 is cheap and oldest
     assert policy.victim(np.array([False, True, True, False]), 0) == 2  # expert 1 costs 10x to reload
     with pytest.raises(ValueError, match="load_cost"):
-        make_policy("cost", 4, 2, 8, load_cost=np.ones(3))
+        make("cost", 4, 2, 8, load_cost=np.ones(3))
 
 
 def test_cost_aware_distance_keeps_the_next_layers_experts():
-    policy = make_policy("cost", 2, 3, 4)
+    policy = make("cost", 2, 3, 4)
     policy.on_insert(0, 1, 0, 1)
     policy.on_access(0, 1, 0, 1)  # layer 1's expert, used at clock 1 (least recent)
     policy.on_insert(1, 2, 0, 2)
     policy.on_access(1, 2, 0, 2)  # layer 2's expert, used at clock 2
     # Loading into layer 0: layer 1 runs next (distance 1), layer 2 after it (distance 2).
     assert policy.victim(np.ones(2, bool), 0) == 1
-    plain = make_policy("cost", 2, 3, 4, use_distance=False)
+    plain = make("cost", 2, 3, 4, use_distance=False)
     plain.on_insert(0, 1, 0, 1)
     plain.on_access(0, 1, 0, 1)
     plain.on_insert(1, 2, 0, 2)
@@ -128,7 +163,7 @@ def test_cost_aware_distance_keeps_the_next_layers_experts():
 
 def test_affinity_follows_the_request_modality_mix():
     def setup():
-        policy = make_policy("affinity", 2, 1, 4)
+        policy = make("affinity", 2, 1, 4)
         policy.on_insert(0, 0, 0, 1)
         policy.on_access(0, 0, 0, 1, 5, 0)  # expert 0: visual tokens only
         policy.on_insert(1, 0, 1, 1)
@@ -159,12 +194,15 @@ def test_slot_plan_from_budget():
         SlotPlan([2, 0])
 
 
-def test_evictable_mask_caps_a_layer_at_its_quota():
-    plan = SlotPlan(np.array([2, 2]))
-    slot_layer = np.array([0, 0, 1, -1])
-    pinned = np.array([False, True, False, False])
-    # layer 0 holds 2 = its quota: only its own unpinned slot
-    assert evictable_mask(plan, slot_layer, 0, pinned).tolist() == [True, False, False, False]
-    # layer 1 holds 1 < 2: anything unpinned (the policy then takes the empty slot first)
-    assert evictable_mask(plan, slot_layer, 1, pinned).tolist() == [True, False, True, True]
-    assert evictable_mask(None, slot_layer, 0, pinned).tolist() == [True, False, True, True]
+def test_a_layer_at_its_quota_replaces_its_own():
+    policy = make("lru", 4, 2, 8)
+    policy.on_insert(0, 0, 0, 1)
+    policy.on_insert(1, 0, 1, 2)
+    policy.on_insert(2, 1, 0, 3)  # slot 3 stays empty
+    quota = [2, 2]
+    # layer 0 holds 2 = its quota: only its own slots, not the empty one
+    assert policy.victim(ALL, 0, quota) == 0
+    assert policy.victim(np.array([False, True, True, True]), 0, quota) == 1
+    # layer 1 holds 1 < 2: any slot (the empty one first); without a plan likewise
+    assert policy.victim(ALL, 1, quota) == 3
+    assert policy.victim(ALL, 0) == 3

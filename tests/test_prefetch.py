@@ -96,5 +96,5 @@ def test_recorded_trace_replays_to_the_engine_counts(qwen_checkpoint, tmp_path):
     engine.stop_trace(tmp_path / "trace.npz")
     trace = load_trace(tmp_path / "trace.npz")
     assert list(trace.request_ids) == [f"q{i}" for i in range(5)]
-    sim = simulate(trace, "lru", engine.num_slots, "trace", prefetch_limit=engine.runtime.prefetch_limit)
+    sim = simulate(trace, "lru", engine.num_slots, "trace", prefetch_limit=int(engine.runtime.prefetch_limits.max()))
     assert (int(sim.hits_per_layer.sum()), int(sim.misses_per_layer.sum())) == (hits, misses)

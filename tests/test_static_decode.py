@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import vismmoe
-from vismmoe import ConfigError, InputError
+from vismmoe import ConfigError, InputError, ops
+from vismmoe.offload.policies import POLICIES
 from vismmoe.offload.residency import DeviceResidency
 
 from .conftest import random_requests
 
+DEMO = Path(__file__).resolve().parents[1] / "models" / "easyvqa-qwen3vlmoe"
 
-@pytest.mark.parametrize("budget", [1.0, 0.5, "min"])
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+
+@pytest.mark.parametrize("budget,policy", [(1.0, "lru")] + [(b, p) for b in (0.5, "min") for p in POLICIES])
 def test_static_decode_equals_generate_path(qwen_checkpoint, budget, policy):
-    requests = random_requests(6, seed=11)
+    # Same tokens, and the same decisions: per-layer hits and misses agree, prefetch on (with
+    # prefetch off: test_demo_model_static_and_generate_decide_alike).
+    requests = random_requests(4, seed=11)
     engines = {d: vismmoe.load(qwen_checkpoint, expert_budget=budget, policy=policy, prefetch=True, decode=d)
                for d in ("generate", "static")}
     for i, (image, prompt) in enumerate(requests):
@@ -28,9 +34,34 @@ def test_static_decode_equals_generate_path(qwen_checkpoint, budget, policy):
         s = b.stats
         assert s.bytes_h2d == s.expert_misses * s.record_bytes + s.prefetch_issued_bytes
         assert s.prefetch_used_bytes + s.prefetch_wasted_bytes <= s.prefetch_issued_bytes
-        assert s.expert_hits + s.expert_misses == a.stats.expert_hits + a.stats.expert_misses
+        assert (s.hits_per_layer, s.misses_per_layer) == (a.stats.hits_per_layer, a.stats.misses_per_layer)
+        assert (s.prefetch_issued_bytes, s.prefetch_used_bytes, s.prefetch_wasted_bytes) == (
+            a.stats.prefetch_issued_bytes, a.stats.prefetch_used_bytes, a.stats.prefetch_wasted_bytes)
         if extra:
             assert len(b.token_ids) >= 6
+
+
+@pytest.fixture(scope="module")
+def demo_engines():
+    return {d: vismmoe.load(DEMO, expert_budget=0.25, prefetch=False, decode=d)
+            for d in ("generate", "static")}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_demo_model_static_and_generate_decide_alike(demo_engines, policy):
+    # The bundled demo model at a quarter budget, prefetch off: the static path (eager with the torch
+    # reference of the device decisions on the CPU; the fused kernel in CUDA graphs on a GPU) and
+    # transformers' generate with the host path load exactly the same experts, layer by layer.
+    engines = {d: engine.reconfigure(policy=policy) for d, engine in demo_engines.items()}
+    misses = 0
+    for image, prompt in random_requests(2, seed=21):
+        a = engines["generate"].generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        b = engines["static"].generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        assert b.stats.decode_path.startswith("static-") and b.token_ids == a.token_ids
+        assert b.stats.hits_per_layer == a.stats.hits_per_layer, policy
+        assert b.stats.misses_per_layer == a.stats.misses_per_layer, policy
+        misses += sum(b.stats.misses_per_layer) - b.stats.prefill_misses
+    assert misses > 0  # decode steps did evict and load
 
 
 def test_prefetch_changes_nothing_but_loads(qwen_checkpoint):
@@ -47,13 +78,20 @@ def test_prefetch_changes_nothing_but_loads(qwen_checkpoint):
     assert issued > 0
 
 
-def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint):
+def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint, monkeypatch):
     (image, prompt), = random_requests(1, seed=13)
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, policy="cost")
+    assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
+    # A slot pool larger than the grouped kernel's group limit cannot take the static path.
+    monkeypatch.setattr(ops, "MAX_GROUPS", 2)
+    monkeypatch.setattr(engine.runtime, "grouped", True)
     assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path == "generate"
-    with pytest.raises(ConfigError, match="cost.*no device twin"):  # refused up front, not on every request
-        engine.reconfigure(decode="static")
-    engine.reconfigure(decode="static", policy="lru")
+    engine.reconfigure(decode="static")
+    engine.runtime.grouped = True
+    with pytest.raises(InputError, match="exceed the 2 groups"):
+        engine.generate(image=image, prompt=prompt, max_new_tokens=3)
+    monkeypatch.undo()
+    engine.reconfigure(policy="lru")
     with pytest.raises(InputError, match="sampling"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=3, do_sample=True)
     engine.reconfigure(decode="auto")
@@ -64,19 +102,44 @@ def test_auto_falls_back_to_generate_and_static_says_why(qwen_checkpoint):
     assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
 
 
+def test_prefetch_controls_change_without_a_new_runtime(qwen_checkpoint):
+    (image, prompt), = random_requests(1, seed=16)
+    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", prefetch=True, prefetch_depth=2, decode="static")
+    runtime, limits = engine.runtime, engine.runtime.residency.prefetch_limits
+    on = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert on.stats.prefetch_issued_bytes > 0
+    engine.reconfigure(prefetch=False)
+    assert engine.runtime is runtime and (limits == 0).all()  # same runtime (and captured graphs)
+    off = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert off.stats.prefetch_issued_bytes == 0 and off.token_ids == on.token_ids
+    engine.reconfigure(prefetch=True, prefetch_depth=1, prefetch_limit=1)
+    assert engine.runtime is runtime
+    assert (limits[:, 0] == 1).all() and (limits[:, 1] == 0).all()
+    one = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert 0 < one.stats.prefetch_issued_bytes and one.token_ids == on.token_ids
+    reference = vismmoe.load(qwen_checkpoint, expert_budget="min", prefetch=True, prefetch_depth=1, prefetch_limit=1,
+                             decode="static")
+    fresh = reference.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert (one.stats.misses_per_layer, one.stats.prefetch_issued_bytes) == (
+        fresh.stats.misses_per_layer, fresh.stats.prefetch_issued_bytes)
+    engine.reconfigure(prefetch_depth=3)  # deeper than the runtime was built for: a new runtime
+    assert engine.runtime is not runtime
+
+
 def _check_consistent(res: DeviceResidency, cache) -> None:
-    owner = res.owner[:-1].cpu().numpy()
-    table = res.table_flat[:-1].cpu().numpy()
+    st = res.state
+    owner = st.owner[:-1].cpu().numpy()
+    table = st.table[:-1].cpu().numpy()
     for slot, flat in enumerate(owner):
         if flat >= 0:
             assert table[flat] == slot
             assert torch.equal(cache.slots[slot].cpu(), cache.store.slab_rows[flat]), "slot holds the wrong record"
     for flat in np.flatnonzero(table >= 0):
         assert owner[table[flat]] == flat
-    assert res.table_flat[-1] == -1 and res.owner[-1] == -1
+    assert st.table[-1] == -1 and st.owner[-1] == -1
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint, policy):
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.3, policy=policy)
     cache, res = engine.cache, engine.runtime.residency
@@ -84,7 +147,7 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
     res.load_from_host()
     rng = np.random.RandomState(0)
     L, E, k = cache.num_layers, cache.num_experts, engine.layout.top_k
-    for step in range(60):
+    for step in range(40):
         res.begin_step()
         for layer in range(L):
             experts = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
@@ -93,19 +156,20 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
             assert torch.equal(cache.slot_table[layer, experts].long(), slots)
             _check_consistent(res, cache)
             if layer + 1 < L and rng.rand() < 0.7:
-                pinned_before = (res.pin_layer[:-1] > layer).clone()
-                held = res.owner[:-1].clone()
+                pinned_before = (res.state.pin[:-1] > layer).clone()
+                held = res.state.owner[:-1].clone()
                 predicted = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
                 valid = torch.from_numpy(rng.rand(k) < 0.8).to(cache.device)
-                res.prefetch(layer + 1, predicted, valid, running=layer, limit=int(rng.randint(1, k + 1)),
-                             copy_stream=None)
+                res.prefetch_limits[layer + 1, 0] = int(rng.randint(1, k + 1))
+                res.prefetch(layer + 1, predicted, valid, running=layer, copy_stream=None)
                 if cache.cuda:
                     torch.cuda.synchronize()
                 # A prefetch never evicts what is pinned for a layer that has not run yet.
-                assert torch.equal(res.owner[:-1][pinned_before], held[pinned_before])
+                assert torch.equal(res.state.owner[:-1][pinned_before], held[pinned_before])
                 _check_consistent(res, cache)
     res.store_to_host()
-    assert cache.counters.hits.sum() + cache.counters.misses.sum() == 60 * L * k
+    assert cache.counters.hits.sum() + cache.counters.misses.sum() == 40 * L * k
+    assert cache.counters.prefetch_issued_bytes > 0
     assert (cache.host_table == cache.slot_table.cpu().numpy()).all()
 
 

@@ -28,7 +28,6 @@ from .offload import experts_op
 from .offload.cache import ExpertCache
 from .offload.experts_op import OffloadRuntime
 from .offload.predictor import LookaheadPredictor
-from .offload.residency import DEVICE_POLICIES, DeviceResidency
 from .offload.store import ExpertStore, is_expert_key
 from .pruning.settings import is_off as _pruning_off
 from .static_decode import initial_cache_length, model_context
@@ -166,8 +165,8 @@ class Engine:
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
                                       grouped=grouped, prefetch_prefill=config.prefetch_prefill)
         self._decoders = {}  # captured decode steps bake in the old runtime and slot pool
-        if not self.cache.complete and config.policy in DEVICE_POLICIES and self._device_copies_work():
-            self.runtime.residency = DeviceResidency(self.cache, config.policy, self.layout.top_k, config.prefetch_depth)
+        if not self.cache.complete and self._device_copies_work():
+            self.runtime.use_device_residency(self.layout.top_k)
         for layer in self.layout.layers:
             layer.experts._vismmoe = (self.runtime, layer.position)
         if self.trace is not None:
@@ -249,6 +248,8 @@ class Engine:
         num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, num_slots, self.layout)
         self._check_pruning(config)
+        if self._set_prefetch_in_place(config, num_slots):
+            return self
         previous = self.config, self.num_slots
         self.config, self.num_slots = config, num_slots
         try:
@@ -257,6 +258,19 @@ class Engine:
             self.config, self.num_slots = previous
             raise
         return self
+
+    def _set_prefetch_in_place(self, config, num_slots: int) -> bool:
+        """Only the prefetch switch, limit or a smaller depth changed, on a runtime built with prefetch:
+        set the controls (device scalars on the static path) and keep the cache and captured graphs."""
+        changed = {k for k in ("prefetch", "prefetch_limit", "prefetch_depth") if getattr(config, k) != getattr(self.config, k)}
+        same_rest = config.replace(**{k: getattr(self.config, k) for k in changed}) == self.config
+        if (not changed or not same_rest or num_slots != self.num_slots or self.runtime.predictor is None
+                or config.prefetch_depth > self.runtime.depth):
+            return False
+        self.runtime.set_prefetch(limit=(config.prefetch_limit or self.layout.top_k) if config.prefetch else 0,
+                                  depth=config.prefetch_depth)
+        self.config = config
+        return True
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -315,8 +329,7 @@ class Engine:
         self.runtime.begin_request()
         self.cache.reset_counters()
         # The prefetch ledger is per request: leftovers of the last one are neither used nor wasted here.
-        self.cache.prefetched_unused[:] = False
-        self.cache.policy.reset_request()
+        self.cache.begin_request()
         self._first_token_time = None
         self._prefill_counts = None
         if self.device.type == "cuda":
@@ -455,9 +468,10 @@ class Engine:
         if self.trace is not None:
             return "a routing trace is being recorded (traces come from the host-decided path)"
         if not self.cache.complete and self.runtime.residency is None:
-            if self.config.policy not in DEVICE_POLICIES:
-                return f"policy {self.config.policy!r} has no device twin (lru, lfu have)"
             return "expert copies cannot be decided on the device here (mmap store, or no page-locked slab / triton)"
+        if not self.cache.complete and self.runtime.grouped and self.num_slots > ops.MAX_GROUPS:
+            return (f"{self.num_slots} cache slots exceed the {ops.MAX_GROUPS} groups of the grouped kernel; "
+                    "use a smaller expert_budget or decode: generate")
         return None
 
     _MAX_DECODERS = 4  # each holds a KV cache (and a graph): keep the most recently used few
@@ -639,14 +653,9 @@ def _load_non_expert_weights(model_cls, hf_config, files, layout, dtype, config)
 
 def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
     """decode: static decides every cache load on the device: below a budget that holds every expert it
-    needs a policy with a device twin and a host slab (not mmap). Refused here, not on every request."""
+    needs a host slab (not mmap). Refused here, not on every request. (Every policy has a device twin.)"""
     if config.decode != "static" or num_slots >= len(layout.layers) * layout.num_experts:
         return
-    if config.policy not in DEVICE_POLICIES:
-        raise ConfigError(
-            f"decode: static below a full budget needs policy {' or '.join(sorted(DEVICE_POLICIES))} (decided on the "
-            f"device); policy {config.policy!r} has no device twin. Use decode: auto (generate for this policy), "
-            "a device policy, or a budget holding every expert")
     if config.store == "mmap":
         raise ConfigError(
             "decode: static below a full budget cannot use store: mmap (experts are read by the host first); "

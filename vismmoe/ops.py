@@ -8,6 +8,8 @@ number of launches per layer. `experts_from_slots_reference` computes the same t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -155,3 +157,119 @@ def device_copy_available(src: torch.Tensor) -> bool:
     except ImportError:
         return False
     return src.is_cuda or src.is_pinned()
+
+
+# -- the cache's decisions on the device ------------------------------------------------------------
+# One layer call of the cache's state machine (offload/core.py): the fused Triton kernel
+# (kernels/cache_step.py) on CUDA, its torch twin (offload/device_core.py) elsewhere. `kernel=True`
+# forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
+
+
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None):
+    """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
+    (src_rows[i] -> fill[i]) for fill[i] >= 0."""
+    if _use_kernel(experts, kernel):
+        from .kernels import cache_step
+
+        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text)
+    from .offload import device_core
+
+    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    return slots, fill, layer * state.shape[2] + experts
+
+
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None):
+    """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
+    issued after layer `running`. Returns (src_rows, fill), the copy list."""
+    if _use_kernel(experts, kernel):
+        from .kernels import cache_step
+
+        _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
+                                             running=running)
+        return src, fill
+    from .offload import device_core
+
+    return device_core.prefetch(state, layer, experts, valid, running, limit)
+
+
+def _use_kernel(experts, kernel: bool | None) -> bool:
+    if kernel is not None:
+        return kernel
+    return experts.is_cuda and cache_kernel_available() and _cache_kernel_checked(experts.device)
+
+
+_CACHE_KERNEL_OK = None
+_CACHE_KERNEL_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def cache_kernel_available() -> bool:
+    global _CACHE_KERNEL_OK
+    if _CACHE_KERNEL_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _CACHE_KERNEL_OK = True
+        except ImportError:
+            _CACHE_KERNEL_OK = False
+    return _CACHE_KERNEL_OK
+
+
+def _cache_kernel_checked(device: torch.device) -> bool:
+    """Run the fused kernel once per device against its torch twin on a small random replay (demand and
+    prefetch calls, eviction, pins) before trusting it; a build failure or any disagreement keeps the
+    twin for this process, with one warning. Checked outside any CUDA graph capture (the first static
+    step runs eagerly before its capture)."""
+    key = str(device)
+    if key not in _CACHE_KERNEL_CHECKED:
+        try:
+            ok, why = _compare_cache_kernel(device), "its decisions differ from the torch twin's"
+        except Exception as exc:  # noqa: BLE001 - any failure: use the twin, say why
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            import warnings
+
+            warnings.warn(f"the fused cache kernel is not used on {device} ({why}); the cache's device decisions "
+                          "run as torch ops (offload/device_core.py): same decisions, more launches", stacklevel=3)
+        _CACHE_KERNEL_CHECKED[key] = ok
+    return _CACHE_KERNEL_CHECKED[key]
+
+
+def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
+    from .kernels import cache_step
+    from .offload import device_core
+
+    gen = torch.Generator().manual_seed(seed)
+    S, L, E, k = 6, 3, 8, 2
+    states = []
+    for _ in range(2):
+        table = torch.full((L * E + 1,), -1, dtype=torch.int32, device=device)
+        st = device_core.DeviceState.empty(S, L, E, table)
+        st.params.copy_(torch.tensor([0.5, 1.0, 0.0, 0.0], dtype=torch.float64))  # decayed counts: exercise scores
+        states.append(st)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for call in range(calls):
+            layer = call % L
+            experts = torch.randperm(E, generator=gen)[:k].to(device)
+            if call % 3 == 2:
+                valid = (torch.rand(k, generator=gen) < 0.7).to(device)
+                _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, (layer + 1) % L, experts,
+                                                     valid=valid, limit=k, running=layer)
+                src_twin, fill_twin = device_core.prefetch(states[1], (layer + 1) % L, experts, valid, layer, k)
+                copies = [sorted(zip(r[f >= 0].tolist(), f[f >= 0].tolist())) for r, f in ((src, fill),
+                                                                                           (src_twin, fill_twin))]
+                if copies[0] != copies[1]:  # the same copies (the order of the list is free)
+                    return False
+            else:
+                n_visual = torch.randint(0, 3, (k,), generator=gen).to(device)
+                n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
+                slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts,
+                                                       n_visual=n_visual, n_text=n_text)
+                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text)
+                if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
+                    return False
+            if call % L == L - 1:
+                for st in states:
+                    device_core.begin_step(st)
+    a, b = states
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("table", "owner", "last_use", "pin", "prefetched",
+                                                                   "hits", "misses", "pf"))

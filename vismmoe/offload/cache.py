@@ -9,7 +9,8 @@ Copies run on a dedicated copy stream, ordered with events, never host syncs:
   * before compute reads a slot, the compute stream waits for the copy that filled it.
 Demand loads are issued before any prefetch of a later layer (one FIFO copy stream: whatever is
 issued first lands first), prefetched experts are pinned until their layer has run, and a ledger
-counts prefetch bytes issued, used and wasted.
+counts prefetch bytes issued, used and wasted. Which expert goes where is decided by the
+cache's state machine, offload/core.py (its docstring is the specification).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import core
 from .policies import make_policy
 from .store import ExpertStore
 
@@ -43,24 +45,24 @@ class CacheCounters:
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy: str = "lru"):
+    def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy: str = "lru",
+                 policy_options: dict | None = None):
         self.store = store
         self.device = device
         self.num_slots = num_slots
         self.num_layers, self.num_experts = store.num_layers, store.num_experts
         self.slots = torch.empty((num_slots, store.record_numel), dtype=store.dtype, device=device)
-        # One spare entry past the table: device-side updates send the writes of hits there (see residency.py).
+        # One spare entry past the table: device-side updates send the writes of hits there (see device_core.py).
         self.slot_table_storage = torch.full((self.num_layers * self.num_experts + 1,), -1, dtype=torch.int32,
                                              device=device)
         self.slot_table = self.slot_table_storage[:-1].view(self.num_layers, self.num_experts)
-        self.host_table = np.full((self.num_layers, self.num_experts), -1, dtype=np.int32)
-        self.slot_owner = np.full((num_slots, 2), -1, dtype=np.int64)  # (layer, expert) held by each slot
-        self.pinned_for = np.full(num_slots, -1, dtype=np.int64)  # layer a prefetched slot waits for
-        self.prefetched_unused = np.zeros(num_slots, dtype=bool)
-        self.policy = make_policy(policy, num_slots, self.num_layers, self.num_experts)
-        self.clock = 0
+        self.policy = make_policy(policy, **(policy_options or {}))
+        # The cache's bookkeeping: offload/core.py's state, driven by its host transitions here.
+        self.state = self.policy.new_state(num_slots, self.num_layers, self.num_experts)
         self.counters = CacheCounters.zeros(self.num_layers)
-        self._table_updates: list[tuple[int, int, int]] = []
+        # Scratch for the core's outputs (it does not bounds-check): a call has at most S or E experts.
+        self._fill = np.empty(max(num_slots, self.num_experts), np.int64)
+        self._slots = np.empty(num_slots, np.int64)
         # The slot pool viewed as the model's per-expert matrices, for grouped GEMMs over all slots.
         gu = store.gate_up_numel
         self.gate_up_view = self.slots[:, :gu].view(num_slots, *store.layout.gate_up_shape)
@@ -79,6 +81,23 @@ class ExpertCache:
                 self._staging = [torch.empty(store.record_numel, dtype=store.dtype, pin_memory=True) for _ in range(4)]
                 self._staging_done: list[torch.cuda.Event | None] = [None] * 4
                 self._staging_next = 0
+
+    @property
+    def host_table(self) -> np.ndarray:
+        """[L, E] expert -> slot (-1 if absent), the host side of `slot_table`."""
+        return self.state.table
+
+    @property
+    def clock(self) -> int:
+        return int(self.state.clock[0])
+
+    def begin_request(self) -> None:
+        """A new request: the modality mix restarts and leftover prefetches are neither used nor wasted."""
+        core.begin_request(self.state)
+
+    def begin_step(self) -> None:
+        """A new forward step: every prefetch pin drops."""
+        core.begin_step(self.state)
 
     @property
     def budget_bytes(self) -> int:
@@ -102,8 +121,10 @@ class ExpertCache:
         # Layer-major, so that layer l's experts are the contiguous slots [l*E, (l+1)*E).
         for layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                self._fill(layer, expert, layer * self.num_experts + expert, 0)
-        self._flush_table()
+                slot = layer * self.num_experts + expert
+                core.install(self.state, slot, layer, expert, 0)
+                self._copy(layer, expert, slot)
+        self.slot_table.copy_(torch.from_numpy(self.host_table))
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         self.complete = True
@@ -122,33 +143,28 @@ class ExpertCache:
 
     def acquire(self, layer: int, experts: np.ndarray, n_visual: np.ndarray | None = None,
                 n_text: np.ndarray | None = None) -> np.ndarray:
-        """Make `experts` (distinct ids, at most num_slots of them) resident; return their slots.
+        """Make `experts` (distinct ids, ascending, at most num_slots of them) resident; return their slots.
 
         Misses are copied on the copy stream; the current (compute) stream waits for them. None of the
         returned slots is evicted by this call, so they stay valid until `release`.
         """
-        assert len(experts) <= self.num_slots
-        self.clock += 1
-        now = self.clock
-        slots = self.host_table[layer, experts].astype(np.int64)
-        protected = np.zeros(self.num_slots, dtype=bool)
-        protected[slots[slots >= 0]] = True
-        missing = np.flatnonzero(slots < 0)
-        self.counters.hits[layer] += len(experts) - len(missing)
-        self.counters.misses[layer] += len(missing)
-        for i in missing:
-            slot = self._victim(protected, allow_pinned=True, layer=layer)
-            self._fill(layer, int(experts[i]), slot, now)
-            protected[slot] = True
-            slots[i] = slot
-        used = slots[self.prefetched_unused[slots]]
-        self.counters.prefetch_used_bytes += len(used) * self.store.record_bytes
-        self.prefetched_unused[used] = False
-        for i, expert in enumerate(experts):
-            nv = int(n_visual[i]) if n_visual is not None else 0
-            nt = int(n_text[i]) if n_text is not None else 0
-            self.policy.on_access(int(slots[i]), layer, int(expert), now, nv, nt)
-        self._flush_table()
+        n = len(experts)
+        assert n <= self.num_slots
+        experts = np.asarray(experts, np.int64)
+        zeros = np.zeros(n, np.int64)
+        n_visual = zeros if n_visual is None else np.asarray(n_visual, np.int64)
+        n_text = zeros if n_text is None else np.asarray(n_text, np.int64)
+        slots, fill = self._slots[:n], self._fill[:n]
+        used, wasted = self.state.pf[1].sum(), self.state.pf[2].sum()
+        old_owner = self.state.owner.copy()
+        missed = core.demand(self.state, layer, experts, n_visual, n_text, core.NO_PLAN, slots, fill)
+        self.counters.hits[layer] += n - missed
+        self.counters.misses[layer] += missed
+        rb = self.store.record_bytes
+        self.counters.prefetch_used_bytes += int(self.state.pf[1].sum() - used) * rb
+        self.counters.prefetch_wasted_bytes += int(self.state.pf[2].sum() - wasted) * rb
+        self._load(layer, experts, fill, old_owner)
+        slots = slots.copy()
         if self.cuda:
             self._wait_ready(slots)
         return slots
@@ -177,66 +193,39 @@ class ExpertCache:
 
     # -- prefetch path ---------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts: np.ndarray, limit: int) -> int:
-        """Load up to `limit` of `experts` (predicted for `layer`) that are not resident, and pin them
-        (and the predicted ones already resident) until `layer` has run. Returns copies issued."""
-        issued = 0
-        protected = np.zeros(self.num_slots, dtype=bool)
-        resident = self.host_table[layer, experts]
-        held = resident[resident >= 0]
-        protected[held] = True
-        self.pinned_for[held] = np.maximum(self.pinned_for[held], layer)
-        for expert in experts[resident < 0]:
-            if issued >= limit:
-                break
-            slot = self._victim(protected, allow_pinned=False, layer=layer)
-            if slot < 0:
-                break  # every slot is in use or pinned for a nearer layer: demand keeps priority
-            self._fill(layer, int(expert), slot, self.clock)
-            self.prefetched_unused[slot] = True
-            self.pinned_for[slot] = layer
-            protected[slot] = True
-            issued += 1
-        self.counters.prefetch_issued_bytes += issued * self.store.record_bytes
-        self._flush_table()
+    def prefetch(self, layer: int, experts: np.ndarray, limit: int, running: int | None = None) -> int:
+        """Load up to `limit` of `experts` (predicted for `layer`, ascending) that are not resident, and pin
+        them (and the predicted ones already resident) until `layer` has run; issued after layer
+        `running` ran (default layer - 1). Returns copies issued."""
+        experts = np.asarray(experts, np.int64)
+        fill = self._fill[:len(experts)]
+        wasted = self.state.pf[2].sum()
+        running = layer - 1 if running is None else running
+        old_owner = self.state.owner.copy()
+        issued = core.prefetch(self.state, layer, experts, running, limit, core.NO_PLAN, fill)
+        rb = self.store.record_bytes
+        self.counters.prefetch_issued_bytes += issued * rb
+        self.counters.prefetch_wasted_bytes += int(self.state.pf[2].sum() - wasted) * rb
+        self._load(layer, experts, fill, old_owner)
         return issued
-
-    def unpin_through(self, layer: int) -> None:
-        """Layers up to `layer` have run: their prefetched slots may be evicted again."""
-        self.pinned_for[self.pinned_for <= layer] = -1
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _victim(self, protected: np.ndarray, allow_pinned: bool, layer: int) -> int:
-        evictable = ~protected & (self.pinned_for < 0)
-        if not evictable.any():
-            if not allow_pinned or not (~protected).any():
-                return -1
-            evictable = ~protected  # a demand load outranks any prefetch pin
-        slot = self.policy.victim(evictable, layer=layer)
-        if self.prefetched_unused[slot]:
-            self.counters.prefetch_wasted_bytes += self.store.record_bytes
-            self.prefetched_unused[slot] = False
-        self.pinned_for[slot] = -1
-        old_layer, old_expert = self.slot_owner[slot]
-        if old_layer >= 0:
-            self.host_table[old_layer, old_expert] = -1
-            self._table_updates.append((int(old_layer), int(old_expert), -1))
-        return int(slot)
-
-    def _fill(self, layer: int, expert: int, slot: int, now: int) -> None:
-        self._copy(layer, expert, slot)
-        self.host_table[layer, expert] = slot
-        self.slot_owner[slot] = (layer, expert)
-        self._table_updates.append((layer, expert, slot))
-        self.policy.on_insert(slot, layer, expert, now)
-
-    def _flush_table(self) -> None:
-        # One small copy per call updates the device-side expert -> slot table.
-        if self._table_updates:
-            upd = torch.tensor(self._table_updates, dtype=torch.int64).to(self.device, non_blocking=True)
-            self.slot_table.index_put_((upd[:, 0], upd[:, 1]), upd[:, 2].to(torch.int32))
-            self._table_updates.clear()
+    def _load(self, layer: int, experts: np.ndarray, fill: np.ndarray, old_owner: np.ndarray) -> None:
+        """Copy the records the core placed (fill[i] >= 0) and update the device table in one small copy."""
+        placed = np.flatnonzero(fill >= 0)
+        if not len(placed):
+            return
+        slots = fill[placed]
+        for i in placed:
+            self._copy(layer, int(experts[i]), int(fill[i]))
+        evicted = old_owner[slots]
+        evicted = evicted[evicted >= 0]
+        flat = np.concatenate([evicted, layer * self.num_experts + experts[placed]])
+        value = np.concatenate([np.full(len(evicted), -1), slots])
+        upd = torch.from_numpy(np.stack([flat, value])).to(self.device, non_blocking=True)
+        # No index repeats: what a call installs was absent, and what it installs it protects.
+        self.slot_table_storage.index_put_((upd[0],), upd[1].to(torch.int32))
 
     def _wait_ready(self, slots) -> None:
         compute = torch.cuda.current_stream(self.device)

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from .cache import ExpertCache
+from .residency import DeviceResidency
 
 IMPLEMENTATION = "vismmoe_offload"
 
@@ -62,10 +63,14 @@ class OffloadRuntime:
         self.is_transposed = is_transposed
         self.grouped = grouped  # compute with grouped GEMMs over the slot pool (ops.experts_from_slots)
         self.predictor = predictor
-        self.prefetch_limit = prefetch_limit
         self.prefetch_prefill = prefetch_prefill
         self.step = StepContext()
         self.depth = predictor.depth if predictor is not None else 1
+        # Copies per prefetch call, per (target layer, distance); 0 = off. The static path reads a
+        # device copy (residency.prefetch_limits), so changing them needs no new graph capture.
+        self.prefetch_limits = np.zeros((cache.num_layers, self.depth), np.int64)
+        if predictor is not None:
+            self.prefetch_limits[:] = prefetch_limit
         self.prediction_counters = PredictionCounters.zeros(self.depth, cache.num_layers)
         # Static decode (see static_decode.py): layers decide on the device, never on the host.
         self.static = False
@@ -75,6 +80,24 @@ class OffloadRuntime:
         self.static_prediction_counts = torch.zeros((3, self.depth, cache.num_layers), dtype=torch.int64,
                                                     device=cache.device)
 
+    def use_device_residency(self, top_k: int) -> None:
+        """Let static decode steps decide loads on the device (DeviceResidency)."""
+        self.residency = DeviceResidency(self.cache, top_k, self.depth)
+        self.residency.set_prefetch_limits(self.prefetch_limits)
+
+    def set_prefetch(self, limit: int | None = None, depth: int | None = None, layers=None) -> None:
+        """Change prefetching without rebuilding anything: `limit` copies per call (0 = off) for the
+        target `layers` (default all), at lookahead distances 1..`depth` (the rest off)."""
+        if self.predictor is None:
+            raise ValueError("prefetch controls need a runtime built with prefetch on")
+        rows = slice(None) if layers is None else np.asarray(layers, np.int64)
+        if limit is not None:
+            self.prefetch_limits[rows] = int(limit)
+        if depth is not None:
+            self.prefetch_limits[rows, depth:] = 0
+        if self.residency is not None:
+            self.residency.set_prefetch_limits(self.prefetch_limits)
+
     def begin_request(self) -> None:
         self.step.index = -1
         self.prediction_counters = PredictionCounters.zeros(self.depth, self.cache.num_layers)
@@ -82,12 +105,14 @@ class OffloadRuntime:
     def begin_step(self) -> None:
         self.step.predictions.clear()
         self.step.predicted.clear()
-        self.cache.unpin_through(self.cache.num_layers)
+        self.cache.begin_step()
 
     def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
         """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
         if self.predictor is None or (self.cache.complete and not self.step.observers):
             return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
+        if not self.prefetch_limits[layer + 1:].any() and not self.step.observers and not self.static:
+            return  # switched off for every later layer
         if self.step.index == 0 and not self.prefetch_prefill and not self.static:
             return
         self.step.predictions[layer] = self.predictor.predict(layer, hidden_states)
@@ -229,8 +254,7 @@ class OffloadRuntime:
             predicted = torch.topk(mask.to(torch.float32), top_k).indices
             valid = mask[predicted] > 0
             stream = self.cache.copy_stream if self.cache.cuda else None
-            self.residency.prefetch(target, predicted, valid, running=layer, limit=self.prefetch_limit or top_k,
-                                    copy_stream=stream, distance=distance)
+            self.residency.prefetch(target, predicted, valid, running=layer, copy_stream=stream, distance=distance)
             self._prefetch_pending = self.cache.cuda
 
     def _score_static_predictions(self, layer: int, experts: torch.Tensor) -> None:
@@ -241,7 +265,6 @@ class OffloadRuntime:
             counts[2] += mask.sum()
 
     def _after_layer(self, layer, masks, out):
-        self.cache.unpin_through(layer)
         if masks is not None:
             self._prefetch(layer, masks)
         return out
@@ -254,7 +277,7 @@ class OffloadRuntime:
                 break
             predicted = np.flatnonzero(mask)
             self.step.predicted.setdefault(target, {})[distance] = predicted
-            self.cache.prefetch(target, predicted, self.prefetch_limit or len(predicted))
+            self.cache.prefetch(target, predicted, int(self.prefetch_limits[target, distance - 1]), running=layer)
 
     def _score_predictions(self, layer: int, actual: np.ndarray, predicted_here: dict) -> None:
         c = self.prediction_counters

@@ -1,29 +1,19 @@
-"""Cache eviction policies, one per file, all behind `EvictionPolicy`; per-layer slot plans."""
+"""Cache eviction policies, one per file, each a setting of the one score in offload/core.py."""
 
 from __future__ import annotations
 
-from .affinity import AffinityPolicy
-from .base import EvictionPolicy
-from .cost_aware import CostAwarePolicy
-from .lfru import LFRUPolicy
-from .lfu import LFUPolicy
-from .lru import LRUPolicy
-from .slot_plan import SlotPlan, evictable_mask
+from . import affinity, cost_aware, lfru, lfu, lru
+from .base import Policy
+from .slot_plan import SlotPlan
 
-POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, LFRUPolicy, CostAwarePolicy, AffinityPolicy)
-}
+_MAKERS = {"lru": lru.make, "lfu": lfu.make, "lfru": lfru.make, "cost": cost_aware.make, "affinity": affinity.make}
+POLICIES = tuple(_MAKERS)
 
-__all__ = [
-    "POLICIES", "make_policy", "EvictionPolicy", "SlotPlan", "evictable_mask",
-    "LRUPolicy", "LFUPolicy", "LFRUPolicy", "CostAwarePolicy", "AffinityPolicy",
-]
+__all__ = ["POLICIES", "Policy", "SlotPlan", "make_policy"]
 
 
-def make_policy(name: str, num_slots: int, num_layers: int, num_experts: int, **options) -> EvictionPolicy:
-    """`options` go to the policy's constructor (e.g. half_life=, load_cost=, use_distance=)."""
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
-    return cls(num_slots, num_layers, num_experts, **options)
+def make_policy(name: str, **options) -> Policy:
+    """`options` go to the policy's maker (e.g. half_life=, load_cost=, use_distance=)."""
+    if name not in _MAKERS:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return _MAKERS[name](**options)

@@ -6,7 +6,8 @@ a layer at its cap must evict one of its own. So:
   * quotas summing to S     -> a fixed partition (per-layer caches, like mixtral-offloading);
   * quotas summing above S  -> a shared pool with caps, so early layers cannot monopolise it.
 A call into layer l loads at most `wave_size` experts at once (the rest wait for the next wave), so
-the layer's own unpinned slots never run out while it is at its cap.
+the layer's own unpinned slots never run out while it is at its cap. The host core (offload/core.py,
+`victim`) applies the caps.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 
 @dataclass(frozen=True)
@@ -51,36 +51,3 @@ class SlotPlan:
 
     def wave_size(self, layer: int, num_slots: int) -> int:
         return int(min(num_slots, self.quota[layer]))
-
-
-def evictable_mask(plan: SlotPlan | None, slot_layer: np.ndarray, layer: int, pinned: np.ndarray) -> np.ndarray:
-    """Slots an expert of `layer` may replace: not pinned, and the layer's own once it is at its cap.
-
-    `slot_layer[s]` is the layer whose expert slot s holds (-1 if empty); `pinned[s]` marks slots in
-    use by the current call or holding pinned prefetches. May be all False (then nothing can load).
-    """
-    free = ~pinned
-    if plan is None:
-        return free
-    own = slot_layer == layer
-    if own.sum() >= plan.quota[layer]:
-        return free & own
-    return free
-
-
-# ------------------------------------------------------------------------------------ numba twin
-@njit(cache=True, inline="always")
-def evictable_mask_jit(quota, slot_layer, layer, pinned, out):
-    """Fills `out` like `evictable_mask` (an empty `quota` array means no plan); returns whether any is True."""
-    own_only = False
-    if quota.shape[0] > 0:
-        held = 0
-        for s in range(slot_layer.shape[0]):
-            if slot_layer[s] == layer:
-                held += 1
-        own_only = held >= quota[layer]
-    found = False
-    for s in range(slot_layer.shape[0]):
-        out[s] = not pinned[s] and (not own_only or slot_layer[s] == layer)
-        found |= out[s]
-    return found

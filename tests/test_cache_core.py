@@ -1,0 +1,307 @@
+"""The cache's state machine (offload/core.py) makes the same decisions wherever it runs.
+
+Traces (the demo model's recorded ones, and synthetic ones with heavy eviction and prefetch) are
+replayed through the host core as the live ExpertCache drives it, the trace simulator, the torch
+device reference (device_core.py) and the fused kernel (Triton: natively on a GPU, in its
+interpreter on the CPU), and the slot table and the misses are compared after every layer call,
+for every policy, at budgets min / 10% / 50%, prefetch on and off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vismmoe import ops
+from vismmoe.offload import core, device_core
+from vismmoe.offload.cache import ExpertCache
+from vismmoe.offload.policies import POLICIES, make_policy
+from vismmoe.offload.simulate import simulate
+from vismmoe.offload.trace import Trace, load_trace, synthetic_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TRACE = ROOT / "eval" / "results" / "easyvqa_test_traces.npz"
+
+
+def head(trace: Trace, num_requests: int) -> Trace:
+    """The trace's first `num_requests` requests."""
+    g = int(np.searchsorted(trace.group_request, num_requests))
+    rows = int(trace.group_offsets[g])
+    extra = {}
+    if trace.predicted is not None:
+        extra = dict(predicted=trace.predicted[:trace.predicted_offsets[g]],
+                     predicted_offsets=trace.predicted_offsets[:g + 1])
+    return Trace(trace.experts[:rows], trace.visual[:rows], trace.group_offsets[:g + 1], trace.group_request[:g],
+                 trace.group_step[:g], trace.group_layer[:g], trace.request_ids[:num_requests], trace.meta, **extra)
+
+
+@pytest.fixture(scope="module")
+def traces():
+    heavy = synthetic_trace(num_requests=4, num_layers=3, num_experts=32, top_k=4, visual_tokens=10, text_tokens=6,
+                            decode_steps=12, zipf=0.6, reuse=0.2, predict_accuracy=0.5, seed=5)
+    out = {"synthetic": heavy}
+    if DEMO_TRACE.exists():
+        out["demo"] = head(load_trace(DEMO_TRACE), 8)
+    return out
+
+
+def budgets(trace: Trace) -> list[int]:
+    total = trace.meta.num_layers * trace.meta.num_experts
+    return [trace.meta.top_k, max(trace.meta.top_k, total // 10), total // 2]
+
+
+def _stub_store(meta):
+    slab = torch.arange(meta.num_layers * meta.num_experts * 2, dtype=torch.float32).reshape(meta.num_layers, -1, 2)
+    return SimpleNamespace(
+        num_layers=meta.num_layers, num_experts=meta.num_experts, record_numel=2, dtype=torch.float32, record_bytes=8,
+        gate_up_numel=1, layout=SimpleNamespace(gate_up_shape=(1, 1), down_shape=(1, 1)), slab=slab,
+        record=lambda layer, expert, staging=None: slab[layer, expert])
+
+
+def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool):
+    """The live ExpertCache (CPU, 1x1 expert records), driven as the engine and experts_op do."""
+    meta = trace.meta
+    cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy)
+    demand = trace.demand_sets()
+    tables, misses = [], []
+    request = step = -1
+    for g in trace.groups():
+        if g.request != request:
+            request, step = g.request, -1
+            cache.begin_request()
+        if g.step != step:
+            step = g.step
+            cache.begin_step()
+        if prefetch and g.predicted is not None:  # issued after the previous layer ran
+            cache.prefetch(g.layer, np.sort(g.predicted.astype(np.int64)), meta.num_experts, running=g.layer - 1)
+        before = cache.counters.misses.sum()
+        lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
+        for start in range(lo, hi, budget):
+            part = slice(start, min(start + budget, hi))
+            slots = cache.acquire(g.layer, demand.experts[part].astype(np.int64), demand.n_visual[part],
+                                  demand.n_text[part])
+            assert (cache.slot_table[g.layer, demand.experts[part].astype(np.int64)].numpy() == slots).all()
+        assert (cache.slot_table.numpy() == cache.host_table).all()
+        tables.append(cache.host_table.copy())
+        misses.append(cache.counters.misses.sum() - before)
+    return np.array(tables), np.array(misses), cache
+
+
+def replay_device(trace: Trace, policy: str, budget: int, prefetch: bool, kernel: bool = False, device="cpu"):
+    """The device path's state machine (torch reference, or the fused kernel), driven call by call."""
+    meta = trace.meta
+    L, E = meta.num_layers, meta.num_experts
+    host = make_policy(policy).new_state(budget, L, E)
+    table = torch.full((L * E + 1,), -1, dtype=torch.int32, device=device)
+    st = device_core.DeviceState.empty(budget, L, E, table)
+    st.load(host)
+    demand = trace.demand_sets()
+    rng = np.random.RandomState(0)
+    tables, misses = [], []
+    request = step = -1
+    on = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)).to(device)  # noqa: E731
+    for g in trace.groups():
+        if g.request != request:
+            request, step = g.request, -1
+            st.mix.zero_()
+            st.prefetched.zero_()
+        if g.step != step:
+            step = g.step
+            device_core.begin_step(st)
+        if prefetch and g.predicted is not None:
+            # In a shuffled order with invalid padding, as the static path hands them over.
+            pred = g.predicted.astype(np.int64)
+            pad = np.setdiff1d(np.arange(E), pred)[:2]
+            experts = np.concatenate([pred, pad])
+            valid = np.concatenate([np.ones(len(pred), bool), np.zeros(len(pad), bool)])
+            order = rng.permutation(len(experts))
+            ops.cache_prefetch(st, g.layer, on(experts[order]), torch.from_numpy(valid[order]).to(device), g.layer - 1,
+                               torch.tensor(E, device=device), kernel=kernel)
+        before = int(st.misses.sum())
+        lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
+        for start in range(lo, hi, budget):
+            part = slice(start, min(start + budget, hi))
+            order = rng.permutation(part.stop - part.start)  # any order in, ascending-id decisions out
+            experts = demand.experts[part][order]
+            slots, fill, src = ops.cache_demand(st, g.layer, on(experts), on(demand.n_visual[part][order]),
+                                                on(demand.n_text[part][order]), kernel=kernel)
+            assert (table[:-1].view(L, E)[g.layer, on(experts)].long() == slots).all()
+            assert ((fill < 0) | (fill == slots)).all() and (src == g.layer * E + on(experts)).all()
+        tables.append(table[:-1].view(L, E).cpu().numpy().copy())
+        misses.append(int(st.misses.sum()) - before)
+    return np.array(tables), np.array(misses), st
+
+
+def assert_same(a, b, what):
+    tables_a, misses_a = a[:2]
+    tables_b, misses_b = b[:2]
+    assert len(misses_a) == len(misses_b)
+    bad = np.flatnonzero((tables_a != tables_b).any(axis=(1, 2)) | (misses_a != misses_b))
+    assert not len(bad), f"{what}: first difference after layer call {bad[0]}"
+
+
+CONFIGS = [(name, b, p) for name in ("synthetic", "demo") for b in range(3) for p in (False, True)]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
+    compared = 0
+    for name, b, prefetch in CONFIGS:
+        if name not in traces:
+            continue
+        trace = traces[name]
+        budget = budgets(trace)[b]
+        live = replay_live(trace, policy, budget, prefetch)
+        sim = simulate(trace, policy, budget, "trace" if prefetch else "none", record_groups=True)
+        dev = replay_device(trace, policy, budget, prefetch)
+        what = (name, policy, budget, prefetch)
+        assert_same(live, (sim.group_tables, sim.group_misses), what)
+        assert_same(live, dev, what)
+        # The counters agree as well (hits, misses per layer; prefetch ledger).
+        cache, st = live[2], dev[2]
+        assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
+        assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
+        assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
+        assert (sim.prefetch_issued.tolist(), sim.prefetch_used.tolist(), sim.prefetch_wasted.tolist()) == \
+            tuple(cache.state.pf.tolist()), what
+        assert (st.owner[:-1].numpy() == cache.state.owner).all() and np.array_equal(
+            st.counts[:, :-1].numpy().reshape(cache.state.counts.shape), cache.state.counts), what
+        compared += 1
+        if prefetch:
+            assert sim.prefetch_issued.sum() > 0, what
+        if b == 0:
+            assert sim.misses > sim.hits / 4, what  # the smallest budget evicts heavily
+    assert compared >= 6
+
+
+def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_life=None, kernel=None):
+    """Random demand and prefetch calls (any order, random limits, modality counts) through the host
+    core and `ops`; every table and every state array compared after each call."""
+    rng = np.random.RandomState(seed)
+    options = {} if half_life is None or policy in ("lru", "lfu") else {"half_life": half_life}
+    host = make_policy(policy, **options).new_state(S, L, E)
+    st = state_factory(S, L, E)
+    st.load(host)
+    slots, fill = np.empty(max(S, E), np.int64), np.empty(max(S, E), np.int64)
+    dev = st.owner.device
+    for step in range(steps):
+        core.begin_step(host)
+        device_core.begin_step(st)
+        if step % 7 == 0:
+            core.begin_request(host)
+            st.mix.zero_()
+            st.prefetched.zero_()
+        for layer in range(L):
+            n = int(rng.randint(1, min(k, S) + 1))
+            ex = np.sort(rng.choice(E, n, replace=False)).astype(np.int64)
+            nv, nt = rng.randint(0, 3, n).astype(np.int64), rng.randint(0, 3, n).astype(np.int64)
+            core.demand(host, layer, ex, nv, nt, core.NO_PLAN, slots, fill)
+            perm = rng.permutation(n)
+            s, f, _ = ops.cache_demand(st, layer, torch.from_numpy(ex[perm]).to(dev), torch.from_numpy(nv[perm]).to(dev),
+                                       torch.from_numpy(nt[perm]).to(dev), kernel=kernel)
+            assert (s.cpu().numpy() == slots[:n][perm]).all() and (f.cpu().numpy() == fill[:n][perm]).all()
+            for d in (1, 2):
+                target = layer + d
+                if target >= L:
+                    break
+                pred = rng.choice(E, int(rng.randint(1, k + 1)), replace=False).astype(np.int64)
+                valid = rng.rand(len(pred)) < 0.8
+                limit = int(rng.randint(0, k + 1))
+                core.prefetch(host, target, np.sort(pred[valid]), layer, limit, core.NO_PLAN, fill)
+                ops.cache_prefetch(st, target, torch.from_numpy(pred).to(dev), torch.from_numpy(valid).to(dev), layer,
+                                   torch.tensor(limit, device=dev), kernel=kernel)
+            assert (st.table[:-1].view(L, E).cpu().numpy() == host.table).all(), (step, layer)
+    for name in ("owner", "last_use", "pin", "prefetched", "weight", "layer_now", "mix", "clock", "hits", "misses"):
+        assert (getattr(st, name)[: getattr(host, name).size].cpu().numpy().reshape(getattr(host, name).shape)
+                == getattr(host, name)).all(), name
+    assert np.array_equal(st.counts[:, :-1].cpu().numpy().reshape(2, L, E), host.counts)
+    assert (st.pf[:, :-1].cpu().numpy() == host.pf).all()
+    return host
+
+
+def _cpu_state(S, L, E):
+    return device_core.DeviceState.empty(S, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_random_calls_through_host_core_and_device_reference(policy):
+    for seed, half_life in [(0, None), (1, 0.1)]:  # 0.1: weights pass 1e100 (and renormalise) in 34 calls
+        host = random_calls(_cpu_state, policy, 50, seed, half_life=half_life)
+        assert host.hits.sum() > 0 and host.pf[0].sum() > 0 and host.pf[2].sum() > 0
+        if half_life and policy not in ("lru", "lfu"):
+            assert (host.weight < 1e100).all() and host.counts.max() > 0
+
+
+def test_prefetch_limit_zero_is_off():
+    st = make_policy("lfu").new_state(4, 2, 8)
+    fill = np.empty(8, np.int64)
+    assert core.prefetch(st, 1, np.array([0, 1, 2]), 0, 0, core.NO_PLAN, fill) == 0
+    assert (st.table < 0).all() and (st.pin < 0).all()
+
+
+# ------------------------------------------------------------------------------ the fused kernel
+def _kernel_device():
+    """'cuda' on a GPU; 'cpu' when Triton's interpreter is on (or can be switched on); None: skip."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" not in __import__("sys").modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernel_device():
+    pytest.importorskip("triton")
+    device = _kernel_device()
+    if device is None:
+        pytest.skip("no GPU and triton already imported without its interpreter")
+    pytest.importorskip("vismmoe.kernels.cache_step")
+    return device
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_kernel_matches_the_host_core(kernel_device, policy):
+    steps = 50 if kernel_device == "cuda" else 6
+    state = lambda S, L, E: device_core.DeviceState.empty(  # noqa: E731
+        S, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32, device=kernel_device))
+    random_calls(state, policy, steps, 3, kernel=True)
+    random_calls(state, policy, steps, 4, S=13, L=3, E=16, k=6, half_life=0.1, kernel=True)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fused_kernel_replays_traces_like_the_host_core(kernel_device, policy, traces):
+    trace = traces["synthetic"] if kernel_device == "cuda" else head(traces["synthetic"], 1)
+    for b in range(3):
+        for prefetch in (False, True):
+            budget = budgets(trace)[b]
+            live = replay_live(trace, policy, budget, prefetch)
+            fused = replay_device(trace, policy, budget, prefetch, kernel=True, device=kernel_device)
+            assert_same(live, fused, (policy, budget, prefetch))
+
+
+def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypatch):
+    """The engine trusts the kernel on a device only after ops' one-time replay against the twin agrees;
+    a kernel that decides differently (here: a sabotaged twin) is refused with one warning."""
+    from vismmoe import ops
+
+    device = torch.device(kernel_device)
+    assert ops._compare_cache_kernel(device)
+    real = device_core.demand
+
+    def wrong(st, layer, experts, n_visual, n_text):
+        slots, fill = real(st, layer, experts, n_visual, n_text)
+        return slots, torch.where(fill >= 0, fill + 1, fill)
+
+    monkeypatch.setattr(device_core, "demand", wrong)
+    assert not ops._compare_cache_kernel(device)
+    monkeypatch.setattr(ops, "_CACHE_KERNEL_CHECKED", {})
+    with pytest.warns(UserWarning, match="fused cache kernel is not used"):
+        assert not ops._cache_kernel_checked(device)
+    assert not ops._cache_kernel_checked(device)  # decided once per device
