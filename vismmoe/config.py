@@ -131,9 +131,10 @@ class EngineConfig:
 
 _ALIASES = {"budget": "expert_budget"}
 
-# Top-level sections a deployment file may hold; the engine reads `engine:`. A file without an `engine:`
-# section is flat: its top-level keys are the engine keys themselves.
-DEPLOYMENT_SECTIONS = ("engine",)
+# Top-level sections a deployment file may hold; the engine reads `engine:`, and `plan:` is what
+# `vismmoe plan` chose and predicts (a record for people and tools, not read by load). A file without an
+# `engine:` section is flat: its top-level keys are the engine keys themselves.
+DEPLOYMENT_SECTIONS = ("engine", "plan")
 
 
 _SIMPLE_TYPES = {"bool": bool, "int": int, "str": str}  # fields annotated with these are type-checked
