@@ -413,7 +413,10 @@ class Engine:
         parts = {"non_expert_weights": self.non_expert_bytes, "expert_cache": cache, "kv_cache": kv,
                  "activations_peak": None if peak is None else max(0, peak - self.non_expert_bytes - cache - kv),
                  "host_store": 0 if self.store.slab is None else self.store.total_bytes,
-                 "host_store_kind": self.config.store + (" (page-locked)" if self.store.pinned else "")}
+                 # What the store is, not what was asked for: `store: pinned` on a machine without CUDA (or
+                 # whose registration failed) is plain pageable memory.
+                 "host_store_kind": "mmap" if self.store.slab is None else ("page-locked" if self.store.pinned
+                                                                           else "pageable")}
         return parts
 
     def _clear_pruning(self) -> None:
