@@ -58,8 +58,8 @@ CASES = [(1, 1), (1, 8), (3, 2), (3, 8), (16, 1), (16, 2), (16, 8)]
 @pytest.mark.parametrize("num_tokens,top_k", CASES)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_fused_moe_matches_twin_fp32(kernel_device, num_tokens, top_k, transposed):
-    # H = 72, I = 40: neither a multiple of BLOCK_H = 64 nor of BLOCK_I = 32. 10 slots for 16 tokens x
-    # top-8: every slot is read by several tokens.
+    # H = 72, I = 40: not multiples of the blocks (masked tails). 10 slots for 16 tokens x top-8: every
+    # slot is read by several tokens.
     args = _inputs(kernel_device, torch.float32, num_tokens, top_k, 10, 72, 40, transposed, seed=num_tokens * 10 + top_k)
     fused = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=True)
     twin = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=False)
@@ -82,6 +82,18 @@ def test_fused_moe_matches_twin_half(kernel_device, dtype, num_tokens, top_k, tr
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     torch.testing.assert_close(fused.float(), twin.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(fused.float(), exact, atol=tol / 2, rtol=tol / 2)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_moe_small_blocks_walk_every_loop(kernel_device, transposed):
+    # With the default blocks the small shapes above fit one chunk of I in launch 2 and of H in launch 1;
+    # blocks of 16 make every loop take several masked steps (H = 72, I = 40).
+    from vismmoe.kernels import fused_moe
+
+    args = _inputs(kernel_device, torch.float32, 3, 8, 10, 72, 40, transposed, seed=11)
+    fused = fused_moe.fused_moe_decode(*args, transposed, blocks=(16, 16, 16, 16))
+    twin = ops.experts_from_slots_reference(*args, ops.silu_mul, transposed)
+    torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
 
 
 def test_fused_moe_on_strided_pool_views_and_int32_slots(kernel_device):

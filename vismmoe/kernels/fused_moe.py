@@ -23,8 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_I = 32  # intermediate rows per program of launch 1 (and I chunk of launch 2)
-BLOCK_H = 64  # hidden columns per chunk of launch 1 (and H rows per program of launch 2)
+# Block sizes, per launch (first guesses, not yet timed on a GPU). Launch 1: a program owns BLOCK_I
+# gate and up rows and walks H in chunks of BLOCK_H. Launch 2: a program owns DOWN_BLOCK_H output rows
+# and walks I in chunks of DOWN_BLOCK_I; its rows are few so that one decode token still spreads over
+# H / DOWN_BLOCK_H programs (128 at H = 2048), enough to keep the SMs' loads in flight.
+BLOCK_I, BLOCK_H = 32, 128
+DOWN_BLOCK_H, DOWN_BLOCK_I = 16, 128
 
 
 @triton.jit
@@ -85,9 +89,11 @@ def _down_sum(inter_p, slot_p, w_p, dn_p, out_p, H, I, top_k,
 
 
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     block_i: int = BLOCK_I, block_h: int = BLOCK_H):
+                     blocks: tuple[int, int, int, int] = (BLOCK_I, BLOCK_H, DOWN_BLOCK_H, DOWN_BLOCK_I)):
     """out[t] = sum_j w[t, j] * down_s(silu(gate_s(x[t])) * up_s(x[t])), s = slot_ids[t, j]; shapes as
-    `ops.experts_from_slots`. Inputs are checked by the caller (`ops.fused_moe_decode`)."""
+    `ops.experts_from_slots`. Inputs are checked by the caller (`ops.fused_moe_decode`). `blocks`:
+    (BLOCK_I, BLOCK_H, DOWN_BLOCK_H, DOWN_BLOCK_I), powers of two (tests shrink them to walk the loops)."""
+    block_i, block_h, down_block_h, down_block_i = blocks
     num_tokens, top_k = slot_ids.shape
     H = hidden.shape[1]
     if is_transposed:  # gate_up [S, H, 2I], down [S, I, H]
@@ -110,11 +116,11 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
             hidden, slots, gate_up, inter, H, I, top_k,
             hidden.stride(0), hidden.stride(1), gate_up.stride(0), sg_o, sg_i,
             BLOCK_I=block_i, BLOCK_H=block_h)
-        _down_sum[(num_tokens, triton.cdiv(H, block_h))](
+        _down_sum[(num_tokens, triton.cdiv(H, down_block_h))](
             inter, slots, top_k_weights, down, out, H, I, top_k,
             top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), sd_o, sd_i,
             out.stride(0), out.stride(1),
-            BLOCK_H=block_h, BLOCK_I=block_i)
+            BLOCK_H=down_block_h, BLOCK_I=down_block_i)
     return out
 
 
