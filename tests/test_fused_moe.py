@@ -137,6 +137,8 @@ def test_fused_moe_bad_shapes_are_input_errors():
     with pytest.raises(InputError, match="at most 16 tokens"):
         ops.fused_moe_decode(torch.randn(17, 8), torch.ones(17, 1), torch.zeros(17, 1, dtype=torch.int64),
                              gate_up, down, kernel=False)
+    with pytest.raises(InputError, match="one device"):
+        ops.fused_moe_decode(x, w, slots.to("meta"), gate_up, down, kernel=False)
     with pytest.raises(InputError, match="int32 or int64"):
         ops.fused_moe_decode(x, w, slots.float(), gate_up, down, kernel=False)
 

@@ -322,6 +322,9 @@ def _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_trans
                          f"{slot_ids.shape[0]}; use experts_from_slots (grouped GEMMs) for prefill")
     if slot_ids.dtype not in (torch.int32, torch.int64):
         raise InputError(f"fused_moe_decode: slot_ids must be int32 or int64, got {slot_ids.dtype}")
+    devices = {t.device for t in (hidden, top_k_weights, slot_ids, gate_up, down)}
+    if len(devices) > 1:
+        raise InputError(f"fused_moe_decode: all inputs must be on one device, got {sorted(map(str, devices))}")
     hid = hidden.shape[1]
     S = gate_up.shape[0]
     gu_out, gu_in = (gate_up.shape[2], gate_up.shape[1]) if is_transposed else gate_up.shape[1:]

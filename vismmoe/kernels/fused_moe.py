@@ -19,6 +19,8 @@ Torch twin: `ops.experts_from_slots_reference` with `ops.silu_mul`; tests `tests
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -110,7 +112,7 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
     out = torch.empty(num_tokens, H, dtype=hidden.dtype, device=hidden.device)
     if pairs == 0:
         return out.zero_()
-    ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else _nullcontext()
+    ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with ctx:  # Triton launches on the current device: make it the pool's
         _gate_up_act[(pairs, triton.cdiv(I, block_i))](
             hidden, slots, gate_up, inter, H, I, top_k,
@@ -122,9 +124,3 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
             out.stride(0), out.stride(1),
             BLOCK_H=down_block_h, BLOCK_I=down_block_i)
     return out
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
