@@ -60,7 +60,8 @@ CASES = [(1, 1), (1, 8), (3, 2), (3, 8), (16, 1), (16, 2), (16, 8)]
 def test_fused_moe_matches_twin_fp32(kernel_device, num_tokens, top_k, transposed):
     # H = 72, I = 40: not multiples of the blocks (masked tails). 10 slots for 16 tokens x top-8: every
     # slot is read by several tokens.
-    args = _inputs(kernel_device, torch.float32, num_tokens, top_k, 10, 72, 40, transposed, seed=num_tokens * 10 + top_k)
+    args = _inputs(kernel_device, torch.float32, num_tokens, top_k, 10, 72, 40, transposed,
+                   seed=num_tokens * 10 + top_k)
     fused = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=True)
     twin = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=False)
     assert fused.dtype == torch.float32 and fused.shape == twin.shape
