@@ -273,3 +273,106 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
     a, b = states
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("table", "owner", "last_use", "pin", "prefetched",
                                                                    "hits", "misses", "pf"))
+
+
+# -- fused decode expert compute (few tokens) -------------------------------------------------------
+# kernels/fused_moe.py: gate_up, SiLU * up, down and the routing-weighted sum per token in two Triton
+# launches, for decode steps of 1-16 tokens. Not on the engine's hot path yet (it has run only in
+# Triton's interpreter); its twin is experts_from_slots_reference with `silu_mul`.
+
+FUSED_MAX_TOKENS = 16
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """transformers' `_default_apply_gate` with `act_fn = silu` (Qwen3-VL-MoE's hidden_act): the first
+    half of the gate_up output is the gate, the second half the up projection."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
+                     kernel: bool | None = None):
+    """out[t] = sum_j w[t, j] * down_s(silu_mul(gate_up_s(x[t]))) with s = slot_ids[t, j].
+
+    Shapes as `experts_from_slots`: hidden [T, H]; top_k_weights, slot_ids [T, k]; gate_up [S, 2I, H]
+    and down [S, H, I] (or [S, H, 2I] / [S, I, H] when `is_transposed`). fp32 accumulation, output in
+    hidden's dtype. The fused kernel runs on CUDA with triton once a one-time check against the twin
+    passed on that device; `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False the twin.
+    """
+    _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed)
+    if kernel is None:
+        kernel = hidden.is_cuda and cache_kernel_available() and _fused_moe_checked(hidden.device)
+    if kernel:
+        from .kernels import fused_moe
+
+        return fused_moe.fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed)
+    return experts_from_slots_reference(hidden, top_k_weights, slot_ids, gate_up, down, silu_mul, is_transposed)
+
+
+def _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed) -> None:
+    from .errors import InputError
+
+    if hidden.dim() != 2 or slot_ids.dim() != 2 or top_k_weights.shape != slot_ids.shape:
+        raise InputError(f"fused_moe_decode wants hidden [T, H] and top_k_weights, slot_ids [T, k]; got "
+                         f"{tuple(hidden.shape)}, {tuple(top_k_weights.shape)}, {tuple(slot_ids.shape)}")
+    if slot_ids.shape[0] != hidden.shape[0]:
+        raise InputError(f"fused_moe_decode: {hidden.shape[0]} tokens but slot_ids has {slot_ids.shape[0]} rows")
+    if slot_ids.shape[0] > FUSED_MAX_TOKENS:
+        raise InputError(f"fused_moe_decode is for decode steps of at most {FUSED_MAX_TOKENS} tokens, got "
+                         f"{slot_ids.shape[0]}; use experts_from_slots (grouped GEMMs) for prefill")
+    if slot_ids.dtype not in (torch.int32, torch.int64):
+        raise InputError(f"fused_moe_decode: slot_ids must be int32 or int64, got {slot_ids.dtype}")
+    devices = {t.device for t in (hidden, top_k_weights, slot_ids, gate_up, down)}
+    if len(devices) > 1:
+        raise InputError(f"fused_moe_decode: all inputs must be on one device, got {sorted(map(str, devices))}")
+    hid = hidden.shape[1]
+    S = gate_up.shape[0]
+    gu_out, gu_in = (gate_up.shape[2], gate_up.shape[1]) if is_transposed else gate_up.shape[1:]
+    dn_out, dn_in = (down.shape[2], down.shape[1]) if is_transposed else down.shape[1:]
+    if gate_up.dim() != 3 or down.dim() != 3 or down.shape[0] != S or gu_in != hid or dn_out != hid \
+            or gu_out != 2 * dn_in:
+        layout = "[S, H, 2I] and [S, I, H]" if is_transposed else "[S, 2I, H] and [S, H, I]"
+        raise InputError(f"fused_moe_decode wants gate_up and down as {layout} with H = {hid}; got "
+                         f"{tuple(gate_up.shape)} and {tuple(down.shape)} (is_transposed={is_transposed})")
+
+
+_FUSED_MOE_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def _fused_moe_checked(device: torch.device) -> bool:
+    """Run the fused kernel once per device against its twin on small random fp32 inputs (odd H and I,
+    repeated slots, both layouts) before trusting it; a build failure or a disagreement keeps the twin
+    for this process, with one warning. Call it outside CUDA graph capture (the first step is eager)."""
+    key = str(device)
+    if key not in _FUSED_MOE_CHECKED:
+        try:
+            ok, why = _compare_fused_moe(device), "its results differ from the torch twin's"
+        except Exception as exc:  # noqa: BLE001 - any failure: use the twin, say why
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        if not ok:
+            import warnings
+
+            warnings.warn(f"the fused decode MoE kernel is not used on {device} ({why}); the twin "
+                          "experts_from_slots_reference runs instead", stacklevel=3)
+        _FUSED_MOE_CHECKED[key] = ok
+    return _FUSED_MOE_CHECKED[key]
+
+
+def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
+    from .kernels import fused_moe
+
+    gen = torch.Generator().manual_seed(seed)
+    T, k, S, H, I = 3, 4, 5, 72, 40  # H, I not multiples of the blocks: the masks are exercised
+    for transposed in (False, True):
+        x = torch.randn(T, H, generator=gen)
+        gate_up = torch.randn(S, 2 * I, H, generator=gen) / H**0.5
+        down = torch.randn(S, H, I, generator=gen) / I**0.5
+        if transposed:
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        slots = torch.randint(0, S, (T, k), generator=gen)
+        w = torch.softmax(torch.randn(T, k, generator=gen), -1)
+        ref = experts_from_slots_reference(x, w, slots, gate_up, down, silu_mul, transposed)
+        got = fused_moe.fused_moe_decode(*(t.to(device) for t in (x, w, slots, gate_up, down)), transposed)
+        if not torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4):
+            return False
+    return True

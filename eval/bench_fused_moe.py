@@ -1,0 +1,167 @@
+"""Fused decode MoE kernel (ops.fused_moe_decode) against grouped_mm (ops.experts_from_slots): time,
+bandwidth and agreement at decode token counts, Qwen3-VL-30B-A3B expert shapes by default (issue 12
+item 1: >= 70% of the HBM bandwidth measured in the same run at 1 token x top-8).
+
+Each timed call reads different experts (a rotating list of random slot layouts over a pool larger than
+L2), R calls are captured in one CUDA graph (as static decode runs them: no launch gaps) and the replay
+time is divided by R. Bandwidth = bytes of the distinct experts' weights a call reads / its time; the
+HBM reference is a device-to-device copy of 2 GiB measured in the same run. Agreement: max |difference|
+of each op to the fp32 twin (experts_from_slots_reference) on the same bf16 inputs.
+
+Writes bench_fused_moe.json and bench_fused_moe.md into --out.
+
+    python3 eval/bench_fused_moe.py --out $OUT                     # GPU, Qwen3-VL-30B-A3B shapes
+    TRITON_INTERPRET=1 python eval/bench_fused_moe.py --out /tmp/f --device cpu --hidden 72 --inter 40 \\
+        --slots 12 --tokens 1,3 --repeats 2                         # CPU smoke run (interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vismmoe import ops  # noqa: E402
+
+
+def _timed(fn, device, repeats: int) -> tuple[float, str]:
+    """Seconds per call of fn(i) for i in range(repeats): a CUDA graph replay on a GPU (eager if capture
+    fails), wall time on the CPU."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for i in range(repeats):
+            fn(i)
+        return (time.perf_counter() - start) / repeats, "cpu wall"
+    for i in range(repeats):  # warm-up: builds, autotune-free launches, the fused op's self-check
+        fn(i)
+    torch.cuda.synchronize(device)
+    mode = "cuda graph"
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for i in range(repeats):
+                fn(i)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(repeats):
+                fn(i)
+        run = graph.replay
+    except Exception as exc:  # noqa: BLE001 - report and time eagerly instead
+        mode = f"eager ({type(exc).__name__}: {str(exc)[:80]})"
+
+        def run():
+            for i in range(repeats):
+                fn(i)
+    run()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(5):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3 / repeats)
+    return min(times), mode
+
+
+def _hbm_bandwidth(device) -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = _timed(lambda i: dst.copy_(src), device, 4)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=768)
+    parser.add_argument("--slots", type=int, default=128, help="experts in the slot pool")
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", default="1,2,4,8,16")
+    parser.add_argument("--repeats", type=int, default=32, help="calls per timing (distinct slot layouts)")
+    parser.add_argument("--transposed", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    H, I, S, k, dtype = args.hidden, args.inter, args.slots, args.top_k, torch.bfloat16
+    gate_up = (torch.randn(S, 2 * I, H, device=device) / H**0.5).to(dtype)
+    down = (torch.randn(S, H, I, device=device) / I**0.5).to(dtype)
+    if args.transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    on_gpu = device.type == "cuda"
+    result = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "hidden": H, "inter": I,
+              "slots": S, "top_k": k, "transposed": args.transposed, "expert_mb": expert_bytes / 1e6,
+              "hbm_gbps": _hbm_bandwidth(device) / 1e9 if on_gpu else None, "rows": []}
+    if on_gpu:  # the op's one-time check against its twin; its verdict decides the default dispatch
+        result["fused_self_check"] = ops._fused_moe_checked(device)
+    grouped = ops.grouped_mm_available(device, dtype)
+    for T in [int(t) for t in args.tokens.split(",")]:
+        layouts = [torch.stack([torch.randperm(S, device=device)[:k] for _ in range(T)]) for _ in range(args.repeats)]
+        x = torch.randn(T, H, device=device).to(dtype)
+        w = torch.softmax(torch.randn(T, k, device=device), -1).to(dtype)
+        distinct = sum(lay.unique().numel() for lay in layouts) / len(layouts)
+        row = {"tokens": T, "distinct_experts": distinct, "mb_per_call": distinct * expert_bytes / 1e6}
+        exact = ops.experts_from_slots_reference(x.float(), w.float(), layouts[0], gate_up.float(), down.float(),
+                                                 ops.silu_mul, args.transposed)
+        ops_to_time = {"fused": lambda i: ops.fused_moe_decode(x, w, layouts[i], gate_up, down, args.transposed,
+                                                               kernel=True)}
+        if grouped:
+            ops_to_time["grouped_mm"] = lambda i: ops.experts_from_slots(x, w, layouts[i], gate_up, down,
+                                                                         ops.silu_mul, args.transposed)
+        for name, fn in ops_to_time.items():
+            row[f"{name}_max_abs_diff_to_fp32"] = (fn(0).float() - exact).abs().max().item()
+            seconds, mode = _timed(fn, device, args.repeats)
+            row[f"{name}_us"] = seconds * 1e6
+            row[f"{name}_gbps"] = row["mb_per_call"] * 1e6 / seconds / 1e9
+            row[f"{name}_timing"] = mode
+            if result["hbm_gbps"]:
+                row[f"{name}_of_hbm"] = row[f"{name}_gbps"] / result["hbm_gbps"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_fused_moe.json").write_text(json.dumps(result, indent=2))
+    (out / "bench_fused_moe.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return result
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# fused decode MoE vs grouped_mm on {result['device']}", "",
+             f"H={result['hidden']} I={result['inter']} top-{result['top_k']}, {result['slots']}-slot pool, "
+             f"transposed={result['transposed']}, {result['expert_mb']:.2f} MB per expert; "
+             f"HBM copy bandwidth {result['hbm_gbps'] or float('nan'):.0f} GB/s; "
+             f"fused self-check: {result.get('fused_self_check', 'n/a')}", "",
+             "| tokens | MB/call | fused µs | fused GB/s | fused % HBM | fused max err | grouped_mm µs "
+             "| grouped_mm GB/s | grouped_mm % HBM | grouped_mm max err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [str(r["tokens"]), f"{r['mb_per_call']:.1f}"]
+        for name in ("fused", "grouped_mm"):
+            if f"{name}_us" in r:
+                frac = r.get(f"{name}_of_hbm")
+                cells += [f"{r[f'{name}_us']:.1f}", f"{r[f'{name}_gbps']:.0f}",
+                          f"{100 * frac:.0f}%" if frac else "-", f"{r[f'{name}_max_abs_diff_to_fp32']:.2e}"]
+            else:
+                cells += ["-"] * 4
+        lines.append("| " + " | ".join(cells) + " |")
+    timing = {r.get("fused_timing") for r in result["rows"]} | {r.get("grouped_mm_timing") for r in result["rows"]}
+    lines += ["", f"timing: {', '.join(sorted(t for t in timing if t))}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The fused decode MoE kernel (vismmoe/kernels/fused_moe.py) against its torch twin
+`ops.experts_from_slots_reference` with `ops.silu_mul`, on fresh random inputs.
+
+Natively on a GPU; on the CPU in Triton's interpreter (TRITON_INTERPRET=1, small shapes). Skipped
+where triton is not installed (CI): the op then always runs the twin, which tests/test_ops.py covers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from vismmoe import ops
+from vismmoe.errors import InputError
+
+
+def _kernel_device():
+    """'cuda' on a GPU; 'cpu' when Triton's interpreter is on (or can still be switched on); None: skip."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.fixture(scope="module")
+def kernel_device():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed: the fused decode MoE kernel cannot be built or interpreted here")
+    device = _kernel_device()
+    if device is None:
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
+    return device
+
+
+def _inputs(device, dtype, num_tokens, top_k, num_slots, hidden, inter, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    gate_up = torch.randn(num_slots, 2 * inter, hidden, generator=gen) / hidden**0.5
+    down = torch.randn(num_slots, hidden, inter, generator=gen) / inter**0.5
+    if transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    # Distinct slots within a token (a router's top-k experts are distinct), shared across tokens.
+    slot_ids = torch.stack([torch.randperm(num_slots, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.softmax(torch.randn(num_tokens, top_k, generator=gen), -1)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(weights), slot_ids.to(device), cast(gate_up), cast(down)
+
+
+CASES = [(1, 1), (1, 8), (3, 2), (3, 8), (16, 1), (16, 2), (16, 8)]
+
+
+@pytest.mark.parametrize("num_tokens,top_k", CASES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_moe_matches_twin_fp32(kernel_device, num_tokens, top_k, transposed):
+    # H = 72, I = 40: not multiples of the blocks (masked tails). 10 slots for 16 tokens x top-8: every
+    # slot is read by several tokens.
+    args = _inputs(kernel_device, torch.float32, num_tokens, top_k, 10, 72, 40, transposed,
+                   seed=num_tokens * 10 + top_k)
+    fused = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=True)
+    twin = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=False)
+    assert fused.dtype == torch.float32 and fused.shape == twin.shape
+    torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 8), (3, 2), (16, 8)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_moe_matches_twin_half(kernel_device, dtype, num_tokens, top_k, transposed):
+    args = _inputs(kernel_device, dtype, num_tokens, top_k, 9, 56, 24, transposed, seed=7 + num_tokens + top_k)
+    fused = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=True)
+    assert fused.dtype == dtype
+    # The twin rounds its intermediates to the half dtype; the kernel keeps fp32 until the store. Compare
+    # both against the twin on the same (half-valued) inputs in fp32: the kernel must be the closer one.
+    exact = ops.experts_from_slots_reference(*(t.float() if t.is_floating_point() else t for t in args),
+                                             ops.silu_mul, transposed)
+    twin = ops.fused_moe_decode(*args, is_transposed=transposed, kernel=False)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(fused.float(), twin.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(fused.float(), exact, atol=tol / 2, rtol=tol / 2)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_moe_small_blocks_walk_every_loop(kernel_device, transposed):
+    # With the default blocks the small shapes above fit one chunk of I in launch 2 and of H in launch 1;
+    # blocks of 16 make every loop take several masked steps (H = 72, I = 40).
+    from vismmoe.kernels import fused_moe
+
+    args = _inputs(kernel_device, torch.float32, 3, 8, 10, 72, 40, transposed, seed=11)
+    fused = fused_moe.fused_moe_decode(*args, transposed, blocks=(16, 16, 16, 16))
+    twin = ops.experts_from_slots_reference(*args, ops.silu_mul, transposed)
+    torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_moe_on_strided_pool_views_and_int32_slots(kernel_device):
+    # The cache hands out views of one [S, record] pool, not contiguous [S, 2I, H] tensors.
+    gen = torch.Generator().manual_seed(3)
+    hidden, inter, num_slots = 40, 24, 6
+    record = 2 * inter * hidden + hidden * inter
+    pool = (torch.randn(num_slots, record, generator=gen) / hidden**0.5).to(kernel_device)
+    gate_up = pool[:, : 2 * inter * hidden].view(num_slots, 2 * inter, hidden)
+    down = pool[:, 2 * inter * hidden :].view(num_slots, hidden, inter)
+    x = torch.randn(3, hidden, generator=gen).to(kernel_device)
+    slot_ids = torch.tensor([[0, 5], [2, 3], [5, 0]], dtype=torch.int32, device=kernel_device)
+    weights = torch.softmax(torch.randn(3, 2, generator=gen), -1).to(kernel_device)
+    fused = ops.fused_moe_decode(x, weights, slot_ids, gate_up, down, kernel=True)
+    twin = ops.experts_from_slots_reference(x, weights, slot_ids, gate_up.contiguous(), down.contiguous(),
+                                            ops.silu_mul)
+    torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
+
+
+def test_fused_moe_self_check_passes(kernel_device):
+    # The one-time check that gates the kernel on a GPU must accept a correct kernel.
+    assert ops._compare_fused_moe(torch.device(kernel_device))
+
+
+def test_silu_mul_is_transformers_apply_gate():
+    from transformers.activations import ACT2FN
+    from transformers.integrations import moe
+
+    holder = type("Experts", (), {"act_fn": ACT2FN["silu"]})()
+    h = torch.randn(4, 2 * 12)
+    torch.testing.assert_close(ops.silu_mul(h), moe._default_apply_gate(holder, h))
+
+
+def test_fused_moe_bad_shapes_are_input_errors():
+    x, w = torch.randn(2, 8), torch.ones(2, 1)
+    slots = torch.zeros(2, 1, dtype=torch.int64)
+    gate_up, down = torch.randn(3, 10, 8), torch.randn(3, 8, 5)
+    ops.fused_moe_decode(x, w, slots, gate_up, down, kernel=False)  # well-formed: runs the twin
+    with pytest.raises(InputError, match="H = 8"):
+        ops.fused_moe_decode(x, w, slots, gate_up, down, is_transposed=True, kernel=False)
+    with pytest.raises(InputError, match="at most 16 tokens"):
+        ops.fused_moe_decode(torch.randn(17, 8), torch.ones(17, 1), torch.zeros(17, 1, dtype=torch.int64),
+                             gate_up, down, kernel=False)
+    with pytest.raises(InputError, match="one device"):
+        ops.fused_moe_decode(x, w, slots.to("meta"), gate_up, down, kernel=False)
+    with pytest.raises(InputError, match="int32 or int64"):
+        ops.fused_moe_decode(x, w, slots.float(), gate_up, down, kernel=False)
+
+
+def test_default_dispatch_on_cpu_is_the_twin():
+    args = _inputs("cpu", torch.float32, 3, 2, 5, 24, 8, False, seed=1)
+    out = ops.fused_moe_decode(*args)
+    assert torch.equal(out, ops.experts_from_slots_reference(*args, ops.silu_mul))
+
+
+def test_failed_self_check_keeps_the_twin_with_one_warning(monkeypatch):
+    def broken(device):
+        raise RuntimeError("no build")
+
+    monkeypatch.setattr(ops, "_compare_fused_moe", broken)
+    monkeypatch.setattr(ops, "_FUSED_MOE_CHECKED", {})
+    with pytest.warns(UserWarning, match="fused decode MoE kernel is not used.*no build"):
+        assert ops._fused_moe_checked(torch.device("cuda", 5)) is False
+    assert ops._fused_moe_checked(torch.device("cuda", 5)) is False  # remembered: no second check
