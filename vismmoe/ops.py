@@ -214,24 +214,29 @@ def cache_kernel_available() -> bool:
     return _CACHE_KERNEL_OK
 
 
-def _cache_kernel_checked(device: torch.device) -> bool:
-    """Run the fused kernel once per device against its torch twin on a small random replay (demand and
-    prefetch calls, eviction, pins) before trusting it; a build failure or any disagreement keeps the
-    twin for this process, with one warning. Checked outside any CUDA graph capture (the first static
-    step runs eagerly before its capture)."""
+def _checked_once(verdicts: dict, device: torch.device, compare, what: str, fallback: str) -> bool:
+    """Run `compare(device)` (a fused kernel against its torch twin on small random inputs) once per device
+    before trusting the kernel there; a build failure or a disagreement keeps the twin for this process,
+    with one warning. Call it outside CUDA graph capture (the first static step runs eagerly before its
+    capture)."""
     key = str(device)
-    if key not in _CACHE_KERNEL_CHECKED:
+    if key not in verdicts:
         try:
-            ok, why = _compare_cache_kernel(device), "its decisions differ from the torch twin's"
+            ok, why = compare(device), "it disagrees with its torch twin"
         except Exception as exc:  # noqa: BLE001 - any failure: use the twin, say why
             ok, why = False, f"{type(exc).__name__}: {exc}"
         if not ok:
             import warnings
 
-            warnings.warn(f"the fused cache kernel is not used on {device} ({why}); the cache's device decisions "
-                          "run as torch ops (offload/device_core.py): same decisions, more launches", stacklevel=3)
-        _CACHE_KERNEL_CHECKED[key] = ok
-    return _CACHE_KERNEL_CHECKED[key]
+            warnings.warn(f"the {what} is not used on {device} ({why}); {fallback}", stacklevel=4)
+        verdicts[key] = ok
+    return verdicts[key]
+
+
+def _cache_kernel_checked(device: torch.device) -> bool:
+    return _checked_once(_CACHE_KERNEL_CHECKED, device, _compare_cache_kernel, "fused cache kernel",
+                         "the cache's device decisions run as torch ops (offload/device_core.py): same decisions, "
+                         "more launches")
 
 
 def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
@@ -340,22 +345,8 @@ _FUSED_MOE_CHECKED: dict = {}  # device -> the kernel matched its torch twin the
 
 
 def _fused_moe_checked(device: torch.device) -> bool:
-    """Run the fused kernel once per device against its twin on small random fp32 inputs (odd H and I,
-    repeated slots, both layouts) before trusting it; a build failure or a disagreement keeps the twin
-    for this process, with one warning. Call it outside CUDA graph capture (the first step is eager)."""
-    key = str(device)
-    if key not in _FUSED_MOE_CHECKED:
-        try:
-            ok, why = _compare_fused_moe(device), "its results differ from the torch twin's"
-        except Exception as exc:  # noqa: BLE001 - any failure: use the twin, say why
-            ok, why = False, f"{type(exc).__name__}: {exc}"
-        if not ok:
-            import warnings
-
-            warnings.warn(f"the fused decode MoE kernel is not used on {device} ({why}); the twin "
-                          "experts_from_slots_reference runs instead", stacklevel=3)
-        _FUSED_MOE_CHECKED[key] = ok
-    return _FUSED_MOE_CHECKED[key]
+    return _checked_once(_FUSED_MOE_CHECKED, device, _compare_fused_moe, "fused decode MoE kernel",
+                         "the twin experts_from_slots_reference runs instead")
 
 
 def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
