@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokens", default="1,2,4,8,16")
     parser.add_argument("--repeats", type=int, default=32, help="calls per timing (distinct slot layouts)")
     parser.add_argument("--transposed", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="also time each launch over a grid of tile sizes and "
+                        "launch options (kernels.fused_moe.Blocks) and report the fastest per token count")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -129,14 +131,66 @@ def main(argv=None) -> dict:
             row[f"{name}_timing"] = mode
             if result["hbm_gbps"]:
                 row[f"{name}_of_hbm"] = row[f"{name}_gbps"] / result["hbm_gbps"]
+        if args.tune:
+            row["tune"] = _tune(x, w, layouts, gate_up, down, args.transposed, args.repeats, device)
+            print(json.dumps({"tokens": T, "tune_best": row["tune"]["best"]}), flush=True)
         result["rows"].append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "tune"}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_fused_moe.json").write_text(json.dumps(result, indent=2))
     (out / "bench_fused_moe.md").write_text(_markdown(result))
     print(_markdown(result))
     return result
+
+
+GATE_TILES = [(8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 128), (32, 256), (64, 64), (64, 128),
+              (128, 32), (128, 64)]
+DOWN_TILES = [(2, 256), (4, 128), (4, 256), (8, 64), (8, 128), (8, 256), (16, 64), (16, 128), (32, 32), (32, 64),
+              (64, 32), (128, 16)]
+LAUNCH_OPTIONS = [(4, 2), (4, 4), (8, 2), (8, 4)]  # (num_warps, num_stages)
+
+
+def _tune(x, w, layouts, gate_up, down, transposed, repeats, device) -> dict:
+    """µs per call of each launch alone over the grid (launch 2 reads launch 1's real output); the fastest
+    of each, their sum, and the defaults' for comparison."""
+    from vismmoe.kernels import fused_moe
+
+    k = w.shape[1]
+    I = gate_up.shape[2 if transposed else 1] // 2
+    slots = [lay.reshape(-1).contiguous() for lay in layouts]
+    inter = torch.empty(slots[0].numel(), I, dtype=torch.float32, device=device)
+    out = torch.empty_like(x)
+    default = fused_moe.blocks_for(x.shape[0], transposed)
+    fused_moe.gate_up_launch(x, slots[0], gate_up, inter, k, transposed, default)
+    gate, dn = {}, {}
+    for warps, stages in LAUNCH_OPTIONS:
+        for gi, gh in GATE_TILES:
+            b = fused_moe.Blocks(gate_i=gi, gate_h=gh, gate_warps=warps, gate_stages=stages)
+            gate[(gi, gh, warps, stages)] = 1e6 * _timed(
+                lambda i, b=b: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed, b),
+                device, repeats)[0]
+        for dh, di in DOWN_TILES:
+            b = fused_moe.Blocks(down_h=dh, down_i=di, down_warps=warps, down_stages=stages)
+            dn[(dh, di, warps, stages)] = 1e6 * _timed(
+                lambda i, b=b: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, b), device, repeats)[0]
+    g_best, d_best = min(gate, key=gate.get), min(dn, key=dn.get)
+    g_def = (default.gate_i, default.gate_h, default.gate_warps, default.gate_stages)
+    d_def = (default.down_h, default.down_i, default.down_warps, default.down_stages)
+    if g_def not in gate:
+        gate[g_def] = 1e6 * _timed(lambda i: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed,
+                                                                      default), device, repeats)[0]
+    if d_def not in dn:
+        dn[d_def] = 1e6 * _timed(lambda i: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, default),
+                                 device, repeats)[0]
+    return {"best": {"gate": {"gate_i": g_best[0], "gate_h": g_best[1], "warps": g_best[2], "stages": g_best[3],
+                              "us": gate[g_best]},
+                     "down": {"down_h": d_best[0], "down_i": d_best[1], "warps": d_best[2], "stages": d_best[3],
+                              "us": dn[d_best]},
+                     "sum_us": gate[g_best] + dn[d_best]},
+            "default_us": {"gate": gate.get(g_def), "down": dn.get(d_def)},
+            "gate_us": {"x".join(map(str, c)): t for c, t in gate.items()},
+            "down_us": {"x".join(map(str, c)): t for c, t in dn.items()}}
 
 
 def _markdown(result: dict) -> str:

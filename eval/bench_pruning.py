@@ -27,19 +27,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
-from vismmoe.tiny_models import QWEN3_VL_30B_A3B_TEXT, TextShape, build_checkpoint  # noqa: E402
+from vismmoe.tiny_models import TextShape, build_checkpoint, full_size_checkpoint  # noqa: E402
 
 
 def checkpoint(layers: int, image_px: int, tiny: bool, root: Path) -> Path:
-    name = f"vismmoe-prune-{'tiny' if tiny else 'full'}-{layers}-{image_px}"
-    path = root / name
+    if not tiny:  # the bench model of eval/profile_static.py and eval/bench_offload.py, built once for all three
+        return full_size_checkpoint(layers, root, image_size=image_px)
+    path = root / f"vismmoe-prune-tiny-{layers}-{image_px}"
     if not (path / "config.json").exists():
-        if tiny:
-            build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=layers), init_std=0.2,
-                             image_size=image_px)
-        else:
-            build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=layers, **QWEN3_VL_30B_A3B_TEXT),
-                             dtype="bfloat16", router_std=0.05, image_size=image_px)
+        build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=layers), init_std=0.2,
+                         image_size=image_px)
     return path
 
 

@@ -4,7 +4,7 @@ The model is transformers' own `Qwen3VLMoeForConditionalGeneration` (6 MoE decod
 top-4, load-balancing aux loss on), with the same char-level tokenizer, chat template and image-only
 processor as the other tiny checkpoints (vismmoe.tiny_models). Scene images are 224x224; the vision
 tower uses 8 px patches merged 2x2, so 16 px per visual token: 28x28 patches -> 14x14 = 196 visual
-tokens per image. Objects are 16-36 px, so each covers 1-9 tokens: the task is pruning-sensitive.
+tokens per image. Objects are 22-42 px, so each covers about 2-12 tokens: the task is pruning-sensitive.
 
 Prompt format (the engine's): user turn = image + question; the model answers `ANSWER<|im_end|>`. Loss on
 the answer tokens and <|im_end|>; plus, training only (--token-weight), a dense per-visual-token loss: from

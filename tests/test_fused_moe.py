@@ -92,7 +92,7 @@ def test_fused_moe_small_blocks_walk_every_loop(kernel_device, transposed):
     from vismmoe.kernels import fused_moe
 
     args = _inputs(kernel_device, torch.float32, 3, 8, 10, 72, 40, transposed, seed=11)
-    fused = fused_moe.fused_moe_decode(*args, transposed, blocks=(16, 16, 16, 16))
+    fused = fused_moe.fused_moe_decode(*args, transposed, blocks=fused_moe.Blocks(gate_i=16, gate_h=16, down_h=16, down_i=16))
     twin = ops.experts_from_slots_reference(*args, ops.silu_mul, transposed)
     torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
 

@@ -86,4 +86,4 @@ def test_copy_records_kernel_matches_reference_from_registered_host_memory(dtype
             torch.cuda.synchronize()
             assert torch.equal(dst, expected)
         finally:
-            _unpin(src)
+            _unpin(src, torch.device("cuda"))

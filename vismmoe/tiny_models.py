@@ -310,12 +310,28 @@ QWEN3_VL_30B_A3B_TEXT = dict(hidden_size=2048, num_attention_heads=32, num_key_v
                              intermediate_size=6144, moe_intermediate_size=768, num_experts=128, top_k=8)
 
 
-def full_size_checkpoint(num_layers: int, root=None) -> Path:
-    """A bf16 random Qwen3-VL-MoE with Qwen3-VL-30B-A3B-sized experts and `num_layers` layers, built once."""
+def full_size_checkpoint(num_layers: int, root=None, image_size: int = 256) -> Path:
+    """A bf16 random Qwen3-VL-MoE with Qwen3-VL-30B-A3B-sized experts and `num_layers` layers, built once.
+
+    Building writes ~1.2 GB per layer from random init, minutes at 12 layers; so another `image_size`
+    (the processor's pixel cap, the only file that differs) is a sibling directory whose other files
+    are links to the first build's."""
     import tempfile
 
-    path = Path(root or tempfile.gettempdir()) / f"vismmoe-fullsize-{num_layers}"
+    root = Path(root or tempfile.gettempdir())
+    path = root / f"vismmoe-fullsize-{num_layers}"
     if not (path / "config.json").exists():
         build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=num_layers, **QWEN3_VL_30B_A3B_TEXT),
                          dtype="bfloat16", router_std=0.05, image_size=256)
-    return path
+    if image_size == 256:
+        return path
+    variant = root / f"vismmoe-fullsize-{num_layers}-{image_size}px"
+    if not (variant / "processor_config.json").exists():
+        variant.mkdir(exist_ok=True)
+        for f in path.iterdir():
+            if f.name != "processor_config.json" and not (variant / f.name).exists():
+                (variant / f.name).symlink_to(f.resolve())
+        processor = json.loads((path / "processor_config.json").read_text())
+        processor["image_processor"]["size"]["longest_edge"] = image_size * image_size
+        (variant / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    return variant

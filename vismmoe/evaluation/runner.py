@@ -156,8 +156,11 @@ class _Run:
             if self.procs.world_size > 1 and _cuda_available():
                 import torch
 
-                torch.cuda.set_device(self.procs.local_rank)  # nothing of this process lands on cuda:0
-                overrides.setdefault("device", f"cuda:{self.procs.local_rank}")
+                # Ranks beyond the GPU count share GPUs round-robin: a small model leaves one process
+                # CPU-bound, so several per GPU raise throughput. Nothing of this process lands on cuda:0.
+                index = self.procs.local_rank % torch.cuda.device_count()
+                torch.cuda.set_device(index)
+                overrides.setdefault("device", f"cuda:{index}")
             self.engine = self.factory(self.model, config=self.config, **overrides)
         config = getattr(self.engine, "config", None)
         if config is not None and hasattr(config, "to_dict"):

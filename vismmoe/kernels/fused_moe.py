@@ -5,9 +5,10 @@ Two launches, both Triton, no grouped GEMM, no sort:
    slot id, streams the gate and up rows of that slot's gate_up weights against the token's hidden
    row in fp32, applies SiLU(gate) * up (transformers' `_apply_gate` with `act_fn = silu`) and writes
    an fp32 intermediate [pairs, I].
-2. `_down_sum`: one program per (token, block of H). For each of the token's k pairs, in order j = 0..k-1
-   (deterministic), it streams that slot's down weights against the pair's intermediate, scales by the
-   routing weight and accumulates in fp32; the sum is stored once in the output dtype.
+2. `_down_sum`: one program per (token, block of H). It streams the down weights of all the token's k
+   slots at once (a [k, rows, chunk of I] tile per step) against the pairs' intermediates, then takes
+   the routing-weighted sum over k in a fixed order (deterministic); fp32 throughout, stored once in
+   the output dtype.
 
 Token counts are small, so every product is a broadcast multiply plus `tl.sum` (no tensor cores):
 the work is bound by reading the weights. Layouts are handled by strides alone: gate_up [S, 2I, H] or
@@ -20,17 +21,47 @@ Torch twin: `ops.experts_from_slots_reference` with `ops.silu_mul`; tests `tests
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-# Block sizes, per launch (first guesses, not yet timed on a GPU). Launch 1: a program owns BLOCK_I
-# gate and up rows and walks H in chunks of BLOCK_H. Launch 2: a program owns DOWN_BLOCK_H output rows
-# and walks I in chunks of DOWN_BLOCK_I; its rows are few so that one decode token still spreads over
-# H / DOWN_BLOCK_H programs (128 at H = 2048), enough to keep the SMs' loads in flight.
-BLOCK_I, BLOCK_H = 32, 128
-DOWN_BLOCK_H, DOWN_BLOCK_I = 16, 128
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of the two launches. Launch 1: a program owns `gate_i` gate and up
+    rows of one (token, expert) pair and walks H in chunks of `gate_h`. Launch 2: a program owns `down_h`
+    output rows of one token for all of its k experts at once (a [k, down_h, down_i] tile per step, so one
+    step has k times the bytes in flight) and walks I in chunks of `down_i`. `*_warps`/`*_stages` are
+    Triton's num_warps/num_stages (stages > 1 software-pipelines the loads of the chunk loop)."""
+
+    gate_i: int = 16
+    gate_h: int = 256
+    gate_warps: int = 4
+    gate_stages: int = 3
+    down_h: int = 8
+    down_i: int = 128
+    down_warps: int = 4
+    down_stages: int = 3
+
+
+# Timed with eval/bench_fused_moe.py --tune on an H200 (Qwen3-VL-30B-A3B expert shapes H=2048, I=768,
+# top-8; BENCHMARKS.md): the fastest tiles of each launch at 1, 4 and 16 tokens, per weight layout.
+# Steps of 1-2 tokens take the 1-token tiles, 3-8 the 4-token ones, 9-16 the 16-token ones. Other GPUs and
+# shapes run the same tiles: correct everywhere, tuned only there.
+TUNED_BLOCKS = {  # (transposed, tokens): Blocks(gate_i, gate_h, gate_warps, gate_stages, down_h, down_i, ...)
+    (False, 1): Blocks(8, 512, 4, 2, 4, 256, 8, 2),
+    (False, 4): Blocks(8, 512, 4, 4, 16, 64, 8, 4),
+    (False, 16): Blocks(64, 128, 4, 4, 16, 64, 8, 2),
+    (True, 1): Blocks(16, 512, 8, 2, 8, 256, 4, 2),
+    (True, 4): Blocks(32, 128, 4, 2, 16, 128, 4, 2),
+    (True, 16): Blocks(32, 256, 4, 4, 128, 16, 4, 4),
+}
+
+
+def blocks_for(num_tokens: int, is_transposed: bool) -> Blocks:
+    bucket = 1 if num_tokens <= 2 else 4 if num_tokens <= 8 else 16
+    return TUNED_BLOCKS[(bool(is_transposed), bucket)]
 
 
 @triton.jit
@@ -65,62 +96,77 @@ def _gate_up_act(x_p, slot_p, gu_p, inter_p, H, I, top_k,
 @triton.jit
 def _down_sum(inter_p, slot_p, w_p, dn_p, out_p, H, I, top_k,
               sw_t, sw_k, sd_s, sd_o, sd_i, so_t, so_h,
-              BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
     token = tl.program_id(0)
     hb = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    in_k = offs_k < top_k
+    pairs = (token * top_k + offs_k).to(tl.int64)
+    slots = tl.load(slot_p + pairs, mask=in_k, other=0).to(tl.int64)
+    weights = tl.load(w_p + token.to(tl.int64) * sw_t + offs_k * sw_k, mask=in_k, other=0.0).to(tl.float32)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = offs_h < H
-    rows = offs_h.to(tl.int64) * sd_o
-    out = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in range(0, top_k):
-        pair = token * top_k + j
-        slot = tl.load(slot_p + pair).to(tl.int64)
-        weight = tl.load(w_p + token.to(tl.int64) * sw_t + j * sw_k).to(tl.float32)
-        base = dn_p + slot * sd_s
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            in_i = offs_i < I
-            a = tl.load(inter_p + pair.to(tl.int64) * I + offs_i, mask=in_i, other=0.0)
-            mask = in_h[:, None] & in_i[None, :]
-            wd = tl.load(base + rows[:, None] + offs_i.to(tl.int64)[None, :] * sd_i, mask=mask,
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(wd * a[None, :], axis=1)
-        out += acc * weight
+    rows = slots[:, None] * sd_s + offs_h.to(tl.int64)[None, :] * sd_o  # [K, BLOCK_H]
+    acc = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        in_i = offs_i < I
+        a = tl.load(inter_p + pairs[:, None] * I + offs_i[None, :], mask=in_k[:, None] & in_i[None, :],
+                    other=0.0)  # [K, BLOCK_I]
+        mask = (in_k[:, None] & in_h[None, :])[:, :, None] & in_i[None, None, :]
+        wd = tl.load(dn_p + rows[:, :, None] + offs_i.to(tl.int64)[None, None, :] * sd_i, mask=mask,
+                     other=0.0).to(tl.float32)  # [K, BLOCK_H, BLOCK_I]
+        acc += tl.sum(wd * a[:, None, :], axis=2)
+    # The routing-weighted sum over the k experts: a fixed reduction order, so results are deterministic.
+    out = tl.sum(acc * weights[:, None], axis=0)
     tl.store(out_p + token.to(tl.int64) * so_t + offs_h * so_h, out.to(out_p.dtype.element_ty), mask=in_h)
 
 
+def _gate_up_layout(gate_up, is_transposed):
+    """(I, stride over the 2I outputs, stride over H): gate_up is [S, 2I, H], or [S, H, 2I] transposed."""
+    if is_transposed:
+        return gate_up.shape[2] // 2, gate_up.stride(2), gate_up.stride(1)
+    return gate_up.shape[1] // 2, gate_up.stride(1), gate_up.stride(2)
+
+
+def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks):
+    """Launch 1: inter[pair] = silu(gate(x)) * up(x) for every (token, expert) pair (fp32)."""
+    I, sg_o, sg_i = _gate_up_layout(gate_up, is_transposed)
+    _gate_up_act[(slots.numel(), triton.cdiv(I, blocks.gate_i))](
+        hidden, slots, gate_up, inter, hidden.shape[1], I, top_k,
+        hidden.stride(0), hidden.stride(1), gate_up.stride(0), sg_o, sg_i,
+        BLOCK_I=blocks.gate_i, BLOCK_H=blocks.gate_h, num_warps=blocks.gate_warps, num_stages=blocks.gate_stages)
+
+
+def down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks: Blocks):
+    """Launch 2: out[t] = sum_j w[t, j] * down_s(inter[t, j]) (fp32 accumulation, stored in out's dtype)."""
+    num_tokens, top_k = top_k_weights.shape
+    H, I = out.shape[1], inter.shape[1]
+    # down is [S, H, I], or [S, I, H] transposed: (stride over the H outputs, stride over I)
+    sd_o, sd_i = (down.stride(2), down.stride(1)) if is_transposed else (down.stride(1), down.stride(2))
+    _down_sum[(num_tokens, triton.cdiv(H, blocks.down_h))](
+        inter, slots, top_k_weights, down, out, H, I, top_k,
+        top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), sd_o, sd_i,
+        out.stride(0), out.stride(1),
+        BLOCK_K=max(2, triton.next_power_of_2(top_k)), BLOCK_H=blocks.down_h, BLOCK_I=blocks.down_i,
+        num_warps=blocks.down_warps, num_stages=blocks.down_stages)
+
+
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     blocks: tuple[int, int, int, int] = (BLOCK_I, BLOCK_H, DOWN_BLOCK_H, DOWN_BLOCK_I)):
+                     blocks: Blocks | None = None):
     """out[t] = sum_j w[t, j] * down_s(silu(gate_s(x[t])) * up_s(x[t])), s = slot_ids[t, j]; shapes as
     `ops.experts_from_slots`. Inputs are checked by the caller (`ops.fused_moe_decode`). `blocks`:
-    (BLOCK_I, BLOCK_H, DOWN_BLOCK_H, DOWN_BLOCK_I), powers of two (tests shrink them to walk the loops)."""
-    block_i, block_h, down_block_h, down_block_i = blocks
+    tile sizes (powers of two; tests shrink them to walk the loops), default `blocks_for`."""
     num_tokens, top_k = slot_ids.shape
-    H = hidden.shape[1]
-    if is_transposed:  # gate_up [S, H, 2I], down [S, I, H]
-        I = gate_up.shape[2] // 2
-        sg_o, sg_i = gate_up.stride(2), gate_up.stride(1)
-        sd_o, sd_i = down.stride(2), down.stride(1)
-    else:  # gate_up [S, 2I, H], down [S, H, I]
-        I = gate_up.shape[1] // 2
-        sg_o, sg_i = gate_up.stride(1), gate_up.stride(2)
-        sd_o, sd_i = down.stride(1), down.stride(2)
+    blocks = blocks or blocks_for(num_tokens, is_transposed)
+    I = _gate_up_layout(gate_up, is_transposed)[0]
     slots = slot_ids.reshape(-1).contiguous()
-    pairs = slots.numel()
-    inter = torch.empty(pairs, I, dtype=torch.float32, device=hidden.device)
-    out = torch.empty(num_tokens, H, dtype=hidden.dtype, device=hidden.device)
-    if pairs == 0:
+    inter = torch.empty(slots.numel(), I, dtype=torch.float32, device=hidden.device)
+    out = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    if slots.numel() == 0:
         return out.zero_()
     ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with ctx:  # Triton launches on the current device: make it the pool's
-        _gate_up_act[(pairs, triton.cdiv(I, block_i))](
-            hidden, slots, gate_up, inter, H, I, top_k,
-            hidden.stride(0), hidden.stride(1), gate_up.stride(0), sg_o, sg_i,
-            BLOCK_I=block_i, BLOCK_H=block_h)
-        _down_sum[(num_tokens, triton.cdiv(H, down_block_h))](
-            inter, slots, top_k_weights, down, out, H, I, top_k,
-            top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), sd_o, sd_i,
-            out.stride(0), out.stride(1),
-            BLOCK_H=down_block_h, BLOCK_I=down_block_i)
+        gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks)
+        down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks)
     return out

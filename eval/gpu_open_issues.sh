@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU runs of issues 10-13 in a few device calls on a 2-GPU machine (kind nvidia-h200-x2), each ending
+# well inside the 10-minute call limit. Every step has its own time limit; logs are written straight
+# into $OUT so that a step killed at its limit still leaves what it printed. Run dirs live outside $OUT
+# and come back as one tarball (the device tool returns at most 8 files).
+#
+#   PHASE=train   GPU 0: train the scene model (models/train_scenevqa.py, TRAIN_S seconds);
+#                 GPU 1: tune the fused MoE kernel (bench_fused_moe --tune), GPU tests of the cache core,
+#                 fused kernels and static decode, then profile_static and bench_pruning on the
+#                 12-layer bench model (built once, on the CPU, while the kernels are tuned).
+#   PHASE=sweep   both GPUs: the multi-GPU tests, then the scene pruning sweep (issue 10) and the easy-VQA
+#                 retention at keep 0.25, several ranks per GPU (needs models/scenevqa-qwen3vlmoe).
+set -u
+OUT=${OUT:-gpu_out}
+WORK=${WORK:-/tmp/vismmoe_runs}
+PHASE=${PHASE:-train}
+DEADLINE=$(( $(date +%s) + ${BUDGET_S:-560} ))
+mkdir -p "$OUT" "$WORK"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+left() { local s=$(( DEADLINE - $(date +%s) - ${1:-0} )); echo $(( s > 5 ? s : 5 )); }
+step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log rc and wall time
+    local name=$1 limit=$2; shift 2
+    local l; l=$(left); [ "$limit" -lt "$l" ] && l=$limit
+    local t0; t0=$(date +%s)
+    echo "=== $name (limit ${l}s) $(date -u +%T)"
+    timeout "$l" "$@"; local rc=$?
+    echo "=== $name rc=$rc wall=$(( $(date +%s) - t0 ))s"
+}
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+
+if [ "$PHASE" = train ]; then
+    # The checkpoint (36.6 MB float32) comes back in 15 MB pieces: `cat scene_model.tgz.part-* | tar -xz`.
+    ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
+        --time-limit "${TRAIN_S:-330}" --metrics "$WORK/scenevqa-qwen3vlmoe/metrics.json" > "$OUT/train.log" 2>&1
+      echo "train rc=$?" >> "$OUT/train.log"
+      tar -C "$WORK" -czf - scenevqa-qwen3vlmoe | split -b 15m - "$OUT/scene_model.tgz.part-" ) &
+    train_pid=$!
+    export CUDA_VISIBLE_DEVICES=1
+    # The 12-layer bench model (~14 GB, CPU-bound) builds while GPU 1 tunes and tests the kernels.
+    ( python3 -c "from vismmoe.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
+        > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+    build_pid=$!
+    {
+        step tune_fused_moe 150 python3 eval/bench_fused_moe.py --out "$WORK/fused_moe" --tokens 1,4,16 --tune
+        step tune_fused_moe_t 100 python3 eval/bench_fused_moe.py --out "$WORK/fused_moe_t" --tokens 1,4,16 \
+            --tune --transposed
+        step pytest 150 python3 -m pytest -q tests/test_cache_core.py tests/test_fused_moe.py tests/test_ops.py \
+            tests/test_static_decode.py tests/test_prefetch.py
+        echo "=== waiting for the bench model build $(date -u +%T)"; wait $build_pid; cat "$WORK/build.log" | tail -2
+        step profile_static 90 python3 eval/profile_static.py --out "$WORK/profile_static" --layers 12 \
+            --checkpoint "$WORK/vismmoe-fullsize-12"
+        step bench_pruning 120 python3 eval/bench_pruning.py --out "$WORK/bench_pruning" --layers 12 --image-px 896 \
+            --budget 0.25 --new-tokens 32 --repeats 2 --methods affinity random pool --root "$WORK"
+    } > "$OUT/gpu1.log" 2>&1
+    wait $train_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static fused_moe fused_moe_t \
+        bench_pruning 2>/dev/null
+elif [ "$PHASE" = sweep ]; then
+    RANKS=${RANKS:-8}
+    {
+        step multi_gpu 120 python3 -m pytest -q tests/test_multi_gpu.py
+        step scene_sweep "$(left 150)" torchrun --nproc-per-node "$RANKS" eval/scene_pruning_sweep.py \
+            --model models/scenevqa-qwen3vlmoe --out "$WORK/scene_pruning"
+        step easyvqa_keep 140 torchrun --nproc-per-node "$RANKS" -m vismmoe.evaluation eval \
+            --model models/easyvqa-qwen3vlmoe --task easyvqa --output "$WORK/easyvqa_keep" --no-progress \
+            --sweep visual_keep=1.0,0.25 visual_prune=affinity
+    } > "$OUT/sweep.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' scene_pruning easyvqa_keep 2>/dev/null
+fi
+echo "phase $PHASE done $(date -u +%T)"
