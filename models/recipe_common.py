@@ -298,6 +298,7 @@ class ImageMajorBatches:
         if not share:
             pv = pv.view(u, -1, pv.shape[-1]).repeat_interleave(r, 0).reshape(-1, pv.shape[-1])
         b = u * r
+        self.last_rows = idx  # the training rows of this batch, in batch order (for per-row auxiliary labels)
         return dict(input_ids=self.ids[idx], attention_mask=self.mask[idx], labels=self.lab[idx], pixel_values=pv,
                     position_ids=self.pos.unsqueeze(1).expand(3, b, -1),
                     image_grid_thw=self.grid_thw.expand(b, 3)), img_ids
@@ -449,13 +450,13 @@ def choose_experts_implementation(model, probe: dict, autocast, cuda: bool) -> s
     raise RuntimeError("no experts implementation works")
 
 
-class MergerCapture:
-    """Holds the vision merger's output (the visual tokens the LLM sees) of the last forward, for a
-    recipe's training-only auxiliary loss."""
+class OutputCapture:
+    """Holds a module's output of the last forward (the LM's final norm: a recipe's auxiliary loss reads
+    the last hidden state of chosen positions)."""
 
-    def __init__(self, model):
+    def __init__(self, module):
         self.value = None
-        self.hook = model.model.visual.merger.register_forward_hook(self._store)
+        self.hook = module.register_forward_hook(self._store)
 
     def _store(self, module, inputs, output):
         self.value = output
@@ -466,6 +467,14 @@ class MergerCapture:
 
     def remove(self) -> None:
         self.hook.remove()
+
+
+class MergerCapture(OutputCapture):
+    """The vision merger's output (the visual tokens the LLM sees) of the last forward, for a recipe's
+    training-only auxiliary loss."""
+
+    def __init__(self, model):
+        super().__init__(model.model.visual.merger)
 
 
 # ----------------------------------------------------------------------------------------- training

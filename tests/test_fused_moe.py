@@ -159,3 +159,56 @@ def test_failed_self_check_keeps_the_twin_with_one_warning(monkeypatch):
     with pytest.warns(UserWarning, match="fused decode MoE kernel is not used.*no build"):
         assert ops._fused_moe_checked(torch.device("cuda", 5)) is False
     assert ops._fused_moe_checked(torch.device("cuda", 5)) is False  # remembered: no second check
+
+
+def test_experts_kernel_fused_needs_what_it_runs_on(qwen_checkpoint):
+    import vismmoe
+    from vismmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="experts_kernel: fused needs a CUDA device"):
+        vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.5, experts_kernel="fused")
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.5)  # auto: no fused kernel on the CPU
+    assert engine.runtime.fused_decode is False
+    assert not ops.fused_moe_usable(engine.layout.layers[0].experts, torch.device("cpu"))
+
+
+def test_fused_moe_usable_only_for_silu_gates(monkeypatch):
+    from transformers.activations import ACT2FN
+
+    monkeypatch.setattr(ops, "cache_kernel_available", lambda: True)
+    monkeypatch.setattr(ops, "_fused_moe_checked", lambda device: True)
+    silu = type("Experts", (), {"act_fn": ACT2FN["silu"], "_apply_gate": lambda self, h: ops.silu_mul(h)})()
+    gelu = type("Experts", (), {"act_fn": ACT2FN["gelu"],
+                                "_apply_gate": lambda self, h: ACT2FN["gelu"](h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]})()
+    assert ops.fused_moe_usable(silu, torch.device("cuda", 0))
+    assert not ops.fused_moe_usable(gelu, torch.device("cuda", 0))
+    assert not ops.fused_moe_usable(silu, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_decode_steps_through_the_fused_op_give_the_same_tokens(qwen_checkpoint, decode):
+    # The runtime's fused branch (the kernel on a GPU, its twin here) against the default expert compute.
+    import vismmoe
+
+    from .conftest import random_requests
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = vismmoe.load(qwen_checkpoint, device=device, dtype="float32", expert_budget=0.5, decode=decode,
+                          experts_kernel="loop")
+    requests = random_requests(3, seed=5)
+    plain = [engine.generate(image=i, prompt=p, max_new_tokens=6).token_ids for i, p in requests]
+    calls = []
+    original = ops.fused_moe_decode
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    engine.runtime.fused_decode = True
+    try:
+        ops.fused_moe_decode = counted
+        fused = [engine.generate(image=i, prompt=p, max_new_tokens=6).token_ids for i, p in requests]
+    finally:
+        ops.fused_moe_decode = original
+    assert fused == plain
+    assert calls and max(calls) <= ops.FUSED_MAX_TOKENS

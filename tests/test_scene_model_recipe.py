@@ -55,3 +55,27 @@ def test_smoke_run_writes_a_checkpoint_that_vismmoe_runs(recipe, tmp_path):
     name, ex = next(iter(examples.items()))
     result = engine.generate(image=out / "examples" / name, prompt=ex["question"], max_new_tokens=4)
     assert result.stats.visual_tokens_total == 196 and isinstance(result.text, str)
+
+
+def test_name_loss_labels_sit_on_the_last_character_of_each_named_object(recipe):
+    import sys
+
+    sys.path.insert(0, str(RECIPE.parent))
+    import recipe_common as common
+    from vismmoe.evaluation import scenevqa
+
+    blue = scenevqa.Obj("square", "blue", 0, 24, 24, 32, large=True)
+    red = scenevqa.Obj("circle", "red", 5, 180, 110, 24)
+    scene = scenevqa.Scene([blue, red, scenevqa.Obj("digit", None, 8, 200, 200, 28, digit=7)])
+    question = "is the red circle left of the blue square?"
+    found = recipe.name_bindings(scene, question)
+    assert found == [(len("is the red circle"), 0, 1, 2), (len("is the red circle left of the blue square"), 1, 0, 0)]
+    assert recipe.name_bindings(scene, "how many circles are there?") == []
+
+    model, processor, (_, _, tok, _) = common.build_model_and_processor(0, 0.0, recipe.TEXT_SHAPE, recipe.VISION,
+                                                                        recipe.GEOM)
+    ids = recipe.encode(processor, [question], ["yes"])[0][0].tolist()
+    start = recipe.question_start(processor, tok, question, ids, recipe.GEOM.n_visual)
+    for end, *_ in found:  # the label's token is the name's last character ("e" of circle and of square)
+        assert tok.decode([ids[start + end - 1]]) == question[end - 1] == "e"
+    assert ids[start - 1] != ids[start] and tok.decode(ids[start: start + len(question)]) == question

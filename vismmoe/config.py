@@ -93,8 +93,8 @@ class EngineConfig:
             raise ConfigError(f"prefetch_depth must be an integer from 1 to 8, got {self.prefetch_depth!r}")
         if self.prefetch_limit < 0:
             raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
-        if self.experts_kernel not in ("auto", "grouped_mm", "loop"):
-            raise ConfigError(f"experts_kernel must be auto, grouped_mm or loop, got {self.experts_kernel!r}")
+        if self.experts_kernel not in ("auto", "fused", "grouped_mm", "loop"):
+            raise ConfigError(f"experts_kernel must be auto, fused, grouped_mm or loop, got {self.experts_kernel!r}")
         if self.decode not in ("auto", "static", "generate"):
             raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):

@@ -147,7 +147,7 @@ class Engine:
     @_on_engine_device
     def _build_runtime(self) -> None:
         config = self.config
-        grouped = self._use_grouped_mm()  # validates experts_kernel before the old runtime is torn down
+        grouped, fused = self._experts_kernels()  # validates experts_kernel before the old runtime is torn down
         if self.device.type == "cuda":
             # Copies may still be writing into the old slot pool on the copy stream: let them land
             # before its memory goes back to the allocator.
@@ -164,6 +164,7 @@ class Engine:
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
                                       grouped=grouped, prefetch_prefill=config.prefetch_prefill)
+        self.runtime.fused_decode = fused
         self._decoders = {}  # captured decode steps bake in the old runtime and slot pool
         if not self.cache.complete and self._device_copies_work():
             self.runtime.use_device_residency(self.layout.top_k)
@@ -193,14 +194,22 @@ class Engine:
                 recorder.save(path)
         return recorder
 
-    def _use_grouped_mm(self) -> bool:
-        available = ops.grouped_mm_available(self.device, self.dtype)
-        if self.config.experts_kernel == "grouped_mm" and not available:
+    def _experts_kernels(self) -> tuple[bool, bool]:
+        """(grouped GEMMs for the expert compute, the fused decode kernel for steps of <= 16 tokens)."""
+        kernel = self.config.experts_kernel
+        grouped = ops.grouped_mm_available(self.device, self.dtype)
+        if kernel == "grouped_mm" and not grouped:
             raise ConfigError(
                 f"experts_kernel: grouped_mm needs a CUDA device and bfloat16 (here {self.device}, {self.dtype}); "
                 "use auto or loop"
             )
-        return available and self.config.experts_kernel != "loop"
+        fused = kernel in ("auto", "fused") and ops.fused_moe_usable(self.layout.layers[0].experts, self.device)
+        if kernel == "fused" and not fused:
+            raise ConfigError(
+                f"experts_kernel: fused needs a CUDA device with triton, an experts module whose gate is "
+                f"SiLU(gate) * up, and a kernel that passed its check against the torch twin (here {self.device}); "
+                "use auto, grouped_mm or loop")
+        return grouped and kernel != "loop", fused
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",

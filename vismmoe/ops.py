@@ -341,6 +341,20 @@ def _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_trans
                          f"{tuple(gate_up.shape)} and {tuple(down.shape)} (is_transposed={is_transposed})")
 
 
+def fused_moe_usable(module, device: torch.device) -> bool:
+    """Can the fused decode kernel serve this experts module on `device`? CUDA with triton, a kernel
+    that matched its twin there, and a gate that computes SiLU(gate) * up (checked on a probe: the kernel
+    has SiLU built in, a model with another activation keeps the grouped GEMMs)."""
+    if device.type != "cuda" or not cache_kernel_available():
+        return False
+    probe = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    try:
+        silu_gate = torch.allclose(module._apply_gate(probe), silu_mul(probe), atol=1e-6)
+    except Exception:  # noqa: BLE001 - a gate that cannot run on a probe is not SiLU * up
+        return False
+    return silu_gate and _fused_moe_checked(device)
+
+
 _FUSED_MOE_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
 
 

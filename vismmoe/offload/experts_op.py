@@ -62,6 +62,8 @@ class OffloadRuntime:
         self.cache = cache
         self.is_transposed = is_transposed
         self.grouped = grouped  # compute with grouped GEMMs over the slot pool (ops.experts_from_slots)
+        # Steps of <= ops.FUSED_MAX_TOKENS tokens (decode) run ops.fused_moe_decode; set by the engine.
+        self.fused_decode = False
         self.predictor = predictor
         self.prefetch_prefill = prefetch_prefill
         self.step = StepContext()
@@ -124,14 +126,24 @@ class OffloadRuntime:
         else:
             gate_up, down = self.cache.gate_up_view, self.cache.down_view
             slot_ids = self.cache.slot_table[layer][top_k_index].to(torch.int64)
+        return self._compute(module, hidden_states, top_k_weights, slot_ids, gate_up, down)
+
+    def _compute(self, module, hidden_states, top_k_weights, slot_ids, gate_up, down):
+        """The routed experts' output from their slots: the fused kernel for decode-sized steps, else grouped GEMMs."""
+        if self.fused_decode and hidden_states.shape[0] <= ops.FUSED_MAX_TOKENS:
+            return ops.fused_moe_decode(hidden_states, top_k_weights, slot_ids, gate_up, down, self.is_transposed)
         return ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, gate_up, down, module._apply_gate,
                                       self.is_transposed)
+
+    def _from_slots(self, num_tokens: int) -> bool:
+        """Compute from the slot pool in one op (`_compute`) rather than expert by expert."""
+        return self.grouped or (self.fused_decode and num_tokens <= ops.FUSED_MAX_TOKENS)
 
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache = self.cache
         if self.static:
             return self._run_layer_static(layer, module, hidden_states, top_k_index, top_k_weights)
-        if cache.complete and self.grouped and not self.step.observers:
+        if cache.complete and self._from_slots(hidden_states.shape[0]) and not self.step.observers:
             # Every expert is resident and nothing is ever evicted: no host decision, no sync.
             cache.count_resident_use(layer, top_k_index)
             return self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
@@ -161,7 +173,8 @@ class OffloadRuntime:
         for observer in self.step.observers:
             observer(layer, self.step.index, top_k_index, visual, predicted_here.get(1))
 
-        if self.grouped and len(experts) <= cache.num_slots and (cache.complete or cache.num_slots <= ops.MAX_GROUPS):
+        if self._from_slots(num_tokens) and len(experts) <= cache.num_slots and \
+                (cache.complete or cache.num_slots <= ops.MAX_GROUPS):
             slots = cache.acquire(layer, experts, n_visual[experts], n_text[experts])
             out = self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
             cache.release(slots)
@@ -232,9 +245,8 @@ class OffloadRuntime:
         else:
             slot_ids = self.residency.demand(layer, experts).view_as(top_k_index)
             gate_up, down = cache.gate_up_view, cache.down_view
-        if self.grouped:
-            out = ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, gate_up, down, module._apply_gate,
-                                         self.is_transposed)
+        if self._from_slots(hidden_states.shape[0]):
+            out = self._compute(module, hidden_states, top_k_weights, slot_ids, gate_up, down)
         else:
             out = _loop_from_slots(hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down,
                                    module._apply_gate, self.is_transposed)
