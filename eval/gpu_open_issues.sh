@@ -8,6 +8,9 @@
 #                 GPU 1: tune the fused MoE kernel (bench_fused_moe --tune), GPU tests of the cache core,
 #                 fused kernels and static decode, then profile_static and bench_pruning on the
 #                 12-layer bench model (built once, on the CPU, while the kernels are tuned).
+#   PHASE=check   GPU 0: train the scene model; GPU 1 (both GPUs for the multi-GPU tests first): GPU tests,
+#                 bench_fused_moe, profile_static and gpu_check on the 12-layer bench model (fused decode kernel
+#                 on the hot path), then the easy-VQA retention at keep 0.25 (4 ranks on GPU 1).
 #   PHASE=sweep   both GPUs: the multi-GPU tests, then the scene pruning sweep (issue 10) and the easy-VQA
 #                 retention at keep 0.25, several ranks per GPU (needs models/scenevqa-qwen3vlmoe).
 set -u
@@ -61,6 +64,34 @@ if [ "$PHASE" = train ]; then
     wait $train_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static fused_moe fused_moe_t \
         bench_pruning 2>/dev/null
+elif [ "$PHASE" = check ]; then
+    # GPU 0 trains the scene model as in PHASE=train; GPU 1 checks the fused decode kernel on the hot path.
+    ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
+        --time-limit "${TRAIN_S:-330}" --metrics "$WORK/scenevqa-qwen3vlmoe/metrics.json" > "$OUT/train.log" 2>&1
+      echo "train rc=$?" >> "$OUT/train.log"
+      tar -C "$WORK" -czf - scenevqa-qwen3vlmoe | split -b 15m - "$OUT/scene_model.tgz.part-" ) &
+    train_pid=$!
+    # One 12-layer bench model (built on the CPU) for gpu_check, profile_static and bench_offload.
+    ( python3 -c "from vismmoe.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    build_pid=$!
+    {
+        step multi_gpu 120 python3 -m pytest -q -o faulthandler_timeout=60 tests/test_multi_gpu.py
+        export CUDA_VISIBLE_DEVICES=1
+        step pytest 200 python3 -m pytest -v -o faulthandler_timeout=60 tests/test_fused_moe.py tests/test_cache_core.py \
+            tests/test_ops.py tests/test_static_decode.py tests/test_prefetch.py
+        step bench_fused_moe 40 python3 eval/bench_fused_moe.py --out "$WORK/fused_moe"
+        echo "=== waiting for the bench model build $(date -u +%T)"; wait $build_pid; tail -2 "$WORK/build.log"
+        step profile_static 120 python3 eval/profile_static.py --out "$WORK/profile_static" --layers 12
+        step gpu_check 100 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 12 --requests 4
+        step easyvqa_keep "$(left 30)" torchrun --nproc-per-node 4 -m vismmoe.evaluation eval \
+            --model models/easyvqa-qwen3vlmoe --task easyvqa --output "$WORK/easyvqa_keep" --no-progress \
+            --sweep visual_keep=1.0,0.25 visual_prune=affinity
+    } > "$OUT/gpu1.log" 2>&1
+    wait $train_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.jsonl' fused_moe profile_static \
+        gpu_check easyvqa_keep 2>/dev/null
+    tar -C "$WORK" -czf "$OUT/easyvqa_keep.tgz" easyvqa_keep 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     RANKS=${RANKS:-8}
     {
