@@ -212,3 +212,22 @@ def test_decode_steps_through_the_fused_op_give_the_same_tokens(qwen_checkpoint,
         ops.fused_moe_decode = original
     assert fused == plain
     assert calls and max(calls) <= ops.FUSED_MAX_TOKENS
+
+
+def test_first_use_of_a_kernel_is_timed_and_logged_once(monkeypatch, caplog):
+    import logging
+
+    calls = []
+
+    def fine(device):
+        calls.append(device)
+        return True
+
+    monkeypatch.setattr(ops, "KERNEL_FIRST_USE_S", {})
+    verdicts = {}
+    with caplog.at_level(logging.INFO, logger="vismmoe"):
+        for _ in range(3):
+            assert ops._checked_once(verdicts, torch.device("cuda", 3), fine, "test kernel", "the twin runs")
+    assert len(calls) == 1 and list(ops.KERNEL_FIRST_USE_S) == [("test kernel", "cuda:3")]
+    notes = [r.getMessage() for r in caplog.records if "test kernel ready on cuda:3" in r.getMessage()]
+    assert len(notes) == 1 and "Triton's cache" in notes[0]

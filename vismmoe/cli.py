@@ -135,7 +135,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    _show_engine_notes()
     return run_command(args)
+
+
+def _show_engine_notes() -> None:
+    """The `vismmoe` logger's notes (a kernel's first-use build time) on stderr, once per message."""
+    import logging
+
+    log = logging.getLogger("vismmoe")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("vismmoe: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _keep_value(text: str):

@@ -9,6 +9,9 @@ number of launches per layer. `experts_from_slots_reference` computes the same t
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import time
 
 import torch
 
@@ -214,6 +217,10 @@ def cache_kernel_available() -> bool:
     return _CACHE_KERNEL_OK
 
 
+_log = logging.getLogger("vismmoe")
+KERNEL_FIRST_USE_S: dict = {}  # (kernel, device) -> seconds its first use took (build + check against the twin)
+
+
 def _checked_once(verdicts: dict, device: torch.device, compare, what: str, fallback: str) -> bool:
     """Run `compare(device)` (a fused kernel against its torch twin on small random inputs) once per device
     before trusting the kernel there; a build failure or a disagreement keeps the twin for this process,
@@ -221,10 +228,16 @@ def _checked_once(verdicts: dict, device: torch.device, compare, what: str, fall
     capture)."""
     key = str(device)
     if key not in verdicts:
+        start = time.perf_counter()
         try:
             ok, why = compare(device), "it disagrees with its torch twin"
         except Exception as exc:  # noqa: BLE001 - any failure: use the twin, say why
             ok, why = False, f"{type(exc).__name__}: {exc}"
+        KERNEL_FIRST_USE_S[(what, key)] = seconds = time.perf_counter() - start
+        if ok:
+            cache = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+            _log.info("%s ready on %s in %.1f s (first use in this process: build or load from Triton's cache "
+                      "%s, then a check against its torch twin)", what, device, seconds, cache)
         if not ok:
             import warnings
 
