@@ -36,13 +36,16 @@ step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log 
     echo "=== $name rc=$rc wall=$(( $(date +%s) - t0 ))s"
 }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+train_scene_model() {  # on GPU 0, TRAIN_S seconds; the checkpoint (36.6 MB float32) comes back in 15 MB
+    # pieces (the tool returns files of up to 16 MiB): `cat scene_model.tgz.part-* | tar -xz`
+    CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
+        --time-limit "${TRAIN_S:-330}" --metrics "$WORK/scenevqa-qwen3vlmoe/metrics.json" > "$OUT/train.log" 2>&1
+    echo "train rc=$?" >> "$OUT/train.log"
+    tar -C "$WORK" -czf - scenevqa-qwen3vlmoe | split -b 15m - "$OUT/scene_model.tgz.part-"
+}
 
 if [ "$PHASE" = train ]; then
-    # The checkpoint (36.6 MB float32) comes back in 15 MB pieces: `cat scene_model.tgz.part-* | tar -xz`.
-    ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
-        --time-limit "${TRAIN_S:-330}" --metrics "$WORK/scenevqa-qwen3vlmoe/metrics.json" > "$OUT/train.log" 2>&1
-      echo "train rc=$?" >> "$OUT/train.log"
-      tar -C "$WORK" -czf - scenevqa-qwen3vlmoe | split -b 15m - "$OUT/scene_model.tgz.part-" ) &
+    train_scene_model &
     train_pid=$!
     export CUDA_VISIBLE_DEVICES=1
     # The 12-layer bench model (~14 GB, CPU-bound) builds while GPU 1 tunes and tests the kernels.
@@ -66,10 +69,7 @@ if [ "$PHASE" = train ]; then
         bench_pruning 2>/dev/null
 elif [ "$PHASE" = check ]; then
     # GPU 0 trains the scene model as in PHASE=train; GPU 1 checks the fused decode kernel on the hot path.
-    ( CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
-        --time-limit "${TRAIN_S:-330}" --metrics "$WORK/scenevqa-qwen3vlmoe/metrics.json" > "$OUT/train.log" 2>&1
-      echo "train rc=$?" >> "$OUT/train.log"
-      tar -C "$WORK" -czf - scenevqa-qwen3vlmoe | split -b 15m - "$OUT/scene_model.tgz.part-" ) &
+    train_scene_model &
     train_pid=$!
     # One 12-layer bench model (built on the CPU) for gpu_check, profile_static and bench_offload.
     ( python3 -c "from vismmoe.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
