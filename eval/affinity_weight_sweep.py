@@ -1,0 +1,92 @@
+"""Choose the affinity method's weights by measurement (issue 10): accuracy retention of `visual_prune:
+affinity` on the scene-VQA test questions for a grid of `visual_affinity_weights`, at each keep.
+
+Every setting goes through vismmoe.evaluation.run_eval (the path of `vismmoe eval`); retention = accuracy /
+the unpruned accuracy on the same questions (one unpruned run first, or `--unpruned DIR`: a finished
+`vismmoe eval` run on the same questions, e.g. eval/scene_pruning_sweep.py's `unpruned/`).
+
+    PYTHONPATH=. python eval/affinity_weight_sweep.py --out /tmp/aw --limit 140 --device cpu
+
+Writes affinity_weights.json and affinity_weights.md into --out (plus the eval runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from vismmoe.evaluation import run_eval  # noqa: E402
+from vismmoe.pruning.settings import DEFAULT_AFFINITY_WEIGHTS  # noqa: E402
+
+# Each setting changes the defaults in one direction: what each term of the score is worth.
+GRID = {
+    "defaults": {},
+    "no_concentration": {"concentration": 0.0},
+    "half_concentration": {"concentration": 0.5},
+    "double_diversity": {"diversity": 2.0},
+    "no_importance": {"importance": 0.0},
+    "embedding_distance_only": {"routing": 0.0},
+    "routing_distance_only": {"routing": 1.0},
+}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="models/scenevqa-qwen3vlmoe")
+    ap.add_argument("--task", default="scenevqa")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, default=0, help="first N test questions (0 = all)")
+    ap.add_argument("--keep", default="0.5,0.25")
+    ap.add_argument("--settings", default=",".join(GRID), help=f"names from {', '.join(GRID)}")
+    ap.add_argument("--unpruned", help="a finished unpruned run on the same questions (skips running it)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    unknown = [s for s in args.settings.split(",") if s not in GRID]
+    if unknown:
+        ap.error(f"unknown --settings {unknown}; valid: {', '.join(GRID)}")
+    overrides = {"device": args.device} if args.device != "auto" else {}
+    common = dict(limit=args.limit or None, progress=False)
+    if args.unpruned:
+        base = json.loads((Path(args.unpruned) / "results.json").read_text())
+    else:
+        base = run_eval(args.model, args.task, output=out / "unpruned", overrides={**overrides, "visual_keep": 1.0},
+                        **common)
+    headline = "accuracy"
+    base_acc = base["metrics"][headline]
+    rows = []
+    for name in args.settings.split(","):
+        weights = {**DEFAULT_AFFINITY_WEIGHTS, **GRID[name]}
+        for keep in (float(k) for k in args.keep.split(",")):
+            result = run_eval(args.model, args.task, output=out / f"{name}_keep{keep}", overrides={
+                **overrides, "visual_keep": keep, "visual_prune": "affinity", "visual_affinity_weights": weights},
+                **common)
+            acc = result["metrics"][headline]
+            rows.append({"setting": name, "weights": weights, "visual_keep": keep, headline: acc,
+                         "retention": acc / base_acc if base_acc else None, "n_samples": result["n_samples"]})
+            print(json.dumps(rows[-1]), flush=True)
+    summary = {"model": args.model, "task": args.task, "unpruned_accuracy": base_acc,
+               "n_samples": base["n_samples"], "rows": rows}
+    (out / "affinity_weights.json").write_text(json.dumps(summary, indent=2) + "\n")
+    keeps = sorted({r["visual_keep"] for r in rows}, reverse=True)
+    lines = [f"# Affinity weights on {args.task} ({base['n_samples']} questions, unpruned {base_acc:.4f})", "",
+             "| setting | weights | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+             "|---|---|" + "---|" * len(keeps)]
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = {r["visual_keep"]: r for r in rows if r["setting"] == name}
+        cells = [f"{mine[k]['retention']:.1%} ({mine[k][headline]:.3f})" if k in mine else "" for k in keeps]
+        lines.append(f"| {name} | {json.dumps(mine[keeps[0]]['weights'])} | " + " | ".join(cells) + " |")
+    (out / "affinity_weights.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
