@@ -64,6 +64,7 @@ def distance_rows(terms: Terms, rows) -> torch.Tensor:
 
 @njit(cache=True)
 def _greedy_host(dist, base, weight, first, k):
+    """The k picks in order over the host distance matrix, exactly as `_reference` makes them."""
     n = dist.shape[0]
     order = np.empty(k, np.int64)
     chosen = np.zeros(n, np.bool_)
