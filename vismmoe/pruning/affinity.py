@@ -14,7 +14,8 @@
    (cosine distances), so tokens whose routing distributions are near-duplicates of a kept token's
    count as redundant even when their embeddings differ a little. Relevance and mass are rescaled to
    [0, 1] over the request's visual tokens so the weights are comparable. The first pick is the token
-   with the best relevance + mass.
+   with the best relevance + mass. The greedy loop is greedy.py's (a distance matrix and one numba loop
+   on the host), shared with the diversity method.
 Weights are configuration (visual_affinity_weights); their defaults are provisional until measured.
 """
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..offload.predictor import _pre_router_norm, _router
+from .greedy import greedy_max_min
 from .methods import Selection, VisualTokens, relevance, unit
 
 
@@ -71,21 +73,7 @@ def select_affinity(tokens: VisualTokens, k: int, weights: dict) -> Selection:
     rel = _rescale(relevance(tokens))
     mass = _rescale(routing[:, dominant_set(routing)].sum(-1))
     base = weights["importance"] * rel + weights["concentration"] * mass
-    emb, route = unit(tokens.embeds), unit(routing)
     w_route = min(max(weights["routing"], 0.0), 1.0)
-
-    def distance(j) -> torch.Tensor:
-        return (1 - w_route) * (1.0 - emb @ emb[j]) + w_route * (1.0 - route @ route[j])
-
-    # Greedy on the tokens' device, without a host sync per pick.
-    chosen = torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
-    first = base.argmax()
-    order = [first]
-    chosen[first] = True
-    nearest = distance(first)
-    for _ in range(k - 1):
-        pick = (base + weights["diversity"] * nearest).masked_fill(chosen, float("-inf")).argmax()
-        order.append(pick)
-        chosen[pick] = True
-        nearest = torch.minimum(nearest, distance(pick))
-    return Selection(kept=torch.stack(order).sort().values)
+    terms = [(unit(tokens.embeds), 1 - w_route), (unit(routing), w_route)]
+    kept = greedy_max_min(terms, k, int(base.argmax()), base, weights["diversity"])
+    return Selection(kept=kept)

@@ -4,7 +4,8 @@ A method sees `VisualTokens` (the embeddings the language model would receive, t
 coordinates, the prompt's text embeddings, and, for affinity, the first MoE layers' routing) and
 returns a `Selection`: the kept token indices (ascending, into the request's visual tokens) and, for
 methods that average (pool) or when merging is on, which kept token each visual token folds into.
-No method materialises an attention matrix: scores are per-token vectors or one token against a set.
+No method materialises an attention matrix: scores are per-token vectors or one token against a set;
+the greedy methods (greedy.py) build one [N, N] token-token distance matrix of the request's visual tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .greedy import greedy_max_min
 
 
 @dataclass
@@ -33,25 +36,6 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def greedy_max_min(points: torch.Tensor, k: int, first: int, bonus: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy farthest-point selection on cosine distance: start at `first`, then repeatedly take the
-    token whose distance to its nearest chosen token (plus `bonus`, if given) is largest."""
-    # Runs where `points` live; no host sync inside the loop (picks stay device tensors).
-    n = points.shape[0]
-    chosen = torch.zeros(n, dtype=torch.bool, device=points.device)
-    first = torch.as_tensor(first, device=points.device)
-    order = [first]
-    chosen[first] = True
-    nearest = 1.0 - points @ points[first]
-    for _ in range(k - 1):
-        score = nearest if bonus is None else nearest + bonus
-        pick = score.masked_fill(chosen, float("-inf")).argmax()
-        order.append(pick)
-        chosen[pick] = True
-        nearest = torch.minimum(nearest, 1.0 - points @ points[pick])
-    return torch.stack(order).sort().values
-
-
 def select_random(tokens: VisualTokens, k: int, seed: int) -> Selection:
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(tokens.embeds.shape[0], generator=g)
@@ -62,8 +46,8 @@ def select_diversity(tokens: VisualTokens, k: int, seed: int) -> Selection:
     # DivPrune-style max-min diversity; the first pick is the token farthest from the mean embedding
     # (deterministic, and an outlier is the token the others cover worst).
     points = unit(tokens.embeds)
-    first = (points @ unit(points.mean(0))).argmin()
-    return Selection(kept=greedy_max_min(points, k, first))
+    first = int((points @ unit(points.mean(0))).argmin())
+    return Selection(kept=greedy_max_min([(points, 1.0)], k, first))
 
 
 def relevance(tokens: VisualTokens) -> torch.Tensor:
