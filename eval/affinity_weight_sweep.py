@@ -34,6 +34,10 @@ GRID = {
     "no_importance": {"importance": 0.0},
     "embedding_distance_only": {"routing": 0.0},
     "routing_distance_only": {"routing": 1.0},
+    # second round, after the first at keep 0.5 (BENCHMARKS.md): more diversity, and the concentration end
+    "double_diversity_embedding_only": {"diversity": 2.0, "routing": 0.0},
+    "quadruple_diversity": {"diversity": 4.0},
+    "quadruple_concentration": {"concentration": 4.0},
 }
 
 

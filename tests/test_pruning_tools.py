@@ -63,6 +63,12 @@ def test_affinity_command_rejects_bad_settings(tmp_path, capsys):
     assert main(["affinity", "--model", str(ROOT / "models" / "easyvqa-qwen3vlmoe"), "--task", "easyvqa",
                  "--keep", "1,1.5", "--output", str(tmp_path)]) == 2
     assert "ratio must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a JSON object
+        main(["affinity", "--model", "m", "--task", "easyvqa", "--affinity-weights", "[1]", "--output", str(tmp_path)])
+    assert "--affinity-weights takes a JSON object" in capsys.readouterr().err
+    assert main(["affinity", "--model", str(ROOT / "models" / "easyvqa-qwen3vlmoe"), "--task", "easyvqa",
+                 "--affinity-weights", '{"concentraton": 2}', "--output", str(tmp_path)]) == 2
+    assert "unknown visual_affinity_weights key(s) ['concentraton']" in capsys.readouterr().err
 
 
 def test_bench_pruning_tiny(tmp_path):

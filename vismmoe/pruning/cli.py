@@ -33,8 +33,23 @@ def register_cli(sub) -> None:
     p.add_argument("--limit", type=int, default=32, help="first N questions (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=16, dest="max_new_tokens")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--affinity-weights", dest="affinity_weights", type=_weights, default=None,
+                   help='the affinity method\'s score weights as JSON, e.g. \'{"concentration": 4}\' (others default)')
     p.add_argument("--output", required=True, help="output directory")
     p.set_defaults(func=cmd_affinity)
+
+
+def _weights(text: str) -> dict:
+    import argparse
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--affinity-weights takes a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--affinity-weights takes a JSON object, got {text!r}")
+    return value
 
 
 def cmd_affinity(args) -> int:
@@ -55,7 +70,8 @@ def cmd_affinity(args) -> int:
         task = get_task(args.task)
         loaded = prepare_samples(task, args.data, args.split, args.limit, None, BadRecords())
         samples = [(s.image.load() if s.image is not None else None, s.prompt) for s in loaded.samples]
-        engine = vismmoe.load(args.model, device=args.device)
+        extra = {"visual_affinity_weights": args.affinity_weights} if args.affinity_weights else {}
+        engine = vismmoe.load(args.model, device=args.device, **extra)
         report = analysis.analyse(engine, samples, keeps, args.prune, args.max_new_tokens)
     except vismmoe.VismmoeError as exc:
         print(f"error: {exc}", file=sys.stderr)
