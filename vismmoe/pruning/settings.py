@@ -9,9 +9,11 @@ from ..errors import ConfigError
 
 METHODS = ("affinity", "diversity", "importance", "pool", "random")
 DEFAULT_METHOD = "affinity"
-# The affinity method's score weights (see vismmoe/pruning/affinity.py). Defaults are provisional until
-# measured on the scene task; every key may be overridden, unknown keys are errors.
-DEFAULT_AFFINITY_WEIGHTS = {"importance": 1.0, "concentration": 1.0, "diversity": 1.0, "routing": 0.5}
+# The affinity method's score weights (see vismmoe/pruning/affinity.py), chosen by measurement
+# (eval/affinity_weight_sweep.py; the table is in BENCHMARKS.md): diversity weighted 4x kept the most
+# accuracy on both bundled models (scene-VQA keep 0.5 and 0.25, easy-VQA keep 0.25); a larger
+# concentration weight cost accuracy on both. Every key may be overridden, unknown keys are errors.
+DEFAULT_AFFINITY_WEIGHTS = {"importance": 1.0, "concentration": 1.0, "diversity": 4.0, "routing": 0.5}
 
 
 def check_keep(value) -> None:
