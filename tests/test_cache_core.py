@@ -64,7 +64,7 @@ def _stub_store(meta):
 
 
 def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool):
-    """The live ExpertCache (CPU, 1x1 expert records), driven as the engine and experts_op do."""
+    """The live ExpertCache (CPU, 1x1 expert records), driven as the engine and the host path do."""
     meta = trace.meta
     cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy)
     demand = trace.demand_sets()

@@ -218,11 +218,11 @@ def test_kv_cache_is_sized_by_what_is_generated_and_the_context(qwen_checkpoint,
     b = generate.generate(image=None, prompt="hello there", max_new_tokens=120, min_new_tokens=120)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 120
     prompt_len = a.stats.prefill_tokens
-    (decoder,) = static._decoders.values()
+    (decoder,) = static.decoders.held.values()
     assert decoder.grown >= 2 and decoder.max_cache_len == cache_length(prompt_len + 119, 4096)
-    assert list(static._decoders) == [decoder.max_cache_len]  # filed under its grown length
+    assert list(static.decoders.held) == [decoder.max_cache_len]  # filed under its grown length
     # A huge limit reserves the prompt and one bucket, not max_new_tokens.
-    assert static._decoder(prompt_len, 10**7).max_cache_len == cache_length(prompt_len + 16, 4096) < 2 * (prompt_len + 16)
+    assert static.decoders.get(prompt_len, 10**7, static.context).max_cache_len == cache_length(prompt_len + 16, 4096) < 2 * (prompt_len + 16)
 
 
 def test_answers_stop_at_the_context(qwen_checkpoint, monkeypatch):
@@ -237,7 +237,7 @@ def test_answers_stop_at_the_context(qwen_checkpoint, monkeypatch):
         answers.append(engine.generate(image=None, prompt="hello there", max_new_tokens=10**6,  # capped at 41
                                        min_new_tokens=41))
     assert answers[0].token_ids == answers[1].token_ids and len(answers[0].token_ids) == 41
-    assert max(engines[0]._decoders) == prompt_len + 40
+    assert max(engines[0].decoders.held) == prompt_len + 40
     with pytest.raises(InputError, match=rf"the prompt is {prompt_len} tokens .* context is {prompt_len - 1} tokens"):
         engines[0].context = prompt_len - 1
         engines[0].generate(image=None, prompt="hello there", max_new_tokens=3)
@@ -250,7 +250,7 @@ def test_decoders_held_are_bounded(qwen_checkpoint, monkeypatch):
     engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
     for n in (1, 40, 80, 160, 320, 640):
         engine.generate(image=None, prompt="x" * n, max_new_tokens=2)
-    assert len(engine._decoders) <= engine._MAX_DECODERS
+    assert len(engine.decoders.held) <= engine.decoders.MAX_HELD
 
 
 @pytest.mark.gpu
@@ -264,7 +264,7 @@ def test_grown_cache_recaptures_the_graph(qwen_checkpoint):
         engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", dtype="bfloat16",
                               cuda_graphs=graphs, device="cuda")
         result = engine.generate(image=image, prompt=prompt, max_new_tokens=600, min_new_tokens=600)
-        (decoder,) = engine._decoders.values()
+        (decoder,) = engine.decoders.held.values()
         assert decoder.grown >= 1 and decoder.mode == ("graph" if graphs else "eager")
         results[graphs] = result.token_ids
     assert results[True] == results[False] and len(results[True]) == 600

@@ -1,9 +1,9 @@
 """The engine: load a checkpoint with its experts offloaded, answer image + prompt requests.
 
-Loading never materialises the fused expert tensors: transformers builds the model from a state dict
-of lazy safetensors slices for every non-expert weight (so its own key renaming and conversions apply)
-and zero-stride placeholders for the expert parameters, which are then released. The expert bytes go
-from the safetensors files straight into the host store.
+It builds and wires: the model and the host store (loading.py), the expert cache and the offload
+runtime (offload/), the transformers glue (offload/glue.py) and the two decode loops, static decode
+(static_decode.py, on the device-decided path) and transformers' generate (generate_decode.py). A
+request picks its loop, runs it, and turns the run's counters into RequestStats (stats.py).
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ import torch
 
 from . import adapters, ops
 from .checkpoint import checkpoint_files
-from .config import EngineConfig, check_keys, load_config, parse_budget
-from .errors import BudgetError, ConfigError, EngineClosedError, InputError, ModelLoadError
+from .config import EngineConfig, check_keys, load_config
+from .errors import ConfigError, EngineClosedError, InputError, ModelLoadError
+from .generate_decode import GenerateDecoder
 from .inputs import (GENERATION_RULES, build_inputs, check_prompt, generate_parameters, load_image, load_processor,
                      placeholder_tokens)
-from .offload import experts_op
+from .loading import (budget_to_slots, generation_config, load_non_expert_weights, release_expert_params,
+                      resolve_auto_budget, resolve_dtype)
+# deploy/model_info.py and tests import these from here.
+from .loading import load_hf_config as _load_hf_config, model_class as _model_class, resolve_device as _resolve_device
+from .offload import glue
 from .offload.cache import ExpertCache
-from .offload.experts_op import OffloadRuntime
+from .offload.device_path import device_copies_work
 from .offload.predictor import LookaheadPredictor
-from .offload.store import ExpertStore, is_expert_key
+from .offload.runtime import OffloadRuntime
+from .offload.store import ExpertStore
 from .pruning.settings import is_off as _pruning_off
-from .static_decode import initial_cache_length, model_context
-from .stats import RequestStats
+from .static_decode import DecoderPool, model_context
+from .stats import RequestStats, dynamic_kv_bytes, memory_parts, request_stats
 
 if TYPE_CHECKING:
     from .offload.trace import TraceRecorder
@@ -81,7 +87,7 @@ class Engine:
         files = checkpoint_files(self.model_dir)
         # Only the boolean True runs checkpoint code (EngineConfig already refuses strings such as "false").
         hf_config = _load_hf_config(self.model_dir, config.trust_remote_code is True)
-        self.dtype = _resolve_dtype(config.dtype, hf_config, self.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         model_cls = _model_class(hf_config)
         try:
             with torch.device("meta"):
@@ -93,13 +99,13 @@ class Engine:
         if config.slot_plan is not None:
             raise ConfigError("slot_plan: the live expert cache does not take per-layer quotas yet; remove the key "
                               "(`vismmoe plan` records its per-layer plan under `plan:`, which load ignores)")
-        self.config = config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
-        self.num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        self.config = config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
+        self.num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, self.num_slots, self.layout)
-        self.model = _load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
+        self.model = load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
-        _release_expert_params(self.layout, self.dtype)
+        release_expert_params(self.layout, self.dtype)
         self.model.to(self.device).eval()
         self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
                                     (*self.model.parameters(), *self.model.buffers()))
@@ -107,26 +113,19 @@ class Engine:
         self.trace = None
         self.closed = False
         self._requests = 0
-        self._decoders = {}
-        self._device_copy_checked = None
+        self._device_copies = None  # can static decode copy misses on the device? (checked once)
         self.store = ExpertStore(self.layout, files, self.dtype, mode=config.store,
                                  pin=config.store == "pinned" and self.device.type == "cuda", device=self.device)
-        self._build_runtime()
-        for layer in self.layout.layers:
-            layer.decoder_layer.register_forward_pre_hook(self._predictor_hook(layer.position), with_kwargs=True)
-        experts_op.register()
-        self.model.set_experts_implementation(experts_op.IMPLEMENTATION)
-        for layer in self.layout.layers:
-            if layer.experts.config._experts_implementation != experts_op.IMPLEMENTATION:
-                layer.experts.config._experts_implementation = experts_op.IMPLEMENTATION
         self.image_token_id = adapters.image_token_id(hf_config)
-        self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True)
         self.processor = load_processor(self.model_dir)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.generation_config = _generation_config(self.model_dir, self.model, self.tokenizer)
+        self.generation_config = generation_config(self.model_dir, self.model, self.tokenizer)
         self.context = model_context(self.model)
         # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
         self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
+        glue.install(self.model, self.layout)
+        self.generate_decoder = GenerateDecoder(self.model, self.image_token_id)
+        self._build_runtime()
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
         self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
         self._check_pruning(config)
@@ -153,9 +152,8 @@ class Engine:
             # before its memory goes back to the allocator.
             torch.cuda.synchronize(self.device)
         # Drop every reference to the old slot pool before allocating the new one (peak = one pool).
-        self.cache = self.runtime = None
-        for layer in self.layout.layers:
-            layer.experts._vismmoe = None
+        self.cache = self.runtime = self.decoders = None
+        glue.bind(self.layout, None)
         self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
         self.cache.measure_stalls = config.measure_stalls
         if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:
@@ -163,15 +161,16 @@ class Engine:
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
-                                      grouped=grouped, prefetch_prefill=config.prefetch_prefill)
-        self.runtime.fused_decode = fused
-        self._decoders = {}  # captured decode steps bake in the old runtime and slot pool
+                                      grouped=grouped, prefetch_prefill=config.prefetch_prefill, fused_decode=fused)
         if not self.cache.complete and self._device_copies_work():
             self.runtime.use_device_residency(self.layout.top_k)
-        for layer in self.layout.layers:
-            layer.experts._vismmoe = (self.runtime, layer.position)
+        glue.bind(self.layout, self.runtime)
+        # Captured decode steps bake in the runtime and its slot pool: new decoders with a new runtime.
+        self.decoders = DecoderPool(self.model, self.layout, self.runtime,
+                                    eos_token_id=self.generation_config.eos_token_id,
+                                    image_token_id=self.image_token_id, cuda_graphs=config.cuda_graphs)
         if self.trace is not None:
-            self.runtime.step.observers.append(self.trace)
+            self.runtime.add_observer(self.trace)
 
     # -- routing traces --------------------------------------------------------------------------
 
@@ -182,14 +181,14 @@ class Engine:
         self.stop_trace()
         self.trace = TraceRecorder(len(self.layout.layers), self.layout.num_experts, self.layout.top_k,
                                    self.store.record_bytes, model_name or str(self.model_dir))
-        self.runtime.step.observers.append(self.trace)
+        self.runtime.add_observer(self.trace)
         return self.trace
 
     def stop_trace(self, path=None):
         """Stop recording; save the trace to `path` if given. Returns the recorder (or None)."""
         recorder, self.trace = self.trace, None
         if recorder is not None:
-            self.runtime.step.observers.remove(recorder)
+            self.runtime.remove_observer(recorder)
             if path is not None:
                 recorder.save(path)
         return recorder
@@ -217,29 +216,10 @@ class Engine:
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
 
     def _device_copies_work(self) -> bool:
-        """Can misses be copied by device-decided work (static decode)? On CUDA this needs the
-        page-locked slab and triton, and is checked once against a plain copy."""
-        if self.store.slab is None:
-            return False  # mmap store: records must be read by the host first
-        if self.device.type != "cuda":
-            return True
-        if self._device_copy_checked is None:
-            ok = self.store.pinned and ops.device_copy_available(self.store.slab)
-            if ok:
-                try:
-                    rows = torch.tensor([len(self.store.slab_rows) - 1], device=self.device)
-                    probe = torch.empty((1, self.store.record_numel), dtype=self.dtype, device=self.device)
-                    ops.copy_records(self.store.slab_rows, probe, rows, torch.zeros(1, dtype=torch.int64,
-                                                                                 device=self.device))
-                    ok = torch.equal(probe[0].cpu(), self.store.slab_rows[-1])
-                except Exception as exc:  # noqa: BLE001 - any failure: keep the host-decided path, say why
-                    import warnings
-
-                    warnings.warn(f"device-side expert copies unavailable ({exc}); decode uses transformers' "
-                                  "generate with host-decided loads", stacklevel=2)
-                    ok = False
-            self._device_copy_checked = ok
-        return self._device_copy_checked
+        """Can misses be copied by device-decided work (static decode)? Checked once per engine."""
+        if self._device_copies is None:
+            self._device_copies = device_copies_work(self.store, self.device, self.dtype)
+        return self._device_copies
 
     def reconfigure(self, **overrides) -> "Engine":
         """Change cache and prefetch settings without reloading the model or the host store.
@@ -253,8 +233,8 @@ class Engine:
         if fixed:
             raise ConfigError(f"{fixed} cannot change on a loaded engine; call vismmoe.load with the new values")
         config = self.config.replace(**{("expert_budget" if k == "budget" else k): v for k, v in overrides.items()})
-        config = _resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
-        num_slots = _budget_to_slots(config.expert_budget, self.layout, self.dtype)
+        config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
+        num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, num_slots, self.layout)
         self._check_pruning(config)
         if self._set_prefetch_in_place(config, num_slots):
@@ -327,7 +307,7 @@ class Engine:
         decoder = None
         if static_reason is None:
             try:
-                decoder = self._decoder(int(input_ids.shape[1]), max_new_tokens)  # pruned length
+                decoder = self.decoders.get(int(input_ids.shape[1]), max_new_tokens, self.context)  # pruned length
             except NotImplementedError as exc:  # e.g. sliding-window layers: the static cache cannot hold them
                 static_reason = f"static decode does not support this model ({exc})"
         if static_reason and self.config.decode == "static":
@@ -335,66 +315,36 @@ class Engine:
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
         if pruning is not None and decoder is not None:
             self.pruner.state.override_decode = False  # static decode continues the recorded positions itself
-        self.runtime.begin_request()
-        self.cache.reset_counters()
-        # The prefetch ledger is per request: leftovers of the last one are neither used nor wasted here.
-        self.cache.begin_request()
-        self._first_token_time = None
-        self._prefill_counts = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.trace is not None:
             self._requests += 1
             self.trace.begin_request(request_id if request_id is not None else self._requests)
-        decode_path = "generate"
         try:
             with torch.inference_mode():
                 if decoder is not None:
                     length = decoder.max_cache_len
                     try:
-                        new = decoder.generate(inputs, max_new_tokens,
-                                               int(generation_kwargs.get("min_new_tokens") or 0),
-                                               on_first_token=self._mark_first_token)
+                        run = decoder.run(inputs, max_new_tokens, int(generation_kwargs.get("min_new_tokens") or 0),
+                                          self.context)
                     finally:
-                        self._rekey_decoder(decoder, length)
-                    decode_path = f"static-{decoder.mode}"
+                        self.decoders.refile(decoder, length)
                 else:
-                    output = self.model.generate(**inputs, **kwargs)
-                    new = output[0, input_ids.shape[1]:].tolist()
+                    run = self.generate_decoder.run(self.runtime, inputs, kwargs)
         finally:
-            self.runtime.step.visual_mask = None
             self._clear_pruning()
             if self.trace is not None:
                 self.trace.end_request()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t_end = time.perf_counter()
-        self.cache.collect_device_hits()
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        counters = self.cache.counters
-        t_first = self._first_token_time or t_end
-        stats = RequestStats(
-            ttft_s=t_first - t_start, decode_s=t_end - t_first, prefill_tokens=int(input_ids.shape[1]),
-            new_tokens=len(new), visual_tokens_total=visual_total,
-            visual_tokens_kept=len(pruning[1].kept) if pruning is not None else visual_total,
-            pruning_s=pruning[1].seconds if pruning is not None else 0.0,
-            hits_per_layer=counters.hits.tolist(), misses_per_layer=counters.misses.tolist(),
-            bytes_h2d=int(counters.bytes_h2d), budget_bytes=self.cache.budget_bytes, num_slots=self.num_slots,
-            record_bytes=self.store.record_bytes, waves=counters.waves,
-            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
-            device=str(self.device),
-            prefill_misses=int((self._prefill_counts or (counters.misses.sum(), 0))[0]),
-            prefill_bytes_h2d=(self._prefill_counts or (0, counters.bytes_h2d))[1],
-            prefetch_issued_bytes=counters.prefetch_issued_bytes, prefetch_used_bytes=counters.prefetch_used_bytes,
-            prefetch_wasted_bytes=counters.prefetch_wasted_bytes,
-            stall_s=counters.stall_s() if counters.stall_events else None,
-            prefetch_recall=_rounded(self.runtime.prediction_counters.recall()),
-            prefetch_precision=_rounded(self.runtime.prediction_counters.precision()),
-            decode_path=decode_path,
-        )
-        stats.memory = self._memory_parts(decoder if decode_path != "generate" else None,
-                                          int(input_ids.shape[1]) + len(new), stats.peak_gpu_bytes)
-        return Result(text=text, token_ids=new, stats=stats)
+        prompt_tokens = int(input_ids.shape[1])
+        stats = request_stats(
+            run, started_at=t_start, prompt_tokens=prompt_tokens, visual_total=visual_total,
+            visual_kept=len(pruning[1].kept) if pruning is not None else visual_total,
+            pruning_s=pruning[1].seconds if pruning is not None else 0.0, budget_bytes=self.cache.budget_bytes,
+            num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
+        dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
+        stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
+        text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
+        return Result(text=text, token_ids=run.tokens, stats=stats)
 
     def warm_up(self, image=None, prompt: str = "", max_new_tokens: int | None = None) -> None:
         """Answer one request and discard it, so that JIT compilation (numba, Triton) and CUDA graph
@@ -403,30 +353,16 @@ class Engine:
         if self.trace is None:
             self.generate(image=image, prompt=prompt, max_new_tokens=max_new_tokens)
 
-    def _memory_parts(self, decoder, tokens: int, peak) -> dict:
-        """Bytes by part, like `ollama ps`: on the compute device non-expert weights, the expert cache,
-        the KV caches (every static cache the engine keeps, plus what this request's dynamic cache held
-        for `tokens` on the generate path) and the rest of the request's peak (activations; None on
-        cpu); on the host the expert store."""
-        kv = 0
-        for kept in self._decoders.values():
-            for layer in kept.kv_cache.layers:
-                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    kv += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-        if decoder is None:
-            text = self.model.config.get_text_config()
-            kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            kv += 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * self.store.record_bytes // self.store.record_numel
-        cache = self.cache.slots.numel() * self.cache.slots.element_size()
-        parts = {"non_expert_weights": self.non_expert_bytes, "expert_cache": cache, "kv_cache": kv,
-                 "activations_peak": None if peak is None else max(0, peak - self.non_expert_bytes - cache - kv),
-                 "host_store": 0 if self.store.slab is None else self.store.total_bytes,
-                 # What the store is, not what was asked for: `store: pinned` on a machine without CUDA (or
-                 # whose registration failed) is plain pageable memory.
-                 "host_store_kind": "mmap" if self.store.slab is None else ("page-locked" if self.store.pinned
-                                                                           else "pageable")}
-        return parts
+    def _memory_parts(self, dynamic_kv_tokens: int, peak) -> dict:
+        """Bytes by part (stats.memory_parts): the KV caches are every static cache the engine keeps,
+        plus what this request's dynamic cache held for `dynamic_kv_tokens` on the generate path."""
+        kv = self.decoders.kv_bytes()
+        if dynamic_kv_tokens:
+            kv += dynamic_kv_bytes(self.model.config.get_text_config(), dynamic_kv_tokens,
+                                   self.store.record_bytes // self.store.record_numel)
+        return memory_parts(non_expert_bytes=self.non_expert_bytes,
+                            expert_cache_bytes=self.cache.slots.numel() * self.cache.slots.element_size(),
+                            kv_bytes=kv, peak=peak, store=self.store)
 
     def _clear_pruning(self) -> None:
         if self.pruner is not None:
@@ -458,14 +394,6 @@ class Engine:
         if self.closed:
             raise EngineClosedError("this engine is closed (close() was called); load a new one with vismmoe.load")
 
-    def _predictor_hook(self, position: int):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if hidden is not None:
-                self.runtime.predict(position, hidden)
-
-        return hook
-
     _STATIC_KWARGS = {"min_new_tokens"}
 
     def _static_unavailable(self, generation_kwargs) -> str | None:
@@ -486,181 +414,11 @@ class Engine:
                     "use a smaller expert_budget or decode: generate")
         return None
 
-    _MAX_DECODERS = 4  # each holds a KV cache (and a graph): keep the most recently used few
-
-    def _decoder(self, prompt_len: int, max_new_tokens: int):
-        """The decoder whose cache fits the prompt and a first bucket of new tokens (it grows as needed)."""
-        from .static_decode import StaticDecoder
-
-        length = initial_cache_length(prompt_len, max_new_tokens, self.context)
-        decoder = self._decoders.pop(length, None)
-        if decoder is None:
-            while len(self._decoders) >= self._MAX_DECODERS:
-                self._decoders.pop(next(iter(self._decoders)))
-            decoder = StaticDecoder(self, length)
-        self._decoders[length] = decoder  # most recently used last
-        return decoder
-
-    def _rekey_decoder(self, decoder, length: int) -> None:
-        """A decoder whose cache grew during the request is filed under its new length (replacing any
-        decoder of that length), so the number of KV caches held stays bounded."""
-        if decoder.max_cache_len == length or self._decoders.get(length) is not decoder:
-            return
-        del self._decoders[length]
-        self._decoders.pop(decoder.max_cache_len, None)
-        self._decoders[decoder.max_cache_len] = decoder
-
-    def _mark_first_token(self) -> None:
-        """The prefill's token is known: note the time and what the prefill moved."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._first_token_time = time.perf_counter()
-        self._prefill_counts = (int(self.cache.counters.misses.sum()), self.cache.counters.bytes_h2d)
-
-    def _begin_step(self, module, args, kwargs):
-        """Pre-forward hook on the top model: one call per generation step."""
-        step = self.runtime.step
-        if step.index == 0 and self._first_token_time is None:
-            # The previous step was the prefill, and its token has been sampled by now.
-            self._mark_first_token()
-        step.index += 1
-        self.runtime.begin_step()
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is not None and self.image_token_id is not None and step.index == 0:
-            step.visual_mask = (input_ids == self.image_token_id).reshape(-1)
-        else:
-            step.visual_mask = None
-
     def close(self):
         """Release the host store and the decoders; later calls raise EngineClosedError."""
         self.closed = True
-        self._decoders = {}
+        self.decoders.clear()
         self.store.close()
-
-
-# -- loading helpers --------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    """The engine's device, with its index: "cuda" means the current CUDA device now, once and for all."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} was requested but CUDA is not available; use device: cpu or auto")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index >= count:
-        raise ModelLoadError(f"device {name!r} was requested but only {count} CUDA device(s) are visible "
-                             f"(cuda:0 to cuda:{count - 1}); check CUDA_VISIBLE_DEVICES")
-    return torch.device("cuda", index)
-
-
-def _load_hf_config(model_dir: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) or "model_type" in str(exc):
-            raise ModelLoadError(
-                f"{model_dir}/config.json describes a model transformers does not know natively ({exc}). "
-                "vismmoe runs transformers-native models; set trust_remote_code: true only if you trust the code"
-            ) from None
-        raise ModelLoadError(f"cannot read {model_dir}/config.json: {exc}") from None
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {model_dir}/config.json: {exc}") from None
-
-
-def _model_class(hf_config):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
-        try:
-            return auto._model_mapping[type(hf_config)]
-        except KeyError:
-            continue
-    raise ModelLoadError(
-        f"model type {hf_config.model_type!r} has no image-text-to-text or causal-LM class in transformers"
-    )
-
-
-def _resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config.get_text_config(), "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        return torch.float32
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.float32  # float16 matmuls are slow or missing on many CPUs
-    return dtype
-
-
-def _resolve_auto_budget(config: EngineConfig, model_dir: Path, device: torch.device, dtype) -> EngineConfig:
-    """expert_budget: auto -> the bytes `vismmoe.deploy` fits into this machine's free memory now."""
-    if parse_budget(config.expert_budget)[0] != "auto":
-        return config
-    from .deploy.auto import auto_budget_bytes
-
-    return config.replace(expert_budget=auto_budget_bytes(model_dir, device, dtype, config))
-
-
-def _budget_to_slots(budget, layout, dtype: torch.dtype) -> int:
-    kind, value = parse_budget(budget)
-    record_bytes = layout.record_numel * torch.empty((), dtype=dtype).element_size()
-    total = len(layout.layers) * layout.num_experts
-    minimum = layout.top_k
-    if kind == "min":
-        return minimum
-    slots = int(value * total) if kind == "fraction" else int(value // record_bytes)
-    if slots < minimum:
-        raise BudgetError(
-            f"expert budget {budget!r} holds {slots} expert(s) of {record_bytes} bytes, but one layer's top-{layout.top_k} "
-            f"experts need {minimum} slots: the minimum budget is {minimum * record_bytes} bytes "
-            f"({minimum * record_bytes / 2**20:.2f} MiB, or {minimum / total:.4f} of all experts, or 'min')"
-            + ("; an integer budget is a byte count: write a fraction as 1.0 or '100%'"
-               if kind == "bytes" and str(budget).strip().isdigit() else "")
-        )
-    return min(slots, total)
-
-
-def _load_non_expert_weights(model_cls, hf_config, files, layout, dtype, config):
-    from safetensors import safe_open
-
-    handles = [safe_open(str(p), framework="pt") for p in files]
-    state_dict = {}
-    for handle in handles:
-        for key in handle.keys():
-            if not is_expert_key(key):
-                state_dict[key] = handle.get_slice(key)  # lazy: transformers reads it when it places it
-    placeholder = torch.zeros((), dtype=dtype)
-    for layer in layout.layers:
-        for name in ("gate_up_proj", "down_proj"):
-            shape = getattr(layer.experts, name).shape
-            state_dict[f"{layer.name}.{name}"] = placeholder.expand(shape)  # zero-stride: no memory
-    attn = "sdpa" if config.attn_implementation == "xformers" else config.attn_implementation
-    if config.attn_implementation == "xformers":
-        from .attention import register_xformers
-
-        attn = register_xformers()
-    try:
-        model, info = model_cls.from_pretrained(
-            None, config=hf_config, state_dict=state_dict, dtype=dtype, attn_implementation=attn,
-            output_loading_info=True,
-        )
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"transformers could not build the model from the checkpoint: {exc}") from None
-    missing = sorted(k for k in info.get("missing_keys", ()) if "rotary" not in k)
-    if missing or info.get("mismatched_keys"):
-        shown = ", ".join(missing[:5]) or str(sorted(info["mismatched_keys"])[:5])
-        raise ModelLoadError(
-            f"the checkpoint does not match config.json: missing or mismatched weights ({shown}, ...)"
-        )
-    return model
 
 
 def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
@@ -674,30 +432,3 @@ def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None
             "use store: pinned or memory, decode: auto, or a budget holding every expert")
 
 
-def _rounded(matrix) -> list:
-    # Per distance, per layer; None where the layer had nothing to score (e.g. the first layer).
-    return [[None if x != x else round(float(x), 4) for x in row] for row in matrix]
-
-
-def _release_expert_params(layout, dtype) -> None:
-    # The experts now live in the store; leave empty parameters so module attributes keep their types.
-    for layer in layout.layers:
-        for name in ("gate_up_proj", "down_proj"):
-            setattr(layer.experts, name, torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
-
-
-def _generation_config(model_dir: Path, model, tokenizer):
-    from transformers import GenerationConfig
-
-    try:
-        gen = GenerationConfig.from_pretrained(str(model_dir))
-    except OSError:
-        gen = GenerationConfig.from_model_config(model.config)
-    if gen.eos_token_id is None and tokenizer.eos_token_id is not None:
-        gen.eos_token_id = tokenizer.eos_token_id
-    if gen.pad_token_id is None:
-        gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen.eos_token_id
-    gen.do_sample = False
-    for key in ("temperature", "top_p", "top_k"):
-        setattr(gen, key, None)
-    return gen

@@ -26,26 +26,37 @@ from __future__ import annotations
 
 import torch
 
+from .stats import DecodeRun, RequestClock
+
 _CACHE_BUCKET = 256  # cache lengths are this times a power of two, so graphs are reused across requests
 
 
 class StaticDecoder:
-    def __init__(self, engine, max_cache_len: int):
-        self.engine = engine
-        model = engine.model
-        self.device = engine.device
-        self.text_model = _text_model(model, engine.layout)
+    """Greedy decoding of one request at a time over its own static KV cache.
+
+    Collaborators, all passed in: the model (its prefill, embeddings and lm_head), the text decoder
+    that holds the MoE layers, the offload runtime (cache, device residency, prediction ledger) and
+    the KV cache. `run` returns a DecodeRun: the tokens, when the first and the last were known, and
+    the request's counters."""
+
+    def __init__(self, model, text_model, runtime, kv_cache, max_cache_len: int, *, eos_token_id, image_token_id,
+                 graphs: bool, graph_pool=None):
+        self.model = model
+        self.runtime = runtime
+        self.device = runtime.cache.device
+        self.text_model = text_model
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
-        self.max_cache_len = max_cache_len
-        self.kv_cache = self._new_cache(max_cache_len)
+        self.image_token_id = image_token_id
+        self.kv_cache = kv_cache
+        self.max_cache_len = max_cache_len  # positions `kv_cache` holds
         # The model's own forward takes the cache as `cache` from transformers 5.2x on (`past_key_values`
         # is deprecated there with a FutureWarning per call); older versions only know `past_key_values`.
         self.cache_kwarg = _cache_kwarg(model)
         self.text_cache_kwarg = _cache_kwarg(self.text_model)
         attn = model.config.get_text_config()._attn_implementation
         self.additive_mask = attn == "eager"  # eager adds a float mask; sdpa and xformers take booleans
-        eos = engine.generation_config.eos_token_id
+        eos = eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = set(eos)
         i64 = dict(dtype=torch.int64, device=self.device)
@@ -55,29 +66,19 @@ class StaticDecoder:
         self.token = torch.zeros((1, 1), **i64)
         self.kv_len = torch.zeros((), **i64)  # tokens already in the cache = position of this token
         self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
-        self.kv_index = torch.arange(max_cache_len, **i64)
+        self.kv_index = torch.arange(self.max_cache_len, **i64)
         self.grown = 0  # how many times this decoder's cache has grown (tests and stats read it)
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
         self.graph = None
-        # Graphs need every op of the step on the device: the grouped kernel (the per-expert loop reads
-        # the routing on the host).
-        graphable = self.device.type == "cuda" and engine.config.cuda_graphs and engine.runtime.grouped
-        self.mode = "graph" if graphable else "eager"
+        self.graph_pool = graph_pool  # CUDA graph memory pool shared with the engine's other decoders
+        self.mode = "graph" if graphs else "eager"
 
     # -- one request -----------------------------------------------------------------------------
-
-    def _new_cache(self, length: int):
-        from transformers import StaticCache
-
-        cache = StaticCache(config=self.engine.model.config, max_cache_len=length)
-        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-            raise NotImplementedError("sliding-window attention layers")
-        return cache
 
     def grow(self, length: int) -> None:
         """Move the cached keys and values into a cache of `length` positions (on the same device); the
         captured step read the old buffers, so the next step captures again."""
-        new = self._new_cache(length)
+        new = new_kv_cache(self.model.config, length)
         for old_layer, new_layer in zip(self.kv_cache.layers, new.layers):
             if not getattr(old_layer, "is_initialized", True) or getattr(old_layer, "keys", None) is None:
                 continue
@@ -98,30 +99,42 @@ class StaticDecoder:
         self.graph = None
         self.grown += 1
 
-    def generate(self, inputs, max_new_tokens: int, min_new_tokens: int, on_first_token=None):
-        """Greedy tokens for `inputs`; `on_first_token()` runs once the prefill's token is known.
+    def run(self, inputs, max_new_tokens: int, min_new_tokens: int, context: int | None) -> DecodeRun:
+        """Greedy tokens for `inputs` (this decoder's cache is reset first).
 
-        The caller caps `max_new_tokens` at the model's context (prompt + max_new_tokens - 1 positions
-        are cached at most); the cache grows on the way when the answer needs it."""
-        engine, runtime = self.engine, self.engine.runtime
+        The caller caps `max_new_tokens` at the model's `context` (prompt + max_new_tokens - 1
+        positions are cached at most); the cache grows on the way when the answer needs it."""
+        runtime = self.runtime
+        clock = RequestClock(runtime.cache)
+        runtime.begin_request()
+        try:
+            tokens = self._decode(inputs, max_new_tokens, min_new_tokens, context, clock)
+        finally:
+            runtime.end_request()
+        return clock.finish(tokens, f"static-{self.mode}", runtime)
+
+    def _decode(self, inputs, max_new_tokens, min_new_tokens, context, clock) -> list[int]:
+        runtime = self.runtime
         self.kv_cache.reset()
         recorded = {}
 
         def record_positions(module, args, kwargs):
             recorded["position_ids"] = kwargs.get("position_ids")
 
+        input_ids = inputs["input_ids"]
+        visual = (input_ids == self.image_token_id).reshape(-1) if self.image_token_id is not None else None
+        runtime.begin_step(0, visual)  # the prefill: the host-decided path, with its visual tokens
         hook = self.text_model.register_forward_pre_hook(record_positions, with_kwargs=True)
         try:
-            out = engine.model(**inputs, **{self.cache_kwarg: self.kv_cache}, use_cache=True, logits_to_keep=1)
+            out = self.model(**inputs, **{self.cache_kwarg: self.kv_cache}, use_cache=True, logits_to_keep=1)
         finally:
             hook.remove()
-        prompt_len = inputs["input_ids"].shape[1]
+        prompt_len = input_ids.shape[1]
         logits = out.logits[:, -1, :].float()
         if min_new_tokens > 0 and self.has_eos:
             logits[:, self.eos_ids] = float("-inf")
         first = int(logits.argmax(-1))
-        if on_first_token is not None:
-            on_first_token()
+        clock.first_token()
         tokens = [first]
         if max_new_tokens == 1 or first in self.eos:
             return tokens
@@ -131,7 +144,7 @@ class StaticDecoder:
             for step in range(max_new_tokens - 1):
                 position = prompt_len + step  # where this step's token goes in the cache
                 if position >= self.max_cache_len:
-                    self.grow(cache_length(position + 1, self.engine.context))
+                    self.grow(cache_length(position + 1, context))
                 self._run_step()
                 token = int(self.token)  # the one readback of the step
                 tokens.append(token)
@@ -161,7 +174,7 @@ class StaticDecoder:
 
     def _step(self) -> None:
         """One decode step on the static buffers (no host sync; capturable)."""
-        self.engine.runtime.begin_static_step()
+        self.runtime.begin_static_step()
         embeds = self.embed(self.token)
         keep = (self.kv_index <= self.kv_len).view(1, 1, 1, -1)
         if self.additive_mask:
@@ -205,7 +218,8 @@ class StaticDecoder:
             # Our own capture stream on the engine's device: torch.cuda.graph's default is one stream per
             # process, made on whichever device was current at the first capture, and a capture on another
             # device's stream records nothing (an empty graph, and replays that do nothing).
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=self.device)):
+            # One memory pool for every decoder's graphs (`graph_pool`): they never run concurrently.
+            with torch.cuda.graph(graph, pool=self.graph_pool, stream=torch.cuda.Stream(device=self.device)):
                 self._step()
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
             import warnings
@@ -215,11 +229,75 @@ class StaticDecoder:
             where = " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in traceback.extract_tb(exc.__traceback__)[::-1][:4])
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc}; at {where}); decoding eagerly",
                           stacklevel=3)
-            self.mode = "eager"
-            self.engine.runtime.step.predictions.clear()
+            self.mode = "eager"  # the next step builds its context afresh (begin_static_step)
             return
         self.graph = graph
         # The warm-up step above already produced this step's token: the graph runs from the next one.
+
+
+class DecoderPool:
+    """The static decoders an engine keeps, by KV cache length, most recently used last.
+
+    Each decoder holds a KV cache (and on a GPU a captured graph), so only the few most recently used
+    are kept. Their graphs share one CUDA graph memory pool: decoders run one at a time, so a graph's
+    scratch memory can serve the others' too. A pool belongs to one runtime (captured steps bake in its
+    slot pool): the engine builds a new one with every runtime."""
+
+    MAX_HELD = 4
+
+    def __init__(self, model, layout, runtime, *, eos_token_id, image_token_id, cuda_graphs: bool):
+        self.model, self.layout, self.runtime = model, layout, runtime
+        self.eos_token_id, self.image_token_id = eos_token_id, image_token_id
+        self.cuda_graphs = runtime.cache.device.type == "cuda" and cuda_graphs
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.held: dict[int, StaticDecoder] = {}
+
+    def get(self, prompt_len: int, max_new_tokens: int, context: int | None) -> StaticDecoder:
+        """The decoder whose cache fits the prompt and a first bucket of new tokens (it grows as needed).
+        Raises NotImplementedError for a model the static cache cannot hold (e.g. sliding windows)."""
+        length = initial_cache_length(prompt_len, max_new_tokens, context)
+        decoder = self.held.pop(length, None)
+        if decoder is None:
+            while len(self.held) >= self.MAX_HELD:
+                self.held.pop(next(iter(self.held)))
+            # Graphs need every op of the step on the device: the grouped kernel (the per-expert loop
+            # reads the routing on the host).
+            decoder = StaticDecoder(self.model, _text_model(self.model, self.layout), self.runtime,
+                                    new_kv_cache(self.model.config, length), length, eos_token_id=self.eos_token_id,
+                                    image_token_id=self.image_token_id,
+                                    graphs=self.cuda_graphs and self.runtime.grouped, graph_pool=self.graph_pool)
+        self.held[length] = decoder
+        return decoder
+
+    def refile(self, decoder: StaticDecoder, length: int) -> None:
+        """A decoder whose cache grew from `length` during a request is filed under its new length
+        (replacing any decoder of that length), so the number of KV caches held stays bounded."""
+        if decoder.max_cache_len == length or self.held.get(length) is not decoder:
+            return
+        del self.held[length]
+        self.held.pop(decoder.max_cache_len, None)
+        self.held[decoder.max_cache_len] = decoder
+
+    def kv_bytes(self) -> int:
+        """Bytes of every KV cache held."""
+        total = 0
+        for decoder in self.held.values():
+            for layer in decoder.kv_cache.layers:
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        return total
+
+    def clear(self) -> None:
+        self.held = {}
+
+
+def new_kv_cache(config, length: int):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=config, max_cache_len=length)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        raise NotImplementedError("sliding-window attention layers")
+    return cache
 
 
 def _text_model(model, layout):

@@ -1,8 +1,60 @@
-"""Per-request statistics: what a user needs to see why a request was slow."""
+"""Per-request statistics: what a user needs to see why a request was slow.
+
+A decode loop (static_decode.StaticDecoder, generate_decode.GenerateDecoder) hands back a `DecodeRun`
+(its tokens, when the first and the last token were known, the cache's and the predictor's counters);
+`request_stats` turns it and what the engine knows of the request into `RequestStats`.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .offload.cache import CacheCounters
+    from .offload.ledger import PredictionCounters
+
+
+@dataclass
+class DecodeRun:
+    tokens: list[int]
+    path: str  # "static-graph", "static-eager" or "generate"
+    first_token_at: float  # time.perf_counter() once the prefill's token was known (= end_at if never marked)
+    end_at: float  # ... once the last token was known
+    prefill_misses: int  # of the cache's misses, those before the first token
+    prefill_bytes_h2d: int  # of the bytes copied, those before the first token
+    cache: "CacheCounters"
+    predictions: "PredictionCounters"
+
+
+class RequestClock:
+    """A decode loop's clock: marks the first token (and what the prefill had copied by then) and ends
+    the run with the runtime's counters. On CUDA it synchronises first, so the times are the GPU's."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.first_token_at = None
+        self.prefill = None  # (misses, bytes_h2d) when the first token was known
+
+    def _sync(self) -> None:
+        if self.cache.device.type == "cuda":
+            torch.cuda.synchronize(self.cache.device)
+
+    def first_token(self) -> None:
+        self._sync()
+        self.first_token_at = time.perf_counter()
+        counters = self.cache.counters
+        self.prefill = (int(counters.misses.sum()), counters.bytes_h2d)
+
+    def finish(self, tokens: list[int], path: str, runtime) -> DecodeRun:
+        self._sync()
+        end = time.perf_counter()
+        cache, predictions = runtime.request_counters()
+        misses, bytes_h2d = self.prefill or (int(cache.misses.sum()), cache.bytes_h2d)
+        return DecodeRun(tokens, path, self.first_token_at or end, end, misses, bytes_h2d, cache, predictions)
 
 
 @dataclass
@@ -103,6 +155,51 @@ class RequestStats:
         lines.append("per-layer hits/misses: " + " ".join(
             f"L{i}:{h}/{m}" for i, (h, m) in enumerate(zip(self.hits_per_layer, self.misses_per_layer))))
         return "\n".join(lines)
+
+
+def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visual_total: int, visual_kept: int,
+                  pruning_s: float, budget_bytes: int, num_slots: int, record_bytes: int, device) -> RequestStats:
+    """The request's statistics from its decode run; `started_at` is the perf_counter() time the request
+    arrived (before its inputs were built). Memory by part is the engine's to add (`memory_parts`)."""
+    c, p = run.cache, run.predictions
+    device = torch.device(device)
+    return RequestStats(
+        ttft_s=run.first_token_at - started_at, decode_s=run.end_at - run.first_token_at,
+        prefill_tokens=prompt_tokens, new_tokens=len(run.tokens), visual_tokens_total=visual_total,
+        visual_tokens_kept=visual_kept, pruning_s=pruning_s,
+        hits_per_layer=c.hits.tolist(), misses_per_layer=c.misses.tolist(), bytes_h2d=int(c.bytes_h2d),
+        budget_bytes=budget_bytes, num_slots=num_slots, record_bytes=record_bytes, waves=c.waves,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        device=str(device), prefill_misses=run.prefill_misses, prefill_bytes_h2d=run.prefill_bytes_h2d,
+        prefetch_issued_bytes=c.prefetch_issued_bytes, prefetch_used_bytes=c.prefetch_used_bytes,
+        prefetch_wasted_bytes=c.prefetch_wasted_bytes, stall_s=c.stall_s() if c.stall_events else None,
+        prefetch_recall=_rounded(p.recall()), prefetch_precision=_rounded(p.precision()), decode_path=run.path,
+    )
+
+
+def memory_parts(*, non_expert_bytes: int, expert_cache_bytes: int, kv_bytes: int, peak: int | None, store) -> dict:
+    """Bytes by part, like `ollama ps`: on the compute device non-expert weights, the expert cache, the
+    KV caches and the rest of the request's `peak` (activations; None on cpu); on the host the expert
+    store."""
+    held = non_expert_bytes + expert_cache_bytes + kv_bytes
+    return {"non_expert_weights": non_expert_bytes, "expert_cache": expert_cache_bytes, "kv_cache": kv_bytes,
+            "activations_peak": None if peak is None else max(0, peak - held),
+            "host_store": 0 if store.slab is None else store.total_bytes,
+            # What the store is, not what was asked for: `store: pinned` on a machine without CUDA (or
+            # whose registration failed) is plain pageable memory.
+            "host_store_kind": "mmap" if store.slab is None else ("page-locked" if store.pinned else "pageable")}
+
+
+def dynamic_kv_bytes(text_config, tokens: int, element_size: int) -> int:
+    """What transformers' dynamic KV cache holds for `tokens` positions (the generate path)."""
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return 2 * text_config.num_hidden_layers * kv_heads * head_dim * tokens * element_size
+
+
+def _rounded(matrix) -> list:
+    # Per distance, per layer; None where the layer had nothing to score (e.g. the first layer).
+    return [[None if x != x else round(float(x), 4) for x in row] for row in matrix]
 
 
 def _mean(values) -> float:

@@ -174,8 +174,9 @@ class TraceRecorder:
 
     Predictions for a layer are made one layer earlier: pass them to `record(..., predicted=)` or,
     when they are made, to `record_prediction(layer, step, ids)`; `record` picks up the pending one.
-    An instance is also a `StepContext` observer: `recorder(layer, step, top_k_index, visual_mask,
-    predicted)`, where `predicted` is the set predicted for this layer one layer earlier (or None).
+    An instance is also a runtime observer (`OffloadRuntime.add_observer`): `recorder(layer, step,
+    top_k_index, visual_mask, predicted)`, where `predicted` is the set predicted for this layer one
+    layer earlier (or None).
     """
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, expert_bytes: int = 0, model: str = ""):

@@ -1,0 +1,90 @@
+"""The prediction ledger: how well the lookahead predictor guessed each layer's experts.
+
+When a layer prefetches for layer l + d it notes the predicted set here (`expect`); when layer l + d
+runs, its real experts are scored against it. The host-decided path scores host arrays after its one
+readback per layer (`score`); the device-decided path (static decode, no readback inside a step)
+counts into a device tensor (`score_on_device`) that `end_device` folds into the same counters, so a
+request's recall and precision cover both its prefill and its decode steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PredictionCounters:
+    """Per lookahead distance and layer: true positives, actual and predicted set sizes."""
+
+    true_pos: np.ndarray
+    actual: np.ndarray
+    predicted: np.ndarray
+
+    @classmethod
+    def zeros(cls, depth: int, num_layers: int) -> "PredictionCounters":
+        return cls(*(np.zeros((depth, num_layers), np.int64) for _ in range(3)))
+
+    def recall(self) -> np.ndarray:
+        return np.divide(self.true_pos, self.actual, out=np.full(self.actual.shape, np.nan), where=self.actual > 0)
+
+    def precision(self) -> np.ndarray:
+        return np.divide(self.true_pos, self.predicted, out=np.full(self.predicted.shape, np.nan),
+                         where=self.predicted > 0)
+
+
+class PredictionLedger:
+    def __init__(self, depth: int, num_layers: int, device: torch.device):
+        self.depth, self.num_layers = depth, num_layers
+        self.counters = PredictionCounters.zeros(depth, num_layers)
+        # [true_pos, actual, predicted] x distance x layer, counted by device-decided steps (no sync).
+        self.device_counts = torch.zeros((3, depth, num_layers), dtype=torch.int64, device=device)
+        self._expected: dict = {}  # target layer -> {distance: predicted experts}, for this step
+
+    def begin_request(self) -> None:
+        self.counters = PredictionCounters.zeros(self.depth, self.num_layers)
+
+    def begin_step(self) -> None:
+        self._expected.clear()  # a step's predictions are scored within that step
+
+    def expect(self, target: int, distance: int, predicted) -> None:
+        """`predicted` (host array of expert ids, or device mask [E] on the device path) for layer
+        `target`, made `distance` layers ahead."""
+        self._expected.setdefault(target, {})[distance] = predicted
+
+    # -- host-decided path -------------------------------------------------------------------------
+
+    def score(self, layer: int, actual: np.ndarray) -> dict:
+        """Score `actual` (distinct expert ids) of `layer`; returns what was predicted for it by distance."""
+        predicted_here = self._expected.pop(layer, {})
+        c = self.counters
+        for distance, predicted in predicted_here.items():
+            c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
+            c.actual[distance - 1, layer] += len(actual)
+            c.predicted[distance - 1, layer] += len(predicted)
+        return predicted_here
+
+    # -- device-decided path -----------------------------------------------------------------------
+
+    def begin_device(self) -> None:
+        self.device_counts.zero_()
+
+    def score_on_device(self, layer: int, experts: torch.Tensor) -> None:
+        """Score `experts` (int64 [n], distinct: one decode token) against the device masks expected for
+        `layer`; device ops only, so a captured step does it on every replay."""
+        for distance, mask in self._expected.pop(layer, {}).items():
+            counts = self.device_counts[:, distance - 1, layer]
+            counts[0] += mask[experts].sum()
+            counts[1] += experts.numel()
+            counts[2] += mask.sum()
+
+    def end_device(self) -> None:
+        """Fold the device counts into the counters (one readback)."""
+        self._expected.clear()
+        counts = self.device_counts.cpu().numpy()
+        c = self.counters
+        c.true_pos += counts[0]
+        c.actual += counts[1]
+        c.predicted += counts[2]

@@ -1,0 +1,136 @@
+"""The offload runtime: the one handle the engine holds on the cache, the two decode paths and the ledger.
+
+transformers calls every MoE layer's experts through glue.py, which lands in `run_layer` here; the
+call goes to the host-decided path (host_path.py: prefills, and decode steps of transformers'
+`generate`) or, between `begin_static` and `end_static`, to the device-decided path (device_path.py:
+static decode steps, no host sync). Both compute with the same `ExpertCompute` (compute.py), read the
+step's context (context.py, set by the decode loop through `begin_step` / `begin_static_step`) and
+score the lookahead predictor in one `PredictionLedger` (ledger.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .compute import ExpertCompute
+from .context import Context
+from .device_path import DevicePath
+from .host_path import HostPath
+from .ledger import PredictionCounters, PredictionLedger
+
+
+class OffloadRuntime:
+    """Binds the cache (and the optional lookahead predictor) to the model's experts modules."""
+
+    def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0,
+                 grouped: bool = False, prefetch_prefill: bool = False, fused_decode: bool = False):
+        self.cache = cache
+        self.predictor = predictor
+        self.prefetch_prefill = prefetch_prefill
+        self.depth = predictor.depth if predictor is not None else 1
+        # Copies per prefetch call, per (target layer, distance); 0 = off. The static path reads a
+        # device copy (residency.prefetch_limits), so changing them needs no new graph capture.
+        self.prefetch_limits = np.zeros((cache.num_layers, self.depth), np.int64)
+        if predictor is not None:
+            self.prefetch_limits[:] = prefetch_limit
+        self.context = Context()
+        self.observers: list = []  # callables(layer, step, top_k_index, visual_mask, predicted): traces
+        self.compute = ExpertCompute(is_transposed, grouped, fused_decode)
+        self.ledger = PredictionLedger(self.depth, cache.num_layers, cache.device)
+        self.host = HostPath(cache, self.compute, self.ledger, self.context, self.prefetch_limits, self.observers)
+        self.device = DevicePath(cache, self.compute, self.ledger, self.context)
+        self.static = False  # between begin_static and end_static: layers decide on the device
+
+    # The expert compute's switches, settable here (tests and profiles flip them on a built runtime).
+    grouped = property(lambda self: self.compute.grouped, lambda self, v: setattr(self.compute, "grouped", v))
+    fused_decode = property(lambda self: self.compute.fused_decode,
+                            lambda self, v: setattr(self.compute, "fused_decode", v))
+
+    @property
+    def residency(self):
+        """The device-side cache state (DeviceResidency) static decode steps decide with, or None."""
+        return self.device.residency
+
+    @property
+    def prediction_counters(self) -> PredictionCounters:
+        return self.ledger.counters
+
+    def use_device_residency(self, top_k: int) -> None:
+        """Let static decode steps decide loads on the device (DeviceResidency)."""
+        self.device.use_residency(top_k, self.depth, self.prefetch_limits)
+
+    def set_prefetch(self, limit: int | None = None, depth: int | None = None, layers=None) -> None:
+        """Change prefetching without rebuilding anything: `limit` copies per call (0 = off) for the
+        target `layers` (default all), at lookahead distances 1..`depth` (the rest off)."""
+        if self.predictor is None:
+            raise ValueError("prefetch controls need a runtime built with prefetch on")
+        rows = slice(None) if layers is None else np.asarray(layers, np.int64)
+        if limit is not None:
+            self.prefetch_limits[rows] = int(limit)
+        if depth is not None:
+            self.prefetch_limits[rows, depth:] = 0
+        if self.residency is not None:
+            self.residency.set_prefetch_limits(self.prefetch_limits)
+
+    def add_observer(self, observer) -> None:
+        self.observers.append(observer)
+
+    def remove_observer(self, observer) -> None:
+        self.observers.remove(observer)
+
+    # -- the decode loop's calls -------------------------------------------------------------------
+
+    def begin_request(self) -> None:
+        """A request starts: counters from zero; the prefetch ledger's leftovers of the last request are
+        neither used nor wasted in this one."""
+        self.context.reset()
+        self.ledger.begin_request()
+        self.cache.reset_counters()
+        self.cache.begin_request()
+
+    def end_request(self) -> None:
+        self.context.reset()
+
+    def begin_step(self, index: int, visual_mask: torch.Tensor | None = None) -> None:
+        """A forward step of the whole model (0 = prefill) starts: a fresh context, prefetch pins drop."""
+        self.context.set(index, visual_mask)
+        self.host.begin_step()
+
+    def begin_static(self) -> None:
+        self.static = True
+        self.device.begin()
+
+    def end_static(self) -> None:
+        self.static = False
+        self.device.end()
+
+    def begin_static_step(self) -> None:
+        """A static decode step starts (on CUDA: once, at capture; its graph replays the device work).
+        Its context says "a decode step" (index 1): a captured step cannot count, and nothing reads it."""
+        self.context.set(1)
+        self.device.begin_step()
+
+    # -- called from the model's forward -----------------------------------------------------------
+
+    def predict(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """Called entering MoE layer `layer`: guess the experts of the next layers (on the device)."""
+        step = self.context.get()
+        if self.predictor is None or (self.cache.complete and not self.observers):
+            return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
+        if not self.prefetch_limits[layer + 1:].any() and not self.observers and not self.static:
+            return  # switched off for every later layer
+        if step.index == 0 and not self.prefetch_prefill and not self.static:
+            return
+        step.predictions[layer] = self.predictor.predict(layer, hidden_states)
+
+    def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
+        path = self.device if self.static else self.host
+        return path.run_layer(layer, module, hidden_states, top_k_index, top_k_weights)
+
+    def request_counters(self):
+        """(cache counters, prediction counters) of the request so far; folds in the hits a complete
+        cache counted on the device (one readback)."""
+        self.cache.collect_device_hits()
+        return self.cache.counters, self.ledger.counters
