@@ -114,24 +114,26 @@ def prefetch_times(engine) -> dict:
         out = {"predict_us": graph_us(lambda: runtime.predictor.predict(0, x))}
 
         def score():
-            runtime._static_predicted[1] = {d + 1: masks[d] for d in range(masks.shape[0])}
-            runtime._score_static_predictions(1, experts)
+            for d in range(masks.shape[0]):
+                runtime.ledger.expect(1, d + 1, masks[d])
+            runtime.ledger.score_on_device(1, experts)
 
         out["ledger_us"] = graph_us(score)
         # Predict layer 1's experts from layer 0 as the resident set: the decision finds nothing to load.
         resident = torch.zeros_like(masks)
         resident[:, :k] = 1
+        path = runtime.device
 
         def prefetch():
-            runtime._prefetch_static(0, resident, k)
+            path._prefetch(0, resident, k)
             if cache.cuda:
                 torch.cuda.current_stream(device).wait_stream(cache.copy_stream)
-            runtime._static_predicted.clear()
+            path._prefetch_pending = False
 
         out["prefetch_decision_and_join_us"] = graph_us(prefetch)
         out["total_us"] = sum(out.values())
     finally:
-        runtime._prefetch_pending = False
+        runtime.device._prefetch_pending = False
         runtime.end_static()
     return out
 
