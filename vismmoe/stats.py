@@ -38,7 +38,6 @@ class RequestStats:
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
     memory: dict = field(default_factory=dict)
     pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
-    extra: dict = field(default_factory=dict)
 
     @property
     def expert_hits(self) -> int:
