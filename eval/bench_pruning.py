@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
-from vismmoe.tiny_models import TextShape, build_checkpoint, full_size_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import TextShape, build_checkpoint, full_size_checkpoint  # noqa: E402
 
 
 def checkpoint(layers: int, image_px: int, tiny: bool, root: Path) -> Path:

@@ -28,8 +28,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import vismmoe  # noqa: E402
 from vismmoe.inputs import build_inputs  # noqa: E402
-from vismmoe.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 

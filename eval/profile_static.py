@@ -35,7 +35,7 @@ import vismmoe  # noqa: E402
 from vismmoe import ops  # noqa: E402
 from vismmoe.offload import device_core  # noqa: E402
 from vismmoe.offload.policies import make_policy  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 def graph_us(fn, reps=20, replays=5) -> float:

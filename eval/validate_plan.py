@@ -144,13 +144,13 @@ def main():
     t0 = time.perf_counter()
 
     if args.tiny:
-        from vismmoe.tiny_models import build_checkpoint
+        from vismmoe.testing.tiny_models import build_checkpoint
 
         bench_dir = Path(out) / "tiny-bench"
         if not (bench_dir / "config.json").is_file():
             build_checkpoint("qwen3_vl_moe", bench_dir, init_std=0.2, image_size=256)
     else:
-        from vismmoe.tiny_models import full_size_checkpoint
+        from vismmoe.testing.tiny_models import full_size_checkpoint
 
         bench_dir = full_size_checkpoint(args.layers)
     gpu_profile = parse_profile(probe(bench_dir), "probe")
