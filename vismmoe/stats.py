@@ -1,4 +1,4 @@
-"""Per-request statistics: what a user needs to see why a request was slow."""
+"""Per-request statistics (what a user needs to see why a request was slow) and what a loaded engine is."""
 
 from __future__ import annotations
 
@@ -102,6 +102,44 @@ class RequestStats:
         lines.append("per-layer hits/misses: " + " ".join(
             f"L{i}:{h}/{m}" for i, (h, m) in enumerate(zip(self.hits_per_layer, self.misses_per_layer))))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a loaded engine is and how it will serve (Engine.info()): for logs, reports and benchmarks."""
+
+    model_dir: str
+    model_type: str  # transformers' model_type of the checkpoint (the family)
+    device: str
+    dtype: str
+    layers: int  # MoE layers
+    experts: int  # routed experts per MoE layer
+    top_k: int
+    record_bytes: int  # one expert's weights: the unit of the cache and of every copy
+    num_slots: int  # experts the GPU cache holds
+    budget_bytes: int  # num_slots x record_bytes
+    all_resident: bool  # the budget holds every expert: loaded once, never evicted
+    policy: str
+    store: str  # the store setting: pinned, memory or mmap
+    host_store_kind: str  # what the host store is: page-locked, pageable or mmap
+    host_store_bytes: int  # 0 for mmap (records are read from the files on demand)
+    non_expert_bytes: int  # non-expert weights and buffers on the compute device
+    decode: str  # the decode setting: auto, static or generate
+    # The path a request without generation arguments takes: "static" or "generate" (static_unavailable
+    # says why not static; None when it is). A model the static cache cannot hold is found per request.
+    decode_path: str
+    static_unavailable: str | None
+    cuda_graphs: bool
+    experts_kernel: str  # the setting: auto, fused, grouped_mm or loop
+    prefill_kernel: str  # what computes the experts of a prefill: grouped_mm or loop
+    decode_kernel: str  # ... of a decode step (<= 16 tokens): fused, grouped_mm or loop
+    prefetch: bool
+    prefetch_depth: int
+    prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
+    prefetch_prefill: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _mean(values) -> float:
