@@ -138,6 +138,7 @@ def main():
         del engine
         free_memory()
     report["all_ok"] = all_ok
+    write_report(out, "gpu_check", report)  # the JSON first: a failure formatting the table keeps the results
     lines = [f"GPU: {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}",
              f"model: Qwen3-VL-MoE random, {args.layers} layers, hidden 2048, 128 experts x I=768, top-8, bf16", "",
              "| budget/kernel/decode | slots | tokens equal HF | misses x record == counted | profiled pinned->GPU bytes == counted | "
@@ -148,7 +149,7 @@ def main():
                      f"{e['profiled_equals_counted']} ({e['profiled_h2d_bytes']} vs {e['counted_h2d_bytes']}) | "
                      f"{e['non_expert_bytes'] / 2**20:.0f} | {e['budget_bytes'] / 2**20:.0f} | {e['peak_gpu_bytes'] / 2**20:.0f} | "
                      f"{e['activations_bytes'] / 2**20:.0f} | {e['mean_ttft_ms']:.1f} | {e['mean_decode_tok_s']:.1f} |")
-    write_report(out, "gpu_check", report, "\n".join(lines) + "\n")
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all_ok else 1
 
