@@ -20,64 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import device_name, graph_time, write_report  # noqa: E402
 
 from vismmoe import ops  # noqa: E402
-
-
-def _timed(fn, device, repeats: int) -> tuple[float, str]:
-    """Seconds per call of fn(i) for i in range(repeats): a CUDA graph replay on a GPU (eager if capture
-    fails), wall time on the CPU."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        for i in range(repeats):
-            fn(i)
-        return (time.perf_counter() - start) / repeats, "cpu wall"
-    for i in range(repeats):  # warm-up: builds, autotune-free launches, the fused op's self-check
-        fn(i)
-    torch.cuda.synchronize(device)
-    mode = "cuda graph"
-    try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for i in range(repeats):
-                fn(i)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(repeats):
-                fn(i)
-        run = graph.replay
-    except Exception as exc:  # noqa: BLE001 - report and time eagerly instead
-        mode = f"eager ({type(exc).__name__}: {str(exc)[:80]})"
-
-        def run():
-            for i in range(repeats):
-                fn(i)
-    run()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(5):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3 / repeats)
-    return min(times), mode
 
 
 def _hbm_bandwidth(device) -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    seconds, _ = _timed(lambda i: dst.copy_(src), device, 4)
+    seconds, _ = graph_time(lambda i: dst.copy_(src), 4, device)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -104,7 +61,7 @@ def main(argv=None) -> dict:
         gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     on_gpu = device.type == "cuda"
-    result = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "hidden": H, "inter": I,
+    result = {"device": device_name(device), "hidden": H, "inter": I,
               "slots": S, "top_k": k, "transposed": args.transposed, "expert_mb": expert_bytes / 1e6,
               "hbm_gbps": _hbm_bandwidth(device) / 1e9 if on_gpu else None, "rows": []}
     if on_gpu:  # the op's one-time check against its twin; its verdict decides the default dispatch
@@ -125,7 +82,7 @@ def main(argv=None) -> dict:
                                                                          ops.silu_mul, args.transposed)
         for name, fn in ops_to_time.items():
             row[f"{name}_max_abs_diff_to_fp32"] = (fn(0).float() - exact).abs().max().item()
-            seconds, mode = _timed(fn, device, args.repeats)
+            seconds, mode = graph_time(fn, args.repeats, device)
             row[f"{name}_us"] = seconds * 1e6
             row[f"{name}_gbps"] = row["mb_per_call"] * 1e6 / seconds / 1e9
             row[f"{name}_timing"] = mode
@@ -136,10 +93,7 @@ def main(argv=None) -> dict:
             print(json.dumps({"tokens": T, "tune_best": row["tune"]["best"]}), flush=True)
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tune"}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_fused_moe.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_fused_moe.md").write_text(_markdown(result))
+    write_report(Path(args.out), "bench_fused_moe", result, _markdown(result), indent=2)
     print(_markdown(result))
     return result
 
@@ -164,25 +118,26 @@ def _tune(x, w, layouts, gate_up, down, transposed, repeats, device) -> dict:
     default = fused_moe.blocks_for(x.shape[0], transposed)
     fused_moe.gate_up_launch(x, slots[0], gate_up, inter, k, transposed, default)
     gate, dn = {}, {}
+
+    def us(launch) -> float:
+        return 1e6 * graph_time(launch, repeats, device)[0]
+
     for warps, stages in LAUNCH_OPTIONS:
         for gi, gh in GATE_TILES:
             b = fused_moe.Blocks(gate_i=gi, gate_h=gh, gate_warps=warps, gate_stages=stages)
-            gate[(gi, gh, warps, stages)] = 1e6 * _timed(
-                lambda i, b=b: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed, b),
-                device, repeats)[0]
+            gate[(gi, gh, warps, stages)] = us(
+                lambda i, b=b: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed, b))
         for dh, di in DOWN_TILES:
             b = fused_moe.Blocks(down_h=dh, down_i=di, down_warps=warps, down_stages=stages)
-            dn[(dh, di, warps, stages)] = 1e6 * _timed(
-                lambda i, b=b: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, b), device, repeats)[0]
+            dn[(dh, di, warps, stages)] = us(
+                lambda i, b=b: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, b))
     g_best, d_best = min(gate, key=gate.get), min(dn, key=dn.get)
     g_def = (default.gate_i, default.gate_h, default.gate_warps, default.gate_stages)
     d_def = (default.down_h, default.down_i, default.down_warps, default.down_stages)
     if g_def not in gate:
-        gate[g_def] = 1e6 * _timed(lambda i: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed,
-                                                                      default), device, repeats)[0]
+        gate[g_def] = us(lambda i: fused_moe.gate_up_launch(x, slots[i], gate_up, inter, k, transposed, default))
     if d_def not in dn:
-        dn[d_def] = 1e6 * _timed(lambda i: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, default),
-                                 device, repeats)[0]
+        dn[d_def] = us(lambda i: fused_moe.down_launch(inter, slots[i], w, down, out, transposed, default))
     return {"best": {"gate": {"gate_i": g_best[0], "gate_h": g_best[1], "warps": g_best[2], "stages": g_best[3],
                               "us": gate[g_best]},
                      "down": {"down_h": d_best[0], "down_i": d_best[1], "warps": d_best[2], "stages": d_best[3],

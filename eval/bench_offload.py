@@ -18,9 +18,6 @@ bandwidth measured in this run). Writes bench_offload.json / .md into --out.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,14 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from eval.common import BENCH_PROMPT, free_memory, output_dir, random_image, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe.inputs import build_inputs  # noqa: E402
-from vismmoe.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
-
+from vismmoe.testing.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 def pinned_bandwidth_gbps(nbytes=256 * 2**20, repeats=10) -> float:
@@ -57,7 +52,7 @@ def device_copy_gbps(ckpt, records=64, repeats=5) -> float:
     from vismmoe import ops
 
     engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget="min", decode="static")
-    src = engine.store.slab_rows
+    src = engine.store.slab_rows  # the kernel's own source: the page-locked host slab (an internal, on purpose)
     dst = torch.empty((records, src.shape[1]), dtype=src.dtype, device="cuda")
     rows = torch.randperm(src.shape[0])[:records].cuda()
     slots = torch.arange(records, device="cuda")
@@ -73,8 +68,7 @@ def device_copy_gbps(ckpt, records=64, repeats=5) -> float:
     gbps = records * repeats * src.shape[1] * src.element_size() / (start.elapsed_time(end) / 1e3) / 1e9
     engine.close()
     del engine, dst
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return gbps
 
 
@@ -111,7 +105,7 @@ def run_vismmoe(engine, image, prompt, new_tokens, profile_path=None, warmup=Non
     # Warm-up on a different request: the measured one must not replay the warm-up's routing.
     w_image, w_prompt = warmup
     engine.generate(image=w_image, prompt=w_prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    engine.cache.reset_counters()
+    engine.reset_stats()
     result = engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if profile_path is not None:  # a separate, profiled run: the timed one above runs unobserved
         from torch.profiler import ProfilerActivity, profile
@@ -165,10 +159,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--skip-accelerate", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     import transformers
-    from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
@@ -181,10 +173,9 @@ def main():
     import numpy as np
 
     rs = np.random.RandomState(0)
-    image = Image.fromarray((rs.rand(256, 256, 3) * 255).astype("uint8"))
-    prompt = "what is the color of the shape on the left of the image?"
+    image, prompt = random_image(rs, 256), BENCH_PROMPT
     # Same token count (sdpa/cuDNN build a plan per sequence length), different pixels and text.
-    warmup = (Image.fromarray((rs.rand(256, 256, 3) * 255).astype("uint8")), prompt.upper())
+    warmup = (random_image(rs, 256), prompt.upper())
     n = args.new_tokens
     results = {}
 
@@ -201,8 +192,7 @@ def main():
     inputs = build_inputs(engine.processor, image, prompt).to("cuda")
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     engine.reconfigure(expert_budget="min")  # frees the 100% slot pool for the reference model
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     ref = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.bfloat16,
                                                       experts_implementation="grouped_mm").cuda().eval()
     w_inputs = build_inputs(engine.processor, *warmup).to("cuda")
@@ -211,8 +201,7 @@ def main():
     results["d"] = time_hf_generate(ref, inputs, n, gen_cfg)
     print("d", {k: v for k, v in results["d"].items() if k != "tokens"}, flush=True)
     del ref
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     resident_ms = min(results["d"]["decode_ms_per_token"], results["c@1.0"]["decode_ms_per_token"])
     report["resident_decode_ms_per_token"] = resident_ms
 
@@ -238,8 +227,7 @@ def main():
                 results[f"{variant}@{budget}"]["tokens"] == results[f"c@{budget}"]["tokens"])
     engine.close()
     del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
 
     if not args.skip_accelerate:
         hf_config = AutoConfig.from_pretrained(str(ckpt))
@@ -262,11 +250,10 @@ def main():
             results[f"a@{budget}"] = r
             print(f"a@{budget}", {k: v for k, v in r.items() if k != "tokens"}, flush=True)
             del model
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory()
 
     report["results"] = results
-    (out / "bench_offload.json").write_text(json.dumps(report, indent=1))
+    write_report(out, "bench_offload", report)  # the JSON first: a failure formatting the table keeps the results
     lines = [f"GPU {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}; "
              f"pinned H2D {bw:.1f} GB/s (DMA), device-decided copies {report['device_copy_gbps']:.1f} GB/s; {args.layers} layers x 128 experts (I=768, H=2048, top-8), bf16; "
              f"image 256x256 + prompt -> {n} new tokens", "",

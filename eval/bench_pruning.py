@@ -13,8 +13,6 @@ warm-up request, and the run of median TTFT is reported (all TTFTs are in the JS
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -23,11 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from eval.common import device_name, output_dir, random_image, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
-from vismmoe.tiny_models import TextShape, build_checkpoint, full_size_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import TextShape, build_checkpoint, full_size_checkpoint  # noqa: E402
 
 
 def checkpoint(layers: int, image_px: int, tiny: bool, root: Path) -> Path:
@@ -95,11 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny random model")
     ap.add_argument("--root", default=tempfile.gettempdir(), help="where the random checkpoint is built (once)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     import numpy as np
     import transformers
-    from PIL import Image
 
     ckpt = checkpoint(args.layers, args.image_px, args.tiny, Path(args.root))
     dtype = "float32" if args.tiny else "bfloat16"
@@ -108,7 +103,7 @@ def main(argv=None) -> int:
     side = args.image_px
 
     def image():
-        return Image.fromarray((rs.rand(side, side, 3) * 255).astype("uint8"))
+        return random_image(rs, side)
 
     prompt = "what is the color of the small shape on the left of the image?"
     measured, warmup = image(), (image(), prompt.upper())
@@ -120,7 +115,7 @@ def main(argv=None) -> int:
                        **measure(engine, measured, prompt, warmup, args.new_tokens, args.repeats))
             rows.append(row)
             print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
-    report = dict(device=torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+    report = dict(device=device_name(engine.info().device),
                   torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
                   shape="tiny" if args.tiny else "Qwen3-VL-30B-A3B text MoE shapes", image_px=side,
                   visual_tokens=rows[0]["visual_tokens_total"], budget=args.budget, new_tokens=args.new_tokens,
@@ -128,8 +123,7 @@ def main(argv=None) -> int:
     if 1.0 in args.keeps:
         base = rows[0]["ttft_ms"]
         report["ttft_ratio_keep_0.25"] = {r["method"]: r["ttft_ms"] / base for r in rows if r["keep"] == 0.25}
-    (out / "bench_pruning.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_pruning.md").write_text(markdown(report))
+    write_report(out, "bench_pruning", report, markdown(report), indent=2)
     print(markdown(report))
     engine.close()
     return 0

@@ -12,9 +12,7 @@ Writes gpu_check.json and gpu_check.md into --out.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,30 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from eval.common import free_memory, output_dir, random_requests, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe.inputs import build_inputs  # noqa: E402
-from vismmoe.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
-
-
-
-def requests(n: int, seed: int = 0):
-    import random
-
-    import numpy as np
-    from PIL import Image
-
-    rng, rs = random.Random(seed), np.random.RandomState(seed)
-    words = "what is the color shape of this object left right top how many red blue circle square".split()
-    out = []
-    for _ in range(n):
-        h, w = rs.randint(64, 257), rs.randint(64, 257)
-        img = Image.fromarray((rs.rand(h, w, 3) * 255).astype("uint8"))
-        out.append((img, " ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + "?"))
-    return out
+from vismmoe.testing.tiny_models import QWEN3_VL_30B_A3B_TEXT as FULL_SIZE  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 def profiled_h2d_bytes(fn):
@@ -73,8 +53,7 @@ def main():
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     import transformers
 
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -82,7 +61,7 @@ def main():
     t0 = time.perf_counter()
     ckpt = full_size_checkpoint(args.layers)
     report["build_s"] = time.perf_counter() - t0
-    reqs = requests(args.requests)
+    reqs = random_requests(args.requests)
 
     # Reference: transformers itself, all experts resident, eager experts loop.
     from transformers import AutoModelForImageTextToText
@@ -106,8 +85,7 @@ def main():
                                    **extra)
             expected[key].append(ids[0, inputs["input_ids"].shape[1]:].tolist())
     del ref, engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
 
     report["budgets"] = {}
     all_ok = True
@@ -119,8 +97,8 @@ def main():
         # a memcpy: there the profiled bytes are the prefill's, and the decode is checked by its tokens.
         engine = vismmoe.load(ckpt, expert_budget=budget, dtype="bfloat16", prefetch=False, experts_kernel=kernel,
                               decode=decode)
-        non_expert = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-        non_expert += sum(b.numel() * b.element_size() for b in engine.model.buffers())
+        info = engine.info()
+        non_expert = info.non_expert_bytes  # parameters and buffers on the GPU (expert parameters are empty)
         engine.generate(image=reqs[0][0], prompt=reqs[0][1], max_new_tokens=2)  # warm-up
         rows, equal = [], 0
         for i, ((img, prompt), want) in enumerate(zip(reqs, expected[kernel])):
@@ -141,12 +119,12 @@ def main():
         peak = max(r["peak"] for r in rows)
         prof = rows[1]
         entry = dict(
-            kernel=kernel, decode_path=rows[-1]["decode_path"], slots=engine.num_slots, budget_bytes=engine.cache.budget_bytes, record_bytes=engine.store.record_bytes,
-            non_expert_bytes=non_expert, peak_gpu_bytes=peak,
-            activations_bytes=peak - non_expert - engine.cache.budget_bytes,
+            kernel=kernel, decode_path=rows[-1]["decode_path"], slots=info.num_slots, budget_bytes=info.budget_bytes,
+            record_bytes=info.record_bytes, non_expert_bytes=non_expert, peak_gpu_bytes=peak,
+            activations_bytes=peak - non_expert - info.budget_bytes,
             tokens_equal=f"{equal}/{len(reqs)}",
             tokens_equal_hf_static_cache=f"{sum(bool(r['equal_static_cache_reference']) for r in rows)}/{len(reqs)}",
-            bytes_counter_equals_misses_x_record=all(r["bytes_h2d"] == r["misses"] * engine.store.record_bytes for r in rows),
+            bytes_counter_equals_misses_x_record=all(r["bytes_h2d"] == r["misses"] * info.record_bytes for r in rows),
             profiled_h2d_bytes=prof["bytes_profiled"], counted_h2d_bytes=prof["bytes_memcpy"],
             profiled_equals_counted=prof["bytes_profiled"] == prof["bytes_memcpy"],
             mean_ttft_ms=1e3 * sum(r["ttft_s"] for r in rows[1:]) / (len(rows) - 1),
@@ -158,10 +136,9 @@ def main():
         print(json.dumps({k: v for k, v in entry.items() if k != "rows"}, indent=1), flush=True)
         engine.close()
         del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory()
     report["all_ok"] = all_ok
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    write_report(out, "gpu_check", report)  # the JSON first: a failure formatting the table keeps the results
     lines = [f"GPU: {report['gpu']}, torch {report['torch']}, transformers {report['transformers']}",
              f"model: Qwen3-VL-MoE random, {args.layers} layers, hidden 2048, 128 experts x I=768, top-8, bf16", "",
              "| budget/kernel/decode | slots | tokens equal HF | misses x record == counted | profiled pinned->GPU bytes == counted | "

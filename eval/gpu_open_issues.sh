@@ -49,7 +49,7 @@ if [ "$PHASE" = train ]; then
     train_pid=$!
     export CUDA_VISIBLE_DEVICES=1
     # The 12-layer bench model (~14 GB, CPU-bound) builds while GPU 1 tunes and tests the kernels.
-    ( python3 -c "from vismmoe.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
         > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
     build_pid=$!
     {
@@ -72,7 +72,7 @@ elif [ "$PHASE" = check ]; then
     train_scene_model &
     train_pid=$!
     # One 12-layer bench model (built on the CPU) for gpu_check, profile_static and bench_offload.
-    ( python3 -c "from vismmoe.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
       echo "build rc=$?" >> "$WORK/build.log" ) &
     build_pid=$!
     {

@@ -13,8 +13,6 @@ and 10% (LFU). Writes gpu_stress.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,13 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from eval.common import output_dir, random_requests, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
-
-from gpu_check import requests  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
 
 def main():
@@ -38,10 +33,9 @@ def main():
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=24)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     ckpt = full_size_checkpoint(args.layers)
-    reqs = requests(args.requests, seed=1234)
+    reqs = random_requests(args.requests, seed=1234)
     n = args.new_tokens
     engine = vismmoe.load(ckpt, dtype="bfloat16", expert_budget=1.0, prefetch=False)
     report = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, layers=args.layers, requests=len(reqs),
@@ -59,7 +53,7 @@ def main():
             issued += r.stats.prefetch_issued_bytes
             paths.add(r.stats.decode_path)
         entry = dict(overrides=overrides, seconds=time.perf_counter() - t0, decode_misses=misses,
-                     prefetch_issued_bytes=issued, decode_paths=sorted(paths), slots=engine.num_slots)
+                     prefetch_issued_bytes=issued, decode_paths=sorted(paths), slots=engine.info().num_slots)
         report["runs"][name] = entry
         print(name, entry, flush=True)
         return tokens
@@ -88,9 +82,9 @@ def main():
             ok &= not entry["mismatched_vs_same_budget"] and entry["decode_misses"] > 0
             print(name, "mismatched vs same budget:", entry["mismatched_vs_same_budget"], "vs resident:",
                   entry["mismatched_vs_resident"], flush=True)
-            (out / "gpu_stress.json").write_text(json.dumps(report, indent=1))
+            write_report(out, "gpu_stress", report)
     report["all_ok"] = ok
-    (out / "gpu_stress.json").write_text(json.dumps(report, indent=1))
+    write_report(out, "gpu_stress", report)
     print("all_ok", ok)
     return 0 if ok else 1
 

@@ -20,50 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from eval.common import BENCH_PROMPT, device_name, graph_us, output_dir, random_image, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe import ops  # noqa: E402
 from vismmoe.offload import device_core  # noqa: E402
 from vismmoe.offload.policies import make_policy  # noqa: E402
-from vismmoe.tiny_models import full_size_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
 
-
-def graph_us(fn, reps=20, replays=5) -> float:
-    """GPU microseconds per call of fn, captured `reps` times in one CUDA graph (CPU: wall time, eager)."""
-    if not torch.cuda.is_available():
-        fn()
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - start) * 1e6 / reps
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * replays)
+# This script times pieces inside a decode step (the cache decision, the copy kernel, the experts compute
+# over the slot pool), so it reads the engine's cache, store and runtime directly: no public surface
+# should expose those. Everything that describes the engine comes from engine.info().
 
 
 def decision_times(engine, policy: str) -> dict:
@@ -146,15 +119,15 @@ def main():
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     cuda = torch.cuda.is_available()
     ckpt = Path(args.checkpoint) if args.checkpoint else full_size_checkpoint(args.layers)
     dtype = "bfloat16" if cuda else "float32"
-    report = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "checkpoint": str(ckpt), "policy": args.policy}
+    report = {"gpu": device_name(), "checkpoint": str(ckpt), "policy": args.policy}
     engine = vismmoe.load(ckpt, dtype=dtype, expert_budget=0.25, prefetch=False, policy=args.policy)
-    cache, layout = engine.cache, engine.layout
-    report.update(layers=cache.num_layers, slots_at_25pct=cache.num_slots, record_bytes=engine.store.record_bytes)
+    cache, layout, info = engine.cache, engine.layout, engine.info()
+    fused_decode = info.decode_kernel == "fused"
+    report.update(layers=info.layers, slots_at_25pct=info.num_slots, record_bytes=info.record_bytes)
     module = layout.layers[0].experts
     k, h = layout.top_k, layout.hidden_size
     with torch.inference_mode():
@@ -168,12 +141,12 @@ def main():
                 compute[groups] = graph_us(lambda: ops.experts_from_slots(x, w, ids, gu, dn, module._apply_gate,
                                                                           layout.is_transposed))
             report["experts_compute_us_by_pool_slots"] = compute
-            if engine.runtime.fused_decode:  # the decode kernel experts_kernel: auto runs (ops.fused_moe_decode)
+            if fused_decode:  # the decode kernel experts_kernel: auto runs (ops.fused_moe_decode)
                 report["fused_experts_compute_us_by_pool_slots"] = {
                     groups: graph_us(lambda: ops.fused_moe_decode(x, w, ids, cache.gate_up_view[:groups],
                                                                   cache.down_view[:groups], layout.is_transposed))
                     for groups in (128, 256, cache.num_slots)}
-        report["fused_decode"] = engine.runtime.fused_decode
+        report["fused_decode"] = fused_decode
         report["decision_per_layer"] = decision_times(engine, args.policy)
         # The whole per-layer demand of the static path (decision + copy launch), every expert resident.
         res = engine.runtime.residency
@@ -193,16 +166,13 @@ def main():
     print(json.dumps(report, indent=1), flush=True)
 
     import numpy as np
-    from PIL import Image
 
-    rs = np.random.RandomState(0)
-    image = Image.fromarray((rs.rand(256, 256, 3) * 255).astype("uint8"))
-    prompt = "what is the color of the shape on the left of the image?"
+    image, prompt = random_image(np.random.RandomState(0), 256), BENCH_PROMPT
     steps = {}
     n = args.tokens
     # experts_kernel auto (the fused decode kernel where it runs), plus grouped_mm at 100% and 25% for comparison.
     runs = [(b, p, "auto") for b in (1.0, 0.25, 0.5) for p in (False, True)]
-    if engine.runtime.fused_decode:
+    if fused_decode:
         runs += [(1.0, False, "grouped_mm"), (0.25, False, "grouped_mm")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
@@ -222,8 +192,7 @@ def main():
         report["prefetch_per_layer"] = prefetch_times(engine)
         print("prefetch per layer", report["prefetch_per_layer"], flush=True)
     report["targets"] = targets(report)
-    (out / "profile_static.json").write_text(json.dumps(report, indent=1))
-    (out / "profile_static.md").write_text(markdown(report))
+    write_report(out, "profile_static", report, markdown(report))
     print(markdown(report))
 
 

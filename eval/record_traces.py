@@ -14,15 +14,12 @@ trace is recorded on exactly what the accuracy numbers were measured on.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import REPO  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe.evaluation.errors import BadRecords  # noqa: E402

@@ -36,8 +36,7 @@ from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import eval.common  # noqa: E402,F401 - the scripts' shared settings (offline, quiet transformers)
 
 from vismmoe.errors import ConfigError  # noqa: E402
 from vismmoe.evaluation import run_eval  # noqa: E402

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import REPO  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe import ConfigError, InputError  # noqa: E402
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     gc.collect()
 
     engine = vismmoe.load(args.model, device=args.device, **SETTINGS[0])
-    cuda = engine.device.type == "cuda"
+    info = engine.info()
+    cuda = info.device.startswith("cuda")
     counts = {"good": 0, "bad": 0, "reconfigure": 0, "bad_reconfigure": 0}
     wrong, unexpected, samples = [], [], []
     decode_paths: dict[str, int] = {}
@@ -167,8 +168,8 @@ def main(argv=None) -> int:
             gc.collect()
             sample = {"request": i + 1, "rss_bytes": rss_bytes(), "elapsed_s": round(time.perf_counter() - t0, 1)}
             if cuda:
-                sample["gpu_allocated_bytes"] = torch.cuda.memory_allocated(engine.device)
-                sample["gpu_reserved_bytes"] = torch.cuda.memory_reserved(engine.device)
+                sample["gpu_allocated_bytes"] = torch.cuda.memory_allocated(info.device)
+                sample["gpu_reserved_bytes"] = torch.cuda.memory_reserved(info.device)
             samples.append(sample)
             if i + 1 == warm_at:
                 warm_rss, warm_gpu = sample["rss_bytes"], sample.get("gpu_reserved_bytes")
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
         gpu_growth = (max(s["gpu_reserved_bytes"] for s in after) - warm_gpu) / warm_gpu
     ok = not wrong and not unexpected and rss_growth < 0.05 and (gpu_growth is None or gpu_growth < 0.05)
     report = {
-        "ok": ok, "model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
+        "ok": ok, "model": args.model, "device": info.device, "dtype": f"torch.{info.dtype}",
         "requests": args.requests, "counts": counts, "decode_paths": decode_paths,
         "distinct_questions": len(pool), "max_new_tokens": args.max_new_tokens,
         "reference": "tokens of a fresh engine at full budget on the generate path",

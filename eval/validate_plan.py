@@ -24,9 +24,7 @@ easyvqa model (its recorded test-split trace). Writes validate_plan.json and val
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 import time
 import traceback
@@ -35,10 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir, random_image, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
@@ -47,8 +43,8 @@ from vismmoe.deploy.probe import probe  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
 
-BUNDLED = ROOT / "models" / "easyvqa-qwen3vlmoe"
-BUNDLED_TRACE = ROOT / "eval" / "results" / "easyvqa_test_traces.npz"
+BUNDLED = REPO / "models" / "easyvqa-qwen3vlmoe"
+BUNDLED_TRACE = REPO / "eval" / "results" / "easyvqa_test_traces.npz"
 TARGETS = ["jetson-orin-nano-8gb", "rtx4060-laptop-8gb", "rtx3060-12gb", "rtx4090-24gb"]
 
 
@@ -59,8 +55,7 @@ def requests(kind: str, n: int, seed: int):
 
     rs = np.random.RandomState(seed)
     if kind == "bench":
-        prompt = "what is the color of the shape on the left of the image?"
-        return [(Image.fromarray((rs.rand(256, 256, 3) * 255).astype("uint8")), prompt) for _ in range(n)]
+        return [(random_image(rs, 256), BENCH_PROMPT) for _ in range(n)]
     try:
         import easy_vqa
 
@@ -88,7 +83,7 @@ def record_trace(model_dir, reqs, new_tokens, device, path) -> Path:
                         request_id=f"trace-{i}")
     engine.stop_trace(path)
     engine.close()
-    _free()
+    free_memory()
     return Path(path)
 
 
@@ -109,17 +104,11 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
             memory, path = s.memory, s.decode_path
         return dict(ttft_ms=float(np.mean(ttft)), decode_ms_per_token=float(np.mean(decode)),
                     hit_rate=float(np.mean(hit)), peak_gpu_bytes=int(max(peak)), memory=memory, decode_path=path,
-                    num_slots=engine.num_slots)
+                    num_slots=engine.info().num_slots)
     finally:
         engine.close()
         del engine
-        _free()
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        free_memory()
 
 
 def _dtype(device):
@@ -138,23 +127,22 @@ def main():
     ap.add_argument("--models", nargs="+", default=["bench", "bundled"], choices=("bench", "bundled"))
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random bench model")
     args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
 
     if args.tiny:
-        from vismmoe.tiny_models import build_checkpoint
+        from vismmoe.testing.tiny_models import build_checkpoint
 
         bench_dir = Path(out) / "tiny-bench"
         if not (bench_dir / "config.json").is_file():
             build_checkpoint("qwen3_vl_moe", bench_dir, init_std=0.2, image_size=256)
     else:
-        from vismmoe.tiny_models import full_size_checkpoint
+        from vismmoe.testing.tiny_models import full_size_checkpoint
 
         bench_dir = full_size_checkpoint(args.layers)
     gpu_profile = parse_profile(probe(bench_dir), "probe")
-    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+    report = dict(device=device_name(device), torch=torch.__version__,
                   probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, rows_a=[], rows_b=[])
     models = []
     if "bench" in args.models:
@@ -209,8 +197,7 @@ def main():
             report["rows_b"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
     report["seconds"] = time.perf_counter() - t0
-    (out / "validate_plan.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "validate_plan.md").write_text(markdown(report))
+    write_report(out, "validate_plan", report, markdown(report))
     print(markdown(report))
 
 

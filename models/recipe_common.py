@@ -8,7 +8,7 @@ the order a recipe runs it:
 
   run_arguments             the command-line options every recipe has
   start_run                 seeds, TF32, the version/device/argv header of the log
-  build_model_and_processor the model and its image-only processor (vismmoe.tiny_models' tokenizer)
+  build_model_and_processor the model and its image-only processor (vismmoe.testing.tiny_models' tokenizer)
   encode_split, pad_splits  token ids / labels, right-padded to one length; mrope_positions
   check_against_processor   prompt tokens, pixel layout and M-RoPE positions equal the processor's/model's
   parameter_counts          total / vision / expert / active parameters
@@ -37,13 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vismmoe.tiny_models import (
-    TextShape,
-    _fix_processor_class,
-    _qwen3_vl_moe,
-    _save_processor,
-    image_only_processor_class,
-)
+from vismmoe.inputs import image_only_processor_class
+from vismmoe.testing.tiny_models import TextShape, family_parts, save_processor
 
 
 def log(*args):
@@ -95,7 +90,7 @@ class Geometry:
 
 def build_model_and_processor(seed: int, aux_coef: float, text_shape: dict, vision: dict, geom: Geometry):
     shape = TextShape(**text_shape, extra=dict(router_aux_loss_coef=aux_coef))
-    cfg, model_cls, (proc_cls, _ip, tok, proc_kwargs) = _qwen3_vl_moe(Path("."), shape, seed, geom.side)
+    cfg, model_cls, (proc_cls, _ip, tok, proc_kwargs) = family_parts("qwen3_vl_moe", shape, geom.side)
     cfg.vision_config.patch_size = geom.patch
     cfg.vision_config.spatial_merge_size = geom.merge
     cfg.vision_config.temporal_patch_size = geom.tpatch
@@ -686,8 +681,7 @@ def save_checkpoint(model, out_dir: Path, proc_parts, bf16_above_bytes: float) -
         dtype = "bfloat16"
         model.to(torch.bfloat16)
     model.cpu().save_pretrained(str(out_dir))
-    _save_processor(out_dir, proc_cls, ip, tok, **proc_kwargs)
-    _fix_processor_class(out_dir, proc_cls.__name__)
+    save_processor(out_dir, proc_cls, ip, tok, **proc_kwargs)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return dtype, size / 1e6
 

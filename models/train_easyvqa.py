@@ -1,7 +1,7 @@
 """Train the bundled demo model: a small Qwen3-VL-MoE, from scratch, on easy-VQA.
 
 The model is transformers' own `Qwen3VLMoeForConditionalGeneration` (4 MoE decoder layers, 16 experts,
-top-2, load-balancing aux loss on), built with `vismmoe.tiny_models` so the checkpoint has the same
+top-2, load-balancing aux loss on), built with `vismmoe.testing.tiny_models` so the checkpoint has the same
 char-level tokenizer, chat template and image-only processor as the other tiny checkpoints. Each 64x64
 easy-VQA image is upscaled by the checkpoint's own image processor to 224x224: 14x14 patches of 16 px,
 merged 2x2 into 49 visual tokens.

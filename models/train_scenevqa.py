@@ -2,7 +2,7 @@
 
 The model is transformers' own `Qwen3VLMoeForConditionalGeneration` (6 MoE decoder layers, 32 experts,
 top-4, load-balancing aux loss on), with the same char-level tokenizer, chat template and image-only
-processor as the other tiny checkpoints (vismmoe.tiny_models). Scene images are 224x224; the vision
+processor as the other tiny checkpoints (vismmoe.testing.tiny_models). Scene images are 224x224; the vision
 tower uses 8 px patches merged 2x2, so 16 px per visual token: 28x28 patches -> 14x14 = 196 visual
 tokens per image. Objects are 22-42 px, so each covers about 2-12 tokens: the task is pruning-sensitive.
 

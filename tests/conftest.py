@@ -14,7 +14,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from vismmoe.tiny_models import FAMILIES, build_checkpoint  # noqa: E402
+from vismmoe.testing.tiny_models import FAMILIES, build_checkpoint  # noqa: E402
 
 # Larger-than-default router and weight scale: random models at std 0.02 have near-tied logits,
 # which would make "same greedy tokens" a test of float noise instead of the engine.

@@ -28,7 +28,7 @@ def test_smoke_run_writes_a_loadable_checkpoint(recipe, tmp_path):
     from transformers import Qwen3VLMoeForConditionalGeneration
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-    from vismmoe.tiny_models import image_only_processor_class
+    from vismmoe.inputs import image_only_processor_class
 
     out = tmp_path / "ckpt"
     summary = recipe.main(["--smoke", "--data", str(tmp_path / "absent.npz"), "--out", str(out), "--device", "cpu"])

@@ -8,7 +8,7 @@ from transformers import AutoModelForImageTextToText
 
 import vismmoe
 from vismmoe.inputs import build_inputs
-from vismmoe.tiny_models import FAMILIES
+from vismmoe.testing.tiny_models import FAMILIES
 
 from .conftest import random_requests
 

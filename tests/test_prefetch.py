@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vismmoe
-from vismmoe.tiny_models import FAMILIES
+from vismmoe.testing.tiny_models import FAMILIES
 
 from .conftest import random_requests
 

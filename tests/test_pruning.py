@@ -11,7 +11,7 @@ import vismmoe
 from vismmoe import ConfigError
 from vismmoe.inputs import build_inputs
 from vismmoe.pruning import METHODS
-from vismmoe.tiny_models import FAMILIES
+from vismmoe.testing.tiny_models import FAMILIES
 
 from .conftest import random_requests
 from .test_families import reference_tokens
@@ -28,7 +28,7 @@ def _requests(family, n=3):
 @pytest.fixture(scope="module")
 def qwen_grid(tmp_path_factory):
     """A tiny Qwen3-VL-MoE whose processor keeps images up to 256x256 (up to 64 visual tokens)."""
-    from vismmoe.tiny_models import build_checkpoint
+    from vismmoe.testing.tiny_models import build_checkpoint
 
     path = tmp_path_factory.mktemp("grid") / "qwen3_vl_moe"
     build_checkpoint("qwen3_vl_moe", path, seed=3, init_std=0.2, image_size=256)

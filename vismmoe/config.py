@@ -42,15 +42,18 @@ class EngineConfig:
     # Also prefetch during the prefill. Off by default: a many-token step touches nearly every expert,
     # so predictions are the union of everything and mostly displace useful experts.
     prefetch_prefill: bool = False
-    # Expert compute: "grouped_mm" (two grouped GEMMs over the slot pool; CUDA + bfloat16), "loop"
-    # (one expert at a time, the reference arithmetic of transformers' eager experts), or "auto".
+    # Expert compute: "grouped_mm" (two grouped GEMMs over the slot pool; CUDA + bfloat16), "fused"
+    # (steps of <= 16 tokens in the fused decode kernel ops.fused_moe_decode, the rest as auto), "loop"
+    # (one expert at a time, the reference arithmetic of transformers' eager experts), or "auto" (fused
+    # where it runs, else grouped_mm where it runs, else loop).
     experts_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
     # step one CUDA graph replay when `cuda_graphs`), "generate" (transformers' generate, experts
     # decided on the host per layer), or "auto" (static whenever the request and the cache allow it:
-    # greedy, a policy with a device twin (lru, lfu) or a budget holding every expert, no trace).
+    # greedy, no trace, and a host slab the device can copy from (page-locked on CUDA) unless the budget
+    # holds every expert; any policy).
     decode: str = "auto"
     cuda_graphs: bool = True
     # Default generation length and sampling.

@@ -37,7 +37,7 @@ from .offload.runtime import OffloadRuntime
 from .offload.store import ExpertStore
 from .pruning.settings import is_off as _pruning_off
 from .static_decode import DecoderPool, model_context
-from .stats import RequestStats, dynamic_kv_bytes, memory_parts, request_stats
+from .stats import EngineInfo, RequestStats, dynamic_kv_bytes, memory_parts, request_stats
 
 if TYPE_CHECKING:
     from .offload.trace import TraceRecorder
@@ -352,6 +352,40 @@ class Engine:
         routing trace is being recorded (the trace would gain a request)."""
         if self.trace is None:
             self.generate(image=image, prompt=prompt, max_new_tokens=max_new_tokens)
+
+    def info(self) -> EngineInfo:
+        """What this engine is and how it serves now (model, device, cache, store, decode path, kernels,
+        prefetch), as one record: for logs and benchmark reports (`dataclasses.asdict` or `.to_dict()`)."""
+        self._check_open()
+        config, layout, cache = self.config, self.layout, self.cache
+        static_unavailable = self._static_unavailable({})
+        # The slot pool is computed over in one op when every expert is resident or the slots fit the
+        # grouped kernel's group limit; else expert by expert (the host-decided path's rule).
+        pooled = cache.complete or self.num_slots <= ops.MAX_GROUPS
+        prefill_kernel = "grouped_mm" if self.runtime.grouped and pooled else "loop"
+        return EngineInfo(
+            model_dir=str(self.model_dir), model_type=layout.model_type, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), layers=len(layout.layers), experts=layout.num_experts,
+            top_k=layout.top_k, record_bytes=self.store.record_bytes, num_slots=self.num_slots,
+            budget_bytes=cache.budget_bytes, all_resident=cache.complete, policy=config.policy, store=config.store,
+            host_store_kind="mmap" if self.store.slab is None else "page-locked" if self.store.pinned else "pageable",
+            host_store_bytes=0 if self.store.slab is None else self.store.total_bytes,
+            non_expert_bytes=self.non_expert_bytes, decode=config.decode,
+            decode_path="generate" if static_unavailable else "static", static_unavailable=static_unavailable,
+            cuda_graphs=config.cuda_graphs, experts_kernel=config.experts_kernel, prefill_kernel=prefill_kernel,
+            decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
+            prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
+            prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill)
+
+    def reset_stats(self) -> None:
+        """Zero the request counters (expert hits and misses, bytes copied, the prefetch ledger, prediction
+        scores) and the CUDA peak-memory statistic. generate() starts every request this way; call it to
+        measure work done outside a request, or to drop a warm-up's counts."""
+        self._check_open()
+        self.cache.reset_counters()
+        self.runtime.begin_request()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _memory_parts(self, dynamic_kv_tokens: int, peak) -> dict:
         """Bytes by part (stats.memory_parts): the KV caches are every static cache the engine keeps,

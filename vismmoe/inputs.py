@@ -83,8 +83,6 @@ def load_processor(model_dir: Path):
             return processor
     except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError):
         pass
-    from .tiny_models import image_only_processor_class
-
     config = _read_json(model_dir / "processor_config.json") or {}
     name = (config.get("processor_class") or (_read_json(model_dir / "tokenizer_config.json") or {}).get("processor_class")
             or _processor_class_for_model_type(model_dir))
@@ -105,6 +103,23 @@ def load_processor(model_dir: Path):
     return image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **kwargs
     )
+
+
+def image_only_processor_class(processor_cls):
+    """Subclass of a VL processor that takes no video processor.
+
+    transformers' VL processors insist on a video processor, which needs torchvision; image-only use
+    does not. ProcessorMixin reads the attribute list from the __init__ signature, so the subclass
+    declares only the parts it has.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_cls.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+            chat_template=chat_template, **kwargs,
+        )
+
+    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
 
 
 def _processor_class_for_model_type(model_dir: Path) -> str | None:

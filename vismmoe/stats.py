@@ -1,4 +1,5 @@
-"""Per-request statistics: what a user needs to see why a request was slow.
+"""Per-request statistics (what a user needs to see why a request was slow) and what a loaded engine is
+(`EngineInfo`).
 
 A decode loop (static_decode.StaticDecoder, generate_decode.GenerateDecoder) hands back a `DecodeRun`
 (its tokens, when the first and the last token were known, the cache's and the predictor's counters);
@@ -90,7 +91,6 @@ class RequestStats:
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
     memory: dict = field(default_factory=dict)
     pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
-    extra: dict = field(default_factory=dict)
 
     @property
     def expert_hits(self) -> int:
@@ -200,6 +200,44 @@ def dynamic_kv_bytes(text_config, tokens: int, element_size: int) -> int:
 def _rounded(matrix) -> list:
     # Per distance, per layer; None where the layer had nothing to score (e.g. the first layer).
     return [[None if x != x else round(float(x), 4) for x in row] for row in matrix]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a loaded engine is and how it will serve (Engine.info()): for logs, reports and benchmarks."""
+
+    model_dir: str
+    model_type: str  # transformers' model_type of the checkpoint (the family)
+    device: str
+    dtype: str
+    layers: int  # MoE layers
+    experts: int  # routed experts per MoE layer
+    top_k: int
+    record_bytes: int  # one expert's weights: the unit of the cache and of every copy
+    num_slots: int  # experts the GPU cache holds
+    budget_bytes: int  # num_slots x record_bytes
+    all_resident: bool  # the budget holds every expert: loaded once, never evicted
+    policy: str
+    store: str  # the store setting: pinned, memory or mmap
+    host_store_kind: str  # what the host store is: page-locked, pageable or mmap
+    host_store_bytes: int  # 0 for mmap (records are read from the files on demand)
+    non_expert_bytes: int  # non-expert weights and buffers on the compute device
+    decode: str  # the decode setting: auto, static or generate
+    # The path a request without generation arguments takes: "static" or "generate" (static_unavailable
+    # says why not static; None when it is). A model the static cache cannot hold is found per request.
+    decode_path: str
+    static_unavailable: str | None
+    cuda_graphs: bool
+    experts_kernel: str  # the setting: auto, fused, grouped_mm or loop
+    prefill_kernel: str  # what computes the experts of a prefill: grouped_mm or loop
+    decode_kernel: str  # ... of a decode step (<= 16 tokens): fused, grouped_mm or loop
+    prefetch: bool
+    prefetch_depth: int
+    prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
+    prefetch_prefill: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _mean(values) -> float:

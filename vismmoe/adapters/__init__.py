@@ -2,8 +2,8 @@
 
 transformers 5 gives every modern MoE the same shape (a router `gate`, an `experts` module with fused
 3-D `gate_up_proj`/`down_proj` parameters decorated with `use_experts_implementation`), so discovery
-is generic. A family only needs an entry here when something differs: the list below records which
-families are verified end to end against transformers (tests/test_families.py).
+is generic. The families verified end to end against transformers are README's "Supported models"
+(tests/test_families.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,6 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-
-# model_type of the top-level config -> human name of the verified family.
-VERIFIED_FAMILIES = {
-    "qwen3_vl_moe": "Qwen3-VL-MoE (Qwen3-VL-30B-A3B, Qwen3-VL-235B-A22B)",
-    "glm4v_moe": "GLM-4.5V (sigmoid router with bias correction, shared experts, leading dense layer)",
-    "internvl": "InternVL with a qwen3_moe text model (InternVL3.5-30B-A3B-HF)",
-    "llava_onevision": "LLaVA-OneVision with an olmoe text model",
-}
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -52,9 +44,6 @@ class MoeLayout:
     @property
     def record_numel(self) -> int:
         return self.gate_up_shape[0] * self.gate_up_shape[1] + self.down_shape[0] * self.down_shape[1]
-
-    def by_decoder_index(self) -> dict[int, MoeLayer]:
-        return {layer.decoder_index: layer for layer in self.layers}
 
 
 def _is_experts_module(module: nn.Module) -> bool:

@@ -51,7 +51,6 @@ class ExpertStore:
                  device: torch.device | None = None):
         self.layout = layout
         self.dtype = dtype
-        self.mode = mode
         self.num_layers = len(layout.layers)
         self.num_experts = layout.num_experts
         self.record_numel = layout.record_numel

@@ -1,6 +1,6 @@
 """Tiny random checkpoints of real VL-MoE architectures, built offline.
 
-Tests, the fallback demo and GPU mechanism benchmarks need real transformers model classes with a
+Tests, the training recipes (models/) and GPU mechanism benchmarks (eval/) need real transformers model classes with a
 tokenizer, image processor and chat template, but no hub access. `build_checkpoint(family, dir)`
 writes a directory that `vismmoe.load` and `transformers.from_pretrained` both read, exactly like a
 downloaded checkpoint. Sizes can be overridden (for example full-size experts for GPU benchmarks).
@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..inputs import image_only_processor_class
 
 FAMILIES = ("qwen3_vl_moe", "glm4v_moe", "internvl_qwen3_moe", "llava_onevision_olmoe")
 
@@ -62,29 +64,14 @@ def build_tokenizer(special_tokens: list[str], chat_template: str, named_tokens:
     return tok
 
 
-def image_only_processor_class(processor_cls):
-    """Subclass of a VL processor that takes no video processor.
-
-    transformers' VL processors insist on a video processor, which needs torchvision; image-only use
-    does not. ProcessorMixin reads the attribute list from the __init__ signature, so the subclass
-    declares only the parts it has.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_cls.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-            chat_template=chat_template, **kwargs,
-        )
-
-    return type(processor_cls.__name__, (processor_cls,), {"__init__": __init__, "__module__": __name__})
-
-
-def _save_processor(out: Path, processor_cls, image_processor, tokenizer, **kwargs):
+def save_processor(out: Path, processor_cls, image_processor, tokenizer, **kwargs):
+    """Write the processor and tokenizer files as a real checkpoint of `processor_cls` has them."""
     proc = image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template, **kwargs
     )
     proc.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+    _fix_processor_class(out, processor_cls.__name__, kwargs)
 
 
 def _mrope_section(half: int) -> list[int]:
@@ -103,7 +90,7 @@ def _text_common(shape: TextShape, vocab_size: int) -> dict:
     )
 
 
-def _qwen3_vl_moe(out: Path, shape: TextShape, seed: int, image_size: int):
+def _qwen3_vl_moe(shape: TextShape, image_size: int):
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -136,7 +123,7 @@ def _qwen3_vl_moe(out: Path, shape: TextShape, seed: int, image_size: int):
     return cfg, Qwen3VLMoeForConditionalGeneration, (Qwen3VLProcessor, ip, tok, {})
 
 
-def _glm4v_moe(out: Path, shape: TextShape, seed: int, image_size: int):
+def _glm4v_moe(shape: TextShape, image_size: int):
     from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
     from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
@@ -167,7 +154,7 @@ def _glm4v_moe(out: Path, shape: TextShape, seed: int, image_size: int):
     return cfg, Glm4vMoeForConditionalGeneration, (Glm4vProcessor, ip, tok, {})
 
 
-def _internvl_qwen3_moe(out: Path, shape: TextShape, seed: int, image_size: int):
+def _internvl_qwen3_moe(shape: TextShape, image_size: int):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.processing_internvl import InternVLProcessor
@@ -190,7 +177,7 @@ def _internvl_qwen3_moe(out: Path, shape: TextShape, seed: int, image_size: int)
     return cfg, InternVLForConditionalGeneration, (InternVLProcessor, ip, tok, {"image_seq_length": seq})
 
 
-def _llava_onevision_olmoe(out: Path, shape: TextShape, seed: int, image_size: int):
+def _llava_onevision_olmoe(shape: TextShape, image_size: int):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
@@ -232,6 +219,14 @@ _BUILDERS = {
 }
 
 
+def family_parts(family: str, shape: TextShape, image_size: int):
+    """(config, model class, (processor class, image processor, tokenizer, processor kwargs)) of a tiny
+    `family` model of `shape`, nothing built or written."""
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return _BUILDERS[family](shape, image_size)
+
+
 def build_checkpoint(
     family: str,
     out_dir: str | os.PathLike,
@@ -251,12 +246,10 @@ def build_checkpoint(
     """
     import torch
 
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = shape or TextShape()
-    cfg, model_cls, (proc_cls, image_processor, tok, proc_kwargs) = _BUILDERS[family](out, shape, seed, image_size)
+    cfg, model_cls, (proc_cls, image_processor, tok, proc_kwargs) = family_parts(family, shape, image_size)
     # Special-token ids come from the local tokenizer, not from the defaults of the real checkpoints.
     for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
         c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
@@ -274,8 +267,7 @@ def build_checkpoint(
     if router_std is not None:
         _spread_routers(model, router_std, seed)
     model.save_pretrained(str(out))
-    _save_processor(out, proc_cls, image_processor, tok, **proc_kwargs)
-    _fix_processor_class(out, proc_cls.__name__, proc_kwargs)
+    save_processor(out, proc_cls, image_processor, tok, **proc_kwargs)
     return model
 
 
