@@ -4,6 +4,10 @@ It builds and wires: the model and the host store (loading.py), the expert cache
 runtime (offload/), the transformers glue (offload/glue.py) and the two decode loops, static decode
 (static_decode.py, on the device-decided path) and transformers' generate (generate_decode.py). A
 request picks its loop, runs it, and turns the run's counters into RequestStats (stats.py).
+
+Why it is over ~400 lines: it is the one public object (load, generate, reconfigure, warm_up, info,
+reset_stats, traces, close) and each of those validates its input and says what to do instead; the
+work itself lives in the modules named above.
 """
 
 from __future__ import annotations
