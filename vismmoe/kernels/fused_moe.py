@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes and launch options of the two launches. Launch 1: a program owns `gate_i` gate and up
