@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
+from eval.common import write_report  # noqa: E402 - the scripts' shared settings (offline, quiet transformers)
 from vismmoe.evaluation import run_eval  # noqa: E402
 
 # Absolute weights (importance, concentration, diversity, routing), so a table stays readable when the
@@ -81,7 +78,6 @@ def main(argv=None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     summary = {"model": args.model, "task": args.task, "unpruned_accuracy": base_acc,
                "n_samples": base["n_samples"], "rows": rows}
-    (out / "affinity_weights.json").write_text(json.dumps(summary, indent=2) + "\n")
     keeps = sorted({r["visual_keep"] for r in rows}, reverse=True)
     lines = [f"# Affinity weights on {args.task} ({base['n_samples']} questions, unpruned {base_acc:.4f})", "",
              "| setting | weights | " + " | ".join(f"keep {k}" for k in keeps) + " |",
@@ -90,7 +86,7 @@ def main(argv=None) -> dict:
         mine = {r["visual_keep"]: r for r in rows if r["setting"] == name}
         cells = [f"{mine[k]['retention']:.1%} ({mine[k][headline]:.3f})" if k in mine else "" for k in keeps]
         lines.append(f"| {name} | {json.dumps(mine[keeps[0]]['weights'])} | " + " | ".join(cells) + " |")
-    (out / "affinity_weights.md").write_text("\n".join(lines) + "\n")
+    write_report(out, "affinity_weights", summary, "\n".join(lines) + "\n", indent=2)
     print("\n".join(lines))
     return summary
 
