@@ -246,3 +246,17 @@ def test_unsupported_family_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="not supported for model type 'deepseek_vl_v2'"):
         VisualPruner.check_supported("deepseek_vl_v2")
+
+
+def test_readme_states_the_affinity_default_weights():
+    # README's config table and its pruning section name the defaults chosen by measurement (BENCHMARKS.md).
+    import re
+    from pathlib import Path
+
+    from vismmoe.pruning.settings import DEFAULT_AFFINITY_WEIGHTS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = re.search(r"\| `visual_affinity_weights` \| `\{([^}]*)\}`", readme).group(1)
+    table = {k.strip(): float(v) for k, v in (part.split(":") for part in row.split(","))}
+    assert table == DEFAULT_AFFINITY_WEIGHTS
+    assert str({k: v if v % 1 else int(v) for k, v in DEFAULT_AFFINITY_WEIGHTS.items()}).replace("'", '"') in readme
