@@ -11,6 +11,9 @@
 #   PHASE=check   GPU 0: train the scene model; GPU 1 (both GPUs for the multi-GPU tests first): GPU tests,
 #                 bench_fused_moe, profile_static and gpu_check on the 12-layer bench model (fused decode kernel
 #                 on the hot path), then the easy-VQA retention at keep 0.25 (4 ranks on GPU 1).
+#   PHASE=validate  both GPUs: the multi-GPU tests; then GPU 1: the runtime's GPU tests, profile_static and
+#                 gpu_check on the 12-layer bench model, while GPU 0 runs the scene pruning sweep (resumable:
+#                 SWEEP_DIR keeps its finished questions between calls; carry it back in).
 #   PHASE=sweep   both GPUs: the multi-GPU tests, then the scene pruning sweep (issue 10) and the easy-VQA
 #                 retention at keep 0.25, several ranks per GPU (needs models/scenevqa-qwen3vlmoe).
 set -u
@@ -92,6 +95,26 @@ elif [ "$PHASE" = check ]; then
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.jsonl' fused_moe profile_static \
         gpu_check easyvqa_keep 2>/dev/null
     tar -C "$WORK" -czf "$OUT/easyvqa_keep.tgz" easyvqa_keep 2>/dev/null
+elif [ "$PHASE" = validate ]; then
+    SWEEP_DIR=${SWEEP_DIR:-gpu_runs/scene_pruning}
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    build_pid=$!
+    step multi_gpu 150 python3 -m pytest -q -o faulthandler_timeout=90 tests/test_multi_gpu.py > "$OUT/multi_gpu.log" 2>&1
+    ( export CUDA_VISIBLE_DEVICES=0; step scene_sweep "$(left 25)" torchrun --nproc-per-node "${RANKS:-6}" \
+        eval/scene_pruning_sweep.py --model models/scenevqa-qwen3vlmoe --out "$SWEEP_DIR" ) > "$OUT/sweep.log" 2>&1 &
+    sweep_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        step pytest 240 python3 -m pytest -q -o faulthandler_timeout=90 tests/test_runtime.py tests/test_static_decode.py \
+            tests/test_fused_moe.py tests/test_prefetch.py tests/test_cache_core.py tests/test_engine_info.py tests/test_ops.py
+        echo "=== waiting for the bench model build $(date -u +%T)"; wait $build_pid; tail -2 "$WORK/build.log"
+        step profile_static 120 python3 eval/profile_static.py --out "$WORK/profile_static" --layers 12
+        step gpu_check 200 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 12 --requests 4
+    } > "$OUT/gpu1.log" 2>&1
+    wait $sweep_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check 2>/dev/null
+    tar -czf "$OUT/sweep.tgz" "$SWEEP_DIR" 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     RANKS=${RANKS:-8}
     {
