@@ -116,15 +116,16 @@ elif [ "$PHASE" = validate ]; then
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check 2>/dev/null
     tar -czf "$OUT/sweep.tgz" "$SWEEP_DIR" 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
-    RANKS=${RANKS:-8}
+    # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
+    # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
+    # into WORK first; KEEP limits the keeps of this piece (the unpruned run is part of every piece).
+    [ -n "${SEED:-}" ] && tar -C "$WORK" -xzf "$SEED"
+    GPU_RANKS=${GPU_RANKS:-10}; CPU_RANKS=${CPU_RANKS:-18}
     {
-        step multi_gpu 120 python3 -m pytest -q tests/test_multi_gpu.py
-        step scene_sweep "$(left 150)" torchrun --nproc-per-node "$RANKS" eval/scene_pruning_sweep.py \
-            --model models/scenevqa-qwen3vlmoe --out "$WORK/scene_pruning"
-        step easyvqa_keep 140 torchrun --nproc-per-node "$RANKS" -m vismmoe.evaluation eval \
-            --model models/easyvqa-qwen3vlmoe --task easyvqa --output "$WORK/easyvqa_keep" --no-progress \
-            --sweep visual_keep=1.0,0.25 visual_prune=affinity
+        export VISMMOE_EVAL_GPU_RANKS=$GPU_RANKS; step scene_sweep "$(left 30)" torchrun --nproc-per-node $((GPU_RANKS + CPU_RANKS)) \
+            eval/scene_pruning_sweep.py --model models/scenevqa-qwen3vlmoe --out "$WORK/scene_pruning" \
+            --keep "${KEEP:-1.0,0.75,0.5,0.25,0.125}"
     } > "$OUT/sweep.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' scene_pruning easyvqa_keep 2>/dev/null
+    (cd "$WORK" && tar -czf "$OUT/sweep.tgz" --exclude='unpruned' scene_pruning)
 fi
 echo "phase $PHASE done $(date -u +%T)"

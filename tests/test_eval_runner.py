@@ -211,3 +211,20 @@ def test_sweep_reloads_when_reconfigure_refuses_a_setting(tmp_path):
     run_eval("m", "pope", FIXTURES / "pope", limit=2, output=tmp_path, engine_factory=factory, progress=False,
              sweep=["dtype=float32,bfloat16"])
     assert [e.overrides for e in factory.engines] == [{"dtype": "float32"}, {"dtype": "bfloat16"}]
+
+
+def test_cpu_ranks_of_a_mixed_run_load_on_the_cpu_and_record_it(tmp_path, monkeypatch):
+    """VISMMOE_EVAL_GPU_RANKS=0: this (only) rank is past the GPU ranks, so its engine gets device cpu and
+    every record names the device that answered it."""
+    monkeypatch.setenv("VISMMOE_EVAL_GPU_RANKS", "0")
+    factory = Factory()
+    run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=factory, progress=False)
+    assert [e.overrides.get("device") for e in factory.engines] == ["cpu"]
+    rows = records(tmp_path / "samples.jsonl")
+    assert rows and all("device" in r for r in rows)
+
+
+def test_gpu_ranks_must_be_a_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISMMOE_EVAL_GPU_RANKS", "two")
+    with pytest.raises(ConfigError, match="VISMMOE_EVAL_GPU_RANKS must be a whole number"):
+        run_eval("m", "pope", FIXTURES / "pope", output=tmp_path, engine_factory=Factory(), progress=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,13 @@ class _Run:
             self.close()  # free the previous setting's engine before loading the next one
         if self.engine is None:
             overrides = dict(overrides)
-            if self.procs.world_size > 1 and _cuda_available():
+            if _on_cpu_rank(self.procs):
+                import torch
+
+                # A GPU machine's spare cores: one single-threaded CPU engine per extra rank.
+                torch.set_num_threads(1)
+                overrides["device"] = "cpu"
+            elif self.procs.world_size > 1 and _cuda_available():
                 import torch
 
                 # Ranks beyond the GPU count share GPUs round-robin: a small model leaves one process
@@ -204,6 +211,8 @@ class _Run:
                 latency = time.perf_counter() - start
                 record = {**base_record(sample), "prediction": result.text, "latency_s": latency,
                           **_stats(result)}
+                if gpu_ranks() is not None:  # a mixed GPU + CPU run: say where each answer came from
+                    record["device"] = str(getattr(self.engine, "device", "unknown"))
                 record.update(self.spec.score(record, self.normalize))
                 out.write(json.dumps(ordered(record), default=str) + "\n")
                 out.flush()
@@ -287,11 +296,33 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_ranks() -> int | None:
+    """VISMMOE_EVAL_GPU_RANKS=N: local ranks N and above evaluate on the CPU (unset: every rank on the GPUs).
+
+    Small models leave a GPU process CPU-bound and several processes time-share one GPU, so on a GPU
+    machine with many cores extra CPU ranks add throughput (accuracy runs; their latencies are the CPU's)."""
+    value = os.environ.get("VISMMOE_EVAL_GPU_RANKS")
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"VISMMOE_EVAL_GPU_RANKS must be a whole number of ranks, got {value!r}")
+    return int(value)
+
+
+def _on_cpu_rank(procs: Processes) -> bool:
+    limit = gpu_ranks()
+    return limit is not None and procs.local_rank >= limit
+
+
 def _device(procs: Processes) -> str:
     if _cuda_available():
         import torch
 
-        return f"{procs.world_size} x {torch.cuda.get_device_name(0)}"
+        limit = gpu_ranks()
+        name = torch.cuda.get_device_name(0)
+        if limit is not None and limit < procs.world_size:
+            return f"{limit} x {name} + {procs.world_size - limit} x cpu (one thread each)"
+        return f"{procs.world_size} x {name}"
     import platform
 
     return f"{procs.world_size} x cpu ({platform.processor() or platform.machine()})"
