@@ -171,12 +171,16 @@ def main():
     steps = {}
     n = args.tokens
     # experts_kernel auto (the fused decode kernel where it runs), plus grouped_mm at 100% and 25% for comparison.
+    # norm_kernel auto (the fused RMSNorm where it runs) too, plus transformers' norm modules at 100%.
     runs = [(b, p, "auto") for b in (1.0, 0.25, 0.5) for p in (False, True)]
     if fused_decode:
         runs += [(1.0, False, "grouped_mm"), (0.25, False, "grouped_mm")]
+    if engine.info().fused_norms:
+        runs += [(1.0, False, "torch_norms")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
-                           experts_kernel=kernel)
+                           experts_kernel="auto" if kernel == "torch_norms" else kernel,
+                           norm_kernel="torch" if kernel == "torch_norms" else "auto")
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         result = engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         s = result.stats
@@ -187,7 +191,7 @@ def main():
             prefetch_mb_per_token=s.prefetch_issued_bytes / 1e6 / (s.new_tokens - 1), token_ids=result.token_ids)
         print(name, steps[name], flush=True)
     report["decode_steps"] = steps
-    engine.reconfigure(expert_budget=0.5, prefetch=True, decode="static", experts_kernel="auto")
+    engine.reconfigure(expert_budget=0.5, prefetch=True, decode="static", experts_kernel="auto", norm_kernel="auto")
     if engine.runtime.residency is not None and engine.runtime.predictor is not None:
         report["prefetch_per_layer"] = prefetch_times(engine)
         print("prefetch per layer", report["prefetch_per_layer"], flush=True)
@@ -209,6 +213,10 @@ def targets(report: dict) -> dict:
         "decode_100pct_met": full["decode_ms_per_token"] <= 1.6,
         "grouped_mm_100pct_ms_per_token": grouped and grouped["decode_ms_per_token"],
         "fused_tokens_equal_grouped_mm": grouped and full["token_ids"] == grouped["token_ids"]}
+    torch_norms = steps.get("1.0/prefetch=False/torch_norms")
+    kernel |= {  # the fused RMSNorm (norm_kernel: auto) against transformers' norm modules, same run
+        "torch_norms_100pct_ms_per_token": torch_norms and torch_norms["decode_ms_per_token"],
+        "fused_norms_tokens_equal_torch_norms": torch_norms and full["token_ids"] == torch_norms["token_ids"]}
     return kernel | {
         "decision_us_per_layer": decision_us, "decision_target_us": 15.0, "decision_met": decision_us <= 15.0,
         "floor_25pct_ms_per_token": floor, "ratio_25pct_prefetch_off_to_floor": quarter["decode_ms_per_token"] / floor,

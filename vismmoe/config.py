@@ -47,6 +47,10 @@ class EngineConfig:
     # (one expert at a time, the reference arithmetic of transformers' eager experts), or "auto" (fused
     # where it runs, else grouped_mm where it runs, else loop).
     experts_kernel: str = "auto"
+    # RMSNorm modules: "fused" (one Triton launch per norm, ops.rms_norm; CUDA + triton), "torch"
+    # (transformers' modules as they are: eight small kernels each), or "auto" (fused where it runs).
+    # Only modules whose forward equals transformers' RMSNorm on a probe are swapped.
+    norm_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
@@ -98,6 +102,8 @@ class EngineConfig:
             raise ConfigError(f"prefetch_limit must be a non-negative integer (0 = automatic), got {self.prefetch_limit!r}")
         if self.experts_kernel not in ("auto", "fused", "grouped_mm", "loop"):
             raise ConfigError(f"experts_kernel must be auto, fused, grouped_mm or loop, got {self.experts_kernel!r}")
+        if self.norm_kernel not in ("auto", "fused", "torch"):
+            raise ConfigError(f"norm_kernel must be auto, fused or torch, got {self.norm_kernel!r}")
         if self.decode not in ("auto", "static", "generate"):
             raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):

@@ -27,6 +27,7 @@ from .checkpoint import checkpoint_files
 from .config import EngineConfig, check_keys, load_config
 from .errors import ConfigError, EngineClosedError, InputError, ModelLoadError
 from .generate_decode import GenerateDecoder
+from .layers.rms_norm import fuse_rms_norms
 from .inputs import (GENERATION_RULES, build_inputs, check_prompt, generate_parameters, load_image, load_processor,
                      placeholder_tokens)
 from .loading import (budget_to_slots, generation_config, load_non_expert_weights, release_expert_params,
@@ -111,6 +112,7 @@ class Engine:
         self.layout = adapters.discover(self.model)
         release_expert_params(self.layout, self.dtype)
         self.model.to(self.device).eval()
+        self.fused_norms = 0  # RMSNorm modules on the fused kernel (set with the runtime: norm_kernel)
         self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
                                     (*self.model.parameters(), *self.model.buffers()))
 
@@ -151,6 +153,8 @@ class Engine:
     def _build_runtime(self) -> None:
         config = self.config
         grouped, fused = self._experts_kernels()  # validates experts_kernel before the old runtime is torn down
+        # Before any decoder captures the model's forward; raises ConfigError before anything changed.
+        self.fused_norms = fuse_rms_norms(self.model, self.device, config.norm_kernel)
         if self.device.type == "cuda":
             # Copies may still be writing into the old slot pool on the copy stream: let them land
             # before its memory goes back to the allocator.
@@ -215,8 +219,8 @@ class Engine:
         return grouped and kernel != "loop", fused
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
-                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
-                       "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
+                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "norm_kernel",
+                       "prefetch_prefill", "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
 
     def _device_copies_work(self) -> bool:
@@ -377,6 +381,7 @@ class Engine:
             non_expert_bytes=self.non_expert_bytes, decode=config.decode,
             decode_path="generate" if static_unavailable else "static", static_unavailable=static_unavailable,
             cuda_graphs=config.cuda_graphs, experts_kernel=config.experts_kernel, prefill_kernel=prefill_kernel,
+            norm_kernel=config.norm_kernel, fused_norms=self.fused_norms,
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
             prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill)

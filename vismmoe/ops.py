@@ -4,6 +4,10 @@
 slot pool (`torch.nn.functional.grouped_mm`, the op transformers' own `grouped_mm` experts use), with
 the per-pair slot ids looked up on the device: no per-expert Python loop, no host sync, a fixed
 number of launches per layer. `experts_from_slots_reference` computes the same thing pair by pair.
+
+Every kernel of vismmoe/kernels/ has its one Python op here, beside its torch twin and the one-time
+check against it on each GPU (`_checked_once`): the fast paths and their references are reviewed in one
+place, which is why this module runs past ~400 lines.
 """
 
 from __future__ import annotations
@@ -392,5 +396,58 @@ def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
         ref = experts_from_slots_reference(x, w, slots, gate_up, down, silu_mul, transposed)
         got = fused_moe.fused_moe_decode(*(t.to(device) for t in (x, w, slots, gate_up, down)), transposed)
         if not torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4):
+            return False
+    return True
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm forward (Qwen3-VL-MoE, GLM-4.5V, Qwen2/3-MoE text and GLM vision norms), op
+    for op: a module whose forward equals this on a probe can take the fused kernel (layers/rms_norm.py)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: bool | None = None) -> torch.Tensor:
+    """`rms_norm_reference` in one launch (kernels/rms_norm.py) on CUDA with triton, once a one-time check
+    against the twin passed on that device; `kernel=True` forces it (tests run it under TRITON_INTERPRET=1),
+    False the twin."""
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        from .errors import InputError
+
+        raise InputError(f"rms_norm wants x [..., H] and weight [H]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if kernel is None:
+        kernel = x.is_cuda and cache_kernel_available() and _rms_norm_checked(x.device)
+    if kernel:
+        from .kernels import rms_norm as fused
+
+        return fused.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+_RMS_NORM_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def rms_norm_usable(device: torch.device) -> bool:
+    """Can the fused RMSNorm kernel run on `device`? CUDA with triton and a kernel that matched its twin."""
+    return device.type == "cuda" and cache_kernel_available() and _rms_norm_checked(device)
+
+
+def _rms_norm_checked(device: torch.device) -> bool:
+    return _checked_once(_RMS_NORM_CHECKED, device, _compare_rms_norm, "fused RMSNorm kernel",
+                         "transformers' RMSNorm modules run unchanged")
+
+
+def _compare_rms_norm(device: torch.device, seed: int = 0) -> bool:
+    from .kernels import rms_norm as fused
+
+    gen = torch.Generator().manual_seed(seed)
+    for rows, H in ((3, 72), (5, 128), (2, 2048)):  # H not a power of two: the mask is exercised
+        x = torch.randn(rows, H, generator=gen) * 3
+        w = torch.randn(H, generator=gen)
+        got = fused.rms_norm(x.to(device), w.to(device), 1e-6)
+        if not torch.allclose(got.cpu(), rms_norm_reference(x, w, 1e-6), atol=1e-5, rtol=1e-5):
             return False
     return True

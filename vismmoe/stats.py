@@ -231,6 +231,8 @@ class EngineInfo:
     experts_kernel: str  # the setting: auto, fused, grouped_mm or loop
     prefill_kernel: str  # what computes the experts of a prefill: grouped_mm or loop
     decode_kernel: str  # ... of a decode step (<= 16 tokens): fused, grouped_mm or loop
+    norm_kernel: str  # the setting: auto, fused or torch
+    fused_norms: int  # RMSNorm modules running the fused kernel (0: transformers' modules as they are)
     prefetch: bool
     prefetch_depth: int
     prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
