@@ -231,3 +231,64 @@ def test_first_use_of_a_kernel_is_timed_and_logged_once(monkeypatch, caplog):
     assert len(calls) == 1 and list(ops.KERNEL_FIRST_USE_S) == [("test kernel", "cuda:3")]
     notes = [r.getMessage() for r in caplog.records if "test kernel ready on cuda:3" in r.getMessage()]
     assert len(notes) == 1 and "Triton's cache" in notes[0]
+
+
+def _pool_and_slab(device, dtype, num_slots, num_rows, hidden, inter, transposed, gen):
+    """A slot pool and a host slab, both [N, record] with gate_up then down, viewed as the cache does."""
+    gu = 2 * inter * hidden
+    def views(flat, n):  # noqa: E306
+        if transposed:
+            return flat[:, :gu].view(n, hidden, 2 * inter), flat[:, gu:].view(n, inter, hidden)
+        return flat[:, :gu].view(n, 2 * inter, hidden), flat[:, gu:].view(n, hidden, inter)
+    pool = (torch.randn(num_slots, gu + hidden * inter, generator=gen) / hidden**0.5).to(device, dtype)
+    slab = (torch.randn(num_rows, gu + hidden * inter, generator=gen) / hidden**0.5).to(dtype)
+    if device == "cuda":
+        slab = slab.pin_memory()
+    return pool, slab, views(pool, num_slots), views(slab, num_rows)
+
+
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 8), (3, 2), (4, 4)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_zero_copy_reads_host_rows_as_if_copied(kernel_device, num_tokens, top_k, transposed):
+    """Slot id -r-1 reads host row r in place: the same result as copying row r into a slot first."""
+    gen = torch.Generator().manual_seed(20 + num_tokens + top_k)
+    hidden, inter, num_slots, num_rows = 72, 40, 6, 12
+    pool, slab, (gate_up, down), (host_gu, host_dn) = _pool_and_slab(
+        kernel_device, torch.float32, num_slots, num_rows, hidden, inter, transposed, gen)
+    # Each token: some experts from the pool, the rest straight from host rows (distinct per token).
+    ids = []
+    for _ in range(num_tokens):
+        from_pool = torch.randperm(num_slots, generator=gen)[: top_k // 2]
+        from_host = -1 - torch.randperm(num_rows, generator=gen)[: top_k - len(from_pool)]
+        ids.append(torch.cat([from_pool, from_host])[torch.randperm(top_k, generator=gen)])
+    slot_ids = torch.stack(ids).to(kernel_device)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(kernel_device)
+    w = torch.softmax(torch.randn(num_tokens, top_k, generator=gen), -1).to(kernel_device)
+    fused = ops.fused_moe_decode(x, w, slot_ids, gate_up, down, transposed, kernel=True,
+                                 host_gate_up=host_gu, host_down=host_dn)
+    # The copy path: every host row a token names copied into extra slots, then the pool-only kernel.
+    copied = torch.cat([pool, slab.to(kernel_device)])
+    gu = 2 * inter * hidden
+    n = copied.shape[0]
+    if transposed:
+        all_gu, all_dn = copied[:, :gu].view(n, hidden, 2 * inter), copied[:, gu:].view(n, inter, hidden)
+    else:
+        all_gu, all_dn = copied[:, :gu].view(n, 2 * inter, hidden), copied[:, gu:].view(n, hidden, inter)
+    as_slots = torch.where(slot_ids >= 0, slot_ids, num_slots - 1 - slot_ids)
+    via_copy = ops.fused_moe_decode(x, w, as_slots, all_gu, all_dn, transposed, kernel=True)
+    twin = ops.fused_moe_decode(x, w, slot_ids, gate_up, down, transposed, kernel=False,
+                                host_gate_up=host_gu, host_down=host_dn)
+    torch.testing.assert_close(fused, via_copy, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(fused, twin, atol=2e-5, rtol=2e-5)
+
+
+def test_zero_copy_bad_host_weights_are_input_errors():
+    gen = torch.Generator().manual_seed(4)
+    _, _, (gate_up, down), (host_gu, host_dn) = _pool_and_slab("cpu", torch.float32, 3, 5, 8, 4, False, gen)
+    x, w, ids = torch.randn(1, 8), torch.ones(1, 2) / 2, torch.tensor([[0, -1]])
+    ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu, host_down=host_dn)
+    with pytest.raises(InputError, match="needs both host_gate_up and host_down"):
+        ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu)
+    with pytest.raises(InputError, match="host_down must have the pool's record layout"):
+        ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu,
+                             host_down=host_dn.contiguous().transpose(1, 2))

@@ -313,22 +313,51 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     kernel: bool | None = None):
+                     kernel: bool | None = None, host_gate_up=None, host_down=None):
     """out[t] = sum_j w[t, j] * down_s(silu_mul(gate_up_s(x[t]))) with s = slot_ids[t, j].
 
     Shapes as `experts_from_slots`: hidden [T, H]; top_k_weights, slot_ids [T, k]; gate_up [S, 2I, H]
     and down [S, H, I] (or [S, H, 2I] / [S, I, H] when `is_transposed`). fp32 accumulation, output in
     hidden's dtype. The fused kernel runs on CUDA with triton once a one-time check against the twin
     passed on that device; `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False the twin.
+
+    Zero-copy: with `host_gate_up` / `host_down` (views of the page-locked host slab in the pool's layout,
+    [R, ...]), a slot id -r-1 is host row r, read over the bus by the kernel without taking a slot.
     """
     _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed)
+    zero_copy = host_gate_up is not None or host_down is not None
+    if zero_copy:
+        _check_host_weights(gate_up, down, host_gate_up, host_down)
     if kernel is None:
         kernel = hidden.is_cuda and cache_kernel_available() and _fused_moe_checked(hidden.device)
     if kernel:
         from .kernels import fused_moe
 
-        return fused_moe.fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed)
+        return fused_moe.fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed,
+                                          host_gate_up=host_gate_up, host_down=host_down)
+    if zero_copy:  # the twin on the same weights, gathered per pair: pool slots and host rows
+        ids = slot_ids.reshape(-1).tolist()
+        pick = lambda pool, host: torch.stack([pool[s] if s >= 0 else host[-s - 1].to(pool.device)  # noqa: E731
+                                               for s in ids])
+        pairs = torch.arange(len(ids), device=slot_ids.device).view_as(slot_ids)
+        return experts_from_slots_reference(hidden, top_k_weights, pairs, pick(gate_up, host_gate_up),
+                                            pick(down, host_down), silu_mul, is_transposed)
     return experts_from_slots_reference(hidden, top_k_weights, slot_ids, gate_up, down, silu_mul, is_transposed)
+
+
+def _check_host_weights(gate_up, down, host_gate_up, host_down) -> None:
+    from .errors import InputError
+
+    if host_gate_up is None or host_down is None:
+        raise InputError("fused_moe_decode zero-copy needs both host_gate_up and host_down")
+    for name, pool, host in (("gate_up", gate_up, host_gate_up), ("down", down, host_down)):
+        if host.shape[1:] != pool.shape[1:] or host.stride()[1:] != pool.stride()[1:] or host.dtype != pool.dtype:
+            raise InputError(f"fused_moe_decode zero-copy: host_{name} must have the pool's record layout "
+                             f"(shape [R, {', '.join(map(str, pool.shape[1:]))}], inner strides {pool.stride()[1:]}, "
+                             f"{pool.dtype}); got {tuple(host.shape)}, {host.stride()[1:]}, {host.dtype}")
+        if pool.is_cuda and not (host.is_cuda or host.is_pinned()):
+            raise InputError(f"fused_moe_decode zero-copy: host_{name} must be page-locked (pinned) memory for "
+                             "the GPU to read it")
 
 
 def _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed) -> None:

@@ -15,6 +15,12 @@ the work is bound by reading the weights. Layouts are handled by strides alone: 
 [S, H, 2I] (`is_transposed`), down [S, H, I] or [S, I, H], any (strided) views of the slot pool.
 Pointer offsets are int64 (a pool of large experts passes 2^31 elements).
 
+Zero-copy reads (issue 12's second miss path): a negative slot id -r-1 names row r of a second pair of
+weight tensors (`host_gate_up`, `host_down`: views of the page-locked host slab, same layout as the pool),
+which the kernel reads straight over the bus instead of from a slot. Each weight load is then two masked
+loads (pool or host, per pair), so only the bytes of the side a pair names move. Without host tensors
+(`HAS_HOST` off) the kernels are the pool-only ones.
+
 Torch twin: `ops.experts_from_slots_reference` with `ops.silu_mul`; tests `tests/test_fused_moe.py`.
 """
 
@@ -66,9 +72,9 @@ def blocks_for(num_tokens: int, is_transposed: bool) -> Blocks:
 
 
 @triton.jit
-def _gate_up_act(x_p, slot_p, gu_p, inter_p, H, I, top_k,
-                 sx_t, sx_h, sg_s, sg_o, sg_i,
-                 BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gate_up_act(x_p, slot_p, gu_p, hgu_p, inter_p, H, I, top_k,
+                 sx_t, sx_h, sg_s, shg_s, sg_o, sg_i,
+                 BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, HAS_HOST: tl.constexpr):
     pair = tl.program_id(0)
     ib = tl.program_id(1)
     token = pair // top_k
@@ -77,7 +83,10 @@ def _gate_up_act(x_p, slot_p, gu_p, inter_p, H, I, top_k,
     in_i = offs_i < I
     rows_g = offs_i.to(tl.int64) * sg_o  # gate rows are 0..I-1 of the 2I outputs, up rows I..2I-1
     rows_u = (offs_i + I).to(tl.int64) * sg_o
-    base = gu_p + slot * sg_s
+    on_host = slot < 0  # zero-copy: row -slot-1 of the host weights
+    row = tl.where(on_host, -slot - 1, slot)
+    base = gu_p + row * sg_s
+    host_base = hgu_p + row * shg_s
     gate = tl.zeros([BLOCK_I], dtype=tl.float32)
     up = tl.zeros([BLOCK_I], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
@@ -86,8 +95,21 @@ def _gate_up_act(x_p, slot_p, gu_p, inter_p, H, I, top_k,
         x = tl.load(x_p + token.to(tl.int64) * sx_t + offs_h * sx_h, mask=in_h, other=0.0).to(tl.float32)
         cols = offs_h.to(tl.int64) * sg_i
         mask = in_i[:, None] & in_h[None, :]
-        wg = tl.load(base + rows_g[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        wu = tl.load(base + rows_u[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        offs_g = rows_g[:, None] + cols[None, :]
+        offs_u = rows_u[:, None] + cols[None, :]
+        if HAS_HOST:
+            # The pool or the host side of this pair, as per-row masks (vectors: Triton's interpreter
+            # refuses a block mask combined with a scalar condition).
+            slot_rows = offs_i.to(tl.int64) * 0 + slot
+            dev = (in_i & (slot_rows >= 0))[:, None] & in_h[None, :]
+            host = (in_i & (slot_rows < 0))[:, None] & in_h[None, :]
+            wg = (tl.load(base + offs_g, mask=dev, other=0.0).to(tl.float32)
+                  + tl.load(host_base + offs_g, mask=host, other=0.0).to(tl.float32))
+            wu = (tl.load(base + offs_u, mask=dev, other=0.0).to(tl.float32)
+                  + tl.load(host_base + offs_u, mask=host, other=0.0).to(tl.float32))
+        else:
+            wg = tl.load(base + offs_g, mask=mask, other=0.0).to(tl.float32)
+            wu = tl.load(base + offs_u, mask=mask, other=0.0).to(tl.float32)
         gate += tl.sum(wg * x[None, :], axis=1)
         up += tl.sum(wu * x[None, :], axis=1)
     act = gate / (1.0 + tl.exp(-gate)) * up
@@ -95,9 +117,9 @@ def _gate_up_act(x_p, slot_p, gu_p, inter_p, H, I, top_k,
 
 
 @triton.jit
-def _down_sum(inter_p, slot_p, w_p, dn_p, out_p, H, I, top_k,
-              sw_t, sw_k, sd_s, sd_o, sd_i, so_t, so_h,
-              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr):
+def _down_sum(inter_p, slot_p, w_p, dn_p, hdn_p, out_p, H, I, top_k,
+              sw_t, sw_k, sd_s, shd_s, sd_o, sd_i, so_t, so_h,
+              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, HAS_HOST: tl.constexpr):
     token = tl.program_id(0)
     hb = tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
@@ -107,7 +129,11 @@ def _down_sum(inter_p, slot_p, w_p, dn_p, out_p, H, I, top_k,
     weights = tl.load(w_p + token.to(tl.int64) * sw_t + offs_k * sw_k, mask=in_k, other=0.0).to(tl.float32)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = offs_h < H
-    rows = slots[:, None] * sd_s + offs_h.to(tl.int64)[None, :] * sd_o  # [K, BLOCK_H]
+    on_host = slots < 0  # zero-copy pairs: row -slot-1 of the host weights
+    row = tl.where(on_host, -slots - 1, slots)
+    cols = offs_h.to(tl.int64)[None, :] * sd_o
+    rows = row[:, None] * sd_s + cols  # [K, BLOCK_H]
+    host_rows = row[:, None] * shd_s + cols
     acc = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
@@ -115,8 +141,14 @@ def _down_sum(inter_p, slot_p, w_p, dn_p, out_p, H, I, top_k,
         a = tl.load(inter_p + pairs[:, None] * I + offs_i[None, :], mask=in_k[:, None] & in_i[None, :],
                     other=0.0)  # [K, BLOCK_I]
         mask = (in_k[:, None] & in_h[None, :])[:, :, None] & in_i[None, None, :]
-        wd = tl.load(dn_p + rows[:, :, None] + offs_i.to(tl.int64)[None, None, :] * sd_i, mask=mask,
-                     other=0.0).to(tl.float32)  # [K, BLOCK_H, BLOCK_I]
+        inner = offs_i.to(tl.int64)[None, None, :] * sd_i
+        if HAS_HOST:
+            dev = mask & (slots >= 0)[:, None, None]
+            host = mask & (slots < 0)[:, None, None]
+            wd = (tl.load(dn_p + rows[:, :, None] + inner, mask=dev, other=0.0).to(tl.float32)
+                  + tl.load(hdn_p + host_rows[:, :, None] + inner, mask=host, other=0.0).to(tl.float32))
+        else:
+            wd = tl.load(dn_p + rows[:, :, None] + inner, mask=mask, other=0.0).to(tl.float32)  # [K, BLOCK_H, BLOCK_I]
         acc += tl.sum(wd * a[:, None, :], axis=2)
     # The routing-weighted sum over the k experts: a fixed reduction order, so results are deterministic.
     out = tl.sum(acc * weights[:, None], axis=0)
@@ -130,34 +162,61 @@ def _gate_up_layout(gate_up, is_transposed):
     return gate_up.shape[1] // 2, gate_up.stride(1), gate_up.stride(2)
 
 
-def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks):
+class _HostView:
+    """A page-locked host tensor as a Triton pointer argument (its UVA address; Triton would refuse a
+    CPU tensor), keeping the tensor alive and answering the stride queries of the launches."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.dtype = tensor, tensor.dtype
+
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    def stride(self, dim: int) -> int:
+        return self.tensor.stride(dim)
+
+
+def _pointer(tensor, like):
+    """`tensor` as a launch argument beside `like` (the pool): the pool itself when there is no host side;
+    a host tensor wrapped when the pool is on a GPU (in the CPU interpreter both are plain tensors)."""
+    if tensor is None:
+        return like
+    return _HostView(tensor) if like.is_cuda and not tensor.is_cuda else tensor
+
+
+def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks, host_gate_up=None):
     """Launch 1: inter[pair] = silu(gate(x)) * up(x) for every (token, expert) pair (fp32)."""
     I, sg_o, sg_i = _gate_up_layout(gate_up, is_transposed)
+    host = _pointer(host_gate_up, gate_up)
     _gate_up_act[(slots.numel(), triton.cdiv(I, blocks.gate_i))](
-        hidden, slots, gate_up, inter, hidden.shape[1], I, top_k,
-        hidden.stride(0), hidden.stride(1), gate_up.stride(0), sg_o, sg_i,
-        BLOCK_I=blocks.gate_i, BLOCK_H=blocks.gate_h, num_warps=blocks.gate_warps, num_stages=blocks.gate_stages)
+        hidden, slots, gate_up, host, inter, hidden.shape[1], I, top_k,
+        hidden.stride(0), hidden.stride(1), gate_up.stride(0), host.stride(0), sg_o, sg_i,
+        BLOCK_I=blocks.gate_i, BLOCK_H=blocks.gate_h, HAS_HOST=host_gate_up is not None,
+        num_warps=blocks.gate_warps, num_stages=blocks.gate_stages)
 
 
-def down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks: Blocks):
+def down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks: Blocks, host_down=None):
     """Launch 2: out[t] = sum_j w[t, j] * down_s(inter[t, j]) (fp32 accumulation, stored in out's dtype)."""
     num_tokens, top_k = top_k_weights.shape
     H, I = out.shape[1], inter.shape[1]
     # down is [S, H, I], or [S, I, H] transposed: (stride over the H outputs, stride over I)
     sd_o, sd_i = (down.stride(2), down.stride(1)) if is_transposed else (down.stride(1), down.stride(2))
+    host = _pointer(host_down, down)
     _down_sum[(num_tokens, triton.cdiv(H, blocks.down_h))](
-        inter, slots, top_k_weights, down, out, H, I, top_k,
-        top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), sd_o, sd_i,
+        inter, slots, top_k_weights, down, host, out, H, I, top_k,
+        top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), host.stride(0), sd_o, sd_i,
         out.stride(0), out.stride(1),
         BLOCK_K=max(2, triton.next_power_of_2(top_k)), BLOCK_H=blocks.down_h, BLOCK_I=blocks.down_i,
-        num_warps=blocks.down_warps, num_stages=blocks.down_stages)
+        HAS_HOST=host_down is not None, num_warps=blocks.down_warps, num_stages=blocks.down_stages)
 
 
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     blocks: Blocks | None = None):
+                     blocks: Blocks | None = None, host_gate_up=None, host_down=None):
     """out[t] = sum_j w[t, j] * down_s(silu(gate_s(x[t])) * up_s(x[t])), s = slot_ids[t, j]; shapes as
     `ops.experts_from_slots`. Inputs are checked by the caller (`ops.fused_moe_decode`). `blocks`:
-    tile sizes (powers of two; tests shrink them to walk the loops), default `blocks_for`."""
+    tile sizes (powers of two; tests shrink them to walk the loops), default `blocks_for`. With
+    `host_gate_up` / `host_down` (the host slab's views, same inner strides as the pool's), a slot id -r-1
+    reads host row r directly (zero-copy)."""
     num_tokens, top_k = slot_ids.shape
     blocks = blocks or blocks_for(num_tokens, is_transposed)
     I = _gate_up_layout(gate_up, is_transposed)[0]
@@ -168,6 +227,6 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
         return out.zero_()
     ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with ctx:  # Triton launches on the current device: make it the pool's
-        gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks)
-        down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks)
+        gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks, host_gate_up)
+        down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks, host_down)
     return out
