@@ -127,3 +127,35 @@ def write_report(out: Path, name: str, report: dict, markdown: str | None = None
     (out / f"{name}.json").write_text(json.dumps(report, indent=indent, default=str))
     if markdown is not None:
         (out / f"{name}.md").write_text(markdown)
+
+
+def hbm_gbps(device=None, gib: int = 1) -> float:
+    """GB/s of a device-to-device copy of `gib` GiB, counted as read + write (the HBM reference)."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device=device or "cuda")
+    dst = torch.empty_like(src)
+    seconds, _ = graph_time(lambda i: dst.copy_(src), 4, src.device)
+    return 2 * src.numel() / seconds / 1e9
+
+
+def decode_bytes_per_token(engine, context: int) -> dict:
+    """Bytes one greedy decode token must read at least, by part: the text decoder's non-expert weights
+    (all but the embedding table, of which one row), the lm_head, top_k experts per MoE layer, and the KV
+    cache over `context` positions. (The vision tower is not run while decoding.)"""
+    from vismmoe.static_decode import _text_model
+
+    model, layout = engine.model, engine.layout
+    text = _text_model(model, layout)
+    embed = text.get_input_embeddings() if hasattr(text, "get_input_embeddings") else None
+    skip = {id(p) for p in embed.parameters()} if embed is not None else set()
+    weights = sum(p.numel() * p.element_size() for p in text.parameters() if id(p) not in skip)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_head = head.weight.numel() * head.weight.element_size() if head is not None else 0
+    if embed is not None:
+        weights += embed.weight.shape[-1] * embed.weight.element_size()
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * engine.store.record_bytes \
+        // engine.store.record_numel
+    experts = layout.top_k * len(layout.layers) * engine.store.record_bytes
+    return {"non_expert_weights": weights, "lm_head": lm_head, "experts": experts, "kv_cache": kv,
+            "total": weights + lm_head + experts + kv}

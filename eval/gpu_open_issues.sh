@@ -14,9 +14,10 @@
 #   PHASE=validate  both GPUs: the multi-GPU tests; then GPU 1: the runtime's GPU tests, profile_static and
 #                 gpu_check on the 12-layer bench model, while GPU 0 runs the scene pruning sweep (resumable:
 #                 SWEEP_DIR keeps its finished questions between calls; carry it back in).
-#   PHASE=final   GPU 0: profile_static on the 12-layer bench model (built on the CPU meanwhile), then gpu_check
-#                 at 4 layers (tokens against transformers); GPU 1: the GPU tests (TESTS), then EXTRA (a
-#                 command line, e.g. eval/validate_plan.py) with the time left.
+#   PHASE=final   GPU 0: profile_static on the 12-layer bench model (built on the CPU meanwhile), gpu_check
+#                 at 4 layers (tokens against transformers), bench_miss_paths, probe_vs_bench; GPU 1: the
+#                 GPU tests (TESTS), then EXTRA (a command line, e.g. eval/validate_plan.py; results under
+#                 $WORK/extra) with the time left.
 #   PHASE=sweep   both GPUs: the multi-GPU tests, then the scene pruning sweep (issue 10) and the easy-VQA
 #                 retention at keep 0.25, several ranks per GPU (needs models/scenevqa-qwen3vlmoe).
 set -u
@@ -127,7 +128,9 @@ elif [ "$PHASE" = final ]; then
         # (the build is the parent shell's child: wait for its log line instead)
         until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -2 "$WORK/build.log"
         step profile_static 150 python3 eval/profile_static.py --out "$WORK/profile_static" --layers 12
-        step gpu_check 200 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 4
+        step gpu_check 150 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3
+        step miss_paths 60 python3 eval/bench_miss_paths.py --out "$WORK/miss_paths"
+        step probe_vs_bench 120 python3 eval/probe_vs_bench.py --out "$WORK/probe_vs_bench" --layers 12 --rounds 2
     ) > "$OUT/gpu0.log" 2>&1 &
     gpu0_pid=$!
     {
@@ -138,7 +141,8 @@ elif [ "$PHASE" = final ]; then
         [ -n "${EXTRA:-}" ] && step extra "$(left 20)" bash -c "$EXTRA"
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check extra 2>/dev/null
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check miss_paths \
+        probe_vs_bench extra 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
