@@ -134,6 +134,7 @@ elif [ "$PHASE" = final ]; then
     ) > "$OUT/gpu0.log" 2>&1 &
     gpu0_pid=$!
     {
+        step multi_gpu 90 python3 -m pytest -q -o faulthandler_timeout=60 tests/test_multi_gpu.py  # during the build
         export CUDA_VISIBLE_DEVICES=1
         step pytest 240 python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_rms_norm.py \
             tests/test_static_decode.py tests/test_prefetch.py tests/test_cache_core.py tests/test_fused_moe.py \
