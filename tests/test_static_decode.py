@@ -158,10 +158,10 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
             if layer + 1 < L and rng.rand() < 0.7:
                 pinned_before = (res.state.pin[:-1] > layer).clone()
                 held = res.state.owner[:-1].clone()
-                predicted = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
-                valid = torch.from_numpy(rng.rand(k) < 0.8).to(cache.device)
+                predicted = rng.choice(E, k, replace=False)
+                predicted[rng.rand(k) >= 0.8] = -1  # -1: no prediction in that position
                 res.prefetch_limits[layer + 1, 0] = int(rng.randint(1, k + 1))
-                res.prefetch(layer + 1, predicted, valid, running=layer, copy_stream=None)
+                res.prefetch(layer, torch.from_numpy(predicted).view(1, k).to(cache.device))
                 if cache.cuda:
                     torch.cuda.synchronize()
                 # A prefetch never evicts what is pinned for a layer that has not run yet.

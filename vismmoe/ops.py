@@ -171,31 +171,41 @@ def device_copy_available(src: torch.Tensor) -> bool:
 # forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
 
 
-def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None):
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None):
     """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
-    (src_rows[i] -> fill[i]) for fill[i] >= 0."""
+    (src_rows[i] -> fill[i]) for fill[i] >= 0. `score` = (pred, ledger counts, n_dist): also score the
+    experts against the lookahead predictions made for this layer (offload/ledger.py), in the same launch."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
-        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text)
-    from .offload import device_core
+        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text,
+                                     score=score)
+    from .offload import device_core, ledger
 
     slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    if score is not None:
+        ledger.score_predicted(*score, layer, experts)
     return slots, fill, layer * state.shape[2] + experts
 
 
-def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None):
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None, out=None):
     """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
-    issued after layer `running`. Returns (src_rows, fill), the copy list."""
+    issued after layer `running`; `valid` None: every id >= 0 (-1 pads a row of predicted ids). Returns
+    (src_rows, fill), the copy list, written into `out` = (src_rows, fill) when given."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
         _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
-                                             running=running)
+                                             running=running, out=out)
         return src, fill
     from .offload import device_core
 
-    return device_core.prefetch(state, layer, experts, valid, running, limit)
+    src, fill = device_core.prefetch(state, layer, experts, experts >= 0 if valid is None else valid, running, limit)
+    if out is not None:
+        out[0].copy_(src)
+        out[1].copy_(fill)
+        return out
+    return src, fill
 
 
 def _use_kernel(experts, kernel: bool | None) -> bool:
