@@ -150,7 +150,8 @@ def main():
             component_times(engine, report)
     print(json.dumps(report, indent=1), flush=True)
     report["decode_steps"] = decode_steps(engine, args, fused_decode)
-    engine.reconfigure(expert_budget=0.5, prefetch=True, decode="static", experts_kernel="auto")
+    norms = {"norm_kernel": "auto"} if hasattr(engine.config, "norm_kernel") else {}
+    engine.reconfigure(expert_budget=0.5, prefetch=True, decode="static", experts_kernel="auto", **norms)
     if engine.runtime.residency is not None and engine.runtime.predictor is not None:
         with torch.inference_mode():
             report["prefetch_per_layer"] = prefetch_times(engine)
@@ -216,9 +217,14 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
         runs = [(b, p, "auto") for b in (1.0, 0.25, 0.5) for p in (False, True)]
         if fused_decode:
             runs += [(1.0, False, "grouped_mm"), (0.25, False, "grouped_mm")]
+        # norm_kernel auto (the fused RMSNorm where it runs) too, plus transformers' norm modules at 100%.
+        if getattr(engine.info(), "fused_norms", 0):
+            runs += [(1.0, False, "torch_norms")]
     for budget, prefetch, kernel in runs:
+        norms = {} if not hasattr(engine.config, "norm_kernel") else {
+            "norm_kernel": "torch" if kernel == "torch_norms" else "auto"}
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
-                           experts_kernel=kernel)
+                           experts_kernel="auto" if kernel == "torch_norms" else kernel, **norms)
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         results = [engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
                    for _ in range(max(1, args.trials))]

@@ -209,3 +209,39 @@ def test_static_decode_through_the_kernels_matches_the_twins(kernel_device, qwen
     # The kernels did run: predictions, prefetch decisions, and demand decisions that scored the ledger.
     assert {"predict", "prefetch", "demand+ledger", "demand"} <= set(launches)
     assert runs[1][3] > 0 and sum(map(sum, runs[1][5])) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replays_decide_like_eager_steps_with_the_lookahead_on_the_copy_stream(qwen_checkpoint):
+    """On a GPU the lookahead (prediction kernel, prefetch decisions, copy) runs on the copy stream and
+    joins before the next layer's lookup. Captured in CUDA graphs it must make the decisions the same
+    steps make eagerly: a missing join or a buffer the allocator reused would show as other loads."""
+    (image, prompt), = random_requests(1, seed=24)
+    runs = []
+    for graphs in (True, False):
+        engine = vismmoe.load(qwen_checkpoint, expert_budget="min", prefetch=True, prefetch_depth=2, decode="static",
+                              cuda_graphs=graphs, device="cuda", dtype="bfloat16")
+        assert engine.runtime.lookahead_kind == "stacked"
+        result = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
+        c = engine.runtime.prediction_counters
+        runs.append((result.token_ids, result.stats.hits_per_layer, result.stats.misses_per_layer,
+                     result.stats.prefetch_issued_bytes, c.true_pos.tolist(), c.actual.tolist(), c.predicted.tolist()))
+        (decoder,) = engine.decoders.held.values()
+        assert decoder.mode == ("graph" if graphs else "eager")
+    assert ops._PREDICT_CHECKED.get(str(torch.device("cuda", torch.cuda.current_device())))  # the kernel ran
+    assert runs[0] == runs[1]
+    assert runs[0][3] > 0
+
+
+def test_a_norm_swapped_to_a_fused_stand_in_still_stacks(qwen_checkpoint, monkeypatch):
+    # An instance forward of the same math (as a fused RMSNorm kernel swapped into the module) whose last
+    # bits differ: the stack is judged by the class's own forward, so it is still used.
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=True)
+    predictor = engine.runtime.predictor
+    for _, norm in predictor.targets:
+        own = type(norm).forward
+        monkeypatch.setattr(norm, "forward", lambda x, norm=norm, own=own: torch.nextafter(
+            own(norm, x), torch.tensor(float("inf"), dtype=x.dtype)), raising=False)
+    stack, why = RouterStack.build(predictor, engine.layout.top_k)
+    assert stack is not None, why

@@ -4,9 +4,6 @@
 slot pool (`torch.nn.functional.grouped_mm`, the op transformers' own `grouped_mm` experts use), with
 the per-pair slot ids looked up on the device: no per-expert Python loop, no host sync, a fixed
 number of launches per layer. `experts_from_slots_reference` computes the same thing pair by pair.
-
-This module is the one surface of every kernel op (each beside its twin and its one-time check), which
-is why it runs past ~400 lines.
 """
 
 from __future__ import annotations
@@ -306,6 +303,41 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
                                                                    "hits", "misses", "pf"))
 
 
+# -- lookahead prediction of a decode token ---------------------------------------------------------
+# kernels/route_predict.py: RMSNorm, router logits and top-k ids of the next D layers in one launch;
+# its twin is offload/router_stack.py's predict_experts_reference.
+
+
+def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None):
+    """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]).
+
+    hidden [H] (one token), norm_w [D, H], router_w [D, E, H]; out [D, top_k] (allocated if None). The
+    kernel runs on CUDA with triton once its one-time check against the twin passed there; `kernel=True`
+    forces it (tests run it under TRITON_INTERPRET=1), False the twin."""
+    if out is None:
+        out = torch.empty((router_w.shape[0], top_k), dtype=torch.int64, device=hidden.device)
+    if kernel is None:
+        kernel = hidden.is_cuda and cache_kernel_available() and _predict_kernel_checked(hidden.device)
+    if kernel:
+        from .kernels import route_predict
+
+        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out)
+    from .offload.router_stack import predict_experts_reference
+
+    out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k))
+    return out
+
+
+_PREDICT_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def _predict_kernel_checked(device: torch.device) -> bool:
+    from .offload.router_stack import compare_predict_kernel
+
+    return _checked_once(_PREDICT_CHECKED, device, compare_predict_kernel, "fused prediction kernel",
+                         "static decode predicts with the torch twin (offload/router_stack.py)")
+
+
 # -- fused decode expert compute (few tokens) -------------------------------------------------------
 # kernels/fused_moe.py: gate_up, SiLU * up, down and the routing-weighted sum per token in two Triton
 # launches, for decode steps of 1-16 tokens. Not on the engine's hot path yet (it has run only in
@@ -408,37 +440,3 @@ def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
             return False
     return True
 
-
-# -- lookahead prediction of a decode token ---------------------------------------------------------
-# kernels/route_predict.py: RMSNorm, router logits and top-k ids of the next D layers in one launch;
-# its twin is offload/router_stack.py's predict_experts_reference.
-
-
-def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None):
-    """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]).
-
-    hidden [H] (one token), norm_w [D, H], router_w [D, E, H]; out [D, top_k] (allocated if None). The
-    kernel runs on CUDA with triton once its one-time check against the twin passed there; `kernel=True`
-    forces it (tests run it under TRITON_INTERPRET=1), False the twin."""
-    if out is None:
-        out = torch.empty((router_w.shape[0], top_k), dtype=torch.int64, device=hidden.device)
-    if kernel is None:
-        kernel = hidden.is_cuda and cache_kernel_available() and _predict_kernel_checked(hidden.device)
-    if kernel:
-        from .kernels import route_predict
-
-        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out)
-    from .offload.router_stack import predict_experts_reference
-
-    out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k))
-    return out
-
-
-_PREDICT_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
-
-
-def _predict_kernel_checked(device: torch.device) -> bool:
-    from .offload.router_stack import compare_predict_kernel
-
-    return _checked_once(_PREDICT_CHECKED, device, compare_predict_kernel, "fused prediction kernel",
-                         "static decode predicts with the torch twin (offload/router_stack.py)")

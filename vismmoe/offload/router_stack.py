@@ -64,14 +64,16 @@ def why_not_stackable(router, norm, top_k: int, hidden_size: int, num_experts: i
     if norm_w.dtype != weight.dtype:
         return "the norm and the router hold different dtypes"
     # The attributes fit; the behaviour must too: probe the modules on random states of several scales.
+    # The classes' own forwards: an instance may run a fused stand-in of the same math (layers/), whose
+    # sums in another order could differ from this formula in a last bit without computing anything else.
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(8, hidden_size, generator=gen) * torch.logspace(-1, 1, 8).unsqueeze(1)
     probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        normed = norm(probe)
+        normed = type(norm).forward(norm, probe)
         if not torch.equal(normed, rms_norm(probe, norm_w, eps)):
             return "the pre-router norm does not compute transformers' RMSNorm"
-        out = router(normed)
+        out = type(router).forward(router, normed)
         indices = out[-1] if isinstance(out, tuple) else out
         want = top_k_ids(F.linear(normed, weight), top_k)
     if indices.shape != want.shape or not torch.equal(indices.sort(-1).values.long(), want.sort(-1).values):
