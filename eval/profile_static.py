@@ -289,6 +289,10 @@ def targets(report: dict) -> dict:
         "decode_100pct_met": full["decode_ms_per_token"] <= 1.6,
         "grouped_mm_100pct_ms_per_token": grouped and grouped["decode_ms_per_token"],
         "fused_tokens_equal_grouped_mm": grouped and full["token_ids"] == grouped["token_ids"]}
+    torch_norms = steps.get("1.0/prefetch=False/torch_norms")
+    kernel |= {  # the fused RMSNorm (norm_kernel: auto) against transformers' norm modules, same run
+        "torch_norms_100pct_ms_per_token": torch_norms and torch_norms["decode_ms_per_token"],
+        "fused_norms_tokens_equal_torch_norms": torch_norms and full["token_ids"] == torch_norms["token_ids"]}
     return kernel | {
         "decision_us_per_layer": decision_us, "decision_target_us": 15.0, "decision_met": decision_us <= 15.0,
         "floor_25pct_ms_per_token": floor, "ratio_25pct_prefetch_off_to_floor": quarter["decode_ms_per_token"] / floor,

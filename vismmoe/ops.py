@@ -439,4 +439,3 @@ def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
         if not torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4):
             return False
     return True
-
