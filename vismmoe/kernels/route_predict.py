@@ -9,7 +9,9 @@ dtype, logits in the model dtype) are repeated, so the ids are those the modules
 the order of the fp32 sums. Its torch twin is `offload.router_stack.predict_experts_reference`; the op
 is `ops.predict_experts`.
 
-One program holds all E logits (E <= MAX_EXPERTS) and reads one layer's router (E x H) in tiles.
+One program holds all E logits (E <= MAX_EXPERTS) and reads one layer's router (E x H) in tiles. It
+runs on the copy stream beside the next layer's attention (offload/device_path.py), so one program per
+predicted layer is enough; splitting E over programs would need a second pass for the top-k.
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ def predict_experts(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.
     D, E, H = router_w.shape
     if E > MAX_EXPERTS or top_k > E:
         raise ValueError(f"predict_experts handles at most {MAX_EXPERTS} experts and top_k <= E ({E}, {top_k})")
+    # One program streams a whole router (E x H: 512 KB for 128 x 2048 bf16): tiles of 16K elements keep
+    # 32 KB of loads in flight per iteration (64 per thread at 8 warps) without spilling.
     block_e = _next_pow2(max(E, 16))
-    block_h = max(16, min(_next_pow2(H), 8192 // block_e))
+    block_h = max(16, min(_next_pow2(H), 16384 // block_e))
     with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
         _predict_kernel[(D,)](hidden, norm_w, router_w, out, H, E, top_k, float(eps), norm_w.stride(0),
                               router_w.stride(0), out.stride(0), BLOCK_E=block_e, BLOCK_H=block_h,
-                              num_warps=8 if block_e * block_h >= 4096 else 4)
+                              num_warps=8 if block_e * block_h >= 8192 else 4)
     return out
 
