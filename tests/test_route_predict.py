@@ -8,8 +8,6 @@ tests are skipped where triton is not installed (CI), where the op always runs t
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -21,26 +19,6 @@ from vismmoe.offload import router_stack
 from vismmoe.offload.router_stack import RouterStack, predict_experts_reference, random_case, top_k_ids
 
 from .conftest import random_requests
-
-
-def _kernel_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
-@pytest.fixture(scope="module")
-def kernel_device():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed: the prediction kernel cannot be built or interpreted here")
-    device = _kernel_device()
-    if device is None:
-        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
-    return device
 
 
 def test_top_k_ids_break_ties_to_the_lowest_id_and_rank_nan_last():
