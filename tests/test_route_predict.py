@@ -223,3 +223,13 @@ def test_a_norm_swapped_to_a_fused_stand_in_still_stacks(qwen_checkpoint, monkey
             own(norm, x), torch.tensor(float("inf"), dtype=x.dtype)), raising=False)
     stack, why = RouterStack.build(predictor, engine.layout.top_k)
     assert stack is not None, why
+
+
+def test_is_a_top_k_accepts_either_side_of_a_tie_and_nothing_else():
+    from vismmoe.offload.router_stack import is_a_top_k
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, 1.0, -1.0]])
+    assert is_a_top_k(logits, torch.tensor([[1, 2]]), 2) and is_a_top_k(logits, torch.tensor([[3, 1]]), 2)
+    assert not is_a_top_k(logits, torch.tensor([[1, 0]]), 2)  # 0.5 chosen over a 1.0 left out
+    assert not is_a_top_k(logits, torch.tensor([[1, 1]]), 2)  # not distinct
+    assert not is_a_top_k(logits, torch.tensor([[1, 2, 3]]), 2)

@@ -75,10 +75,21 @@ def why_not_stackable(router, norm, top_k: int, hidden_size: int, num_experts: i
             return "the pre-router norm does not compute transformers' RMSNorm"
         out = type(router).forward(router, normed)
         indices = out[-1] if isinstance(out, tuple) else out
-        want = top_k_ids(F.linear(normed, weight), top_k)
-    if indices.shape != want.shape or not torch.equal(indices.sort(-1).values.long(), want.sort(-1).values):
+        logits = F.linear(normed, weight).float()
+    if not is_a_top_k(logits, indices, top_k):
         return "the router's experts are not the top-k of its logits"
     return None
+
+
+def is_a_top_k(logits: torch.Tensor, indices: torch.Tensor, top_k: int) -> bool:
+    """Are `indices` [rows, top_k] a top-k of each row of `logits`: distinct, and none of them below an
+    expert left out? (Ties at the boundary may be broken either way: bf16 logits tie often.)"""
+    if indices.dim() != 2 or tuple(indices.shape) != (logits.shape[0], top_k):
+        return False
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices.long(), True)
+    lowest_in = torch.where(chosen, logits, float("inf")).min(1).values
+    highest_out = torch.where(chosen, float("-inf"), logits).max(1).values
+    return bool((chosen.sum(1) == top_k).all() and (lowest_in >= highest_out).all())
 
 
 class RouterStack:
