@@ -343,3 +343,20 @@ def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypat
     with pytest.warns(UserWarning, match="fused cache kernel is not used"):
         assert not ops._cache_kernel_checked(device)
     assert not ops._cache_kernel_checked(device)  # decided once per device
+
+
+def test_fused_kernel_self_check_covers_the_ledger_scoring(kernel_device, monkeypatch):
+    """The one-time check launches every variant the static path does (so a variant that fails to build
+    on a GPU is caught there, not inside a decode step), the ledger scoring included."""
+    from vismmoe import ops
+    from vismmoe.offload import ledger
+
+    real = ledger.score_predicted
+
+    def off_by_one(predicted, counts, n_dist, layer, experts):
+        real(predicted, counts, n_dist, layer, experts)
+        if n_dist:
+            counts[0, 0, layer] += 1
+
+    monkeypatch.setattr(ledger, "score_predicted", off_by_one)
+    assert not ops._compare_cache_kernel(torch.device(kernel_device))

@@ -263,8 +263,10 @@ def _cache_kernel_checked(device: torch.device) -> bool:
 
 
 def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
+    """Every variant the engine launches: demand with and without the ledger scoring, prefetch with a
+    valid mask and in the static path's form (id rows, -1 = none, copy list written in place)."""
     from .kernels import cache_step
-    from .offload import device_core
+    from .offload import device_core, ledger
 
     gen = torch.Generator().manual_seed(seed)
     S, L, E, k = 6, 3, 8, 2
@@ -274,15 +276,23 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
         st = device_core.DeviceState.empty(S, L, E, table)
         st.params.copy_(torch.tensor([0.5, 1.0, 0.0, 0.0], dtype=torch.float64))  # decayed counts: exercise scores
         states.append(st)
+    pred = torch.full((L, 1, k), -1, dtype=torch.int64, device=device)  # ids predicted at layer l for l + 1
+    counts = [torch.zeros((3, 1, L), dtype=torch.int64, device=device) for _ in range(2)]
+    out = torch.empty((2, k), dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for call in range(calls):
             layer = call % L
             experts = torch.randperm(E, generator=gen)[:k].to(device)
-            if call % 3 == 2:
+            if call % 3 == 2 and layer + 1 < L:
                 valid = (torch.rand(k, generator=gen) < 0.7).to(device)
-                _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, (layer + 1) % L, experts,
-                                                     valid=valid, limit=k, running=layer)
-                src_twin, fill_twin = device_core.prefetch(states[1], (layer + 1) % L, experts, valid, layer, k)
+                if call % 2:
+                    _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, experts,
+                                                         valid=valid, limit=k, running=layer)
+                else:
+                    pred[layer, 0] = torch.where(valid, experts, -1)
+                    _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, pred[layer, 0],
+                                                         limit=k, running=layer, out=(out[0], out[1]))
+                src_twin, fill_twin = device_core.prefetch(states[1], layer + 1, experts, valid, layer, k)
                 copies = [sorted(zip(r[f >= 0].tolist(), f[f >= 0].tolist())) for r, f in ((src, fill),
                                                                                            (src_twin, fill_twin))]
                 if copies[0] != copies[1]:  # the same copies (the order of the list is free)
@@ -290,17 +300,19 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
             else:
                 n_visual = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
-                slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts,
-                                                       n_visual=n_visual, n_text=n_text)
+                n_dist = 1 if layer and call % 2 else 0
+                slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts, n_visual=n_visual,
+                                                       n_text=n_text, score=(pred, counts[0], n_dist))
                 slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text)
+                ledger.score_predicted(pred, counts[1], n_dist, layer, experts)
                 if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
                     return False
             if call % L == L - 1:
                 for st in states:
                     device_core.begin_step(st)
     a, b = states
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("table", "owner", "last_use", "pin", "prefetched",
-                                                                   "hits", "misses", "pf"))
+    return torch.equal(*counts) and all(torch.equal(getattr(a, f), getattr(b, f)) for f in (
+        "table", "owner", "last_use", "pin", "prefetched", "hits", "misses", "pf"))
 
 
 # -- lookahead prediction of a decode token ---------------------------------------------------------
