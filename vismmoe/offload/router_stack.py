@@ -142,13 +142,17 @@ def random_case(gen: torch.Generator, depth: int, num_experts: int, hidden_size:
 
 
 def compare_predict_kernel(device: torch.device, seed: int = 0) -> bool:
-    """The kernel against the twin on small random cases (fp32; exact ties included), for ops' one-time check."""
+    """The kernel against the twin on small random cases (fp32; exact ties in fp32, bf16 and fp16), for ops'
+    one-time check."""
     from ..kernels import route_predict
 
     gen = torch.Generator().manual_seed(seed)
-    for depth, num_experts, hidden_size, top_k, ties in ((1, 8, 48, 2, False), (2, 60, 72, 8, False),
-                                                         (3, 16, 40, 4, True)):
-        hidden, norm_w, router_w, eps = random_case(gen, depth, num_experts, hidden_size, ties)
+    cases = [(1, 8, 48, 2, False, torch.float32), (2, 60, 72, 8, False, torch.float32)]
+    # Exact ties in every dtype the engine runs (small integers are exact in half types too).
+    cases += [(3, 16, 40, 4, True, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    for depth, num_experts, hidden_size, top_k, ties, dtype in cases:
+        hidden, norm_w, router_w, eps = (t.to(dtype) if torch.is_tensor(t) else t for t in
+                                         random_case(gen, depth, num_experts, hidden_size, ties))
         want = predict_experts_reference(hidden, norm_w, router_w, eps, top_k)
         out = torch.empty((depth, top_k), dtype=torch.int64, device=device)
         got = route_predict.predict_experts(hidden.to(device), norm_w.to(device), router_w.to(device), eps, top_k, out)
