@@ -267,7 +267,7 @@ def test_random_calls_through_host_core_and_device_reference(policy):
             assert (host.weight < 1e100).all() and host.counts.max() > 0
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfru"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_static_path_calls_through_host_core_and_device_reference(policy):
     # Predictions as id rows with -1 padding, copy lists written in place, the ledger scored in demand.
     host = random_calls(_cpu_state, policy, 40, 2, id_rows=True)
