@@ -62,3 +62,23 @@ def recipe(request):
     sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def kernel_device():
+    """Where a Triton kernel's tests run: 'cuda' on a GPU, 'cpu' in Triton's interpreter (TRITON_INTERPRET=1,
+    switched on here while triton is not imported yet); skipped where triton is not installed (CI), where
+    the ops always run their torch twins."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed: the kernel cannot be built or interpreted here")
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
+    return "cpu"

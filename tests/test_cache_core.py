@@ -179,9 +179,14 @@ def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
     assert compared >= 6
 
 
-def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_life=None, kernel=None):
+def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_life=None, kernel=None,
+                 id_rows=False):
     """Random demand and prefetch calls (any order, random limits, modality counts) through the host
-    core and `ops`; every table and every state array compared after each call."""
+    core and `ops`; every table and every state array compared after each call.
+
+    `id_rows`: as the static path calls them: predictions as rows of ids (-1 = none) in a persistent
+    [L, depth, k] buffer, copy lists written into persistent rows, and every demand scoring the ledger
+    against the rows predicted for its layer (compared with the host path's count of the same sets)."""
     rng = np.random.RandomState(seed)
     options = {} if half_life is None or policy in ("lru", "lfu") else {"half_life": half_life}
     host = make_policy(policy, **options).new_state(S, L, E)
@@ -189,6 +194,10 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
     st.load(host)
     slots, fill = np.empty(max(S, E), np.int64), np.empty(max(S, E), np.int64)
     dev = st.owner.device
+    pred_rows = torch.full((L, 2, k), -1, dtype=torch.int64, device=dev)
+    copy_rows = torch.full((2, k), -1, dtype=torch.int64, device=dev)
+    ledger = torch.zeros((3, 2, L), dtype=torch.int64, device=dev)
+    want_ledger = np.zeros((3, 2, L), np.int64)
     for step in range(steps):
         core.begin_step(host)
         device_core.begin_step(st)
@@ -202,8 +211,13 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
             nv, nt = rng.randint(0, 3, n).astype(np.int64), rng.randint(0, 3, n).astype(np.int64)
             core.demand(host, layer, ex, nv, nt, core.NO_PLAN, slots, fill)
             perm = rng.permutation(n)
+            n_dist = min(2, layer) if id_rows else 0
+            for d in range(1, n_dist + 1):
+                p = pred_rows[layer - d, d - 1].cpu().numpy()
+                want_ledger[:, d - 1, layer] += (len(np.intersect1d(ex, p[p >= 0])), n, (p >= 0).sum())
             s, f, _ = ops.cache_demand(st, layer, torch.from_numpy(ex[perm]).to(dev), torch.from_numpy(nv[perm]).to(dev),
-                                       torch.from_numpy(nt[perm]).to(dev), kernel=kernel)
+                                       torch.from_numpy(nt[perm]).to(dev), kernel=kernel,
+                                       score=(pred_rows, ledger, n_dist) if n_dist else None)
             assert (s.cpu().numpy() == slots[:n][perm]).all() and (f.cpu().numpy() == fill[:n][perm]).all()
             for d in (1, 2):
                 target = layer + d
@@ -212,15 +226,31 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                 pred = rng.choice(E, int(rng.randint(1, k + 1)), replace=False).astype(np.int64)
                 valid = rng.rand(len(pred)) < 0.8
                 limit = int(rng.randint(0, k + 1))
-                core.prefetch(host, target, np.sort(pred[valid]), layer, limit, core.NO_PLAN, fill)
-                ops.cache_prefetch(st, target, torch.from_numpy(pred).to(dev), torch.from_numpy(valid).to(dev), layer,
-                                   torch.tensor(limit, device=dev), kernel=kernel)
+                issued = core.prefetch(host, target, np.sort(pred[valid]), layer, limit, core.NO_PLAN, fill)
+                if id_rows:
+                    row = np.full(k, -1, np.int64)
+                    row[: len(pred)] = np.where(valid, pred, -1)
+                    pred_rows[layer, d - 1] = torch.from_numpy(rng.permutation(row))
+                    copy_rows.fill_(-2)
+                    ops.cache_prefetch(st, target, pred_rows[layer, d - 1], None, layer, torch.tensor(limit, device=dev),
+                                       kernel=kernel, out=(copy_rows[0], copy_rows[1]))
+                    src, dst = copy_rows.cpu().numpy()
+                    assert (dst >= -1).all()  # every row written
+                    table = st.table[:-1].cpu().numpy()
+                    assert (table[src[dst >= 0]] == dst[dst >= 0]).all()  # each copy lands where the table says
+                    assert (dst >= 0).sum() == issued
+                else:
+                    ops.cache_prefetch(st, target, torch.from_numpy(pred).to(dev), torch.from_numpy(valid).to(dev),
+                                       layer, torch.tensor(limit, device=dev), kernel=kernel)
             assert (st.table[:-1].view(L, E).cpu().numpy() == host.table).all(), (step, layer)
     for name in ("owner", "last_use", "pin", "prefetched", "weight", "layer_now", "mix", "clock", "hits", "misses"):
         assert (getattr(st, name)[: getattr(host, name).size].cpu().numpy().reshape(getattr(host, name).shape)
                 == getattr(host, name)).all(), name
     assert np.array_equal(st.counts[:, :-1].cpu().numpy().reshape(2, L, E), host.counts)
     assert (st.pf[:, :-1].cpu().numpy() == host.pf).all()
+    assert (ledger.cpu().numpy() == want_ledger).all()
+    if id_rows:
+        assert want_ledger[0].sum() > 0 and want_ledger[2].sum() > 0
     return host
 
 
@@ -235,6 +265,13 @@ def test_random_calls_through_host_core_and_device_reference(policy):
         assert host.hits.sum() > 0 and host.pf[0].sum() > 0 and host.pf[2].sum() > 0
         if half_life and policy not in ("lru", "lfu"):
             assert (host.weight < 1e100).all() and host.counts.max() > 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_static_path_calls_through_host_core_and_device_reference(policy):
+    # Predictions as id rows with -1 padding, copy lists written in place, the ledger scored in demand.
+    host = random_calls(_cpu_state, policy, 40, 2, id_rows=True)
+    assert host.pf[0].sum() > 0
 
 
 def test_prefetch_limit_zero_is_off():
@@ -273,6 +310,7 @@ def test_fused_kernel_matches_the_host_core(kernel_device, policy):
         S, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32, device=kernel_device))
     random_calls(state, policy, steps, 3, kernel=True)
     random_calls(state, policy, steps, 4, S=13, L=3, E=16, k=6, half_life=0.1, kernel=True)
+    random_calls(state, policy, steps, 5, kernel=True, id_rows=True)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -305,3 +343,20 @@ def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypat
     with pytest.warns(UserWarning, match="fused cache kernel is not used"):
         assert not ops._cache_kernel_checked(device)
     assert not ops._cache_kernel_checked(device)  # decided once per device
+
+
+def test_fused_kernel_self_check_covers_the_ledger_scoring(kernel_device, monkeypatch):
+    """The one-time check launches every variant the static path does (so a variant that fails to build
+    on a GPU is caught there, not inside a decode step), the ledger scoring included."""
+    from vismmoe import ops
+    from vismmoe.offload import ledger
+
+    real = ledger.score_predicted
+
+    def off_by_one(predicted, counts, n_dist, layer, experts):
+        real(predicted, counts, n_dist, layer, experts)
+        if n_dist:
+            counts[0, 0, layer] += 1
+
+    monkeypatch.setattr(ledger, "score_predicted", off_by_one)
+    assert not ops._compare_cache_kernel(torch.device(kernel_device))

@@ -7,35 +7,12 @@ where triton is not installed (CI): the op then always runs the twin, which test
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
 from vismmoe import ops
 from vismmoe.errors import InputError
-
-
-def _kernel_device():
-    """'cuda' on a GPU; 'cpu' when Triton's interpreter is on (or can still be switched on); None: skip."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
-@pytest.fixture(scope="module")
-def kernel_device():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed: the fused decode MoE kernel cannot be built or interpreted here")
-    device = _kernel_device()
-    if device is None:
-        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
-    return device
 
 
 def _inputs(device, dtype, num_tokens, top_k, num_slots, hidden, inter, transposed, seed):

@@ -37,8 +37,41 @@ def test_static_decode_equals_generate_path(qwen_checkpoint, budget, policy):
         assert (s.hits_per_layer, s.misses_per_layer) == (a.stats.hits_per_layer, a.stats.misses_per_layer)
         assert (s.prefetch_issued_bytes, s.prefetch_used_bytes, s.prefetch_wasted_bytes) == (
             a.stats.prefetch_issued_bytes, a.stats.prefetch_used_bytes, a.stats.prefetch_wasted_bytes)
+        assert_same_prediction_counters(engines["generate"], engines["static"])
         if extra:
             assert len(b.token_ids) >= 6
+
+
+def assert_same_prediction_counters(generate, static):
+    """The lookahead ledger of the request just run: the host path's (module predictor, host scoring) and
+    the static path's (stacked-router kernel or its twin, scored in the demand kernel) count alike."""
+    a, b = generate.runtime.prediction_counters, static.runtime.prediction_counters
+    for name in ("true_pos", "actual", "predicted"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm4v_moe"])
+@pytest.mark.parametrize("budget", [0.5, "min"])
+def test_deep_lookahead_static_equals_generate(tiny_checkpoints, family, budget):
+    # Depth 3 (layers past the end included): the stacked routers (qwen) and the module predictor the
+    # static path keeps for GLM-4.5V's bias-corrected router make the host path's predictions, loads
+    # and ledger.
+    engines = {d: vismmoe.load(tiny_checkpoints[family], expert_budget=budget, prefetch=True, prefetch_depth=3,
+                               decode=d) for d in ("generate", "static")}
+    assert engines["static"].runtime.lookahead_kind == ("stacked" if family == "qwen3_vl_moe" else
+                                                        "the router adds a bias (score correction): not plain "
+                                                        "top-k of the logits")
+    scored = 0
+    for image, prompt in random_requests(2, seed=17):
+        a = engines["generate"].generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        b = engines["static"].generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        assert b.stats.decode_path.startswith("static-") and b.token_ids == a.token_ids
+        assert (b.stats.hits_per_layer, b.stats.misses_per_layer) == (a.stats.hits_per_layer, a.stats.misses_per_layer)
+        assert b.stats.prefetch_issued_bytes == a.stats.prefetch_issued_bytes
+        assert_same_prediction_counters(engines["generate"], engines["static"])
+        deepest = min(3, len(engines["static"].layout.layers) - 1)  # tiny GLM has fewer MoE layers
+        scored += int(engines["static"].runtime.prediction_counters.actual[deepest - 1].sum())
+    assert scored > 0  # the deepest reachable distance was scored
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +191,10 @@ def test_device_residency_keeps_table_owner_and_slots_consistent(qwen_checkpoint
             if layer + 1 < L and rng.rand() < 0.7:
                 pinned_before = (res.state.pin[:-1] > layer).clone()
                 held = res.state.owner[:-1].clone()
-                predicted = torch.from_numpy(rng.choice(E, k, replace=False)).to(cache.device)
-                valid = torch.from_numpy(rng.rand(k) < 0.8).to(cache.device)
+                predicted = rng.choice(E, k, replace=False)
+                predicted[rng.rand(k) >= 0.8] = -1  # -1: no prediction in that position
                 res.prefetch_limits[layer + 1, 0] = int(rng.randint(1, k + 1))
-                res.prefetch(layer + 1, predicted, valid, running=layer, copy_stream=None)
+                res.prefetch(layer, torch.from_numpy(predicted).view(1, k).to(cache.device))
                 if cache.cuda:
                     torch.cuda.synchronize()
                 # A prefetch never evicts what is pinned for a layer that has not run yet.

@@ -172,31 +172,41 @@ def device_copy_available(src: torch.Tensor) -> bool:
 # forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
 
 
-def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None):
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None):
     """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
-    (src_rows[i] -> fill[i]) for fill[i] >= 0."""
+    (src_rows[i] -> fill[i]) for fill[i] >= 0. `score` = (pred, ledger counts, n_dist): also score the
+    experts against the lookahead predictions made for this layer (offload/ledger.py), in the same launch."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
-        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text)
-    from .offload import device_core
+        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text,
+                                     score=score)
+    from .offload import device_core, ledger
 
     slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    if score is not None:
+        ledger.score_predicted(*score, layer, experts)
     return slots, fill, layer * state.shape[2] + experts
 
 
-def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None):
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None, out=None):
     """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
-    issued after layer `running`. Returns (src_rows, fill), the copy list."""
+    issued after layer `running`; `valid` None: every id >= 0 (-1 pads a row of predicted ids). Returns
+    (src_rows, fill), the copy list, written into `out` = (src_rows, fill) when given."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
         _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
-                                             running=running)
+                                             running=running, out=out)
         return src, fill
     from .offload import device_core
 
-    return device_core.prefetch(state, layer, experts, valid, running, limit)
+    src, fill = device_core.prefetch(state, layer, experts, experts >= 0 if valid is None else valid, running, limit)
+    if out is not None:
+        out[0].copy_(src)
+        out[1].copy_(fill)
+        return out
+    return src, fill
 
 
 def _use_kernel(experts, kernel: bool | None) -> bool:
@@ -257,8 +267,10 @@ def _cache_kernel_checked(device: torch.device) -> bool:
 
 
 def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
+    """Every variant the engine launches: demand with and without the ledger scoring, prefetch with a
+    valid mask and in the static path's form (id rows, -1 = none, copy list written in place)."""
     from .kernels import cache_step
-    from .offload import device_core
+    from .offload import device_core, ledger
 
     gen = torch.Generator().manual_seed(seed)
     S, L, E, k = 6, 3, 8, 2
@@ -268,15 +280,23 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
         st = device_core.DeviceState.empty(S, L, E, table)
         st.params.copy_(torch.tensor([0.5, 1.0, 0.0, 0.0], dtype=torch.float64))  # decayed counts: exercise scores
         states.append(st)
+    pred = torch.full((L, 1, k), -1, dtype=torch.int64, device=device)  # ids predicted at layer l for l + 1
+    counts = [torch.zeros((3, 1, L), dtype=torch.int64, device=device) for _ in range(2)]
+    out = torch.empty((2, k), dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for call in range(calls):
             layer = call % L
             experts = torch.randperm(E, generator=gen)[:k].to(device)
-            if call % 3 == 2:
+            if call % 3 == 2 and layer + 1 < L:
                 valid = (torch.rand(k, generator=gen) < 0.7).to(device)
-                _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, (layer + 1) % L, experts,
-                                                     valid=valid, limit=k, running=layer)
-                src_twin, fill_twin = device_core.prefetch(states[1], (layer + 1) % L, experts, valid, layer, k)
+                if call % 2:
+                    _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, experts,
+                                                         valid=valid, limit=k, running=layer)
+                else:
+                    pred[layer, 0] = torch.where(valid, experts, -1)
+                    _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, pred[layer, 0],
+                                                         limit=k, running=layer, out=(out[0], out[1]))
+                src_twin, fill_twin = device_core.prefetch(states[1], layer + 1, experts, valid, layer, k)
                 copies = [sorted(zip(r[f >= 0].tolist(), f[f >= 0].tolist())) for r, f in ((src, fill),
                                                                                            (src_twin, fill_twin))]
                 if copies[0] != copies[1]:  # the same copies (the order of the list is free)
@@ -284,17 +304,54 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
             else:
                 n_visual = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
-                slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts,
-                                                       n_visual=n_visual, n_text=n_text)
+                n_dist = 1 if layer and call % 2 else 0
+                slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts, n_visual=n_visual,
+                                                       n_text=n_text, score=(pred, counts[0], n_dist))
                 slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text)
+                ledger.score_predicted(pred, counts[1], n_dist, layer, experts)
                 if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
                     return False
             if call % L == L - 1:
                 for st in states:
                     device_core.begin_step(st)
     a, b = states
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("table", "owner", "last_use", "pin", "prefetched",
-                                                                   "hits", "misses", "pf"))
+    return torch.equal(*counts) and all(torch.equal(getattr(a, f), getattr(b, f)) for f in (
+        "table", "owner", "last_use", "pin", "prefetched", "hits", "misses", "pf"))
+
+
+# -- lookahead prediction of a decode token ---------------------------------------------------------
+# kernels/route_predict.py: RMSNorm, router logits and top-k ids of the next D layers in one launch;
+# its twin is offload/router_stack.py's predict_experts_reference.
+
+
+def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None):
+    """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]).
+
+    hidden [H] (one token), norm_w [D, H], router_w [D, E, H]; out [D, top_k] (allocated if None). The
+    kernel runs on CUDA with triton once its one-time check against the twin passed there; `kernel=True`
+    forces it (tests run it under TRITON_INTERPRET=1), False the twin."""
+    if out is None:
+        out = torch.empty((router_w.shape[0], top_k), dtype=torch.int64, device=hidden.device)
+    if kernel is None:
+        kernel = hidden.is_cuda and cache_kernel_available() and _predict_kernel_checked(hidden.device)
+    if kernel:
+        from .kernels import route_predict
+
+        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out)
+    from .offload.router_stack import predict_experts_reference
+
+    out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k))
+    return out
+
+
+_PREDICT_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def _predict_kernel_checked(device: torch.device) -> bool:
+    from .offload.router_stack import compare_predict_kernel
+
+    return _checked_once(_PREDICT_CHECKED, device, compare_predict_kernel, "fused prediction kernel",
+                         "static decode predicts with the torch twin (offload/router_stack.py)")
 
 
 # -- fused decode expert compute (few tokens) -------------------------------------------------------

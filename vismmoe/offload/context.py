@@ -17,7 +17,7 @@ import torch
 class StepContext:
     index: int = -1  # 0 = prefill, then one per decode step (static steps keep the prefill's)
     visual_mask: torch.Tensor | None = None  # [T] bool: which tokens of this step are visual
-    predictions: dict = field(default_factory=dict)  # layer -> device mask [depth, E] made entering it
+    predictions: dict = field(default_factory=dict)  # host path: layer -> device mask [depth, E] made entering it
 
 
 class Context:

@@ -205,8 +205,8 @@ def prefetch(st: DeviceState, layer: int, experts: torch.Tensor, valid: torch.Te
     or a device scalar) copies. Returns (flat source rows, fill) for ops.copy_records."""
     S, L, E = st.shape
     n = experts.numel()
-    key, order = torch.sort(torch.where(valid, experts, experts + E))  # valid ones first, ascending
-    ex, ok = experts[order], valid[order]
+    key, order = torch.sort(torch.where(valid, experts, E + experts.clamp(min=0)))  # valid ones first, ascending
+    ex, ok = experts[order].clamp(min=0), valid[order]  # (an invalid id may be -1: "no prediction")
     flat = layer * E + ex
     slots = st.table[flat].to(torch.int64)
     on = torch.as_tensor(limit, device=experts.device) > 0  # off: no copies and no pins

@@ -2,14 +2,22 @@
 
 A static decode step (static_decode.py) has one token and must not read anything back to the host,
 so that it can be captured as a CUDA graph: each layer call asks `DeviceResidency` (offload/
-residency.py) for its experts' slots (misses copied from the page-locked host slab by one kernel),
-computes from the slot pool, then queues the prefetch of the next layers' predicted experts on the
-copy stream. With a complete cache (every expert resident) it reads each layer's experts directly.
-The host cache's state is handed over at `begin` (after the host-path prefill) and back at `end`.
+residency.py) for its experts' slots (misses copied from the page-locked host slab by one kernel,
+the prediction ledger scored by the same decision kernel), then computes from the slot pool. With a
+complete cache (every expert resident) it reads each layer's experts directly. The host cache's
+state is handed over at `begin` (after the host-path prefill) and back at `end`.
+
+Lookahead prefetch runs beside the compute, on the copy stream: after layer l's compute the copy
+stream forks off, predicts the next layers' experts from the token's state entering l (one launch with
+stacked routers, router_stack.py; the module predictor where the routers cannot be stacked), decides
+their loads (one cache-kernel launch per distance, copy list written in place) and copies them (one
+launch); the compute stream goes on with layer l + 1's attention and joins the copy stream only before
+layer l + 1's lookup. So the only prefetch work on the compute stream's path is that fork and join.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -29,11 +37,17 @@ class DevicePath:
         self.ledger = ledger
         self.context = context
         self.residency: DeviceResidency | None = None  # when the budget does not hold every expert
-        self._prefetch_pending = False  # prefetches queued on the copy stream that the next layer must join
+        self.lookahead = None  # RouterStack or LookaheadPredictor: predict_into(layer, hidden, out [D, k])
+        self._hidden: dict = {}  # layer -> the decode token's state entering it (from the predict hook)
+        self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
+        self._pending = None  # the state the copy stream may still read; joined before the next lookup
 
-    def use_residency(self, top_k: int, depth: int, prefetch_limits) -> None:
+    def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth)
         self.residency.set_prefetch_limits(prefetch_limits)
+        self.lookahead = lookahead
+        if lookahead is not None:
+            self.ledger.use_device_predictions(top_k)
 
     def begin(self) -> None:
         self.ledger.begin_device()
@@ -49,46 +63,59 @@ class DevicePath:
 
     def begin_step(self) -> None:
         self.ledger.begin_step()
+        self._hidden.clear()
+        self._predicted_at.clear()
         if self.residency is not None:
             self.residency.begin_step()
 
+    def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""
+        self._hidden[layer] = hidden
+
     def run_layer(self, layer: int, module, hidden_states, top_k_index, top_k_weights):
         cache, compute = self.cache, self.compute
-        if self._prefetch_pending:  # the prefetches queued at the previous layer land before any lookup
-            torch.cuda.current_stream(cache.device).wait_stream(cache.copy_stream)
-            self._prefetch_pending = False
+        if self._pending is not None:  # the prefetches queued at the previous layer land before any lookup
+            if cache.cuda:
+                torch.cuda.current_stream(cache.device).wait_stream(cache.copy_stream)
+            self._pending = None
+        hidden = self._hidden.pop(layer, None)
         experts = top_k_index.reshape(-1)
-        self.ledger.score_on_device(layer, experts)
-        masks = self.context.get().predictions.pop(layer, None)
         if cache.complete:
             cache.count_resident_use(layer, top_k_index)
             gate_up, down = cache.layer_views(layer)
             slot_ids = top_k_index
         else:
-            slot_ids = self.residency.demand(layer, experts).view_as(top_k_index)
+            # Score the predictions made 1..n layers ago for this layer, in the decision kernel's launch.
+            n_dist = 0
+            while n_dist < self.ledger.depth and layer - 1 - n_dist in self._predicted_at:
+                n_dist += 1
+            score = self.ledger.scoring(n_dist) if n_dist else None
+            slot_ids = self.residency.demand(layer, experts, score).view_as(top_k_index)
             gate_up, down = cache.gate_up_view, cache.down_view
         if compute.from_slots(hidden_states.shape[0]):
             out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down)
         else:
             out = compute.loop(module, hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down)
-        if masks is not None and not cache.complete:
-            # Queued after this layer's compute, as on the host path: the copy stream starts once the
-            # layer has read its slots, so any slot not pinned may take a predicted expert.
-            self._prefetch(layer, masks, top_k_index.shape[1])
+        if hidden is not None and self.lookahead is not None and not cache.complete \
+                and layer + 1 < cache.num_layers:
+            # Forked after this layer's compute, as on the host path: this layer has read its slots, so
+            # any slot not pinned may take a predicted expert.
+            self._lookahead(layer, hidden)
         return out
 
-    def _prefetch(self, layer: int, masks: torch.Tensor, top_k: int) -> None:
-        for distance in range(1, masks.shape[0] + 1):
-            target = layer + distance
-            if target >= self.cache.num_layers:
-                break
-            mask = masks[distance - 1]
-            self.ledger.expect(target, distance, mask)
-            predicted = torch.topk(mask.to(torch.float32), top_k).indices
-            valid = mask[predicted] > 0
-            stream = self.cache.copy_stream if self.cache.cuda else None
-            self.residency.prefetch(target, predicted, valid, running=layer, copy_stream=stream, distance=distance)
-            self._prefetch_pending = self.cache.cuda
+    def _lookahead(self, layer: int, hidden: torch.Tensor) -> None:
+        depth = min(self.ledger.depth, self.cache.num_layers - 1 - layer)
+        predicted = self.ledger.predicted[layer, :depth]
+        stream = self.cache.copy_stream if self.cache.cuda else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self.lookahead.predict_into(layer, hidden, predicted)
+            self.residency.prefetch(layer, predicted)
+        self._predicted_at.add(layer)
+        # Held until the join: the allocator must not hand `hidden` to the compute stream while the
+        # copy stream may still read it.
+        self._pending = hidden
 
 
 def device_copies_work(store, device: torch.device, dtype: torch.dtype) -> bool:

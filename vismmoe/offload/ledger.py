@@ -1,10 +1,12 @@
 """The prediction ledger: how well the lookahead predictor guessed each layer's experts.
 
-When a layer prefetches for layer l + d it notes the predicted set here (`expect`); when layer l + d
-runs, its real experts are scored against it. The host-decided path scores host arrays after its one
-readback per layer (`score`); the device-decided path (static decode, no readback inside a step)
-counts into a device tensor (`score_on_device`) that `end_device` folds into the same counters, so a
-request's recall and precision cover both its prefill and its decode steps.
+When a layer prefetches for layer l + d it notes the predicted set here; when layer l + d runs, its
+real experts are scored against it. The host-decided path notes host arrays (`expect`) and scores
+them after its one readback per layer (`score`). The device-decided path (static decode, no readback
+inside a step) has its predictions written as ids into one device buffer (`predicted[l, d - 1]`: made
+at layer l for layer l + d) and scored by the cache decision kernel of layer l + d itself (`scoring`,
+no launch of its own; `score_predicted` is the torch twin) into a device tensor that `end_device` folds
+into the same counters, so a request's recall and precision cover both its prefill and its decode steps.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class PredictionLedger:
         self.counters = PredictionCounters.zeros(depth, num_layers)
         # [true_pos, actual, predicted] x distance x layer, counted by device-decided steps (no sync).
         self.device_counts = torch.zeros((3, depth, num_layers), dtype=torch.int64, device=device)
-        self._expected: dict = {}  # target layer -> {distance: predicted experts}, for this step
+        self._expected: dict = {}  # target layer -> {distance: predicted experts}, for this step (host path)
+        self.predicted: torch.Tensor | None = None  # device path: [L, depth, k] ids (use_device_predictions)
 
     def begin_request(self) -> None:
         self.counters = PredictionCounters.zeros(self.depth, self.num_layers)
@@ -50,8 +53,7 @@ class PredictionLedger:
         self._expected.clear()  # a step's predictions are scored within that step
 
     def expect(self, target: int, distance: int, predicted) -> None:
-        """`predicted` (host array of expert ids, or device mask [E] on the device path) for layer
-        `target`, made `distance` layers ahead."""
+        """`predicted` (host array of expert ids) for layer `target`, made `distance` layers ahead."""
         self._expected.setdefault(target, {})[distance] = predicted
 
     # -- host-decided path -------------------------------------------------------------------------
@@ -71,14 +73,14 @@ class PredictionLedger:
     def begin_device(self) -> None:
         self.device_counts.zero_()
 
-    def score_on_device(self, layer: int, experts: torch.Tensor) -> None:
-        """Score `experts` (int64 [n], distinct: one decode token) against the device masks expected for
-        `layer`; device ops only, so a captured step does it on every replay."""
-        for distance, mask in self._expected.pop(layer, {}).items():
-            counts = self.device_counts[:, distance - 1, layer]
-            counts[0] += mask[experts].sum()
-            counts[1] += experts.numel()
-            counts[2] += mask.sum()
+    def use_device_predictions(self, top_k: int) -> None:
+        """Allocate `predicted` [L, depth, top_k] (int64, -1 = none): the lookahead's ids on the device."""
+        self.predicted = torch.full((self.num_layers, self.depth, top_k), -1, dtype=torch.int64,
+                                    device=self.device_counts.device)
+
+    def scoring(self, n_dist: int):
+        """What ops.cache_demand needs to score a layer against the predictions made 1..n_dist layers before it."""
+        return self.predicted, self.device_counts, n_dist
 
     def end_device(self) -> None:
         """Fold the device counts into the counters (one readback)."""
@@ -88,3 +90,16 @@ class PredictionLedger:
         c.true_pos += counts[0]
         c.actual += counts[1]
         c.predicted += counts[2]
+
+
+def score_predicted(predicted: torch.Tensor, counts: torch.Tensor, n_dist: int, layer: int,
+                    experts: torch.Tensor) -> None:
+    """The torch twin of the scoring in the cache kernel: counts[:, d - 1, layer] += (true positives, actual,
+    predicted) of `experts` (distinct ids of one decode token) against predicted[layer - d, d - 1], d <= n_dist."""
+    for d in range(1, n_dist + 1):
+        pred = predicted[layer - d, d - 1]
+        hit = (pred[:, None] == experts[None, :]) & (pred[:, None] >= 0)
+        c = counts[:, d - 1, layer]
+        c[0] += hit.sum()
+        c[1] += experts.numel()
+        c[2] += (pred >= 0).sum()

@@ -55,3 +55,17 @@ class LookaheadPredictor:
             indices = out[-1] if isinstance(out, tuple) else out
             masks[d].index_fill_(0, indices.reshape(-1).to(torch.int64), 1)
         return masks
+
+    def predict_into(self, position: int, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """The device path's form: out[d] (int64 [top_k]) = the experts predicted for MoE layer
+        position + 1 + d, -1 where that layer cannot be predicted; one decode token."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for d in range(out.shape[0]):
+            target = position + 1 + d
+            if target >= len(self.targets) or self.targets[target] is None:
+                out[d].fill_(-1)
+                continue
+            router, norm = self.targets[target]
+            result = router(norm(hidden))
+            indices = result[-1] if isinstance(result, tuple) else result
+            out[d].copy_(indices.reshape(-1)[: out.shape[1]])

@@ -15,8 +15,6 @@ text): that is the case this path serves.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .. import ops
@@ -36,10 +34,10 @@ class DeviceResidency:
         # Copies per prefetch call, per (target layer, distance): 0 = off. A device tensor, so that
         # reconfigure and per-layer adaptive prefetch need no new graph capture.
         self.prefetch_limits = torch.zeros((L, max(depth, 1)), **i64)
-        # Row lists of the prefetch copies, per (target layer, distance): the copy stream reads them
-        # after the compute stream has moved on, so they must not be temporaries the allocator could
-        # hand to the compute stream again before the copy ran.
-        self.prefetch_rows = torch.zeros((L, max(depth, 1), 2, top_k), **i64)
+        # The copy list of the prefetches issued after each layer (all its distances), [L, 2, depth * k]:
+        # the copy stream reads it after the compute stream has moved on, so it must not be a temporary
+        # the allocator could hand to the compute stream again before the copy ran.
+        self.prefetch_rows = torch.full((L, 2, max(depth, 1) * top_k), -1, **i64)
 
     def set_prefetch_limits(self, limits) -> None:
         """limits [L, depth] (ints, 0 = off): copied into the device tensor the captured steps read."""
@@ -71,27 +69,28 @@ class DeviceResidency:
     def begin_step(self) -> None:
         begin_step(self.state)  # prefetch pins last until their layer has run within this step
 
-    def demand(self, layer: int, experts: torch.Tensor) -> torch.Tensor:
-        """Make `experts` (distinct ids, int64 [n]) of `layer` resident; return their slots [n].
+    def demand(self, layer: int, experts: torch.Tensor, score=None) -> torch.Tensor:
+        """Make `experts` (distinct ids, int64 [n]) of `layer` resident; return their slots [n]. `score`:
+        the ledger's `scoring(...)`, counted by the same launch.
 
         Copies of misses run on the current stream, so the compute queued after this reads landed data.
         """
         n = experts.numel()
-        slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n])
+        slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
+                                            score=score)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
         return slots
 
-    def prefetch(self, layer: int, experts: torch.Tensor, valid: torch.Tensor, running: int, copy_stream,
-                 distance: int = 1) -> None:
-        """Load the predicted `experts[valid]` of `layer` (at most prefetch_limits[layer, distance - 1])
-        on `copy_stream`, queued after layer `running`'s compute: never evict an expert pinned for a
-        layer that has not run yet."""
-        limit = self.prefetch_limits[layer, distance - 1]
-        src, fill = ops.cache_prefetch(self.state, layer, experts, valid, running, limit)
-        rows = self.prefetch_rows[layer, distance - 1]
-        rows[0].copy_(src)
-        rows[1].copy_(fill)
-        if copy_stream is not None:
-            copy_stream.wait_stream(torch.cuda.current_stream(experts.device))
-        with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
-            ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
+    def prefetch(self, running: int, predicted: torch.Tensor) -> None:
+        """Queued after layer `running`'s compute: load the predicted experts of the next layers —
+        predicted[d - 1] (int64 [k], -1 = none) for layer running + d, at most prefetch_limits[running + d,
+        d - 1] of them — never evicting an expert pinned for a layer that has not run yet. One decision
+        launch per distance writes the copy list straight into `prefetch_rows[running]`, one copy launch
+        moves them all, on the current stream (the device path runs this on the copy stream)."""
+        depth, k = predicted.shape
+        rows = self.prefetch_rows[running, :, : depth * k]
+        for d in range(1, depth + 1):
+            part = slice((d - 1) * k, d * k)
+            ops.cache_prefetch(self.state, running + d, predicted[d - 1], None, running,
+                               self.prefetch_limits[running + d, d - 1], out=(rows[0, part], rows[1, part]))
+        ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])

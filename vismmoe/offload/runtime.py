@@ -19,6 +19,7 @@ from .context import Context
 from .device_path import DevicePath
 from .host_path import HostPath
 from .ledger import PredictionCounters, PredictionLedger
+from .router_stack import RouterStack
 
 
 class OffloadRuntime:
@@ -42,6 +43,7 @@ class OffloadRuntime:
         self.host = HostPath(cache, self.compute, self.ledger, self.context, self.prefetch_limits, self.observers)
         self.device = DevicePath(cache, self.compute, self.ledger, self.context)
         self.static = False  # between begin_static and end_static: layers decide on the device
+        self.lookahead_kind = "none"  # static path's predictor: "stacked" (one launch), else why not
 
     # The expert compute's switches, settable here (tests and profiles flip them on a built runtime).
     grouped = property(lambda self: self.compute.grouped, lambda self, v: setattr(self.compute, "grouped", v))
@@ -58,8 +60,13 @@ class OffloadRuntime:
         return self.ledger.counters
 
     def use_device_residency(self, top_k: int) -> None:
-        """Let static decode steps decide loads on the device (DeviceResidency)."""
-        self.device.use_residency(top_k, self.depth, self.prefetch_limits)
+        """Let static decode steps decide loads on the device (DeviceResidency), predicting with the stacked
+        routers (one launch per layer) where every layer's router allows it, else with the modules."""
+        lookahead = None
+        if self.predictor is not None:
+            stack, self.lookahead_kind = RouterStack.build(self.predictor, top_k)
+            lookahead = stack if stack is not None else self.predictor
+        self.device.use_residency(top_k, self.depth, self.prefetch_limits, lookahead)
 
     def set_prefetch(self, limit: int | None = None, depth: int | None = None, layers=None) -> None:
         """Change prefetching without rebuilding anything: `limit` copies per call (0 = off) for the
@@ -121,7 +128,10 @@ class OffloadRuntime:
             return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
         if not self.prefetch_limits[layer + 1:].any() and not self.observers and not self.static:
             return  # switched off for every later layer
-        if step.index == 0 and not self.prefetch_prefill and not self.static:
+        if self.static:  # predicted beside the compute once this layer has run (device_path.py)
+            self.device.note_hidden(layer, hidden_states)
+            return
+        if step.index == 0 and not self.prefetch_prefill:
             return
         step.predictions[layer] = self.predictor.predict(layer, hidden_states)
 
