@@ -9,7 +9,7 @@ import torch
 
 import vismmoe
 from vismmoe.offload.cache import CacheCounters
-from vismmoe.offload.ledger import PredictionCounters, PredictionLedger
+from vismmoe.offload.ledger import PredictionCounters, PredictionLedger, score_predicted
 from vismmoe.stats import DecodeRun, RequestClock, request_stats
 
 from .conftest import random_requests
@@ -47,15 +47,20 @@ def test_host_and_device_scoring_give_the_same_counters(seed):
                 if layer + d < L:
                     host.expect(layer + d, d, np.flatnonzero(masks[d - 1]))
 
+    # The device path: predictions as id rows (-1 = none) written at the predicting layer, each layer's
+    # experts scored against the rows of the layers before it (the cache kernel's scoring; its twin here).
     device = PredictionLedger(depth, L, torch.device("cpu"))
+    device.use_device_predictions(E)
     device.begin_device()
     for step in steps:
         device.begin_step()
         for layer, (actual, masks) in enumerate(step):
-            device.score_on_device(layer, torch.from_numpy(actual))
+            score_predicted(*device.scoring(min(depth, layer)), layer, torch.from_numpy(actual))
+            device.predicted[layer] = -1
             for d in range(1, depth + 1):
                 if layer + d < L:
-                    device.expect(layer + d, d, torch.from_numpy(masks[d - 1]))
+                    ids = torch.from_numpy(np.flatnonzero(masks[d - 1]))
+                    device.predicted[layer, d - 1, : len(ids)] = ids
     device.end_device()
 
     for name in ("true_pos", "actual", "predicted"):
@@ -68,10 +73,11 @@ def test_device_counts_add_to_the_host_counts_of_the_same_request():
     ledger = PredictionLedger(1, 2, torch.device("cpu"))
     ledger.expect(1, 1, np.array([0, 1]))
     ledger.score(1, np.array([1, 2]))  # the prefill, on the host: 1 of 2 right
+    ledger.use_device_predictions(2)
     ledger.begin_device()
     ledger.begin_step()
-    ledger.expect(1, 1, torch.tensor([1, 0, 1]))
-    ledger.score_on_device(1, torch.tensor([2, 1]))  # a static step: 1 of 2 right
+    ledger.predicted[0, 0] = torch.tensor([0, 2])  # layer 0 predicts experts 0 and 2 for layer 1
+    score_predicted(*ledger.scoring(1), 1, torch.tensor([2, 1]))  # a static step: 1 of 2 right
     ledger.end_device()
     c = ledger.counters
     assert (c.true_pos[0, 1], c.actual[0, 1], c.predicted[0, 1]) == (2, 4, 4)
