@@ -111,14 +111,15 @@ def test_stacked_prediction_names_the_routers_experts(tiny_checkpoints, family):
     with torch.inference_mode():
         for layer in range(L - 1):
             depth = min(3, L - 1 - layer)
-            hidden = torch.randn(1, 1, engine.layout.hidden_size, generator=gen)
-            got = torch.full((depth, k), -1, dtype=torch.int64)
+            # On the engine's device (a GPU when there is one), in its dtype.
+            hidden = torch.randn(1, 1, engine.layout.hidden_size, generator=gen).to(engine.device, engine.dtype)
+            got = torch.full((depth, k), -1, dtype=torch.int64, device=engine.device)
             stack.predict_into(layer, hidden, got)
-            want = torch.full((depth, k), -1, dtype=torch.int64)
+            want = torch.full((depth, k), -1, dtype=torch.int64, device=engine.device)
             predictor.predict_into(layer, hidden, want)
             assert torch.equal(got.sort(-1).values, want.sort(-1).values), layer
             mask = predictor.predict(layer, hidden)[:depth]  # the host path's form names the same sets
-            assert all(set(np.flatnonzero(mask[d].numpy())) == set(want[d].tolist()) for d in range(depth))
+            assert all(set(np.flatnonzero(mask[d].cpu().numpy())) == set(want[d].tolist()) for d in range(depth))
 
 
 def test_glm_routers_are_not_stacked_and_their_reason_is_kept(tiny_checkpoints):

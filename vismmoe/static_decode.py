@@ -68,6 +68,7 @@ class StaticDecoder:
         self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
         self.kv_index = torch.arange(self.max_cache_len, **i64)
         self.grown = 0  # how many times this decoder's cache has grown (tests and stats read it)
+        self._retired = None  # the last graph dropped, held until the next capture (see _retire_graph)
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
         self.graph = None
         self.graph_pool = graph_pool  # CUDA graph memory pool shared with the engine's other decoders
@@ -96,7 +97,7 @@ class StaticDecoder:
         self.kv_cache = new
         self.max_cache_len = length
         self.kv_index = torch.arange(length, dtype=torch.int64, device=self.device)
-        self.graph = None
+        self._retire_graph()
         self.grown += 1
 
     def run(self, inputs, max_new_tokens: int, min_new_tokens: int, context: int | None) -> DecodeRun:
@@ -163,7 +164,7 @@ class StaticDecoder:
         else:
             positions = prefill_positions[..., -1:].to(torch.int64) + 1
         if self.positions is not None and self.positions.shape != positions.shape:
-            self.graph = None  # a different position layout: the captured step no longer fits
+            self._retire_graph()  # a different position layout: the captured step no longer fits
             self.positions = None
         if self.positions is None:
             self.positions = positions.clone()
@@ -204,6 +205,15 @@ class StaticDecoder:
         else:
             self.graph.replay()
 
+    def _retire_graph(self) -> None:
+        """Drop the captured step, but keep it alive until the next capture has begun: the graphs share
+        one memory pool, and torch cannot capture into a shared pool whose graphs are all gone while a
+        block of it is still held (an internal assert in capture_begin, which also leaves the CUDA RNG
+        in capture mode)."""
+        if self.graph is not None:
+            self._retired = self.graph
+        self.graph = None
+
     def _capture(self) -> None:
         """Take this step eagerly on a side stream (the warm-up CUDA graphs need: allocator, cuBLAS and
         Triton initialised), then capture the step; the capture executes nothing, so later steps replay it."""
@@ -232,6 +242,7 @@ class StaticDecoder:
             self.mode = "eager"  # the next step builds its context afresh (begin_static_step)
             return
         self.graph = graph
+        self._retired = None  # the new graph keeps the shared pool alive now
         # The warm-up step above already produced this step's token: the graph runs from the next one.
 
 

@@ -26,21 +26,13 @@ def top_k_ids(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm (Qwen3-MoE, Qwen3-VL-MoE, OLMoE): fp32 statistics, cast back, then the weight."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
 def predict_experts_reference(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float,
                               top_k: int) -> torch.Tensor:
     """The torch twin of the kernel: ids [D, top_k] (int64) of the top-k logits of
     router_w[d] @ rms_norm(hidden, norm_w[d]) for each d, ties to the lowest id. The ops are the modules'
     own, so on the CPU the logits are bitwise theirs."""
     x = hidden.reshape(1, -1)
-    return torch.cat([top_k_ids(F.linear(rms_norm(x, norm_w[d], eps), router_w[d]), top_k)
+    return torch.cat([top_k_ids(F.linear(ops.rms_norm_reference(x, norm_w[d], eps), router_w[d]), top_k)
                       for d in range(router_w.shape[0])])
 
 
@@ -71,7 +63,7 @@ def why_not_stackable(router, norm, top_k: int, hidden_size: int, num_experts: i
     probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         normed = type(norm).forward(norm, probe)
-        if not torch.equal(normed, rms_norm(probe, norm_w, eps)):
+        if not torch.equal(normed, ops.rms_norm_reference(probe, norm_w, eps)):
             return "the pre-router norm does not compute transformers' RMSNorm"
         out = type(router).forward(router, normed)
         indices = out[-1] if isinstance(out, tuple) else out
