@@ -100,12 +100,10 @@ class Engine:
             raise ModelLoadError(f"{self.model_dir}/config.json does not describe a buildable "
                                  f"{hf_config.model_type!r} model ({type(exc).__name__}: {exc})") from None
         self.layout = adapters.discover(skeleton)
-        if config.slot_plan is not None:
-            raise ConfigError("slot_plan: the live expert cache does not take per-layer quotas yet; remove the key "
-                              "(`vismmoe plan` records its per-layer plan under `plan:`, which load ignores)")
         self.config = config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         self.num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, self.num_slots, self.layout)
+        self.slot_plan = _slot_plan(config, self.num_slots, self.layout)
         self.model = load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
@@ -158,7 +156,7 @@ class Engine:
         # Drop every reference to the old slot pool before allocating the new one (peak = one pool).
         self.cache = self.runtime = self.decoders = None
         glue.bind(self.layout, None)
-        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
+        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy, slot_plan=self.slot_plan)
         self.cache.measure_stalls = config.measure_stalls
         if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:
             self.cache.load_all()
@@ -214,7 +212,7 @@ class Engine:
                 "use auto, grouped_mm or loop")
         return grouped and kernel != "loop", fused
 
-    _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
+    _RECONFIGURABLE = {"expert_budget", "budget", "slot_plan", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
                        "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
@@ -240,15 +238,16 @@ class Engine:
         config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, num_slots, self.layout)
+        slot_plan = _slot_plan(config, num_slots, self.layout)
         self._check_pruning(config)
         if self._set_prefetch_in_place(config, num_slots):
             return self
-        previous = self.config, self.num_slots
-        self.config, self.num_slots = config, num_slots
+        previous = self.config, self.num_slots, self.slot_plan
+        self.config, self.num_slots, self.slot_plan = config, num_slots, slot_plan
         try:
             self._build_runtime()
         except ConfigError:  # raised before the old runtime is touched: it keeps serving
-            self.config, self.num_slots = previous
+            self.config, self.num_slots, self.slot_plan = previous
             raise
         return self
 
@@ -470,3 +469,10 @@ def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None
             "use store: pinned or memory, decode: auto, or a budget holding every expert")
 
 
+
+
+def _slot_plan(config: EngineConfig, num_slots: int, layout):
+    """The `slot_plan` key for this budget (offload/policies/slot_plan.py): None (one pool) or a SlotPlan."""
+    from .offload.policies.slot_plan import resolve_slot_plan
+
+    return resolve_slot_plan(config.slot_plan, num_slots, len(layout.layers), layout.top_k)

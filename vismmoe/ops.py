@@ -168,31 +168,32 @@ def device_copy_available(src: torch.Tensor) -> bool:
 # forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
 
 
-def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None):
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, quota=None):
     """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
-    (src_rows[i] -> fill[i]) for fill[i] >= 0."""
+    (src_rows[i] -> fill[i]) for fill[i] >= 0. `quota`: per-layer slot quotas (int64 [L]) or None."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
-        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text)
+        return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text,
+                                     quota=quota)
     from .offload import device_core
 
-    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text, quota)
     return slots, fill, layer * state.shape[2] + experts
 
 
-def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None):
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None, quota=None):
     """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
     issued after layer `running`. Returns (src_rows, fill), the copy list."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
         _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
-                                             running=running)
+                                             running=running, quota=quota)
         return src, fill
     from .offload import device_core
 
-    return device_core.prefetch(state, layer, experts, valid, running, limit)
+    return device_core.prefetch(state, layer, experts, valid, running, limit, quota)
 
 
 def _use_kernel(experts, kernel: bool | None) -> bool:
@@ -253,11 +254,17 @@ def _cache_kernel_checked(device: torch.device) -> bool:
 
 
 def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
+    """The kernel against its twin: one global pool, then per-layer slot quotas."""
+    return _compare_cache_kernel_once(device, calls, seed, None) and \
+        _compare_cache_kernel_once(device, calls, seed + 1, torch.tensor([3, 2, 2], device=device))
+
+
+def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quota) -> bool:
     from .kernels import cache_step
     from .offload import device_core
 
     gen = torch.Generator().manual_seed(seed)
-    S, L, E, k = 6, 3, 8, 2
+    S, L, E, k = 7, 3, 8, 2
     states = []
     for _ in range(2):
         table = torch.full((L * E + 1,), -1, dtype=torch.int32, device=device)
@@ -271,8 +278,8 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
             if call % 3 == 2:
                 valid = (torch.rand(k, generator=gen) < 0.7).to(device)
                 _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, (layer + 1) % L, experts,
-                                                     valid=valid, limit=k, running=layer)
-                src_twin, fill_twin = device_core.prefetch(states[1], (layer + 1) % L, experts, valid, layer, k)
+                                                     valid=valid, limit=k, running=layer, quota=quota)
+                src_twin, fill_twin = device_core.prefetch(states[1], (layer + 1) % L, experts, valid, layer, k, quota)
                 copies = [sorted(zip(r[f >= 0].tolist(), f[f >= 0].tolist())) for r, f in ((src, fill),
                                                                                            (src_twin, fill_twin))]
                 if copies[0] != copies[1]:  # the same copies (the order of the list is free)
@@ -281,8 +288,8 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
                 n_visual = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
                 slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts,
-                                                       n_visual=n_visual, n_text=n_text)
-                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text)
+                                                       n_visual=n_visual, n_text=n_text, quota=quota)
+                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text, quota)
                 if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
                     return False
             if call % L == L - 1:

@@ -40,6 +40,8 @@ class DeviceResidency:
         # after the compute stream has moved on, so they must not be temporaries the allocator could
         # hand to the compute stream again before the copy ran.
         self.prefetch_rows = torch.zeros((L, max(depth, 1), 2, top_k), **i64)
+        # Per-layer slot quotas (the cache's slot plan) or None: the same caps as the host core's.
+        self.quota = torch.from_numpy(cache.quota).to(device) if len(cache.quota) else None
 
     def set_prefetch_limits(self, limits) -> None:
         """limits [L, depth] (ints, 0 = off): copied into the device tensor the captured steps read."""
@@ -77,7 +79,8 @@ class DeviceResidency:
         Copies of misses run on the current stream, so the compute queued after this reads landed data.
         """
         n = experts.numel()
-        slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n])
+        slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
+                                             quota=self.quota)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
         return slots
 
@@ -87,7 +90,7 @@ class DeviceResidency:
         on `copy_stream`, queued after layer `running`'s compute: never evict an expert pinned for a
         layer that has not run yet."""
         limit = self.prefetch_limits[layer, distance - 1]
-        src, fill = ops.cache_prefetch(self.state, layer, experts, valid, running, limit)
+        src, fill = ops.cache_prefetch(self.state, layer, experts, valid, running, limit, quota=self.quota)
         rows = self.prefetch_rows[layer, distance - 1]
         rows[0].copy_(src)
         rows[1].copy_(fill)
