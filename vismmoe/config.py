@@ -67,6 +67,10 @@ class EngineConfig:
     # summing to the budget's slots), as `vismmoe plan` computes them: a layer at its quota replaces
     # only its own experts. Host path, device path and simulator make the same decisions.
     slot_plan: Any = None
+    # Emulate a device profile (a `vismmoe devices` name or a profile YAML) on this machine: its usable
+    # memory caps what the engine holds (BudgetError where the device would run out) and expert copies
+    # are paced to its host link. Compute speed stays this machine's (vismmoe/deploy/emulate.py).
+    emulate: Any = None
     # Visual-token pruning between the vision tower and the language model (vismmoe/pruning):
     # `visual_keep` is a ratio in (0, 1] (1.0 = off) or an integer token count; `visual_prune` the method
     # (affinity, diversity, importance, pool, random; None = affinity); `visual_merge` folds each pruned
@@ -124,6 +128,10 @@ class EngineConfig:
             raise ConfigError(f"slot_plan must be global, uniform or a list of positive integers (one per MoE "
                               f"layer), got {self.slot_plan!r}")
         parse_budget(self.expert_budget)  # raises BudgetError on nonsense, before any model is touched
+        if self.emulate is not None:
+            from .deploy.emulate import load_emulated_profile
+
+            load_emulated_profile(self.emulate)  # an unknown name lists the shipped profiles
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -111,6 +111,8 @@ class Engine:
         self.model.to(self.device).eval()
         self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
                                     (*self.model.parameters(), *self.model.buffers()))
+        self.layout_record_bytes = self.layout.record_numel * torch.empty((), dtype=self.dtype).element_size()
+        self.emulation = _emulation(config, self)
 
         self.trace = None
         self.closed = False
@@ -126,6 +128,9 @@ class Engine:
         # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
         self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
         glue.install(self.model, self.layout)
+        if self.emulation is not None:
+            self.emulation.calibrate(self.store)
+            self.emulation.cap_allocator()
         self.generate_decoder = GenerateDecoder(self.model, self.image_token_id)
         self._build_runtime()
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
@@ -158,6 +163,7 @@ class Engine:
         glue.bind(self.layout, None)
         self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy, slot_plan=self.slot_plan)
         self.cache.measure_stalls = config.measure_stalls
+        self.cache.pacer = self.emulation  # paces expert copies to an emulated device's link, or None
         if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:
             self.cache.load_all()
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
@@ -239,6 +245,8 @@ class Engine:
         num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, num_slots, self.layout)
         slot_plan = _slot_plan(config, num_slots, self.layout)
+        if self.emulation is not None:
+            self.emulation.check_engine(self, num_slots)
         self._check_pruning(config)
         if self._set_prefetch_in_place(config, num_slots):
             return self
@@ -316,6 +324,13 @@ class Engine:
         if static_reason and self.config.decode == "static":
             self._clear_pruning()
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
+        if self.emulation is not None:
+            try:
+                emulated = self.emulation.check_request(self, int(input_ids.shape[1]), max_new_tokens, decoder,
+                                                        visual_total)
+            except ConfigError:
+                self._clear_pruning()
+                raise
         if pruning is not None and decoder is not None:
             self.pruner.state.override_decode = False  # static decode continues the recorded positions itself
         if self.device.type == "cuda":
@@ -346,6 +361,8 @@ class Engine:
             num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
         dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
         stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
+        if self.emulation is not None:
+            stats.emulation = self.emulation.request_report(emulated, stats.peak_gpu_bytes)
         text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
         return Result(text=text, token_ids=run.tokens, stats=stats)
 
@@ -378,7 +395,8 @@ class Engine:
             cuda_graphs=config.cuda_graphs, experts_kernel=config.experts_kernel, prefill_kernel=prefill_kernel,
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
-            prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill)
+            prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill,
+            emulation=None if self.emulation is None else self.emulation.info())
 
     def reset_stats(self) -> None:
         """Zero the request counters (expert hits and misses, bytes copied, the prefetch ledger, prediction
@@ -456,6 +474,8 @@ class Engine:
         self.closed = True
         self.decoders.clear()
         self.store.close()
+        if self.emulation is not None:
+            self.emulation.release()
 
 
 def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
@@ -476,3 +496,17 @@ def _slot_plan(config: EngineConfig, num_slots: int, layout):
     from .offload.policies.slot_plan import resolve_slot_plan
 
     return resolve_slot_plan(config.slot_plan, num_slots, len(layout.layers), layout.top_k)
+
+
+def _emulation(config: EngineConfig, engine):
+    """`emulate: PROFILE` (deploy/emulate.py): the emulated device's memory checked for what is loaded."""
+    if config.emulate is None:
+        return None
+    from .deploy.emulate import Emulation, load_emulated_profile
+    from .deploy.model_info import model_info
+
+    emulation = Emulation(load_emulated_profile(config.emulate), config.store, engine.layout_record_bytes,
+                          engine.device)
+    emulation.model = model_info(engine.model_dir)
+    emulation.check_engine(engine, engine.num_slots)
+    return emulation

@@ -81,6 +81,7 @@ class ExpertCache:
         self.device_hits = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
         self.cuda = device.type == "cuda"
         self.measure_stalls = False
+        self.pacer = None  # deploy.emulate.Emulation: slows each copy wave to an emulated device's link
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=device)
             self.ready: list[torch.cuda.Event | None] = [None] * num_slots  # copy that filled the slot
@@ -231,6 +232,8 @@ class ExpertCache:
         slots = fill[placed]
         for i in placed:
             self._copy(layer, int(experts[i]), int(fill[i]))
+        if self.pacer is not None:
+            self._pace(slots)
         evicted = old_owner[slots]
         evicted = evicted[evicted >= 0]
         flat = np.concatenate([evicted, layer * self.num_experts + experts[placed]])
@@ -238,6 +241,16 @@ class ExpertCache:
         upd = torch.from_numpy(np.stack([flat, value])).to(self.device, non_blocking=True)
         # No index repeats: what a call installs was absent, and what it installs it protects.
         self.slot_table_storage.index_put_((upd[0],), upd[1].to(torch.int32))
+
+    def _pace(self, slots: np.ndarray) -> None:
+        """Emulation: the wave's copies take the emulated link's time; on CUDA a delay queued on the copy
+        stream, and the slots count as ready only after it."""
+        self.pacer.pace_host(len(slots), self.copy_stream if self.cuda else None)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+            for slot in slots:
+                self.ready[int(slot)] = event
 
     def _wait_ready(self, slots) -> None:
         compute = torch.cuda.current_stream(self.device)

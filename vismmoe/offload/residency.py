@@ -82,6 +82,8 @@ class DeviceResidency:
         slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
                                              quota=self.quota)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
+        if self.cache.pacer is not None:  # an emulated device's slower link (deploy/emulate.py)
+            self.cache.pacer.pace_device(fill)
         return slots
 
     def prefetch(self, layer: int, experts: torch.Tensor, valid: torch.Tensor, running: int, copy_stream,
@@ -98,3 +100,5 @@ class DeviceResidency:
             copy_stream.wait_stream(torch.cuda.current_stream(experts.device))
         with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
             ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
+            if self.cache.pacer is not None:
+                self.cache.pacer.pace_device(rows[1])
