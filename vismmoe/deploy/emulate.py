@@ -84,6 +84,8 @@ class Emulation:
         slots = int(room // record_bytes) if room > 0 else 0
         if slots >= top_k:
             fix = f"lower expert_budget to {slots * record_bytes} bytes ({slots} experts)"
+            if "kv_cache" not in parts:
+                fix += " at most (requests add their KV cache and activations)"
         else:
             fix = (f"no expert budget fits: even the smallest ({top_k} experts) is short by "
                    f"{_gb(need - parts.get('expert_cache', 0) + top_k * record_bytes - self.usable_bytes)}")
@@ -91,7 +93,7 @@ class Emulation:
         if self.shared_store:
             hints.insert(0, "store: mmap (the host store then leaves the shared DRAM)")
         raise BudgetError(f"{what} needs {_gb(need)} ({listed}); the emulated {p.description} has {_gb(self.usable_bytes)} "
-                          f"usable ({p['memory_gb']:g} GB - {p['reserved_gb']:g} GB reserved): {fix}, or use "
+                          f"usable ({p['memory_gb']:.4g} GB - {p['reserved_gb']:.4g} GB reserved): {fix}, or use "
                           + ", ".join(hints))
 
     def check_engine(self, engine, num_slots: int) -> None:
@@ -174,11 +176,11 @@ class Emulation:
         pace.pace(None, 1000, 0, self._scratch)  # build
         self.iters_per_s = iters / _time_cuda(lambda: pace.pace(None, iters, 0, self._scratch))
 
-    def pace_host(self, records: int, stream=None) -> None:
+    def pace_host(self, records: int, stream=None, path: str = "host") -> None:
         """After a host-path wave of `records` copies (queued on `stream` on CUDA)."""
         if records <= 0:
             return
-        seconds = records * self.delay_s("host")
+        seconds = records * self.delay_s(path)
         self.paced_s += seconds
         if self.device.type != "cuda":
             self.sleep(seconds)
@@ -191,7 +193,7 @@ class Emulation:
     def pace_device(self, fill: torch.Tensor) -> None:
         """After a device-decided copy list (`fill` >= 0: records copied), on the current stream; no host sync on CUDA."""
         if self.device.type != "cuda":
-            self.pace_host(int((fill >= 0).sum()))
+            self.pace_host(int((fill >= 0).sum()), path="static")
             return
         from ..kernels import pace
 
