@@ -13,6 +13,7 @@ from vismmoe.config import load_config
 from vismmoe.errors import BudgetError, ConfigError
 
 from .conftest import random_requests
+from .test_cache_core import kernel_device  # noqa: F401 - the fixture (Triton's interpreter on the CPU)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "easyvqa-qwen3vlmoe"
@@ -184,3 +185,44 @@ def test_pacing_the_device_path_counts_the_copies(qwen_checkpoint):
     per_record = engine.emulation.delay_s("static")
     assert sum(asked) == pytest.approx(stats.expert_misses * per_record, rel=1e-9)
     engine.close()
+
+
+def test_pace_kernel_counts_the_copied_records(kernel_device):
+    """kernels/pace.py spins count(fill >= 0) x iters_per_record + extra iterations (read back from its
+    scratch); in Triton's interpreter on the CPU, natively on a GPU."""
+    import torch
+
+    from vismmoe.kernels.pace import pace
+
+    out = torch.zeros(2, dtype=torch.float32, device=kernel_device)
+    pace(torch.tensor([3, -1, 7, 0, -1], device=kernel_device), 5, 11, out)
+    assert out[1].item() == 3 * 11 + 5
+    pace(None, 17, 11, out)
+    assert out[1].item() == 17
+
+
+@pytest.mark.gpu
+def test_pace_kernel_delay_scales_and_captures_in_a_graph():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from vismmoe.deploy.emulate import _time_cuda
+    from vismmoe.kernels.pace import pace
+
+    out = torch.zeros(2, dtype=torch.float32, device="cuda")
+    fill = torch.tensor([0, 1, -1, 2], device="cuda")
+    one = _time_cuda(lambda: pace(None, 100_000, 0, out))
+    three = _time_cuda(lambda: pace(fill, 0, 100_000, out))  # 3 records
+    assert 2.5 < three / one < 3.5
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pace(fill, 0, 100_000, out)
+    fill.fill_(-1)  # the count is read on the device at replay: no records, no spin
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out[1].item() == 0
+    fill.fill_(5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out[1].item() == 4 * 100_000

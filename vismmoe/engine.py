@@ -129,13 +129,14 @@ class Engine:
         self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
         glue.install(self.model, self.layout)
         if self.emulation is not None:
-            self.emulation.calibrate(self.store)
-            self.emulation.cap_allocator()
+            self.emulation.calibrate(self.store)  # this machine's copy times, before any copy is paced
         self.generate_decoder = GenerateDecoder(self.model, self.image_token_id)
         self._build_runtime()
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
         self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
         self._check_pruning(config)
+        if self.emulation is not None:
+            self.emulation.cap_allocator()  # last: a failed load leaves no cap behind
 
     def _check_pruning(self, config: EngineConfig) -> None:
         from .pruning import VisualPruner

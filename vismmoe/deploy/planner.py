@@ -292,7 +292,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     ttft_miss = prefill_misses * miss_ms
     return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
                 decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
-                decode_misses_per_token=decode_misses, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
+                decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
                 ttft_overhead_ms=ttft_overhead, ttft_compute_ms=ttft_compute, ttft_miss_ms=ttft_miss,
                 prefill_misses=prefill_misses, prompt_tokens=prompt)
 
