@@ -136,6 +136,9 @@ def main():
                     "capped to about that share of all experts (so the emulated link is exercised on models the "
                     "profile holds entirely)")
     ap.add_argument("--models", nargs="+", default=["bench", "bundled"], choices=("bench", "bundled"))
+    ap.add_argument("--deadline-s", type=float, default=450,
+                    help="start no new setting after this many seconds (the rest are listed as skipped); the "
+                    "report is rewritten after every setting, so a run cut short keeps what it measured")
     ap.add_argument("--parts", nargs="+", default=["A", "B"], choices=("A", "B"),
                     help="A: the time model on this GPU; B: the target profiles under emulation")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random bench model, part B, "
@@ -164,6 +167,7 @@ def main():
         from vismmoe.testing.tiny_models import full_size_checkpoint
 
         bench_dir = full_size_checkpoint(args.layers)
+        print(f"bench model ready in {time.perf_counter() - t0:.0f} s: {bench_dir}", flush=True)
     gpu_profile = parse_profile(probe(bench_dir), "probe")
     report = dict(device=device_name(device), torch=torch.__version__,
                   probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, rows_a=[], rows_b=[])
@@ -184,6 +188,10 @@ def main():
         for fraction in args.fractions if "A" in args.parts else []:
             cap = fixed + (fraction * info.num_moe_layers * info.num_experts + 0.5) * info.expert_bytes(full.dtype)
             row = dict(model=name, profile=gpu_profile.name, fraction=fraction)
+            if time.perf_counter() - t0 > args.deadline_s:
+                row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
+                report["rows_a"].append(row)
+                continue
             try:
                 plan = make_plan(info, gpu_profile, trace, max_gpu_memory=cap, context=context, image_size=image_size,
                                  max_new_tokens=args.new_tokens, trace_path=str(trace_path))
@@ -193,11 +201,16 @@ def main():
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
             report["rows_a"].append(row)
+            _save(out, report, t0)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
         # B: target profiles under emulation (memory cap and paced expert copies)
         for profile_name, fraction in [(p, f) for p in args.profiles for f in args.b_fractions] if "B" in args.parts else []:
             profile = load_profile(profile_name)
             row = dict(model=name, profile=profile_name, fraction=fraction)
+            if time.perf_counter() - t0 > args.deadline_s:
+                row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
+                report["rows_b"].append(row)
+                continue
             try:
                 plan = make_plan(info, profile, trace, image_size=image_size, max_new_tokens=args.new_tokens,
                                  trace_path=str(trace_path))
@@ -218,10 +231,15 @@ def main():
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
             report["rows_b"].append(row)
+            _save(out, report, t0)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
+    _save(out, report, t0)
+    print(markdown(report))
+
+
+def _save(out, report, t0) -> None:
     report["seconds"] = time.perf_counter() - t0
     write_report(out, "validate_plan", report, markdown(report))
-    print(markdown(report))
 
 
 def emulated_prediction(plan, info, here) -> dict:
