@@ -113,8 +113,10 @@ class Emulation:
         text, element = engine.model.config.get_text_config(), rb // layout.record_numel
         tokens = prompt_tokens + max_new_tokens
         held = engine.decoders.kv_bytes()  # the static caches kept for later requests stay allocated
-        if decoder is not None:
-            tokens = max(tokens, decoder.max_cache_len)
+        if decoder is not None:  # its cache grows in buckets to the request's length (static_decode.py)
+            from ..static_decode import cache_length
+
+            tokens = max(cache_length(tokens - 1, engine.context), decoder.max_cache_len)
             held -= _cache_bytes(decoder.kv_cache)
         parts["kv_cache"] = held + dynamic_kv_bytes(text, tokens, element)
         side = math.ceil(math.sqrt(visual_tokens)) * self.model.patch_size * self.model.merge_size \

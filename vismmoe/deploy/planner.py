@@ -146,7 +146,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         raise ConfigError(f"context must be a positive number of tokens, got {context}")
     prompt = min(prompt, context)
     usable = _usable_bytes(profile, max_gpu_memory)
-    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_bytes(context, dtype),
+    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_cache_bytes(context, dtype),
                  activations=model.activation_peak_bytes(prompt, image_size, dtype),
                  reserved=int(profile["reserved_gb"] * GB),
                  workspace=ENGINE["gpu_workspace_bytes"] if profile.kind != "cpu" else 0)
@@ -190,7 +190,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
 def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
                      image_size: int = 448, gpu: bool = True) -> int:
     """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else."""
-    fixed = (model.non_expert_bytes(dtype) + model.kv_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
+    fixed = (model.non_expert_bytes(dtype) + model.kv_cache_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
              + model.activation_peak_bytes(min(context, model.visual_tokens(image_size) + 32), image_size, dtype))
     room = available - fixed - (model.total_expert_bytes(dtype) if shared_store else 0)
     B = model.expert_bytes(dtype)
