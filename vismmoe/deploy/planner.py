@@ -84,7 +84,8 @@ class Plan:
         return dict(device="cpu" if self.profile.kind == "cpu" else "cuda", dtype=self.dtype,
                     expert_budget=int(c.budget_slots * self.model.expert_bytes(self.dtype)), store=c.store,
                     policy=c.policy, prefetch=c.prefetch, prefetch_depth=1, decode="auto",
-                    max_new_tokens=self.max_new_tokens, slot_plan=self.slot_plan or "global")
+                    max_new_tokens=self.max_new_tokens,
+                    slot_plan=list(self.slot_plan) if self.slot_plan else "global")  # a copy: no YAML alias
 
     def to_dict(self) -> dict:
         c = self.chosen
