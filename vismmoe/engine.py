@@ -219,10 +219,11 @@ class Engine:
                 "use auto, grouped_mm or loop")
         return grouped and kernel != "loop", fused
 
-    _RECONFIGURABLE = {"expert_budget", "budget", "slot_plan", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
+    _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "prefetch_prefill",
                        "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
+    _RECONFIGURABLE |= {"slot_plan"}  # per-layer quotas: a new cache, like a new budget
 
     def _device_copies_work(self) -> bool:
         """Can misses be copied by device-decided work (static decode)? Checked once per engine."""
