@@ -149,6 +149,22 @@ def assert_same(a, b, what):
     assert not len(bad), f"{what}: first difference after layer call {bad[0]}"
 
 
+def replay_three_ways(trace: Trace, policy: str, budget: int, prefetch: bool, what, quota=None):
+    """The trace through the live cache, the simulator and the torch device reference: the tables, the
+    misses after every layer call and the counters (hits, misses per layer; prefetch ledger) agree."""
+    live = replay_live(trace, policy, budget, prefetch, quota)
+    sim = simulate(trace, policy, budget, "trace" if prefetch else "none",
+                   slot_plan=None if quota is None else SlotPlan(quota), record_groups=True)
+    dev = replay_device(trace, policy, budget, prefetch, quota=quota)
+    assert_same(live, (sim.group_tables, sim.group_misses), what)
+    assert_same(live, dev, what)
+    cache, st = live[2], dev[2]
+    assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
+    assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
+    assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
+    return live, sim, dev
+
+
 CONFIGS = [(name, b, p) for name in ("synthetic", "demo") for b in range(3) for p in (False, True)]
 
 
@@ -160,17 +176,9 @@ def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
             continue
         trace = traces[name]
         budget = budgets(trace)[b]
-        live = replay_live(trace, policy, budget, prefetch)
-        sim = simulate(trace, policy, budget, "trace" if prefetch else "none", record_groups=True)
-        dev = replay_device(trace, policy, budget, prefetch)
         what = (name, policy, budget, prefetch)
-        assert_same(live, (sim.group_tables, sim.group_misses), what)
-        assert_same(live, dev, what)
-        # The counters agree as well (hits, misses per layer; prefetch ledger).
+        live, sim, dev = replay_three_ways(trace, policy, budget, prefetch, what)
         cache, st = live[2], dev[2]
-        assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
-        assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
-        assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
         assert (sim.prefetch_issued.tolist(), sim.prefetch_used.tolist(), sim.prefetch_wasted.tolist()) == \
             tuple(cache.state.pf.tolist()), what
         assert (st.owner[:-1].numpy() == cache.state.owner).all() and np.array_equal(
@@ -301,16 +309,7 @@ def test_slot_plans_decide_alike_in_host_core_simulator_and_device_reference(tra
         for budget, quota in quota_cases(trace):
             for prefetch in (False, True):
                 what = (name, policy, budget, quota.tolist(), prefetch)
-                live = replay_live(trace, policy, budget, prefetch, quota)
-                sim = simulate(trace, policy, budget, "trace" if prefetch else "none", slot_plan=SlotPlan(quota),
-                               record_groups=True)
-                dev = replay_device(trace, policy, budget, prefetch, quota=quota)
-                assert_same(live, (sim.group_tables, sim.group_misses), what)
-                assert_same(live, dev, what)
-                cache, st = live[2], dev[2]
-                assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
-                assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
-                assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
+                live, _, _ = replay_three_ways(trace, policy, budget, prefetch, what, quota)
                 # Every layer stays within its quota after every call, and the plan changes decisions.
                 held = np.stack([(t >= 0).sum(axis=1) for t in live[0]])
                 assert (held <= quota).all(), what
