@@ -175,16 +175,19 @@ def test_pacing_slows_host_path_copies_by_the_link_time(qwen_checkpoint):
 def test_pacing_the_device_path_counts_the_copies(qwen_checkpoint):
     """The static path's copy lists are paced by the records they copy (on CUDA the count is read on the
     device by kernels/pace.py; here the same count on the host)."""
-    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.25, prefetch=False,
-                          emulate="rtx4090-24gb")
-    asked = []
-    engine.emulation.sleep = asked.append
-    (image, prompt), = random_requests(1, seed=6)
-    stats = engine.generate(image=image, prompt=prompt, max_new_tokens=6).stats
-    assert stats.decode_path.startswith("static")
-    per_record = engine.emulation.delay_s("static")
-    assert sum(asked) == pytest.approx(stats.expert_misses * per_record, rel=1e-9)
-    engine.close()
+    for prefetch in (False, True):  # with prefetch: the lookahead's one copy launch per layer is paced too
+        engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.25, prefetch=prefetch,
+                              emulate="rtx4090-24gb")
+        asked = []
+        engine.emulation.sleep = asked.append
+        (image, prompt), = random_requests(1, seed=6)
+        stats = engine.generate(image=image, prompt=prompt, max_new_tokens=6).stats
+        assert stats.decode_path.startswith("static")
+        per_record = engine.emulation.delay_s("static")
+        prefetched = stats.prefetch_issued_bytes // stats.record_bytes
+        assert prefetched > 0 if prefetch else prefetched == 0
+        assert sum(asked) == pytest.approx((stats.expert_misses + prefetched) * per_record, rel=1e-9)
+        engine.close()
 
 
 def test_pace_kernel_counts_the_copied_records(kernel_device):

@@ -87,6 +87,26 @@ def test_device_path_with_a_plan_decides_as_the_host_path(qwen_checkpoint, polic
     assert m1.sum() > 0
 
 
+def test_static_prefetch_with_a_plan_decides_as_the_host_path(qwen_checkpoint):
+    """Prefetch on, depth 2: the static path's lookahead loads (DeviceResidency.prefetch: one decision per
+    distance, each within its target layer's quota, one copy launch) are the host path's, call for call."""
+    stats = {}
+    for decode in ("static", "generate"):
+        engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, slot_plan=PLAN, prefetch=True, prefetch_depth=2,
+                              decode=decode, device="cpu")
+        stats[decode] = []
+        for i, (image, prompt) in enumerate(random_requests(3, seed=44)):
+            result = engine.generate(image=image, prompt=prompt, max_new_tokens=6, request_id=f"q{i}")
+            s = result.stats
+            stats[decode].append((result.token_ids, s.hits_per_layer, s.misses_per_layer, s.prefetch_issued_bytes,
+                                  s.prefetch_used_bytes, s.prefetch_wasted_bytes))
+            assert s.decode_path.startswith("static-" if decode == "static" else "generate")
+            held = np.bincount(engine.cache.state.owner[engine.cache.state.owner >= 0] // 8, minlength=4)
+            assert (held <= PLAN).all()
+        engine.close()
+    assert stats["static"] == stats["generate"]
+    assert sum(row[3] for row in stats["static"]) > 0  # the lookahead loaded experts under the plan
+
 def test_a_planned_deploy_config_loads_and_runs_its_plan(qwen_checkpoint, tmp_path):
     """vismmoe plan on the tiny model with its own trace: the written deploy.yaml carries a per-layer
     plan, loads (device overridden to this CPU), runs, and the run's misses are the simulator's."""
