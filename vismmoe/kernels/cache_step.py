@@ -266,7 +266,7 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
         dummy if valid is None else valid.to(torch.int8), limit,
         slots, fill, src, pred, ledger, dummy if quota is None else quota,
         layer, running, n, S, L, E, L * E + 1, L + 1, n_dist, depth, kp,
-        MODE=mode, HAS_VALID=valid is not None, SCORE=n_dist > 0, HAS_QUOTA=quota is not None, BLOCK_S=_next_pow2(max(S, 16)),
-        BLOCK_N=_next_pow2(max(n, kp, 16)), BLOCK_E=_next_pow2(max(E, 16)),
+        MODE=mode, HAS_VALID=valid is not None, SCORE=n_dist > 0, HAS_QUOTA=quota is not None,
+        BLOCK_S=_next_pow2(max(S, 16)), BLOCK_N=_next_pow2(max(n, kp, 16)), BLOCK_E=_next_pow2(max(E, 16)),
         num_warps=4 if S <= 256 else 8 if S <= 1024 else 16, **extra)
     return (slots if mode == DEMAND else None), fill, src
