@@ -6,19 +6,24 @@ Two comparisons, kept apart because they answer different questions:
      profile at several GPU-memory caps (so the expert budget is 100%, ~50%, ~25% of all experts),
      replaying the model's routing trace; the planned config is loaded and timed. Predicted vs
      measured TTFT and decode ms/token, and predicted vs measured GPU memory by part.
-  B. Target profiles (one Jetson, the RTX 4060 Laptop, 3060, 4090). The planned config is loaded and
-     run with the GPU memory capped at the profile's usable memory
-     (torch.cuda.set_per_process_memory_fraction): it must load and run without running out of memory,
-     and the measured peak is compared with the plan. Times are this GPU's, NOT the profile's: the link
-     and compute of the profile are not emulated (issue 13 item 4 is not built), so the table lists the
-     profile's predicted times beside this GPU's measured ones without a ratio.
+  B. Target profiles (one Jetson, the RTX 4060 Laptop, 3060, 4090) under emulation (`emulate: PROFILE`,
+     vismmoe/deploy/emulate.py): the planned config runs with the profile's usable memory as the cap
+     (the engine's own accounting, plus the allocator fraction as a backstop: it must load and serve
+     without an out-of-budget error or OOM) and every expert copy paced to the profile's link. Compute
+     is this GPU's, so the measured times are compared with the planner's prediction for a hybrid: the
+     profile's link (miss time) and cache decisions, this machine's probed compute figures
+     ("pred (emulated)", ratio = the acceptance check). Then the measured times are corrected to the
+     profile: measured - this machine's predicted compute + overhead + the profile's ("corrected"), and
+     compared with the profile's own prediction. Engine overheads (ENGINE in planner.py, measured on
+     an H100) are the same in both predictions: the profile's CPU and launch speed are not emulated.
 
 Models: the 12-layer full-size-expert bench model of eval/bench_offload.py (random weights; its routing
 trace is recorded here on warm-up requests, then other requests are measured) and the bundled
 easyvqa model (its recorded test-split trace). Writes validate_plan.json and validate_plan.md to --out.
 
     python eval/validate_plan.py --out $OUT                  # GPU (both models; --models bench|bundled for one)
-    python eval/validate_plan.py --out /tmp/v --tiny         # CPU smoke run (tiny random bench model)
+    python eval/validate_plan.py --out $OUT --parts B        # only the emulated profiles
+    python eval/validate_plan.py --out /tmp/v --tiny         # CPU smoke run (tiny random bench model, part B)
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir
 
 import vismmoe  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
-from vismmoe.deploy.planner import make_plan  # noqa: E402
+from vismmoe.deploy.planner import _times, make_plan  # noqa: E402
 from vismmoe.deploy.probe import probe  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
@@ -75,6 +80,22 @@ def requests(kind: str, n: int, seed: int):
         return out
 
 
+def bench_model(args, out, t0) -> Path:
+    """The bench model: a tiny random one (--tiny), else the 12-layer full-size one (built once, minutes)."""
+    if args.tiny:
+        from vismmoe.testing.tiny_models import build_checkpoint
+
+        bench_dir = Path(out) / "tiny-bench"
+        if not (bench_dir / "config.json").is_file():
+            build_checkpoint("qwen3_vl_moe", bench_dir, init_std=0.2, image_size=256)
+        return bench_dir
+    from vismmoe.testing.tiny_models import full_size_checkpoint
+
+    bench_dir = full_size_checkpoint(args.layers)
+    print(f"bench model ready after {time.perf_counter() - t0:.0f} s: {bench_dir}", flush=True)
+    return bench_dir
+
+
 def record_trace(model_dir, reqs, new_tokens, device, path) -> Path:
     engine = vismmoe.load(model_dir, expert_budget=1.0, device=device, dtype=_dtype(device))
     engine.start_trace(Path(model_dir).name)
@@ -91,6 +112,7 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
     """Load the planned config, one warm-up request, then the mean over `reqs`."""
     config = dict(engine_config, device=device)
     engine = vismmoe.load(model_dir, config=config)
+    emulation = engine.info().emulation
     try:
         image, prompt = reqs[0]
         engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -104,9 +126,10 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
             memory, path = s.memory, s.decode_path
         return dict(ttft_ms=float(np.mean(ttft)), decode_ms_per_token=float(np.mean(decode)),
                     hit_rate=float(np.mean(hit)), peak_gpu_bytes=int(max(peak)), memory=memory, decode_path=path,
-                    num_slots=engine.info().num_slots)
+                    num_slots=engine.info().num_slots, emulation=emulation,
+                    accounted_bytes=s.emulation.get("accounted_bytes") if s.emulation else None)
     finally:
-        engine.close()
+        engine.close()  # (also lifts an emulated allocator cap)
         del engine
         free_memory()
 
@@ -124,43 +147,64 @@ def main():
     ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
+    ap.add_argument("--b-fractions", type=float, nargs="+", default=[1.0, 0.25],
+                    help="part B budgets: 1.0 = the planner's own choice for the profile; below 1, the planner is "
+                    "capped to about that share of all experts (so the emulated link is exercised on models the "
+                    "profile holds entirely)")
     ap.add_argument("--models", nargs="+", default=["bench", "bundled"], choices=("bench", "bundled"))
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random bench model")
+    ap.add_argument("--deadline-s", type=float, default=450,
+                    help="start no new setting after this many seconds (the rest are listed as skipped); the "
+                    "report is rewritten after every setting, so a run cut short keeps what it measured")
+    ap.add_argument("--parts", nargs="+", default=["A", "B"], choices=("A", "B"),
+                    help="A: the time model on this GPU; B: the target profiles under emulation")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: a tiny random bench model, part B, "
+                    "2 profiles, 4 new tokens, 1 measured request (unless given)")
     args = ap.parse_args()
+    if args.tiny:  # small unless asked otherwise
+        given = set(sys.argv)
+        args.models = args.models if "--models" in given else ["bench"]
+        args.parts = args.parts if "--parts" in given else ["B"]
+        args.profiles = args.profiles if "--profiles" in given else ["jetson-orin-nano-8gb", "rtx4090-24gb"]
+        args.new_tokens = args.new_tokens if "--new-tokens" in given else 4
+        args.requests = args.requests if "--requests" in given else 1
+        args.trace_requests = args.trace_requests if "--trace-requests" in given else 2
+        args.b_fractions = args.b_fractions if "--b-fractions" in given else [0.5]
     out = output_dir(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
 
-    if args.tiny:
-        from vismmoe.testing.tiny_models import build_checkpoint
-
-        bench_dir = Path(out) / "tiny-bench"
-        if not (bench_dir / "config.json").is_file():
-            build_checkpoint("qwen3_vl_moe", bench_dir, init_std=0.2, image_size=256)
-    else:
-        from vismmoe.testing.tiny_models import full_size_checkpoint
-
-        bench_dir = full_size_checkpoint(args.layers)
-    gpu_profile = parse_profile(probe(bench_dir), "probe")
+    # The probe's compute figures (this machine's) are the same for any model: probe the first one.
+    bundled_ok = (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file()
+    first = BUNDLED if args.models[0] == "bundled" and bundled_ok else bench_model(args, out, t0)
+    gpu_profile = parse_profile(probe(first), "probe")
     report = dict(device=device_name(device), torch=torch.__version__,
                   probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, rows_a=[], rows_b=[])
-    models = []
-    if "bench" in args.models:
-        bench_trace = record_trace(bench_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
-                                   out / "bench_trace.npz")
-        models.append(("bench", bench_dir, bench_trace, 256))
-    if "bundled" in args.models and (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file():
-        models.append(("bundled", BUNDLED, BUNDLED_TRACE, 64))
-    for name, model_dir, trace_path, image_size in models:
+    for name in args.models:  # in the order given: `--models bundled bench` measures the quick one first
+        if name == "bundled" and not bundled_ok:
+            continue
+        if name == "bench":
+            if time.perf_counter() - t0 > args.deadline_s:
+                report["rows_b"].append(dict(model="bench", profile="-", fraction="-",
+                                             error=f"skipped: past --deadline-s {args.deadline_s:g}"))
+                continue
+            model_dir, image_size = bench_model(args, out, t0), 256
+            trace_path = record_trace(model_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
+                                      out / "bench_trace.npz")
+        else:
+            model_dir, trace_path, image_size = BUNDLED, BUNDLED_TRACE, 64
         info, trace = model_info(model_dir), load_trace(trace_path)
         reqs = requests(name, args.requests + 1, 2)
         context = None
         # A: the time model on this GPU, at several budgets (the cap makes the planner choose them)
         full = make_plan(info, gpu_profile, trace, image_size=image_size, max_new_tokens=args.new_tokens)
         fixed = full.chosen.memory["gpu_total"] - full.chosen.memory["expert_cache"]
-        for fraction in args.fractions:
+        for fraction in args.fractions if "A" in args.parts else []:
             cap = fixed + (fraction * info.num_moe_layers * info.num_experts + 0.5) * info.expert_bytes(full.dtype)
             row = dict(model=name, profile=gpu_profile.name, fraction=fraction)
+            if time.perf_counter() - t0 > args.deadline_s:
+                row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
+                report["rows_a"].append(row)
+                continue
             try:
                 plan = make_plan(info, gpu_profile, trace, max_gpu_memory=cap, context=context, image_size=image_size,
                                  max_new_tokens=args.new_tokens, trace_path=str(trace_path))
@@ -170,35 +214,59 @@ def main():
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
             report["rows_a"].append(row)
+            _save(out, report, t0)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
-        # B: target profiles under their memory cap
-        for profile_name in args.profiles:
+        # B: target profiles under emulation (memory cap and paced expert copies)
+        for profile_name, fraction in [(p, f) for p in args.profiles for f in args.b_fractions] if "B" in args.parts else []:
             profile = load_profile(profile_name)
-            row = dict(model=name, profile=profile_name)
+            row = dict(model=name, profile=profile_name, fraction=fraction)
+            if time.perf_counter() - t0 > args.deadline_s:
+                row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
+                report["rows_b"].append(row)
+                continue
             try:
                 plan = make_plan(info, profile, trace, image_size=image_size, max_new_tokens=args.new_tokens,
                                  trace_path=str(trace_path))
-                row.update(planned=plan.to_dict()["plan"], engine=plan.engine_config())
-                cap = plan.usable_gpu_bytes - plan.chosen.memory["reserved"]  # what the allocator may use
-                if device == "cuda":
-                    total = torch.cuda.get_device_properties(0).total_memory
-                    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
-                    row["allocator_cap_bytes"] = int(cap)
-                try:
-                    row["measured"] = measure(model_dir, plan.engine_config(), reqs, args.new_tokens, device)
-                finally:
-                    if device == "cuda":
-                        torch.cuda.set_per_process_memory_fraction(1.0)
+                total = info.num_moe_layers * info.num_experts
+                if fraction < 1.0 and plan.chosen.budget_slots > fraction * total:
+                    m = plan.chosen.memory
+                    cap = m["gpu_total"] - m["expert_cache"] + (fraction * total + 0.5) * info.expert_bytes(plan.dtype)
+                    plan = make_plan(info, profile, trace, max_gpu_memory=cap, image_size=image_size,
+                                     max_new_tokens=args.new_tokens, trace_path=str(trace_path))
+                elif fraction < 1.0:
+                    continue  # the profile's own plan is already below this share: measured at 1.0
+                row.update(planned=plan.to_dict()["plan"], engine=dict(plan.engine_config(), emulate=profile_name))
+                row["emulated_prediction"] = emulated_prediction(plan, info, gpu_profile)
+                row["measured"] = measure(model_dir, row["engine"], reqs, args.new_tokens, device)
             except torch.cuda.OutOfMemoryError as exc:
-                row["error"] = f"OUT OF MEMORY under the profile's cap: {exc}"
+                row["error"] = f"OUT OF MEMORY under the emulated cap: {exc}"
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
             report["rows_b"].append(row)
+            _save(out, report, t0)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
+    _save(out, report, t0)
+    print(markdown(report))
+
+
+def _save(out, report, t0) -> None:
     report["seconds"] = time.perf_counter() - t0
     write_report(out, "validate_plan", report, markdown(report))
-    print(markdown(report))
+
+
+def emulated_prediction(plan, info, here) -> dict:
+    """The planner's times for what emulation runs: the profile's cache decisions and miss time (its link),
+    with this machine's compute figures (`here`, the probe). `correction` turns a measurement under
+    emulation into the profile's: add (profile - here) of compute + engine overhead."""
+    c, p = plan.chosen, plan.chosen.predicted
+    complete = c.budget_slots >= info.num_moe_layers * info.num_experts
+    h = _times(info, here, plan.dtype, c.decode_path, complete, c.miss_ms, p["decode_misses_per_token"],
+               p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"])
+    return dict(h, decode_correction_ms=(p["decode_compute_ms"] + p["decode_overhead_ms"])
+                - (h["decode_compute_ms"] + h["decode_overhead_ms"]),
+                ttft_correction_ms=(p["ttft_compute_ms"] + p["ttft_overhead_ms"])
+                - (h["ttft_compute_ms"] + h["ttft_overhead_ms"]))
 
 
 def _ratio(measured, predicted):
@@ -237,22 +305,33 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['fraction']} | {cell(p['non_expert'], m['non_expert_weights'])} | "
                      f"{cell(p['expert_cache'], m['expert_cache'])} | {cell(p['kv_cache'], m['kv_cache'])} | "
                      f"{cell(p['activations'] + p['workspace'], m['activations_peak'])} |")
-    lines += ["", "B. Target profiles: the planned config run under the profile's GPU-memory cap. Times measured are this "
-              "GPU's (link and compute NOT emulated), shown beside the profile's predictions without a ratio.", "",
-              "| model | profile | slots | store | decode path | allocator cap MiB | peak meas MiB | fits | TTFT pred (profile) "
-              "| TTFT meas (this GPU) | decode pred (profile) | decode meas (this GPU) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "B. Target profiles under emulation (memory cap + link pacing; compute is this machine's). "
+              "'pred (emulated)': the planner's prediction with the profile's link and this machine's compute; "
+              "ratio = measured / pred (emulated), the acceptance check. 'corrected': measured with this machine's "
+              "predicted compute + overhead replaced by the profile's, against the profile's own prediction.", "",
+              "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
+              "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
+              "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['profile']} | error: {r['error'][:160]} |")
+            lines.append(f"| {r['model']} | {r['profile']} | error: {r['error'][:200]} |")
             continue
-        p, m = r["planned"], r["measured"]
-        cap = r.get("allocator_cap_bytes")
+        p, m, e = r["planned"]["predicted"], r["measured"], r["emulated_prediction"]
+        emu = m.get("emulation") or {}
+        link = emu.get("link_ms_per_expert", {}).get("static" if m["decode_path"].startswith("static") else "host")
+        ttft_c = m["ttft_ms"] + e["ttft_correction_ms"]
+        dec_c = m["decode_ms_per_token"] + e["decode_correction_ms"]
+        plan = r["planned"].get("slot_plan")
         lines.append(
-            f"| {r['model']} | {r['profile']} | {m['num_slots']} | {r['engine']['store']} | {m['decode_path']} | "
-            f"{cap / 2**20 if cap else float('nan'):.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | "
-            f"{'yes' if not cap or m['peak_gpu_bytes'] <= cap else 'NO'} | {p['predicted']['ttft_ms']:.1f} | "
-            f"{m['ttft_ms']:.1f} | {p['predicted']['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} |")
+            f"| {r['model']} | {r['profile']} | {r['fraction']} | {m['num_slots']} | {'per-layer' if plan else 'global'} | "
+            f"{r['engine']['store']} | {m['decode_path']} | {emu.get('usable_bytes', 0) / 2**20:.0f} | "
+            f"{(m.get('accounted_bytes') or 0) / 2**20:.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | {link} | "
+            f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
+            f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} | "
+            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | "
+            f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
+            f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
     return "\n".join(lines) + "\n"
 
 

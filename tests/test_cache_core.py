@@ -20,7 +20,7 @@ import torch
 from vismmoe import ops
 from vismmoe.offload import core, device_core
 from vismmoe.offload.cache import ExpertCache
-from vismmoe.offload.policies import POLICIES, make_policy
+from vismmoe.offload.policies import POLICIES, SlotPlan, make_policy
 from vismmoe.offload.simulate import simulate
 from vismmoe.offload.trace import Trace, load_trace, synthetic_trace
 
@@ -63,10 +63,10 @@ def _stub_store(meta):
         record=lambda layer, expert, staging=None: slab[layer, expert])
 
 
-def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool):
+def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool, quota=None):
     """The live ExpertCache (CPU, 1x1 expert records), driven as the engine and the host path do."""
     meta = trace.meta
-    cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy)
+    cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy, slot_plan=quota)
     demand = trace.demand_sets()
     tables, misses = [], []
     request = step = -1
@@ -81,8 +81,9 @@ def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool):
             cache.prefetch(g.layer, np.sort(g.predicted.astype(np.int64)), meta.num_experts, running=g.layer - 1)
         before = cache.counters.misses.sum()
         lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
-        for start in range(lo, hi, budget):
-            part = slice(start, min(start + budget, hi))
+        wave = cache.wave_size(g.layer)
+        for start in range(lo, hi, wave):
+            part = slice(start, min(start + wave, hi))
             slots = cache.acquire(g.layer, demand.experts[part].astype(np.int64), demand.n_visual[part],
                                   demand.n_text[part])
             assert (cache.slot_table[g.layer, demand.experts[part].astype(np.int64)].numpy() == slots).all()
@@ -92,7 +93,8 @@ def replay_live(trace: Trace, policy: str, budget: int, prefetch: bool):
     return np.array(tables), np.array(misses), cache
 
 
-def replay_device(trace: Trace, policy: str, budget: int, prefetch: bool, kernel: bool = False, device="cpu"):
+def replay_device(trace: Trace, policy: str, budget: int, prefetch: bool, kernel: bool = False, device="cpu",
+                  quota=None):
     """The device path's state machine (torch reference, or the fused kernel), driven call by call."""
     meta = trace.meta
     L, E = meta.num_layers, meta.num_experts
@@ -105,6 +107,7 @@ def replay_device(trace: Trace, policy: str, budget: int, prefetch: bool, kernel
     tables, misses = [], []
     request = step = -1
     on = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)).to(device)  # noqa: E731
+    q = None if quota is None else on(quota)
     for g in trace.groups():
         if g.request != request:
             request, step = g.request, -1
@@ -121,15 +124,16 @@ def replay_device(trace: Trace, policy: str, budget: int, prefetch: bool, kernel
             valid = np.concatenate([np.ones(len(pred), bool), np.zeros(len(pad), bool)])
             order = rng.permutation(len(experts))
             ops.cache_prefetch(st, g.layer, on(experts[order]), torch.from_numpy(valid[order]).to(device), g.layer - 1,
-                               torch.tensor(E, device=device), kernel=kernel)
+                               torch.tensor(E, device=device), kernel=kernel, quota=q)
         before = int(st.misses.sum())
         lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
-        for start in range(lo, hi, budget):
-            part = slice(start, min(start + budget, hi))
+        wave = budget if quota is None else min(budget, int(quota[g.layer]))
+        for start in range(lo, hi, wave):
+            part = slice(start, min(start + wave, hi))
             order = rng.permutation(part.stop - part.start)  # any order in, ascending-id decisions out
             experts = demand.experts[part][order]
             slots, fill, src = ops.cache_demand(st, g.layer, on(experts), on(demand.n_visual[part][order]),
-                                                on(demand.n_text[part][order]), kernel=kernel)
+                                                on(demand.n_text[part][order]), kernel=kernel, quota=q)
             assert (table[:-1].view(L, E)[g.layer, on(experts)].long() == slots).all()
             assert ((fill < 0) | (fill == slots)).all() and (src == g.layer * E + on(experts)).all()
         tables.append(table[:-1].view(L, E).cpu().numpy().copy())
@@ -145,6 +149,22 @@ def assert_same(a, b, what):
     assert not len(bad), f"{what}: first difference after layer call {bad[0]}"
 
 
+def replay_three_ways(trace: Trace, policy: str, budget: int, prefetch: bool, what, quota=None):
+    """The trace through the live cache, the simulator and the torch device reference: the tables, the
+    misses after every layer call and the counters (hits, misses per layer; prefetch ledger) agree."""
+    live = replay_live(trace, policy, budget, prefetch, quota)
+    sim = simulate(trace, policy, budget, "trace" if prefetch else "none",
+                   slot_plan=None if quota is None else SlotPlan(quota), record_groups=True)
+    dev = replay_device(trace, policy, budget, prefetch, quota=quota)
+    assert_same(live, (sim.group_tables, sim.group_misses), what)
+    assert_same(live, dev, what)
+    cache, st = live[2], dev[2]
+    assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
+    assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
+    assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
+    return live, sim, dev
+
+
 CONFIGS = [(name, b, p) for name in ("synthetic", "demo") for b in range(3) for p in (False, True)]
 
 
@@ -156,17 +176,9 @@ def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
             continue
         trace = traces[name]
         budget = budgets(trace)[b]
-        live = replay_live(trace, policy, budget, prefetch)
-        sim = simulate(trace, policy, budget, "trace" if prefetch else "none", record_groups=True)
-        dev = replay_device(trace, policy, budget, prefetch)
         what = (name, policy, budget, prefetch)
-        assert_same(live, (sim.group_tables, sim.group_misses), what)
-        assert_same(live, dev, what)
-        # The counters agree as well (hits, misses per layer; prefetch ledger).
+        live, sim, dev = replay_three_ways(trace, policy, budget, prefetch, what)
         cache, st = live[2], dev[2]
-        assert cache.counters.misses.tolist() == sim.misses_per_layer.tolist() == st.misses.tolist(), what
-        assert cache.counters.hits.tolist() == sim.hits_per_layer.tolist() == st.hits.tolist(), what
-        assert (st.pf[:, :-1].numpy() == cache.state.pf).all(), what
         assert (sim.prefetch_issued.tolist(), sim.prefetch_used.tolist(), sim.prefetch_wasted.tolist()) == \
             tuple(cache.state.pf.tolist()), what
         assert (st.owner[:-1].numpy() == cache.state.owner).all() and np.array_equal(
@@ -180,14 +192,16 @@ def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
 
 
 def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_life=None, kernel=None,
-                 id_rows=False):
+                 id_rows=False, quota=None):
     """Random demand and prefetch calls (any order, random limits, modality counts) through the host
-    core and `ops`; every table and every state array compared after each call.
+    core and `ops`; every table and every state array compared after each call. `quota`: a slot plan
+    (each quota >= k).
 
     `id_rows`: as the static path calls them: predictions as rows of ids (-1 = none) in a persistent
     [L, depth, k] buffer, copy lists written into persistent rows, and every demand scoring the ledger
     against the rows predicted for its layer (compared with the host path's count of the same sets)."""
     rng = np.random.RandomState(seed)
+    host_quota = core.NO_PLAN if quota is None else np.asarray(quota, np.int64)
     options = {} if half_life is None or policy in ("lru", "lfu") else {"half_life": half_life}
     host = make_policy(policy, **options).new_state(S, L, E)
     st = state_factory(S, L, E)
@@ -198,6 +212,7 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
     copy_rows = torch.full((2, k), -1, dtype=torch.int64, device=dev)
     ledger = torch.zeros((3, 2, L), dtype=torch.int64, device=dev)
     want_ledger = np.zeros((3, 2, L), np.int64)
+    dev_quota = None if quota is None else torch.from_numpy(host_quota).to(dev)
     for step in range(steps):
         core.begin_step(host)
         device_core.begin_step(st)
@@ -209,7 +224,7 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
             n = int(rng.randint(1, min(k, S) + 1))
             ex = np.sort(rng.choice(E, n, replace=False)).astype(np.int64)
             nv, nt = rng.randint(0, 3, n).astype(np.int64), rng.randint(0, 3, n).astype(np.int64)
-            core.demand(host, layer, ex, nv, nt, core.NO_PLAN, slots, fill)
+            core.demand(host, layer, ex, nv, nt, host_quota, slots, fill)
             perm = rng.permutation(n)
             n_dist = min(2, layer) if id_rows else 0
             for d in range(1, n_dist + 1):
@@ -217,7 +232,7 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                 want_ledger[:, d - 1, layer] += (len(np.intersect1d(ex, p[p >= 0])), n, (p >= 0).sum())
             s, f, _ = ops.cache_demand(st, layer, torch.from_numpy(ex[perm]).to(dev), torch.from_numpy(nv[perm]).to(dev),
                                        torch.from_numpy(nt[perm]).to(dev), kernel=kernel,
-                                       score=(pred_rows, ledger, n_dist) if n_dist else None)
+                                       score=(pred_rows, ledger, n_dist) if n_dist else None, quota=dev_quota)
             assert (s.cpu().numpy() == slots[:n][perm]).all() and (f.cpu().numpy() == fill[:n][perm]).all()
             for d in (1, 2):
                 target = layer + d
@@ -226,14 +241,14 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                 pred = rng.choice(E, int(rng.randint(1, k + 1)), replace=False).astype(np.int64)
                 valid = rng.rand(len(pred)) < 0.8
                 limit = int(rng.randint(0, k + 1))
-                issued = core.prefetch(host, target, np.sort(pred[valid]), layer, limit, core.NO_PLAN, fill)
+                issued = core.prefetch(host, target, np.sort(pred[valid]), layer, limit, host_quota, fill)
                 if id_rows:
                     row = np.full(k, -1, np.int64)
                     row[: len(pred)] = np.where(valid, pred, -1)
                     pred_rows[layer, d - 1] = torch.from_numpy(rng.permutation(row))
                     copy_rows.fill_(-2)
                     ops.cache_prefetch(st, target, pred_rows[layer, d - 1], None, layer, torch.tensor(limit, device=dev),
-                                       kernel=kernel, out=(copy_rows[0], copy_rows[1]))
+                                       kernel=kernel, out=(copy_rows[0], copy_rows[1]), quota=dev_quota)
                     src, dst = copy_rows.cpu().numpy()
                     assert (dst >= -1).all()  # every row written
                     table = st.table[:-1].cpu().numpy()
@@ -241,7 +256,7 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                     assert (dst >= 0).sum() == issued
                 else:
                     ops.cache_prefetch(st, target, torch.from_numpy(pred).to(dev), torch.from_numpy(valid).to(dev),
-                                       layer, torch.tensor(limit, device=dev), kernel=kernel)
+                                       layer, torch.tensor(limit, device=dev), kernel=kernel, quota=dev_quota)
             assert (st.table[:-1].view(L, E).cpu().numpy() == host.table).all(), (step, layer)
     for name in ("owner", "last_use", "pin", "prefetched", "weight", "layer_now", "mix", "clock", "hits", "misses"):
         assert (getattr(st, name)[: getattr(host, name).size].cpu().numpy().reshape(getattr(host, name).shape)
@@ -269,9 +284,46 @@ def test_random_calls_through_host_core_and_device_reference(policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_static_path_calls_through_host_core_and_device_reference(policy):
-    # Predictions as id rows with -1 padding, copy lists written in place, the ledger scored in demand.
+    # Predictions as id rows with -1 padding, copy lists written in place, the ledger scored in demand;
+    # one global pool, then a slot plan (a partition of the slots).
     host = random_calls(_cpu_state, policy, 40, 2, id_rows=True)
     assert host.pf[0].sum() > 0
+    quota = [5, 4, 6, 4]
+    host = random_calls(_cpu_state, policy, 40, 7, S=19, id_rows=True, quota=quota)
+    assert host.pf[0].sum() > 0
+    assert (np.bincount(host.owner[host.owner >= 0] // 12, minlength=4) <= quota).all()
+
+
+def quota_cases(trace: Trace):
+    """(budget, quotas) per case: two partitions (quotas summing to the slots) and caps summing above them."""
+    L, k = trace.meta.num_layers, trace.meta.top_k
+    rng = np.random.RandomState(L)
+    for extra, over in ((L, 0), (3 * L, 0), (2 * L, L)):
+        quota = k + rng.multinomial(extra, np.full(L, 1.0 / L))
+        yield int(quota.sum()) - over, quota
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_slot_plans_decide_alike_in_host_core_simulator_and_device_reference(traces, policy):
+    for name, trace in traces.items():
+        for budget, quota in quota_cases(trace):
+            for prefetch in (False, True):
+                what = (name, policy, budget, quota.tolist(), prefetch)
+                live, _, _ = replay_three_ways(trace, policy, budget, prefetch, what, quota)
+                # Every layer stays within its quota after every call, and the plan changes decisions.
+                held = np.stack([(t >= 0).sum(axis=1) for t in live[0]])
+                assert (held <= quota).all(), what
+                unplanned = replay_live(trace, policy, budget, prefetch)
+                assert (unplanned[0] != live[0]).any(), what
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_random_calls_with_a_slot_plan(policy):
+    for seed, S, quota in [(0, 18, [4, 6, 4, 4]), (1, 14, [5, 4, 6, 4])]:  # a partition, then caps above S
+        host = random_calls(_cpu_state, policy, 40, seed, S=S, quota=quota, half_life=0.1)
+        assert host.hits.sum() > 0 and host.pf[0].sum() > 0
+        held = np.bincount(host.owner[host.owner >= 0] // 12, minlength=4)
+        assert (held <= quota).all()
 
 
 def test_prefetch_limit_zero_is_off():
@@ -311,6 +363,9 @@ def test_fused_kernel_matches_the_host_core(kernel_device, policy):
     random_calls(state, policy, steps, 3, kernel=True)
     random_calls(state, policy, steps, 4, S=13, L=3, E=16, k=6, half_life=0.1, kernel=True)
     random_calls(state, policy, steps, 5, kernel=True, id_rows=True)
+    random_calls(state, policy, steps, 5, S=18, quota=[4, 6, 4, 4], half_life=0.1, kernel=True)
+    random_calls(state, policy, steps, 6, S=14, quota=[5, 4, 6, 4], kernel=True)
+    random_calls(state, policy, steps, 7, S=19, quota=[5, 4, 6, 4], kernel=True, id_rows=True)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -322,6 +377,10 @@ def test_fused_kernel_replays_traces_like_the_host_core(kernel_device, policy, t
             live = replay_live(trace, policy, budget, prefetch)
             fused = replay_device(trace, policy, budget, prefetch, kernel=True, device=kernel_device)
             assert_same(live, fused, (policy, budget, prefetch))
+    for budget, quota in list(quota_cases(trace))[:1]:  # a partition (caps: test_fused_kernel_matches_the_host_core)
+        live = replay_live(trace, policy, budget, True, quota)
+        fused = replay_device(trace, policy, budget, True, kernel=True, device=kernel_device, quota=quota)
+        assert_same(live, fused, (policy, budget, quota.tolist()))
 
 
 def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypatch):
@@ -333,8 +392,8 @@ def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypat
     assert ops._compare_cache_kernel(device)
     real = device_core.demand
 
-    def wrong(st, layer, experts, n_visual, n_text):
-        slots, fill = real(st, layer, experts, n_visual, n_text)
+    def wrong(st, layer, experts, n_visual, n_text, quota=None):
+        slots, fill = real(st, layer, experts, n_visual, n_text, quota)
         return slots, torch.where(fill >= 0, fill + 1, fill)
 
     monkeypatch.setattr(device_core, "demand", wrong)

@@ -176,9 +176,13 @@ def test_plan_with_and_without_the_trace(bundled_info, bundled_trace, tmp_path):
         assert p["decode_ms_per_token"] == pytest.approx(p["decode_compute_ms"] + p["decode_overhead_ms"]
                                                          + p["decode_miss_ms"] + p["decode_prefetch_ms"])
         assert p["decode_misses_per_token"] > 0 and p["ttft_ms"] > p["ttft_overhead_ms"]
-        assert sum(plan.slot_plan) == c.budget_slots
+    assert prior.slot_plan is None and prior.engine_config()["slot_plan"] == "global"  # no trace: no plan
     assert "prior" in prior.to_dict()["plan"]["routing"]
     assert traced.chosen.hit_rates["per_layer_plan"] >= traced.chosen.hit_rates["uniform_plan"]
+    if traced.slot_plan is not None:  # written only where it beats the global pool on the trace
+        assert sum(traced.slot_plan) == 20 and min(traced.slot_plan) >= bundled_info.top_k
+        assert traced.chosen.hit_rates["per_layer_plan"] > traced.chosen.hit_rates["global_pool"]
+        assert traced.engine_config()["slot_plan"] == traced.slot_plan
     text = (write_plan(traced, tmp_path / "d.yaml")).read_text()
     assert "# predicted decode" in text and "visual_keep: 1.0" in text
     with pytest.raises(ConfigError, match="record a trace of this model"):
@@ -226,15 +230,15 @@ def test_planner_never_writes_a_config_that_fails_to_load(bundled_info, profile_
     assert loaded == 2
 
 
-# -- engine: auto budget, slot_plan refusal, memory by part -------------------------------------------
+# -- engine: auto budget, slot_plan, memory by part ---------------------------------------------------
 
 
 def test_auto_budget_and_slot_plan_key(qwen_checkpoint):
     assert parse_budget("auto") == ("auto", 0.0)
     with pytest.raises(ConfigError, match="slot_plan must be"):
         load_config({"slot_plan": [1, 0]})
-    with pytest.raises(ConfigError, match="does not take per-layer quotas yet"):
-        vismmoe.load(qwen_checkpoint, slot_plan=[2, 2, 2, 2])
+    with pytest.raises(ConfigError, match="slot_plan must be"):
+        load_config({"slot_plan": "per-layer"})
     engine = vismmoe.load(qwen_checkpoint, expert_budget="auto", device="cpu")
     total = len(engine.layout.layers) * engine.layout.num_experts
     assert engine.num_slots == total  # a tiny model fits this machine's free memory entirely

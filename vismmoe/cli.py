@@ -54,7 +54,8 @@ def cmd_run(args) -> int:
     model, image, prompt = _demo_inputs(args)
     # The budget text goes to the engine as written: one grammar (config.parse_budget) for CLI, YAML and API.
     overrides = {"expert_budget": args.budget, "device": args.device, "max_new_tokens": args.max_new_tokens,
-                 "visual_keep": args.keep, "visual_prune": args.prune, "visual_merge": args.merge}
+                 "visual_keep": args.keep, "visual_prune": args.prune, "visual_merge": args.merge,
+                 "emulate": args.emulate}
     engine = vismmoe.load(model, config=args.config, **overrides)
     result = engine.generate(image=image, prompt=prompt)
     print(f"model:    {model}")
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", help="GPU expert budget: a size ('12GiB', '800MB'), a fraction in (0, 1] (0.25, "
                                       "'25%%'), an integer byte count, or 'min'")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--emulate", metavar="PROFILE", help="emulate a device profile (`vismmoe devices`): its usable "
+                     "memory caps the engine and expert copies are paced to its host link; compute stays this GPU's")
     run.add_argument("--max-new-tokens", type=positive_int, dest="max_new_tokens")
     run.add_argument("--keep", type=_keep_value,
                      help="visual tokens to keep: a ratio in (0, 1] such as 0.25 (1.0 = no pruning) or a count such as 64")

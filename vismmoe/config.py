@@ -66,10 +66,15 @@ class EngineConfig:
     # Attention backend passed to transformers ("sdpa", "eager"; "xformers" needs the optional package).
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
-    # Per-MoE-layer slot quotas (a list of positive ints, one per MoE layer), as `vismmoe plan` computes
-    # them. The live cache runs one global pool and does not take quotas yet: the engine refuses a
-    # non-null value instead of ignoring it (the planner writes its plan under `plan:`, not here).
+    # How the expert cache's slots are shared by the MoE layers: "global" (or null: one pool, the policy
+    # alone decides), "uniform" (an even partition), or a list of per-MoE-layer quotas (each >= top-k,
+    # summing to the budget's slots), as `vismmoe plan` computes them: a layer at its quota replaces
+    # only its own experts. Host path, device path and simulator make the same decisions.
     slot_plan: Any = None
+    # Emulate a device profile (a `vismmoe devices` name or a profile YAML) on this machine: its usable
+    # memory caps what the engine holds (BudgetError where the device would run out) and expert copies
+    # are paced to its host link. Compute speed stays this machine's (vismmoe/deploy/emulate.py).
+    emulate: Any = None
     # Visual-token pruning between the vision tower and the language model (vismmoe/pruning):
     # `visual_keep` is a ratio in (0, 1] (1.0 = off) or an integer token count; `visual_prune` the method
     # (affinity, diversity, importance, pool, random; None = affinity); `visual_merge` folds each pruned
@@ -123,12 +128,16 @@ class EngineConfig:
 
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(sorted(POLICIES))}")
-        if self.slot_plan is not None and (
+        if self.slot_plan not in (None, "global", "uniform") and (
                 not isinstance(self.slot_plan, list) or not self.slot_plan
                 or not all(isinstance(q, int) and not isinstance(q, bool) and q >= 1 for q in self.slot_plan)):
-            raise ConfigError(f"slot_plan must be null or a list of positive integers (one per MoE layer), "
-                              f"got {self.slot_plan!r}")
+            raise ConfigError(f"slot_plan must be global, uniform or a list of positive integers (one per MoE "
+                              f"layer), got {self.slot_plan!r}")
         parse_budget(self.expert_budget)  # raises BudgetError on nonsense, before any model is touched
+        if self.emulate is not None:
+            from .deploy.emulate import load_emulated_profile
+
+            load_emulated_profile(self.emulate)  # an unknown name lists the shipped profiles
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

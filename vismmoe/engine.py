@@ -101,12 +101,10 @@ class Engine:
             raise ModelLoadError(f"{self.model_dir}/config.json does not describe a buildable "
                                  f"{hf_config.model_type!r} model ({type(exc).__name__}: {exc})") from None
         self.layout = adapters.discover(skeleton)
-        if config.slot_plan is not None:
-            raise ConfigError("slot_plan: the live expert cache does not take per-layer quotas yet; remove the key "
-                              "(`vismmoe plan` records its per-layer plan under `plan:`, which load ignores)")
         self.config = config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         self.num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, self.num_slots, self.layout)
+        self.slot_plan = _slot_plan(config, self.num_slots, self.layout)
         self.model = load_non_expert_weights(model_cls, hf_config, files, self.layout, self.dtype, config)
         del skeleton
         self.layout = adapters.discover(self.model)
@@ -115,6 +113,8 @@ class Engine:
         self.fused_norms = 0  # RMSNorm modules on the fused kernel (set with the runtime: norm_kernel)
         self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
                                     (*self.model.parameters(), *self.model.buffers()))
+        self.layout_record_bytes = self.layout.record_numel * torch.empty((), dtype=self.dtype).element_size()
+        self.emulation = _emulation(config, self)
 
         self.trace = None
         self.closed = False
@@ -130,11 +130,15 @@ class Engine:
         # Placeholder tokens the processor expands for images/videos: a prompt must not contain them.
         self._placeholders = placeholder_tokens(self.processor, self.tokenizer, self.image_token_id)
         glue.install(self.model, self.layout)
+        if self.emulation is not None:
+            self.emulation.calibrate(self.store)  # this machine's copy times, before any copy is paced
         self.generate_decoder = GenerateDecoder(self.model, self.image_token_id)
         self._build_runtime()
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched
         self.last_pruning = None  # PruneRecord of the last pruned request (kept indices, timing)
         self._check_pruning(config)
+        if self.emulation is not None:
+            self.emulation.cap_allocator()  # last: a failed load leaves no cap behind
 
     def _check_pruning(self, config: EngineConfig) -> None:
         from .pruning import VisualPruner
@@ -162,8 +166,9 @@ class Engine:
         # Drop every reference to the old slot pool before allocating the new one (peak = one pool).
         self.cache = self.runtime = self.decoders = None
         glue.bind(self.layout, None)
-        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy)
+        self.cache = ExpertCache(self.store, self.num_slots, self.device, config.policy, slot_plan=self.slot_plan)
         self.cache.measure_stalls = config.measure_stalls
+        self.cache.pacer = self.emulation  # paces expert copies to an emulated device's link, or None
         if self.num_slots >= len(self.layout.layers) * self.layout.num_experts:
             self.cache.load_all()
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
@@ -222,6 +227,7 @@ class Engine:
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "norm_kernel",
                        "prefetch_prefill", "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
+    _RECONFIGURABLE |= {"slot_plan"}  # per-layer quotas: a new cache, like a new budget
 
     def _device_copies_work(self) -> bool:
         """Can misses be copied by device-decided work (static decode)? Checked once per engine."""
@@ -244,15 +250,18 @@ class Engine:
         config = resolve_auto_budget(config, self.model_dir, self.device, self.dtype)
         num_slots = budget_to_slots(config.expert_budget, self.layout, self.dtype)
         _check_static_settings(config, num_slots, self.layout)
+        slot_plan = _slot_plan(config, num_slots, self.layout)
+        if self.emulation is not None:
+            self.emulation.check_engine(self, num_slots)
         self._check_pruning(config)
         if self._set_prefetch_in_place(config, num_slots):
             return self
-        previous = self.config, self.num_slots
-        self.config, self.num_slots = config, num_slots
+        previous = self.config, self.num_slots, self.slot_plan
+        self.config, self.num_slots, self.slot_plan = config, num_slots, slot_plan
         try:
             self._build_runtime()
         except ConfigError:  # raised before the old runtime is touched: it keeps serving
-            self.config, self.num_slots = previous
+            self.config, self.num_slots, self.slot_plan = previous
             raise
         return self
 
@@ -321,6 +330,13 @@ class Engine:
         if static_reason and self.config.decode == "static":
             self._clear_pruning()
             raise InputError(f"decode: static cannot serve this request: {static_reason}; use decode: auto")
+        if self.emulation is not None:
+            try:
+                emulated = self.emulation.check_request(self, int(input_ids.shape[1]), max_new_tokens, decoder,
+                                                        visual_total)
+            except ConfigError:
+                self._clear_pruning()
+                raise
         if pruning is not None and decoder is not None:
             self.pruner.state.override_decode = False  # static decode continues the recorded positions itself
         if self.device.type == "cuda":
@@ -351,6 +367,8 @@ class Engine:
             num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
         dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
         stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
+        if self.emulation is not None:
+            stats.emulation = self.emulation.request_report(emulated, stats.peak_gpu_bytes)
         text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
         return Result(text=text, token_ids=run.tokens, stats=stats)
 
@@ -384,7 +402,8 @@ class Engine:
             norm_kernel=config.norm_kernel, fused_norms=self.fused_norms,
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
-            prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill)
+            prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill,
+            emulation=None if self.emulation is None else self.emulation.info())
 
     def reset_stats(self) -> None:
         """Zero the request counters (expert hits and misses, bytes copied, the prefetch ledger, prediction
@@ -462,6 +481,8 @@ class Engine:
         self.closed = True
         self.decoders.clear()
         self.store.close()
+        if self.emulation is not None:
+            self.emulation.release()
 
 
 def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None:
@@ -475,3 +496,24 @@ def _check_static_settings(config: EngineConfig, num_slots: int, layout) -> None
             "use store: pinned or memory, decode: auto, or a budget holding every expert")
 
 
+
+
+def _slot_plan(config: EngineConfig, num_slots: int, layout):
+    """The `slot_plan` key for this budget (offload/policies/slot_plan.py): None (one pool) or a SlotPlan."""
+    from .offload.policies.slot_plan import resolve_slot_plan
+
+    return resolve_slot_plan(config.slot_plan, num_slots, len(layout.layers), layout.top_k)
+
+
+def _emulation(config: EngineConfig, engine):
+    """`emulate: PROFILE` (deploy/emulate.py): the emulated device's memory checked for what is loaded."""
+    if config.emulate is None:
+        return None
+    from .deploy.emulate import Emulation, load_emulated_profile
+    from .deploy.model_info import model_info
+
+    emulation = Emulation(load_emulated_profile(config.emulate), config.store, engine.layout_record_bytes,
+                          engine.device)
+    emulation.model = model_info(engine.model_dir)
+    emulation.check_engine(engine, engine.num_slots)
+    return emulation

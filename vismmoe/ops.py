@@ -172,24 +172,26 @@ def device_copy_available(src: torch.Tensor) -> bool:
 # forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
 
 
-def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None):
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None, quota=None):
     """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
     (src_rows[i] -> fill[i]) for fill[i] >= 0. `score` = (pred, ledger counts, n_dist): also score the
-    experts against the lookahead predictions made for this layer (offload/ledger.py), in the same launch."""
+    experts against the lookahead predictions made for this layer (offload/ledger.py), in the same launch.
+    `quota`: per-layer slot quotas (int64 [L]) or None."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
         return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text,
-                                     score=score)
+                                     score=score, quota=quota)
     from .offload import device_core, ledger
 
-    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text)
+    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text, quota)
     if score is not None:
         ledger.score_predicted(*score, layer, experts)
     return slots, fill, layer * state.shape[2] + experts
 
 
-def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None, out=None):
+def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kernel: bool | None = None, out=None,
+                   quota=None):
     """Load up to `limit` (a device scalar; <= 0: off) of the predicted `experts[valid]` of `layer`,
     issued after layer `running`; `valid` None: every id >= 0 (-1 pads a row of predicted ids). Returns
     (src_rows, fill), the copy list, written into `out` = (src_rows, fill) when given."""
@@ -197,11 +199,12 @@ def cache_prefetch(state, layer: int, experts, valid, running: int, limit, kerne
         from .kernels import cache_step
 
         _, fill, src = cache_step.cache_step(state, cache_step.PREFETCH, layer, experts, valid=valid, limit=limit,
-                                             running=running, out=out)
+                                             running=running, out=out, quota=quota)
         return src, fill
     from .offload import device_core
 
-    src, fill = device_core.prefetch(state, layer, experts, experts >= 0 if valid is None else valid, running, limit)
+    src, fill = device_core.prefetch(state, layer, experts, experts >= 0 if valid is None else valid, running, limit,
+                                     quota)
     if out is not None:
         out[0].copy_(src)
         out[1].copy_(fill)
@@ -267,13 +270,19 @@ def _cache_kernel_checked(device: torch.device) -> bool:
 
 
 def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) -> bool:
+    """The kernel against its twin: one global pool, then per-layer slot quotas."""
+    return _compare_cache_kernel_once(device, calls, seed, None) and \
+        _compare_cache_kernel_once(device, calls, seed + 1, torch.tensor([3, 2, 2], device=device))
+
+
+def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quota) -> bool:
     """Every variant the engine launches: demand with and without the ledger scoring, prefetch with a
     valid mask and in the static path's form (id rows, -1 = none, copy list written in place)."""
     from .kernels import cache_step
     from .offload import device_core, ledger
 
     gen = torch.Generator().manual_seed(seed)
-    S, L, E, k = 6, 3, 8, 2
+    S, L, E, k = 7, 3, 8, 2
     states = []
     for _ in range(2):
         table = torch.full((L * E + 1,), -1, dtype=torch.int32, device=device)
@@ -291,12 +300,12 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
                 valid = (torch.rand(k, generator=gen) < 0.7).to(device)
                 if call % 2:
                     _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, experts,
-                                                         valid=valid, limit=k, running=layer)
+                                                         valid=valid, limit=k, running=layer, quota=quota)
                 else:
                     pred[layer, 0] = torch.where(valid, experts, -1)
                     _, fill, src = cache_step.cache_step(states[0], cache_step.PREFETCH, layer + 1, pred[layer, 0],
-                                                         limit=k, running=layer, out=(out[0], out[1]))
-                src_twin, fill_twin = device_core.prefetch(states[1], layer + 1, experts, valid, layer, k)
+                                                         limit=k, running=layer, out=(out[0], out[1]), quota=quota)
+                src_twin, fill_twin = device_core.prefetch(states[1], layer + 1, experts, valid, layer, k, quota)
                 copies = [sorted(zip(r[f >= 0].tolist(), f[f >= 0].tolist())) for r, f in ((src, fill),
                                                                                            (src_twin, fill_twin))]
                 if copies[0] != copies[1]:  # the same copies (the order of the list is free)
@@ -306,8 +315,8 @@ def _compare_cache_kernel(device: torch.device, calls: int = 40, seed: int = 0) 
                 n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_dist = 1 if layer and call % 2 else 0
                 slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts, n_visual=n_visual,
-                                                       n_text=n_text, score=(pred, counts[0], n_dist))
-                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text)
+                                                       n_text=n_text, score=(pred, counts[0], n_dist), quota=quota)
+                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text, quota)
                 ledger.score_predicted(pred, counts[1], n_dist, layer, experts)
                 if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
                     return False

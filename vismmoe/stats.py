@@ -90,6 +90,9 @@ class RequestStats:
     # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
     memory: dict = field(default_factory=dict)
+    # Under `emulate: PROFILE`: the emulated device's usable bytes, what this request is accounted to
+    # hold there (parts), this GPU's measured peak, the host-path pacing added; {} otherwise.
+    emulation: dict = field(default_factory=dict)
     pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
 
     @property
@@ -150,6 +153,11 @@ class RequestStats:
                          f"{_size(m['expert_cache'])} + KV {_size(m['kv_cache'])} + activations "
                          f"{_size(act) if act is not None else 'n/a (cpu)'}"))
             rows.append(("host memory (expert store)", f"{_size(m['host_store'])} {m['host_store_kind']}"))
+        if self.emulation:
+            e = self.emulation
+            rows.append((f"emulated {e['profile']}", f"accounted {_size(e['accounted_bytes'])} of "
+                         f"{_size(e['usable_bytes'])} usable; expert copies paced to its link; compute is this "
+                         "machine's"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         lines.append("per-layer hits/misses: " + " ".join(
@@ -237,6 +245,9 @@ class EngineInfo:
     prefetch_depth: int
     prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
     prefetch_prefill: bool
+    # `emulate: PROFILE`: what is emulated (memory cap, link pacing), what is not (compute), per-copy
+    # times; None without emulation (deploy/emulate.py).
+    emulation: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

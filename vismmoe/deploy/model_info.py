@@ -53,6 +53,13 @@ class ModelInfo:
     def kv_bytes(self, tokens: int, dtype: str) -> int:
         return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
 
+    def kv_cache_bytes(self, context: int, dtype: str) -> int:
+        """What the engine holds for a request of `context` tokens: static decode reserves its KV cache in
+        buckets of positions (static_decode.cache_length: 256, 512, 1024, ...)."""
+        from ..static_decode import cache_length
+
+        return self.kv_bytes(cache_length(context, None), dtype)
+
     def visual_tokens(self, image_size: int) -> int:
         """LLM tokens of one square image of `image_size` pixels (Qwen-VL style patch merging)."""
         if not self.patch_size:

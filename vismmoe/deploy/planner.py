@@ -13,9 +13,9 @@ peak + the prefill's misses x time per miss. Misses come from replaying the mode
 
 Per-layer slot plan (SwapMoE-style): with quotas summing to the budget the layers' caches are
 independent, so one replay with q slots for every layer gives every layer's misses at q; a DP over
-those curves gives the quotas with the fewest misses. The live cache runs one global pool today
-(EngineConfig.slot_plan is refused until it takes quotas), so the plan is written under `plan:` and
-the engine settings and predictions are those of the global pool.
+those curves gives the quotas (each >= top-k, so a decode step's experts fit its layer) with the
+fewest misses. The plan is written as the engine's `slot_plan` when the trace says it misses less than
+one global pool (then the predictions are the plan's); otherwise `slot_plan: global`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class Plan:
         return dict(device="cpu" if self.profile.kind == "cpu" else "cuda", dtype=self.dtype,
                     expert_budget=int(c.budget_slots * self.model.expert_bytes(self.dtype)), store=c.store,
                     policy=c.policy, prefetch=c.prefetch, prefetch_depth=1, decode="auto",
-                    max_new_tokens=self.max_new_tokens)
+                    max_new_tokens=self.max_new_tokens,
+                    slot_plan=list(self.slot_plan) if self.slot_plan else "global")  # a copy: no YAML alias
 
     def to_dict(self) -> dict:
         c = self.chosen
@@ -146,7 +147,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         raise ConfigError(f"context must be a positive number of tokens, got {context}")
     prompt = min(prompt, context)
     usable = _usable_bytes(profile, max_gpu_memory)
-    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_bytes(context, dtype),
+    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_cache_bytes(context, dtype),
                  activations=model.activation_peak_bytes(prompt, image_size, dtype),
                  reserved=int(profile["reserved_gb"] * GB),
                  workspace=ENGINE["gpu_workspace_bytes"] if profile.kind != "cpu" else 0)
@@ -181,7 +182,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     else:  # the least GPU memory whose decode is within 10% of the fastest
         ok = [c for c in candidates if c.predicted["decode_ms_per_token"] <= 1.1 * best_time]
         chosen = min(ok, key=lambda c: (c.memory["gpu_total"], c.predicted["decode_ms_per_token"]))
-    slot_plan, note = _slot_plan(model, chosen, sim)
+    slot_plan, note = _slot_plan(model, profile, dtype, chosen, sim, prompt)
     notes = [f"sizes from {model.sizes_from}"] + [f"rejected {s}" for s in shortfalls]
     return Plan(model, profile, goal, dtype, context, image_size, max_new_tokens, chosen, slot_plan, note, usable,
                 trace_path, notes)
@@ -190,7 +191,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
 def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
                      image_size: int = 448, gpu: bool = True) -> int:
     """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else."""
-    fixed = (model.non_expert_bytes(dtype) + model.kv_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
+    fixed = (model.non_expert_bytes(dtype) + model.kv_cache_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
              + model.activation_peak_bytes(min(context, model.visual_tokens(image_size) + 32), image_size, dtype))
     room = available - fixed - (model.total_expert_bytes(dtype) if shared_store else 0)
     B = model.expert_bytes(dtype)
@@ -292,7 +293,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     ttft_miss = prefill_misses * miss_ms
     return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
                 decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
-                decode_misses_per_token=decode_misses, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
+                decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
                 ttft_overhead_ms=ttft_overhead, ttft_compute_ms=ttft_compute, ttft_miss_ms=ttft_miss,
                 prefill_misses=prefill_misses, prompt_tokens=prompt)
 
@@ -321,20 +322,21 @@ class _Simulator:
         return self._memo[key]
 
 
-def layer_miss_curves(sim: _Simulator, policy: str, prefetch: str, max_quota: int) -> np.ndarray:
-    """[L, max_quota + 1]: misses of each layer when it holds q slots of its own (column 0 unused)."""
+def layer_miss_curves(sim: _Simulator, policy: str, prefetch: str, max_quota: int, min_quota: int = 1) -> np.ndarray:
+    """[L, max_quota + 1]: misses of each layer when it holds q slots of its own (inf below min_quota)."""
     from ..offload.policies import SlotPlan
 
     L = sim.model.num_moe_layers
     curves = np.full((L, max_quota + 1), np.inf)
-    for q in range(1, max_quota + 1):
+    for q in range(min_quota, max_quota + 1):
         r = sim.run(policy, q * L, prefetch, SlotPlan(np.full(L, q)))
         curves[:, q] = r["misses_per_layer"]
     return curves
 
 
 def best_quotas(curves: np.ndarray, slots: int) -> np.ndarray:
-    """Quotas (>= 1 each, summing to `slots`) minimising the summed misses: exact DP over the curves."""
+    """Quotas (>= 1 each, summing to `slots`) minimising the summed misses: exact DP over the curves
+    (an inf entry is a quota not allowed)."""
     L, Q = curves.shape[0], curves.shape[1] - 1
     if slots < L or slots > L * Q:
         raise ValueError(f"{slots} slots cannot be split over {L} layers with quotas 1..{Q}")
@@ -356,25 +358,33 @@ def best_quotas(curves: np.ndarray, slots: int) -> np.ndarray:
     return quotas
 
 
-def _slot_plan(model: ModelInfo, chosen: Candidate, sim) -> tuple[list | None, str]:
+def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt) -> tuple[list | None, str]:
+    """(quotas or None for one global pool, why). A per-layer plan replaces the global pool only where
+    the trace says it misses less; the chosen candidate's predictions are then the plan's."""
     from ..offload.policies import SlotPlan
 
-    L, E, S = model.num_moe_layers, model.num_experts, chosen.budget_slots
+    L, E, S, k = model.num_moe_layers, model.num_experts, chosen.budget_slots, model.top_k
     if S >= L * E:
-        return [E] * L, "every expert resident: each layer holds all its experts"
-    if S < L:
-        return None, f"{S} slots are fewer than the {L} layers: no per-layer plan, one global pool"
+        return None, "every expert resident: no eviction, no plan needed"
+    if S < L * k:
+        return None, f"{S} slots are fewer than top-k = {k} for each of the {L} layers: one global pool"
     if sim is None:
-        return SlotPlan.uniform(S, L).quota.tolist(), "uniform split (the routing prior makes all layers alike)"
+        return None, "one global pool (the routing prior makes all layers alike: no trace to plan from)"
     prefetch = "trace" if chosen.prefetch else "none"
-    curves = layer_miss_curves(sim, chosen.policy, prefetch, min(E, S - L + 1))
+    curves = layer_miss_curves(sim, chosen.policy, prefetch, min(E, S - L * k + k), min_quota=k)
     quotas = best_quotas(curves, S)
     planned = sim.run(chosen.policy, S, prefetch, SlotPlan(quotas))
     uniform = sim.run(chosen.policy, S, prefetch, SlotPlan.uniform(S, L))
+    glob = sim.run(chosen.policy, S, prefetch)
     chosen.hit_rates.update(per_layer_plan=planned["hit_rate"], uniform_plan=uniform["hit_rate"])
-    return quotas.tolist(), (f"DP on the trace's per-layer miss curves: simulated hit rate {planned['hit_rate']:.1%} "
-                             f"vs {uniform['hit_rate']:.1%} uniform and {chosen.hit_rates['global_pool']:.1%} global "
-                             "pool (the live cache runs the global pool until it takes per-layer quotas)")
+    rates = (f"simulated hit rate {planned['hit_rate']:.1%} per-layer plan (DP on the trace's per-layer miss "
+             f"curves) vs {uniform['hit_rate']:.1%} uniform and {glob['hit_rate']:.1%} global pool")
+    if planned["misses"] >= glob["misses"]:
+        return None, f"one global pool: {rates}"
+    chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
+                              planned["decode_misses_per_token"], planned["prefill_misses"],
+                              planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt)
+    return quotas.tolist(), f"per-layer plan: {rates}"
 
 
 def _gb(n) -> str:

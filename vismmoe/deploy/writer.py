@@ -11,9 +11,16 @@ import yaml
 def plan_yaml(plan) -> str:
     header = ["# Deployment config written by `vismmoe plan`; run with:",
               f"#   vismmoe run --model <{plan.model.name} checkpoint> --config <this file>",
+              f"# or check it on a bigger GPU as the device would hold it: add --emulate {_profile_ref(plan.profile)}",
               "# vismmoe.load reads the `engine:` section; `plan:` records what the planner chose and predicts."]
     header += [f"# {line}" for line in plan.summary_lines()]
     return "\n".join(header) + "\n" + yaml.safe_dump(plan.to_dict(), sort_keys=False, width=120)
+
+
+def _profile_ref(profile) -> str:
+    from .profiles import profile_names
+
+    return profile.name if profile.name in profile_names() else profile.path
 
 
 def write_plan(plan, path) -> Path:

@@ -21,6 +21,8 @@ def register_cli(subparsers) -> None:
     _common(ev)
     ev.add_argument("--limit", type=positive_int, help="evaluate only the first N questions (N >= 1)")
     ev.add_argument("--config", help="engine config YAML")
+    ev.add_argument("--emulate", metavar="PROFILE", help="emulate a device profile (`vismmoe devices`): memory cap "
+                    "and paced expert copies (the `emulate` config key)")
     ev.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
                     help="grid of engine config overrides, e.g. budget=0.25,0.5 visual_keep=1.0,0.5 visual_prune=affinity,random (one run per combination)")
     ev.add_argument("--max-new-tokens", type=positive_int, help="generation length (default: the task's)")
@@ -50,7 +52,12 @@ def _common(parser) -> None:
 def _eval(args) -> int:
     from .runner import run_eval
 
-    results = run_eval(args.model, args.task, args.data, limit=args.limit, config=args.config, sweep=args.sweep,
+    config = args.config
+    if args.emulate:  # the config (file or defaults) with `emulate` set
+        from ..config import load_config
+
+        config = {**load_config(args.config).to_dict(), "emulate": args.emulate}
+    results = run_eval(args.model, args.task, args.data, limit=args.limit, config=config, sweep=args.sweep,
                        output=args.output, split=args.split, normalize=args.normalize,
                        prompt_template=args.prompt_template, max_new_tokens=args.max_new_tokens,
                        skip_bad=args.skip_bad, progress=not args.no_progress)

@@ -8,6 +8,10 @@ prefetch ledger), count the use (decay tick, counts, modality mix) and write the
 in registers and stored once; the score is `core.score` itself, compiled by Triton. Launched with
 fp fusion off so the float64 score rounds as numba and torch do.
 
+Slot quotas (`quota`: int64 [L], one per layer; HAS_QUOTA): as core.victim, each victim is taken
+from all slots while the layer holds fewer than its quota, else from its own slots only (demand, and
+a prefetch that scans).
+
 Limits: one program holds every slot, so S <= MAX_SLOTS (the static path already keeps S within
 ops.MAX_GROUPS); n (experts per call) <= 64.
 """
@@ -43,9 +47,9 @@ layer_distance = _jit(core.layer_distance)
 @triton.jit
 def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, layer_now_p, mix_p, cost_p, params_p,
                clock_p, hits_p, misses_p, pf_p, experts_p, nv_p, nt_p, valid_p, limit_p,
-               out_slots, out_fill, out_src, pred_p, ledger_p,
+               out_slots, out_fill, out_src, pred_p, ledger_p, quota_p,
                layer, running, n, S, L, E, LE1, PF_STRIDE, n_dist, DEPTH, KP,
-               MODE: tl.constexpr, HAS_VALID: tl.constexpr, SCORE: tl.constexpr,
+               MODE: tl.constexpr, HAS_VALID: tl.constexpr, SCORE: tl.constexpr, HAS_QUOTA: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     # -- the call's experts, and which of them miss
     offs_n = tl.arange(0, BLOCK_N)
@@ -115,15 +119,25 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
             want = tl.minimum(n_miss, limit)
         victims = tl.full([BLOCK_N], -1, tl.int64)
         avail = klass < 2
+        own = occupied & (slot_layer == (zero + layer))
+        held_l = tl.sum(own.to(tl.int64), axis=0)  # slots the layer holds (quota plans)
+        quota = held_l + 1
+        if HAS_QUOTA:
+            quota = tl.load(quota_p + layer)
         for r in range(0, want):
-            k1 = tl.min(tl.where(avail, klass, 3), axis=0)
-            c1 = avail & (klass == k1)
+            cand = avail
+            if HAS_QUOTA:  # at its quota, the layer takes only its own slots
+                cand = avail & (own | ((zero + held_l) < quota))
+            k1 = tl.min(tl.where(cand, klass, 3), axis=0)
+            c1 = cand & (klass == k1)
             k2 = tl.min(tl.where(c1, sc, float("inf")), axis=0)
             c2 = c1 & (sc == k2)
             k3 = tl.min(tl.where(c2, tiebreak, 9223372036854775807), axis=0)
             v = k3 % BLOCK_S
             victims = tl.where((offs_n == r) & (k1 < 3), v, victims)
             avail = avail & (offs_s != v)
+            if HAS_QUOTA:
+                held_l = held_l + tl.sum(((offs_s == v) & ~own & (k1 < 3)).to(tl.int64), axis=0)
         # fill[i] = victims[rank[i]] for the misses that get one
         pick = tl.sum(tl.where(rank[:, None] == offs_n[None, :], victims[None, :], 0), axis=1)
         has = tl.sum(((rank[:, None] == offs_n[None, :]) & (victims[None, :] >= 0)).to(tl.int32), axis=1) > 0
@@ -218,14 +232,15 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
 
 
 def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, n_text=None, valid=None,
-               limit=None, running: int | None = None, out=None, score=None):
+               limit=None, running: int | None = None, out=None, score=None, quota: torch.Tensor | None = None):
     """Launch the kernel on `st` (a device_core.DeviceState). Returns (slots, fill, src_rows): slots
     only for demand; fill[i] the slot expert i is copied into (-1: none); src_rows its flat row.
 
     Prefetch: `valid` None means every id >= 0 is a prediction; `out` = (src_rows, fill) writes the copy
     list into those (persistent) rows instead of new tensors. Demand: `score` = (pred [L, depth, k],
     ledger counts [3, depth, L], n_dist) also scores this layer's experts against the predictions made
-    1..n_dist layers before (offload/ledger.py)."""
+    1..n_dist layers before (offload/ledger.py). `quota`: int64 [L] on the device (per-layer slot plan),
+    or None (one global pool)."""
     S, L, E = st.shape
     n = experts.numel()
     if S > MAX_SLOTS or n > 64:
@@ -249,8 +264,9 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
         st.params, st.clock, st.hits, st.misses, st.pf, experts.to(torch.int64),
         dummy if n_visual is None else n_visual.to(torch.int64), dummy if n_text is None else n_text.to(torch.int64),
         dummy if valid is None else valid.to(torch.int8), limit,
-        slots, fill, src, pred, ledger, layer, running, n, S, L, E, L * E + 1, L + 1, n_dist, depth, kp,
-        MODE=mode, HAS_VALID=valid is not None, SCORE=n_dist > 0, BLOCK_S=_next_pow2(max(S, 16)),
-        BLOCK_N=_next_pow2(max(n, kp, 16)), BLOCK_E=_next_pow2(max(E, 16)),
+        slots, fill, src, pred, ledger, dummy if quota is None else quota,
+        layer, running, n, S, L, E, L * E + 1, L + 1, n_dist, depth, kp,
+        MODE=mode, HAS_VALID=valid is not None, SCORE=n_dist > 0, HAS_QUOTA=quota is not None,
+        BLOCK_S=_next_pow2(max(S, 16)), BLOCK_N=_next_pow2(max(n, kp, 16)), BLOCK_E=_next_pow2(max(E, 16)),
         num_warps=4 if S <= 256 else 8 if S <= 1024 else 16, **extra)
     return (slots if mode == DEMAND else None), fill, src

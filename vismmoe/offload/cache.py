@@ -10,7 +10,9 @@ Copies run on a dedicated copy stream, ordered with events, never host syncs:
 Demand loads are issued before any prefetch of a later layer (one FIFO copy stream: whatever is
 issued first lands first), prefetched experts are pinned until their layer has run, and a ledger
 counts prefetch bytes issued, used and wasted. Which expert goes where is decided by the
-cache's state machine, offload/core.py (its docstring is the specification).
+cache's state machine, offload/core.py (its docstring is the specification). With a per-layer slot
+plan (`slot_plan`, policies/slot_plan.py) a layer at its quota replaces only its own experts, and a
+layer call loads at most `wave_size(layer)` experts at once.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class CacheCounters:
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy: str = "lru",
-                 policy_options: dict | None = None):
+                 policy_options: dict | None = None, slot_plan=None):
         self.store = store
         self.device = device
         self.num_slots = num_slots
@@ -57,6 +59,12 @@ class ExpertCache:
                                              device=device)
         self.slot_table = self.slot_table_storage[:-1].view(self.num_layers, self.num_experts)
         self.policy = make_policy(policy, **(policy_options or {}))
+        # Per-layer quotas (int64 [L]) or core.NO_PLAN (one global pool).
+        self.quota = core.NO_PLAN if slot_plan is None else np.asarray(
+            getattr(slot_plan, "quota", slot_plan), np.int64).copy()
+        if len(self.quota) and (len(self.quota) != self.num_layers or (self.quota < 1).any()):
+            raise ValueError(f"slot plan {self.quota.tolist()} needs one positive quota per layer "
+                             f"({self.num_layers} layers)")
         # The cache's bookkeeping: offload/core.py's state, driven by its host transitions here.
         self.state = self.policy.new_state(num_slots, self.num_layers, self.num_experts)
         self.counters = CacheCounters.zeros(self.num_layers)
@@ -73,6 +81,7 @@ class ExpertCache:
         self.device_hits = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
         self.cuda = device.type == "cuda"
         self.measure_stalls = False
+        self.pacer = None  # deploy.emulate.Emulation: slows each copy wave to an emulated device's link
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=device)
             self.ready: list[torch.cuda.Event | None] = [None] * num_slots  # copy that filled the slot
@@ -81,6 +90,10 @@ class ExpertCache:
                 self._staging = [torch.empty(store.record_numel, dtype=store.dtype, pin_memory=True) for _ in range(4)]
                 self._staging_done: list[torch.cuda.Event | None] = [None] * 4
                 self._staging_next = 0
+
+    def wave_size(self, layer: int) -> int:
+        """The most experts one `acquire` of `layer` may load: all slots, or the layer's quota."""
+        return self.num_slots if not len(self.quota) else int(min(self.num_slots, self.quota[layer]))
 
     @property
     def host_table(self) -> np.ndarray:
@@ -149,7 +162,7 @@ class ExpertCache:
         returned slots is evicted by this call, so they stay valid until `release`.
         """
         n = len(experts)
-        assert n <= self.num_slots
+        assert n <= self.wave_size(layer)
         experts = np.asarray(experts, np.int64)
         zeros = np.zeros(n, np.int64)
         n_visual = zeros if n_visual is None else np.asarray(n_visual, np.int64)
@@ -157,7 +170,7 @@ class ExpertCache:
         slots, fill = self._slots[:n], self._fill[:n]
         used, wasted = self.state.pf[1].sum(), self.state.pf[2].sum()
         old_owner = self.state.owner.copy()
-        missed = core.demand(self.state, layer, experts, n_visual, n_text, core.NO_PLAN, slots, fill)
+        missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill)
         self.counters.hits[layer] += n - missed
         self.counters.misses[layer] += missed
         rb = self.store.record_bytes
@@ -202,7 +215,7 @@ class ExpertCache:
         wasted = self.state.pf[2].sum()
         running = layer - 1 if running is None else running
         old_owner = self.state.owner.copy()
-        issued = core.prefetch(self.state, layer, experts, running, limit, core.NO_PLAN, fill)
+        issued = core.prefetch(self.state, layer, experts, running, limit, self.quota, fill)
         rb = self.store.record_bytes
         self.counters.prefetch_issued_bytes += issued * rb
         self.counters.prefetch_wasted_bytes += int(self.state.pf[2].sum() - wasted) * rb
@@ -219,6 +232,8 @@ class ExpertCache:
         slots = fill[placed]
         for i in placed:
             self._copy(layer, int(experts[i]), int(fill[i]))
+        if self.pacer is not None:
+            self._pace(slots)
         evicted = old_owner[slots]
         evicted = evicted[evicted >= 0]
         flat = np.concatenate([evicted, layer * self.num_experts + experts[placed]])
@@ -226,6 +241,16 @@ class ExpertCache:
         upd = torch.from_numpy(np.stack([flat, value])).to(self.device, non_blocking=True)
         # No index repeats: what a call installs was absent, and what it installs it protects.
         self.slot_table_storage.index_put_((upd[0],), upd[1].to(torch.int32))
+
+    def _pace(self, slots: np.ndarray) -> None:
+        """Emulation: the wave's copies take the emulated link's time; on CUDA a delay queued on the copy
+        stream, and the slots count as ready only after it."""
+        self.pacer.pace_host(len(slots), self.copy_stream if self.cuda else None)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+            for slot in slots:
+                self.ready[int(slot)] = event
 
     def _wait_ready(self, slots) -> None:
         compute = torch.cuda.current_stream(self.device)

@@ -46,7 +46,10 @@ Transitions:
       modality (visual tokens -> 0; text tokens, or no visual ones -> 1).
   begin_step: every pin drops. begin_request: mix = 0, no slot counts as prefetched.
 
-Slot quotas (SlotPlan, host core only): a layer holding its quota of slots may only replace its own.
+Slot quotas (`quota`, SlotPlan; empty = one global pool): a layer holding its quota of slots (what
+its experts occupy, pinned or not) may only replace its own; below it, it takes from every slot, and
+each slot it takes from another layer (or empty) counts towards its quota. A call loads at most
+min(S, quota[layer]) experts (a wave). device_core.py and the kernel apply the same caps.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ both). The fused kernel (kernels/cache_step.py, `ops.cache_step`) is the fast tw
 
 Every per-slot and per-(layer, expert) tensor has one spare trailing entry (a "dummy") that writes
 for hits and untaken rows are sent to, so no shape depends on how many experts missed.
+
+Slot quotas (`quota`, int64 [L] on the device, or None: one global pool) follow core.victim: while
+the layer holds fewer slots than its quota, misses take the next slots of the global order; each
+one that was not the layer's own adds one to what it holds; once it holds its quota, the remaining
+misses take the layer's own slots in the same order. Both lists are prefixes of one ranking, so the
+n-th miss's slot is found with cumulative sums, no loop and no data-dependent shape.
 """
 
 from __future__ import annotations
@@ -91,9 +97,9 @@ class DeviceState:
 
 
 def ranked_slots(st: DeviceState, layer: int, running: int, protected: torch.Tensor, allow_pinned: bool,
-                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n slots in victim order, and whether each may be taken (not protected, and not
-    pinned unless allow_pinned). Rows past the slot count are (-1, False)."""
+                 n: int, quota: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots the first n misses take, in order, and whether each may be taken (not protected, and
+    not pinned unless allow_pinned; within the layer's quota). Rows past the slot count are (-1, False)."""
     S, L, E = st.shape
     owner = st.owner[:S]
     occupied = owner >= 0
@@ -111,12 +117,40 @@ def ranked_slots(st: DeviceState, layer: int, running: int, protected: torch.Ten
     order = torch.argsort((st.last_use[:S] + 1) * S + torch.arange(S, device=owner.device))
     order = order[torch.sort(score[order], stable=True).indices]
     order = order[torch.sort(klass[order], stable=True).indices]
+    if quota is not None:
+        return _within_quota(order, klass < 2, occupied & (slot_layer == layer), quota[layer], n)
     victims = order[:n]
     usable = klass[victims] < 2
     if n > S:
         victims = torch.cat([victims, victims.new_full((n - S,), -1)])
         usable = torch.cat([usable, usable.new_zeros(n - S)])
     return victims, usable
+
+
+def _within_quota(order: torch.Tensor, takeable: torch.Tensor, own: torch.Tensor, quota: torch.Tensor,
+                  n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ranked_slots under a quota: `order` all S slots in victim order, `takeable` / `own` per slot."""
+    S = order.numel()
+    pad = max(n - S, 0)
+    g = torch.cat([order, order.new_full((pad,), S)])[:n]  # global order, S = none
+    ok_g = torch.cat([takeable, takeable.new_zeros(1)])[g]
+    own_g = torch.cat([own, own.new_zeros(1)])[g]
+    foreign = (ok_g & ~own_g).to(torch.int64)
+    held = own.sum()
+    # Global takes while what the layer holds (its own slots + the foreign slots taken so far) < quota.
+    first = ok_g & (held + torch.cumsum(foreign, 0) - foreign < quota)  # a prefix
+    k = first.sum()
+    own_taken = (first & own_g).sum()
+    # Then its own slots, in the same order, past those the global takes already used.
+    own_order = order[torch.sort((~own[order]).to(torch.int64), stable=True).indices]
+    own_ok = own[own_order] & takeable[own_order]
+    r = torch.arange(n, device=order.device)
+    j = own_taken + r - k
+    j_c = j.clamp(0, S - 1)
+    later_ok = (j < S) & own_ok[j_c]
+    victims = torch.where(first, g, torch.where(later_ok, own_order[j_c], -1))
+    usable = first | (~first & later_ok)
+    return torch.where(usable, victims, -1), usable
 
 
 def _install(st: DeviceState, layer: int, flat: torch.Tensor, fill: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
@@ -148,9 +182,9 @@ def _reset_dummies(st: DeviceState) -> None:
 
 
 def demand(st: DeviceState, layer: int, experts: torch.Tensor, n_visual: torch.Tensor,
-           n_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """core.demand for `experts` (distinct, any order, at most S): returns (slots, fill) in the order
-    given, fill[i] the slot to copy expert i into, -1 for a hit."""
+           n_text: torch.Tensor, quota: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """core.demand for `experts` (distinct, any order, at most S, at most the layer's quota): returns
+    (slots, fill) in the order given, fill[i] the slot to copy expert i into, -1 for a hit."""
     S, L, E = st.shape
     n = experts.numel()
     st.clock.add_(1)
@@ -161,7 +195,7 @@ def demand(st: DeviceState, layer: int, experts: torch.Tensor, n_visual: torch.T
     miss = slots < 0
     protected = torch.zeros(S + 1, dtype=torch.bool, device=experts.device)
     protected.index_fill_(0, torch.where(miss, S, slots), True)
-    victims, _ = ranked_slots(st, layer, layer, protected, True, n)
+    victims, _ = ranked_slots(st, layer, layer, protected, True, n, quota)
     rank = (torch.cumsum(miss.to(torch.int64), 0) - 1).clamp(min=0)
     fill = torch.where(miss, victims[rank], -1)
     _install(st, layer, flat, fill, miss)
@@ -200,7 +234,7 @@ def _count_use(st: DeviceState, layer: int, flat: torch.Tensor, nv: torch.Tensor
 
 
 def prefetch(st: DeviceState, layer: int, experts: torch.Tensor, valid: torch.Tensor, running: int,
-             limit) -> tuple[torch.Tensor, torch.Tensor]:
+             limit, quota: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """core.prefetch for the predicted `experts[valid]` (distinct) of `layer`, at most `limit` (an int
     or a device scalar) copies. Returns (flat source rows, fill) for ops.copy_records."""
     S, L, E = st.shape
@@ -217,7 +251,7 @@ def prefetch(st: DeviceState, layer: int, experts: torch.Tensor, valid: torch.Te
     protected.index_fill_(0, held, True)
     st.pin[held] = torch.maximum(st.pin[held], torch.full_like(held, layer))
     miss = ok & (slots < 0)
-    victims, usable = ranked_slots(st, layer, running, protected, False, n)
+    victims, usable = ranked_slots(st, layer, running, protected, False, n, quota)
     rank = torch.cumsum(miss.to(torch.int64), 0) - 1
     rank_c = rank.clamp(min=0)
     take = miss & usable[rank_c] & (rank < limit)

@@ -74,7 +74,8 @@ class HostPath:
         for observer in self.observers:
             observer(layer, step.index, top_k_index, visual, predicted_here.get(1))
 
-        if compute.from_slots(num_tokens) and len(experts) <= cache.num_slots and \
+        wave_size = cache.wave_size(layer)
+        if compute.from_slots(num_tokens) and len(experts) <= wave_size and \
                 (cache.complete or cache.num_slots <= ops.MAX_GROUPS):
             slots = cache.acquire(layer, experts, n_visual[experts], n_text[experts])
             out = self._grouped(layer, module, hidden_states, top_k_index, top_k_weights)
@@ -86,8 +87,8 @@ class HostPath:
         token_idx = order % num_tokens
         pair_weights = top_k_weights.t().reshape(-1)[order]
         out = torch.zeros_like(hidden_states)
-        for start in range(0, len(experts), cache.num_slots):
-            wave = slice(start, start + cache.num_slots)
+        for start in range(0, len(experts), wave_size):
+            wave = slice(start, start + wave_size)
             wave_experts = experts[wave]
             slots = cache.acquire(layer, wave_experts, n_visual[wave_experts], n_text[wave_experts])
             for j, slot in enumerate(slots):
@@ -99,7 +100,7 @@ class HostPath:
                 h = h * pair_weights[lo:hi, None]
                 out.index_add_(0, tokens, h.to(out.dtype))
             cache.release(slots)
-        if len(experts) > cache.num_slots:
+        if len(experts) > wave_size:
             cache.counters.waves += 1
         return self._after_layer(layer, masks, out)
 

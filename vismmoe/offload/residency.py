@@ -38,6 +38,8 @@ class DeviceResidency:
         # the copy stream reads it after the compute stream has moved on, so it must not be a temporary
         # the allocator could hand to the compute stream again before the copy ran.
         self.prefetch_rows = torch.full((L, 2, max(depth, 1) * top_k), -1, **i64)
+        # Per-layer slot quotas (the cache's slot plan) or None: the same caps as the host core's.
+        self.quota = torch.from_numpy(cache.quota).to(device) if len(cache.quota) else None
 
     def set_prefetch_limits(self, limits) -> None:
         """limits [L, depth] (ints, 0 = off): copied into the device tensor the captured steps read."""
@@ -77,20 +79,26 @@ class DeviceResidency:
         """
         n = experts.numel()
         slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
-                                            score=score)
+                                            score=score, quota=self.quota)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
+        if self.cache.pacer is not None:  # an emulated device's slower link (deploy/emulate.py)
+            self.cache.pacer.pace_device(fill)
         return slots
 
     def prefetch(self, running: int, predicted: torch.Tensor) -> None:
         """Queued after layer `running`'s compute: load the predicted experts of the next layers —
         predicted[d - 1] (int64 [k], -1 = none) for layer running + d, at most prefetch_limits[running + d,
-        d - 1] of them — never evicting an expert pinned for a layer that has not run yet. One decision
-        launch per distance writes the copy list straight into `prefetch_rows[running]`, one copy launch
-        moves them all, on the current stream (the device path runs this on the copy stream)."""
+        d - 1] of them, within the layer's slot quota — never evicting an expert pinned for a layer that
+        has not run yet. One decision launch per distance writes the copy list straight into
+        `prefetch_rows[running]`, one copy launch moves them all (then the emulated link's pacing), on the
+        current stream (the device path runs this on the copy stream)."""
         depth, k = predicted.shape
         rows = self.prefetch_rows[running, :, : depth * k]
         for d in range(1, depth + 1):
             part = slice((d - 1) * k, d * k)
             ops.cache_prefetch(self.state, running + d, predicted[d - 1], None, running,
-                               self.prefetch_limits[running + d, d - 1], out=(rows[0, part], rows[1, part]))
+                               self.prefetch_limits[running + d, d - 1], out=(rows[0, part], rows[1, part]),
+                               quota=self.quota)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, rows[0], rows[1])
+        if self.cache.pacer is not None:  # an emulated device's slower link (deploy/emulate.py)
+            self.cache.pacer.pace_device(rows[1])

@@ -51,3 +51,33 @@ class SlotPlan:
 
     def wave_size(self, layer: int, num_slots: int) -> int:
         return int(min(num_slots, self.quota[layer]))
+
+
+def resolve_slot_plan(value, num_slots: int, num_layers: int, top_k: int) -> "SlotPlan | None":
+    """The engine's `slot_plan` key for a cache of `num_slots` slots: None / "global" -> None (one global
+    pool), "uniform" -> an even partition, a list -> those quotas. Raises ConfigError naming the fix.
+
+    Each quota must hold a decode step's top-k experts (static decode loads them in one call), and a
+    list must partition the budget exactly (sum = slots), as `vismmoe plan` writes it."""
+    from ...errors import ConfigError
+
+    if value is None or value == "global":
+        return None
+    if value == "uniform":
+        if num_slots < num_layers * top_k:
+            raise ConfigError(f"slot_plan: uniform needs at least top-k = {top_k} slots per MoE layer "
+                              f"({num_layers * top_k} slots); the budget gives {num_slots}: raise expert_budget "
+                              "or use slot_plan: global")
+        return SlotPlan.uniform(num_slots, num_layers)
+    quota = list(value)
+    if len(quota) != num_layers:
+        raise ConfigError(f"slot_plan has {len(quota)} quotas but the model has {num_layers} MoE layers: give one "
+                          "per MoE layer (`vismmoe plan` writes them), or use uniform / global")
+    small = [i for i, q in enumerate(quota) if q < top_k]
+    if small:
+        raise ConfigError(f"slot_plan: layers {small} have quotas below the model's top-k = {top_k} "
+                          f"({[quota[i] for i in small]}); every layer needs at least {top_k}")
+    if sum(quota) != num_slots:
+        raise ConfigError(f"slot_plan sums to {sum(quota)} slots but expert_budget gives {num_slots}: set "
+                          f"expert_budget to {sum(quota)} experts' bytes, or quotas summing to {num_slots}")
+    return SlotPlan(np.asarray(quota, np.int64))

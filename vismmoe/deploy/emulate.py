@@ -1,0 +1,250 @@
+"""Emulate a device profile on a bigger GPU (or on the CPU): `emulate: PROFILE` / `--emulate PROFILE`.
+
+What is emulated:
+  * memory: the profile's usable memory (memory_gb - reserved_gb, the planner's arithmetic) caps what
+    the engine holds. At load, the resident parts (non-expert weights as loaded, the expert cache, the
+    planner's workspace allowance, and on a unified-memory device a non-mmap host store, which lives
+    in the same DRAM) must fit; each request adds its KV cache (what the engine allocates for it) and
+    its activation peak (the planner's estimate for its real prompt and image), checked before it runs.
+    Either failing raises BudgetError where the real device would run out, saying by how much and what
+    to lower. On CUDA, torch.cuda.set_per_process_memory_fraction is set to the usable share as a
+    backstop (memory torch's allocator sees; the CUDA context is outside it, as reserved_gb is).
+  * the host link: each expert copy is slowed to the time the planner predicts for the profile's link
+    (pinned / pageable PCIe, the device copy kernel, or NVMe + DRAM on a unified-memory Jetson), by a
+    delay after each copy wave of (profile time - this machine's measured time) per record: a spin
+    kernel on the copy's stream on CUDA (kernels/pace.py: device-side count, CUDA-graph capturable),
+    time.sleep on the CPU.
+Not emulated: compute speed (this GPU's memory bandwidth, tensor throughput, kernel launches and the
+host CPU). `info()` says so, and eval/validate_plan.py corrects for it: it compares the measured times
+with the planner's prediction made for a hybrid profile (the emulated link and memory, this GPU's
+compute figures), and rescales the compute share by the profile's compute figures over this GPU's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..errors import BudgetError, ConfigError
+from .profiles import DeviceProfile, load_profile
+
+GB = 1e9
+
+
+def load_emulated_profile(value) -> DeviceProfile:
+    """The `emulate:` value: a shipped profile name or a profile YAML path; a GPU profile."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"emulate must be a device profile name or file, got {value!r}")
+    profile = load_profile(value.strip())
+    if profile.kind == "cpu":
+        raise ConfigError(f"emulate: {profile.name} is a CPU-only profile; emulation caps a GPU's memory and link: "
+                          "name a GPU profile (`vismmoe devices` lists them)")
+    return profile
+
+
+class Emulation:
+    def __init__(self, profile: DeviceProfile, store: str, record_bytes: int, device: torch.device,
+                 sleep=time.sleep):
+        from .planner import ENGINE
+
+        self.profile = profile
+        self.store = store
+        self.record_bytes = record_bytes
+        self.device = device
+        self.usable_bytes = int((profile["memory_gb"] - profile["reserved_gb"]) * GB)
+        self.workspace_bytes = ENGINE["gpu_workspace_bytes"]
+        self.shared_store = profile.unified and store != "mmap"  # the store lives in the same DRAM
+        self.sleep = sleep
+        self.native_s = {"host": 0.0, "static": 0.0}  # this machine's time per record copy (measured on CUDA)
+        self.iters_per_s = 0.0  # the spin kernel's rate on this GPU
+        self.paced_s = 0.0  # delay added on the host path so far (device-decided waves count on the device)
+        self._scratch = None
+        self.fraction = None
+        self.model = None  # deploy.model_info.ModelInfo: the activation estimate per request
+        self._paced_at_request = 0.0
+
+    # -- memory ----------------------------------------------------------------------------------------
+    def resident_parts(self, non_expert: int, expert_cache: int, host_store: int) -> dict:
+        parts = dict(non_expert_weights=non_expert, expert_cache=expert_cache, workspace=self.workspace_bytes)
+        if self.shared_store:
+            parts["host_store"] = host_store
+        return parts
+
+    def check(self, parts: dict, record_bytes: int, top_k: int, what: str) -> None:
+        """Raise BudgetError if `parts` (bytes by name) exceed the usable memory: by how much, and the
+        largest expert budget that would fit (or that none does)."""
+        need = sum(parts.values())
+        if need <= self.usable_bytes:
+            return
+        p = self.profile
+        listed = " + ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in parts.items() if v)
+        room = self.usable_bytes - (need - parts.get("expert_cache", 0))
+        slots = int(room // record_bytes) if room > 0 else 0
+        if slots >= top_k:
+            fix = f"lower expert_budget to {slots * record_bytes} bytes ({slots} experts)"
+            if "kv_cache" not in parts:
+                fix += " at most (requests add their KV cache and activations)"
+        else:
+            fix = (f"no expert budget fits: even the smallest ({top_k} experts) is short by "
+                   f"{_gb(need - parts.get('expert_cache', 0) + top_k * record_bytes - self.usable_bytes)}")
+        hints = ["a shorter prompt or max_new_tokens", "visual_keep below 1.0 (fewer visual tokens)"]
+        if self.shared_store:
+            hints.insert(0, "store: mmap (the host store then leaves the shared DRAM)")
+        raise BudgetError(f"{what} needs {_gb(need)} ({listed}); the emulated {p.description} has {_gb(self.usable_bytes)} "
+                          f"usable ({p['memory_gb']:.4g} GB - {p['reserved_gb']:.4g} GB reserved): {fix}, or use "
+                          + ", ".join(hints))
+
+    def check_engine(self, engine, num_slots: int) -> None:
+        """At load / reconfigure: the parts the engine holds whatever the request."""
+        layout, rb = engine.layout, engine.layout_record_bytes
+        parts = self.resident_parts(engine.non_expert_bytes, num_slots * rb,
+                                    len(layout.layers) * layout.num_experts * rb)
+        self.check(parts, rb, layout.top_k, f"loading {engine.model_dir.name} with {num_slots} expert slots")
+
+    def check_request(self, engine, prompt_tokens: int, max_new_tokens: int, decoder, visual_tokens: int) -> dict:
+        """Before a request runs: the resident parts + its KV cache + its activation peak. Returns the parts."""
+        from ..stats import dynamic_kv_bytes
+
+        layout, rb = engine.layout, engine.layout_record_bytes
+        parts = self.resident_parts(engine.non_expert_bytes, engine.num_slots * rb,
+                                    len(layout.layers) * layout.num_experts * rb)
+        text, element = engine.model.config.get_text_config(), rb // layout.record_numel
+        tokens = prompt_tokens + max_new_tokens
+        held = engine.decoders.kv_bytes()  # the static caches kept for later requests stay allocated
+        if decoder is not None:  # its cache grows in buckets to the request's length (static_decode.py)
+            from ..static_decode import cache_length
+
+            tokens = max(cache_length(tokens - 1, engine.context), decoder.max_cache_len)
+            held -= _cache_bytes(decoder.kv_cache)
+        parts["kv_cache"] = held + dynamic_kv_bytes(text, tokens, element)
+        side = math.ceil(math.sqrt(visual_tokens)) * self.model.patch_size * self.model.merge_size \
+            if visual_tokens and self.model.patch_size else 0
+        dtype = str(engine.dtype).removeprefix("torch.")
+        parts["activations"] = self.model.activation_peak_bytes(prompt_tokens, side, dtype)
+        self.check(parts, rb, layout.top_k, f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
+        self._paced_at_request = self.paced_s
+        return parts
+
+    def request_report(self, parts: dict, peak_gpu_bytes) -> dict:
+        """For RequestStats.emulation: what the emulated device would hold, against its usable memory."""
+        return dict(profile=self.profile.name, usable_bytes=self.usable_bytes, accounted_bytes=sum(parts.values()),
+                    parts=dict(parts), peak_gpu_bytes_here=peak_gpu_bytes,
+                    host_paced_s=round(self.paced_s - self._paced_at_request, 6),
+                    not_emulated="compute speed (this machine's)")
+
+    def cap_allocator(self) -> None:
+        """CUDA: the allocator may not hand out more than the usable share of this GPU (a backstop)."""
+        if self.device.type != "cuda":
+            return
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        self.fraction = min(1.0, self.usable_bytes / total)
+        torch.cuda.set_per_process_memory_fraction(self.fraction, self.device)
+
+    def release(self) -> None:
+        if self.fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            self.fraction = None
+
+    # -- the link --------------------------------------------------------------------------------------
+    def target_s(self, path: str) -> float:
+        """Seconds one record's copy takes on the profile's link (the planner's miss time)."""
+        from .planner import _miss_ms
+
+        return _miss_ms(self.profile, self.store, self.record_bytes, path) / 1e3
+
+    def delay_s(self, path: str) -> float:
+        return max(0.0, self.target_s(path) - self.native_s[path])
+
+    def calibrate(self, store) -> None:
+        """CUDA: time this machine's record copies (host memcpy; the device copy kernel) and the spin rate."""
+        if self.device.type != "cuda":
+            return
+        from .. import ops
+        from ..kernels import pace
+
+        self._scratch = torch.zeros(2, dtype=torch.float32, device=self.device)
+        dst = torch.empty((8, store.record_numel), dtype=store.dtype, device=self.device)
+        self.native_s["host"] = _time_cuda(lambda: [dst[i].copy_(store.record(0, i % store.num_experts),
+                                                                  non_blocking=True) for i in range(8)]) / 8
+        if store.slab is not None and store.pinned and ops.device_copy_available(store.slab):
+            rows = torch.arange(8, device=self.device) % len(store.slab_rows)
+            fill = torch.arange(8, device=self.device)
+            self.native_s["static"] = _time_cuda(lambda: ops.copy_records(store.slab_rows, dst, rows, fill)) / 8
+        else:
+            self.native_s["static"] = self.native_s["host"]
+        iters = 200_000
+        pace.pace(None, 1000, 0, self._scratch)  # build
+        self.iters_per_s = iters / _time_cuda(lambda: pace.pace(None, iters, 0, self._scratch))
+
+    def pace_host(self, records: int, stream=None, path: str = "host") -> None:
+        """After a host-path wave of `records` copies (queued on `stream` on CUDA)."""
+        if records <= 0:
+            return
+        seconds = records * self.delay_s(path)
+        self.paced_s += seconds
+        if self.device.type != "cuda":
+            self.sleep(seconds)
+            return
+        from ..kernels import pace
+
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            pace.pace(None, int(seconds * self.iters_per_s), 0, self._scratch)
+
+    def pace_device(self, fill: torch.Tensor) -> None:
+        """After a device-decided copy list (`fill` >= 0: records copied), on the current stream; no host sync on CUDA."""
+        if self.device.type != "cuda":
+            self.pace_host(int((fill >= 0).sum()), path="static")
+            return
+        from ..kernels import pace
+
+        pace.pace(fill, 0, int(self.delay_s("static") * self.iters_per_s), self._scratch)
+
+    def info(self) -> dict:
+        p = self.profile
+        return dict(
+            profile=p.name, description=p.description, usable_bytes=self.usable_bytes,
+            allocator_fraction=self.fraction, shared_store=self.shared_store,
+            link_ms_per_expert={k: round(self.target_s(k) * 1e3, 4) for k in ("host", "static")},
+            native_ms_per_expert={k: round(v * 1e3, 4) for k, v in self.native_s.items()},
+            emulated=["usable memory (load and per request; allocator cap on CUDA)",
+                      "host-to-device expert copy time (paced to the profile's link)"],
+            not_emulated=["compute speed: this GPU's memory bandwidth, tensor throughput and kernel launches",
+                          "the host CPU", "the profile's memory bandwidth for non-expert weights"],
+            correction="compare with the planner's prediction for the profile's link and this GPU's compute "
+                       "figures (eval/validate_plan.py), then scale compute by the profile's figures over this GPU's")
+
+
+def _cache_bytes(kv_cache) -> int:
+    total = 0
+    for layer in kv_cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            total += t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    return total
+
+
+def _time_cuda(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gb(n) -> str:
+    return f"{n / GB:.2f} GB" if abs(n) >= 0.1 * GB else f"{n / 1e6:.1f} MB"
