@@ -15,6 +15,15 @@ for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do
 done
 plan --model $B --device rtx4060-laptop-8gb --trace $T --image-size 64 --max-gpu-memory 774516486 \
   --output configs/deploy/easyvqa-rtx4060-laptop-8gb-capped.yaml
+# The scene model (36.6 MB float32, 9.4 MB of bf16 experts) fits every profile too; its -capped file leaves
+# room for 64 of its 192 experts (the planner then compares a per-layer plan with the global pool).
+S=models/scenevqa-qwen3vlmoe
+ST=eval/results/scenevqa_test_traces.npz
+for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do
+  plan --model $S --device $d --trace $ST --image-size 224 --output configs/deploy/scenevqa-$d.yaml
+done
+plan --model $S --device rtx4060-laptop-8gb --trace $ST --image-size 224 --max-gpu-memory 788200000 \
+  --output configs/deploy/scenevqa-rtx4060-laptop-8gb-capped.yaml
 # Qwen3-VL-30B-A3B from its config (58 GB of experts): no trace of it exists here, so the routing prior.
 for d in jetson-orin-nano-8gb jetson-orin-nx-16gb jetson-agx-orin-32gb jetson-agx-orin-64gb rtx4060-laptop-8gb \
          rtx3060-12gb rtx4090-24gb a100-40gb h100-80gb h200-141gb; do

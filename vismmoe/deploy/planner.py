@@ -96,10 +96,12 @@ class Plan:
                 context_tokens=self.context_tokens, image_size=self.image_size,
                 expert_slots=c.budget_slots, expert_slots_total=self.model.num_moe_layers * self.model.num_experts,
                 slot_plan=self.slot_plan, slot_plan_note=self.slot_plan_note,
-                miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the engine's only "
-                "miss path today; CPU execution of misses is not implemented)",
-                visual_keep=1.0, visual_keep_note="visual-token pruning is not in this engine yet: 1.0 keeps every "
-                "visual token; the planner will choose it once pruning lands",
+                miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the only miss path "
+                "the cache chooses today; the decode kernel can read a missed expert in place, but nothing picks "
+                "that yet, and CPU execution of misses is not implemented)",
+                visual_keep=1.0, visual_keep_note="1.0 keeps every visual token: pruning (visual_keep < 1, "
+                "visual_prune) shortens the prefill but trades accuracy, and the planner has no accuracy target "
+                "to trade against; BENCHMARKS.md measures the retention per keep and method",
                 decode_path=c.decode_path, routing=self.trace_path or f"prior: {PRIOR}",
                 memory={k: int(v) for k, v in c.memory.items()}, usable_gpu_bytes=int(self.usable_gpu_bytes),
                 hit_rates={k: round(v, 4) for k, v in c.hit_rates.items()},
