@@ -25,17 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.common import device_name, graph_time, write_report  # noqa: E402
+from eval.common import device_name, graph_time, hbm_gbps, write_report  # noqa: E402
 
 from vismmoe import ops  # noqa: E402
-
-
-def _hbm_bandwidth(device) -> float:
-    """Bytes per second of a 2 GiB device-to-device copy (read + write)."""
-    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    seconds, _ = graph_time(lambda i: dst.copy_(src), 4, device)
-    return 2 * src.numel() * src.element_size() / seconds
 
 
 def main(argv=None) -> dict:
@@ -63,7 +55,7 @@ def main(argv=None) -> dict:
     on_gpu = device.type == "cuda"
     result = {"device": device_name(device), "hidden": H, "inter": I,
               "slots": S, "top_k": k, "transposed": args.transposed, "expert_mb": expert_bytes / 1e6,
-              "hbm_gbps": _hbm_bandwidth(device) / 1e9 if on_gpu else None, "rows": []}
+              "hbm_gbps": hbm_gbps(device, gib=2) if on_gpu else None, "rows": []}
     if on_gpu:  # the op's one-time check against its twin; its verdict decides the default dispatch
         result["fused_self_check"] = ops._fused_moe_checked(device)
     grouped = ops.grouped_mm_available(device, dtype)

@@ -1,16 +1,13 @@
 """The fused RMSNorm kernel (vismmoe/kernels/rms_norm.py) against its torch twin `ops.rms_norm_reference`,
 and the swap of transformers' RMSNorm modules (vismmoe/layers/rms_norm.py).
 
-The kernel runs natively on a GPU and in Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32);
-skipped where triton is not installed (CI). The swap is tested on the CPU with the kernel's usability
-forced on: the swapped modules then run the twin, so the engine must give the same tokens as with
+The kernel runs natively on a GPU and in Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32): the
+`kernel_device` fixture of conftest.py; skipped where triton is not installed (CI). The swap is tested on
+the CPU with the kernel's usability forced on: the swapped modules then run the twin, so the engine must give the same tokens as with
 transformers' modules, and exactly the right modules must be swapped.
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 import torch
@@ -22,26 +19,6 @@ from vismmoe.errors import ConfigError
 from vismmoe.layers import rms_norm as norms
 
 from .conftest import random_requests
-
-
-def _kernel_device():
-    if torch.cuda.is_available():
-        return "cuda"
-    if "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
-@pytest.fixture(scope="module")
-def kernel_device():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pytest.skip("triton is not installed: the fused RMSNorm kernel cannot be built or interpreted here")
-    device = _kernel_device()
-    if device is None:
-        pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
-    return device
 
 
 SHAPES = [(1, 8), (3, 72), (7, 128), (2, 2048), (2, 3, 4, 100)]

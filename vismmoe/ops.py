@@ -104,16 +104,6 @@ def copy_records_reference(src, dst, src_rows, dst_rows) -> None:
     dst[dst_rows[keep]] = src[chosen].to(dst.device)
 
 
-class _HostRows:
-    """What a Triton launch needs of a tensor argument: the (host, UVA-mapped) address and dtype."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.dtype = tensor, tensor.dtype
-
-    def data_ptr(self) -> int:
-        return self.tensor.data_ptr()
-
-
 _COPY_BLOCK = 8192  # elements per program: 16 KiB of bf16, enough bytes in flight per SM to fill the link
 
 
@@ -121,7 +111,9 @@ def _copy_records_cuda(src, dst, src_rows, dst_rows) -> None:
     kernel = _copy_kernel()
     numel = src.shape[1]
     grid = (dst_rows.numel(), _cdiv(numel, _COPY_BLOCK))
-    source = src if src.is_cuda else _HostRows(src)
+    from .kernels import HostTensor
+
+    source = src if src.is_cuda else HostTensor(src)
     # Triton launches on the current device: make it the destination's (an engine on cuda:1 is called
     # from threads whose current device is cuda:0).
     with torch.cuda.device(dst.device):

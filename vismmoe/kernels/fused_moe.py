@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import HostTensor
+
 
 @dataclass(frozen=True)
 class Blocks:
@@ -162,26 +164,12 @@ def _gate_up_layout(gate_up, is_transposed):
     return gate_up.shape[1] // 2, gate_up.stride(1), gate_up.stride(2)
 
 
-class _HostView:
-    """A page-locked host tensor as a Triton pointer argument (its UVA address; Triton would refuse a
-    CPU tensor), keeping the tensor alive and answering the stride queries of the launches."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.dtype = tensor, tensor.dtype
-
-    def data_ptr(self) -> int:
-        return self.tensor.data_ptr()
-
-    def stride(self, dim: int) -> int:
-        return self.tensor.stride(dim)
-
-
 def _pointer(tensor, like):
     """`tensor` as a launch argument beside `like` (the pool): the pool itself when there is no host side;
     a host tensor wrapped when the pool is on a GPU (in the CPU interpreter both are plain tensors)."""
     if tensor is None:
         return like
-    return _HostView(tensor) if like.is_cuda and not tensor.is_cuda else tensor
+    return HostTensor(tensor) if like.is_cuda and not tensor.is_cuda else tensor
 
 
 def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks, host_gate_up=None):
