@@ -20,6 +20,9 @@
 #                 $WORK/extra) with the time left.
 #   PHASE=sweep   both GPUs: the multi-GPU tests, then the scene pruning sweep (issue 10) and the easy-VQA
 #                 retention at keep 0.25, several ranks per GPU (needs models/scenevqa-qwen3vlmoe).
+#   PHASE=one     one GPU (kind nvidia-h200): the 12-layer bench model builds on the CPU while the GPU tests
+#                 (TESTS) run; then profile_static, profile_kernels (kernel by kernel, eager), bench_pruning,
+#                 then EXTRA (a command line; results under $WORK/extra) with the time left.
 set -u
 OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/vismmoe_runs}
@@ -144,6 +147,23 @@ elif [ "$PHASE" = final ]; then
     wait $gpu0_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check miss_paths \
         probe_vs_bench extra 2>/dev/null
+elif [ "$PHASE" = one ]; then
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
+        > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+    build_pid=$!
+    {
+        step pytest 200 python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_route_predict.py \
+            tests/test_ops.py tests/test_static_decode.py tests/test_prefetch.py}
+        echo "=== waiting for the bench model build $(date -u +%T)"; wait $build_pid; tail -2 "$WORK/build.log"
+        ckpt="$WORK/vismmoe-fullsize-12"
+        step profile_static 120 python3 eval/profile_static.py --out "$WORK/profile_static" --checkpoint "$ckpt"
+        step profile_kernels 90 python3 eval/profile_kernels.py --out "$WORK/profile_kernels" --checkpoint "$ckpt"
+        [ -z "${SKIP_PRUNING:-}" ] && step bench_pruning 100 python3 eval/bench_pruning.py --out "$WORK/bench_pruning" \
+            --layers 12 --image-px 896 --budget 0.25 --new-tokens 32 --repeats 2 --methods affinity random pool --root "$WORK"
+        [ -n "${EXTRA:-}" ] && step extra "$(left 15)" bash -c "$EXTRA"
+    } > "$OUT/gpu.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static profile_kernels bench_pruning \
+        extra 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked

@@ -226,10 +226,14 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
         # norm_kernel auto (the fused RMSNorm where it runs) too, plus transformers' norm modules at 100%.
         if engine.info().fused_norms:
             runs += [(1.0, False, "torch_norms")]
+        # router_kernel auto (the fused router where it runs), plus transformers' routers at 100%.
+        if engine.info().fused_routers:
+            runs += [(1.0, False, "torch_routers")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
-                           experts_kernel="auto" if kernel == "torch_norms" else kernel,
-                           norm_kernel="torch" if kernel == "torch_norms" else "auto")
+                           experts_kernel=kernel if kernel in ("auto", "grouped_mm") else "auto",
+                           norm_kernel="torch" if kernel == "torch_norms" else "auto",
+                           router_kernel="torch" if kernel == "torch_routers" else "auto")
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         results = [engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
                    for _ in range(max(1, args.trials))]
@@ -299,6 +303,10 @@ def targets(report: dict) -> dict:
     kernel |= {  # the fused RMSNorm (norm_kernel: auto) against transformers' norm modules, same run
         "torch_norms_100pct_ms_per_token": torch_norms and torch_norms["decode_ms_per_token"],
         "fused_norms_tokens_equal_torch_norms": torch_norms and full["token_ids"] == torch_norms["token_ids"]}
+    torch_routers = steps.get("1.0/prefetch=False/torch_routers")
+    kernel |= {  # the fused router (router_kernel: auto) against transformers' routers, same run
+        "torch_routers_100pct_ms_per_token": torch_routers and torch_routers["decode_ms_per_token"],
+        "fused_routers_tokens_equal_torch_routers": torch_routers and full["token_ids"] == torch_routers["token_ids"]}
     # The physical floor (issue 12): the bytes a token must read at the HBM bandwidth measured in this
     # run, plus its missed expert records at the copy kernel's measured link rate; beside the engine's
     # own floor (its resident 100% step) above.
@@ -346,6 +354,9 @@ def markdown(report: dict) -> str:
     if t.get("torch_norms_100pct_ms_per_token"):
         lines.append(f"| issue-12: 100% with transformers' RMSNorm modules (norm_kernel torch; same tokens: "
                      f"{t['fused_norms_tokens_equal_torch_norms']}) | {t['torch_norms_100pct_ms_per_token']:.2f} | | |")
+    if t.get("torch_routers_100pct_ms_per_token"):
+        lines.append(f"| issue-12: 100% with transformers' routers (router_kernel torch; same tokens: "
+                     f"{t['fused_routers_tokens_equal_torch_routers']}) | {t['torch_routers_100pct_ms_per_token']:.2f} | | |")
     if "physical_floor_25pct_ms_per_token" in t:
         b = report["decode_bytes_per_token"]
         lines.append(f"| issue-12: 25% prefetch off / physical floor ({t['physical_floor_25pct_ms_per_token']:.2f} ms: "

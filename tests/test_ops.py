@@ -65,6 +65,24 @@ def test_copy_records_reference_copies_only_marked_rows():
     assert torch.equal(dst[1:4], before[1:4])
 
 
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_persistent_copy_kernel_matches_reference(kernel_device, programs):
+    # Any number of programs splits the chunks of each marked row between them; unmarked rows are skipped.
+    for trial in range(3):
+        gen = torch.Generator().manual_seed(trial)
+        numel = int(torch.randint(1, 3 * ops._COPY_BLOCK, (1,), generator=gen))
+        src = torch.randn(9, numel, generator=gen)
+        dst = torch.randn(5, numel, generator=gen).to(kernel_device)
+        expected = dst.clone()
+        src_rows = torch.randperm(9, generator=gen)[:5]
+        dst_rows = torch.randperm(5, generator=gen)
+        dst_rows[torch.rand(5, generator=gen) < 0.4] = -1
+        ops.copy_records_reference(src, expected, src_rows, dst_rows.to(kernel_device))
+        ops.launch_copy_kernel(src.to(kernel_device), dst, src_rows.to(kernel_device), dst_rows.to(kernel_device),
+                               programs)
+        assert torch.equal(dst.cpu(), expected.cpu())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy kernel reads page-locked host memory from a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_copy_records_kernel_matches_reference_from_registered_host_memory(dtype):

@@ -71,6 +71,22 @@ def test_kernel_writes_into_strided_rows_and_leaves_the_rest(kernel_device):
     assert (buffer[untouched] == -7).all()
 
 
+def test_kernel_reuses_its_workspace_and_leaves_the_counts_at_zero(kernel_device):
+    # The experts of a layer are split over programs; the last one to finish (an atomic count) ranks
+    # them and resets the count, so one workspace serves launch after launch (a replayed CUDA graph).
+    gen = torch.Generator().manual_seed(11)
+    scratch = ops.predict_workspace(4, 100, kernel_device)
+    for depth in (3, 1, 4, 2):
+        x, norm_w, router_w, eps = random_case(gen, depth, 100, 130)
+        got = ops.predict_experts(*(t.to(kernel_device) for t in (x, norm_w, router_w)), eps, 5, kernel=True,
+                                  scratch=(scratch[0][:depth], scratch[1][:depth]))
+        assert torch.equal(got.cpu(), predict_experts_reference(x, norm_w, router_w, eps, 5)), depth
+        assert not scratch[1].any()
+    with pytest.raises(ValueError, match="scratch"):
+        ops.predict_experts(*(t.to(kernel_device) for t in (x, norm_w, router_w)), eps, 5, kernel=True,
+                            scratch=ops.predict_workspace(1, 100, kernel_device))
+
+
 def test_self_check_passes_and_catches_a_disagreement(kernel_device, monkeypatch):
     device = torch.device(kernel_device)
     assert router_stack.compare_predict_kernel(device)

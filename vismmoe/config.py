@@ -51,6 +51,14 @@ class EngineConfig:
     # (transformers' modules as they are: eight small kernels each), or "auto" (fused where it runs).
     # Only modules whose forward equals transformers' RMSNorm on a probe are swapped.
     norm_kernel: str = "auto"
+    # Routers of decode steps: "fused" (logits, softmax, top-k and renormalisation in one Triton launch,
+    # ops.route_top_k; CUDA + triton), "torch" (transformers' routers as they are: six launches), or "auto"
+    # (fused where it runs). Only routers whose forward equals the softmax top-k twin on a probe are swapped.
+    router_kernel: str = "auto"
+    # Rotary embedding of decode steps' queries and keys: "fused" (one Triton launch, ops.rotary, bit for
+    # bit transformers' apply_rotary_pos_emb; CUDA + triton), "torch" (transformers' function: ten
+    # launches), or "auto" (fused where it runs). Process-wide per device (layers/rotary.py says why).
+    rope_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
@@ -109,6 +117,10 @@ class EngineConfig:
             raise ConfigError(f"experts_kernel must be auto, fused, grouped_mm or loop, got {self.experts_kernel!r}")
         if self.norm_kernel not in ("auto", "fused", "torch"):
             raise ConfigError(f"norm_kernel must be auto, fused or torch, got {self.norm_kernel!r}")
+        if self.router_kernel not in ("auto", "fused", "torch"):
+            raise ConfigError(f"router_kernel must be auto, fused or torch, got {self.router_kernel!r}")
+        if self.rope_kernel not in ("auto", "fused", "torch"):
+            raise ConfigError(f"rope_kernel must be auto, fused or torch, got {self.rope_kernel!r}")
         if self.decode not in ("auto", "static", "generate"):
             raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):

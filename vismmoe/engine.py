@@ -28,6 +28,8 @@ from .config import EngineConfig, check_keys, load_config
 from .errors import ConfigError, EngineClosedError, InputError, ModelLoadError
 from .generate_decode import GenerateDecoder
 from .layers.rms_norm import fuse_rms_norms
+from .layers.rotary import fuse_rotary
+from .layers.router import fuse_routers
 from .inputs import (GENERATION_RULES, build_inputs, check_prompt, generate_parameters, load_image, load_processor,
                      placeholder_tokens)
 from .loading import (budget_to_slots, generation_config, load_non_expert_weights, release_expert_params,
@@ -111,6 +113,8 @@ class Engine:
         release_expert_params(self.layout, self.dtype)
         self.model.to(self.device).eval()
         self.fused_norms = 0  # RMSNorm modules on the fused kernel (set with the runtime: norm_kernel)
+        self.fused_routers = 0  # routers on the fused kernel (set with the runtime: router_kernel)
+        self.fused_rotary = 0  # modeling modules whose rotary embedding takes the kernel (rope_kernel)
         self.non_expert_bytes = sum(t.numel() * t.element_size() for t in
                                     (*self.model.parameters(), *self.model.buffers()))
         self.layout_record_bytes = self.layout.record_numel * torch.empty((), dtype=self.dtype).element_size()
@@ -159,6 +163,8 @@ class Engine:
         grouped, fused = self._experts_kernels()  # validates experts_kernel before the old runtime is torn down
         # Before any decoder captures the model's forward; raises ConfigError before anything changed.
         self.fused_norms = fuse_rms_norms(self.model, self.device, config.norm_kernel)
+        self.fused_routers = fuse_routers(self.model, self.device, config.router_kernel)
+        self.fused_rotary = fuse_rotary(self.model, self.device, self.dtype, config.rope_kernel)
         if self.device.type == "cuda":
             # Copies may still be writing into the old slot pool on the copy stream: let them land
             # before its memory goes back to the allocator.
@@ -224,7 +230,7 @@ class Engine:
         return grouped and kernel != "loop", fused
 
     _RECONFIGURABLE = {"expert_budget", "budget", "policy", "prefetch", "prefetch_depth", "prefetch_limit",
-                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "norm_kernel",
+                       "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "norm_kernel", "router_kernel", "rope_kernel",
                        "prefetch_prefill", "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
     _RECONFIGURABLE |= {"slot_plan"}  # per-layer quotas: a new cache, like a new budget
@@ -400,6 +406,8 @@ class Engine:
             decode_path="generate" if static_unavailable else "static", static_unavailable=static_unavailable,
             cuda_graphs=config.cuda_graphs, experts_kernel=config.experts_kernel, prefill_kernel=prefill_kernel,
             norm_kernel=config.norm_kernel, fused_norms=self.fused_norms,
+            router_kernel=config.router_kernel, fused_routers=self.fused_routers,
+            rope_kernel=config.rope_kernel, fused_rotary=self.fused_rotary,
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
             prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill,

@@ -104,24 +104,46 @@ def copy_records_reference(src, dst, src_rows, dst_rows) -> None:
     dst[dst_rows[keep]] = src[chosen].to(dst.device)
 
 
-_COPY_BLOCK = 8192  # elements per program: 16 KiB of bf16, enough bytes in flight per SM to fill the link
+_COPY_BLOCK = 8192  # elements per program and iteration: 16 KiB of bf16 in flight per program
+_COPY_PROGRAMS_PER_SM = 4  # enough loads in flight to fill a PCIe/C2C link (4 x 132 x 16 KiB on an H200)
 
 
 def _copy_records_cuda(src, dst, src_rows, dst_rows) -> None:
-    kernel = _copy_kernel()
-    numel = src.shape[1]
-    grid = (dst_rows.numel(), _cdiv(numel, _COPY_BLOCK))
     from .kernels import HostTensor
 
     source = src if src.is_cuda else HostTensor(src)
     # Triton launches on the current device: make it the destination's (an engine on cuda:1 is called
     # from threads whose current device is cuda:0).
     with torch.cuda.device(dst.device):
-        kernel[grid](source, dst, src_rows, dst_rows, numel, BLOCK=_COPY_BLOCK, num_warps=8)
+        launch_copy_kernel(source, dst, src_rows, dst_rows, _sm_count(dst.device) * _COPY_PROGRAMS_PER_SM)
+
+
+def launch_copy_kernel(source, dst, src_rows, dst_rows, max_programs: int) -> None:
+    """The copy kernel with at most `max_programs` programs (tests run it in Triton's interpreter).
+
+    The grid is persistent, not one program per (row, chunk): every program walks the row list and
+    copies its share of the chunks of each marked row. A decode step launches this once per layer with
+    room for every row it might copy (thousands of chunks), and most launches copy nothing: with one
+    program per chunk those launches still schedule thousands of programs that only find -1 and exit."""
+    numel = dst.shape[1]
+    chunks = _cdiv(numel, _COPY_BLOCK)
+    programs = max(1, min(max_programs, dst_rows.numel() * chunks))
+    _copy_kernel()[(programs,)](source, dst, src_rows, dst_rows, dst_rows.numel(), numel, chunks,
+                                BLOCK=_COPY_BLOCK, num_warps=8)
 
 
 def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 _KERNEL = None
@@ -134,16 +156,18 @@ def _copy_kernel():
         import triton.language as tl
 
         @triton.jit
-        def copy_rows(src, dst, src_rows, dst_rows, numel, BLOCK: tl.constexpr):
-            pair = tl.program_id(0)
-            chunk = tl.program_id(1)
-            dst_row = tl.load(dst_rows + pair)
-            src_row = tl.load(src_rows + pair)
-            offs = chunk * BLOCK + tl.arange(0, BLOCK)
-            live = (offs < numel) & (dst_row >= 0)
-            row = tl.maximum(dst_row, 0)
-            values = tl.load(src + src_row * numel + offs, mask=live)
-            tl.store(dst + row * numel + offs, values, mask=live)
+        def copy_rows(src, dst, src_rows, dst_rows, n_rows, numel, chunks, BLOCK: tl.constexpr):
+            program = tl.program_id(0)
+            programs = tl.num_programs(0)
+            for i in range(0, n_rows):
+                dst_row = tl.load(dst_rows + i)
+                if dst_row >= 0:
+                    src_row = tl.load(src_rows + i)
+                    for chunk in range(program, chunks, programs):
+                        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+                        live = offs < numel
+                        values = tl.load(src + src_row * numel + offs, mask=live)
+                        tl.store(dst + dst_row * numel + offs, values, mask=live)
 
         _KERNEL = copy_rows
     return _KERNEL
@@ -325,12 +349,21 @@ def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quot
 # its twin is offload/router_stack.py's predict_experts_reference.
 
 
-def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None):
+def predict_workspace(depth: int, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prediction kernel's scratch for up to `depth` layers: fp32 logits [depth, E] and per-layer
+    completion counts (int32 [depth]; zero between launches, each launch leaves them at zero)."""
+    return (torch.empty((depth, num_experts), dtype=torch.float32, device=device),
+            torch.zeros(depth, dtype=torch.int32, device=device))
+
+
+def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None,
+                    scratch=None):
     """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]).
 
     hidden [H] (one token), norm_w [D, H], router_w [D, E, H]; out [D, top_k] (allocated if None). The
     kernel runs on CUDA with triton once its one-time check against the twin passed there; `kernel=True`
-    forces it (tests run it under TRITON_INTERPRET=1), False the twin."""
+    forces it (tests run it under TRITON_INTERPRET=1), False the twin. `scratch`: the kernel's workspace
+    (`predict_workspace`), which a caller inside a CUDA graph should own."""
     if out is None:
         out = torch.empty((router_w.shape[0], top_k), dtype=torch.int64, device=hidden.device)
     if kernel is None:
@@ -338,7 +371,7 @@ def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, 
     if kernel:
         from .kernels import route_predict
 
-        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out)
+        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out, scratch)
     from .offload.router_stack import predict_experts_reference
 
     out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k))
@@ -536,5 +569,169 @@ def _compare_rms_norm(device: torch.device, seed: int = 0) -> bool:
         w = torch.randn(H, generator=gen)
         got = fused.rms_norm(x.to(device), w.to(device), 1e-6)
         if not torch.allclose(got.cpu(), rms_norm_reference(x, w, 1e-6), atol=1e-5, rtol=1e-5):
+            return False
+    return True
+
+
+# -- the softmax top-k router of a decode step ------------------------------------------------------
+# kernels/route_predict.py: logits, fp32 softmax, top-k and renormalisation in one launch (transformers
+# runs six per layer and token); layers/router.py swaps it into the routers whose forward is this twin.
+
+ROUTE_MAX_TOKENS = 16  # beyond this (prefill) the routers keep transformers' own forward
+
+
+def route_top_k_reference(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool):
+    """transformers' softmax top-k router (Qwen3-VL-MoE, Qwen3-MoE, OLMoE), op for op: (logits [T, E],
+    weights [T, k] in the model dtype, ids [T, k])."""
+    logits = torch.nn.functional.linear(hidden.reshape(-1, weight.shape[1]), weight)
+    probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+    values, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        values /= values.sum(dim=-1, keepdim=True)
+    return logits, values.to(logits.dtype), ids
+
+
+def route_top_k(hidden: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
+                kernel: bool | None = None, scratch=None):
+    """`route_top_k_reference` in one launch for up to ROUTE_MAX_TOKENS tokens on CUDA with triton, once a
+    one-time check against the twin passed on that device; `kernel=True` forces it (tests run it under
+    TRITON_INTERPRET=1), False the twin. Ties in probability go to the lowest expert id, which is the
+    set torch.topk's CUDA kernel picks too. `scratch`: ops.predict_workspace(ROUTE_MAX_TOKENS, E, device)."""
+    x = hidden.reshape(-1, weight.shape[1])
+    if kernel is None:
+        kernel = x.is_cuda and x.shape[0] <= ROUTE_MAX_TOKENS and cache_kernel_available() \
+            and _route_checked(x.device)
+    if kernel:
+        from .kernels import route_predict
+
+        return route_predict.route_top_k(x.contiguous(), weight, top_k, renormalize, scratch)
+    return route_top_k_reference(x, weight, top_k, renormalize)
+
+
+_ROUTE_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def route_kernel_usable(device: torch.device) -> bool:
+    """Can the fused router kernel run on `device`? CUDA with triton and a kernel that matched its twin."""
+    return device.type == "cuda" and cache_kernel_available() and _route_checked(device)
+
+
+def _route_checked(device: torch.device) -> bool:
+    return _checked_once(_ROUTE_CHECKED, device, compare_route_kernel, "fused router kernel",
+                         "transformers' router modules run unchanged")
+
+
+def compare_route_kernel(device: torch.device, seed: int = 0) -> bool:
+    """The kernel against the twin on random cases (fp32 and bf16; weights within rounding, the same sets
+    of experts), and on exact ties (small integers: every sum exact), where both must take the lowest ids."""
+    from .kernels import route_predict
+
+    gen = torch.Generator().manual_seed(seed)
+    for tokens, E, H, k, dtype, ties in ((1, 8, 40, 2, torch.float32, False), (3, 60, 72, 8, torch.float32, False),
+                                         (2, 128, 96, 8, torch.bfloat16, False), (4, 16, 48, 4, torch.float32, True),
+                                         (2, 32, 40, 6, torch.bfloat16, True)):
+        if ties:
+            x = torch.randint(-1, 2, (tokens, H), generator=gen).float()
+            w = torch.randint(-1, 2, (E, H), generator=gen).float()
+        else:
+            x, w = torch.randn(tokens, H, generator=gen) * 2, torch.randn(E, H, generator=gen) / H**0.5
+        x, w = x.to(device, dtype), w.to(device, dtype)
+        for renormalize in (True, False):
+            logits, weights, ids = route_predict.route_top_k(x, w, k, renormalize)
+            ref_logits, ref_weights, ref_ids = route_top_k_reference(x, w, k, renormalize)
+            if ties:  # the reference's tie order is torch's; the rule is the lowest ids
+                from .offload.router_stack import top_k_ids
+
+                probs = torch.softmax(ref_logits.float(), -1)
+                ref_ids = top_k_ids(probs, k)
+                ref_weights = torch.gather(probs, 1, ref_ids)
+                if renormalize:
+                    ref_weights = ref_weights / ref_weights.sum(-1, keepdim=True)
+                ref_weights = ref_weights.to(dtype)
+            order, ref_order = ids.sort(-1), ref_ids.sort(-1)
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+            if not (torch.equal(order.values, ref_order.values)
+                    and torch.allclose(torch.gather(weights, 1, order.indices).float(),
+                                       torch.gather(ref_weights, 1, ref_order.indices).float(), **tol)
+                    and torch.allclose(logits.float(), ref_logits.float(), **tol)):
+                return False
+    return True
+
+
+# -- rotary position embedding of a decode step ------------------------------------------------------
+# kernels/rotary.py: q and k rotated in one launch, bit for bit transformers' `apply_rotary_pos_emb` (ten
+# launches); layers/rotary.py puts it where a model's modeling module applies that function.
+
+ROTARY_MAX_TOKENS = 16  # beyond this (prefill) transformers' function runs
+
+
+def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1):
+    """transformers' `apply_rotary_pos_emb` (Qwen3-VL-MoE text, Qwen3-MoE, OLMoE): x * cos + rotate_half(x) *
+    sin for x = q and k, with rotate_half(x) = (-second half, first half)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotary_fits(q, k, cos, sin, unsqueeze_dim: int = 1) -> bool:
+    """Does the kernel take these inputs: q [B, Hq, S, D], k [B, Hk, S, D], cos and sin [B or 1, S, D], one
+    dtype and one CUDA device, S <= ROTARY_MAX_TOKENS, D even, every last dim contiguous?"""
+    tensors = (q, k, cos, sin)
+    if unsqueeze_dim != 1 or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return False
+    B, _, S, D = q.shape
+    return (k.shape[0] == B and k.shape[2] == S and k.shape[3] == D and tuple(cos.shape[1:]) == (S, D)
+            and cos.shape[0] in (1, B) and D % 2 == 0 and 0 < S <= ROTARY_MAX_TOKENS
+            and len({t.dtype for t in tensors}) == 1 and len({t.device for t in tensors}) == 1
+            and q.is_cuda and all(t.stride(-1) == 1 for t in tensors))
+
+
+def rotary(q, k, cos, sin, unsqueeze_dim: int = 1, kernel: bool | None = None):
+    """`rotary_reference` in one launch (kernels/rotary.py) where `rotary_fits` and a one-time check against
+    the twin passed on the device; `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False
+    the twin."""
+    if kernel is None:
+        kernel = rotary_fits(q, k, cos, sin, unsqueeze_dim) and cache_kernel_available() \
+            and _rotary_checked(q.device)
+    if kernel:
+        from .kernels import rotary as fused
+
+        return fused.rotary(q, k, cos, sin)
+    return rotary_reference(q, k, cos, sin, unsqueeze_dim)
+
+
+_ROTARY_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
+
+
+def rotary_usable(device: torch.device) -> bool:
+    """Can the fused rotary kernel run on `device`? CUDA with triton and a kernel that matched its twin."""
+    return device.type == "cuda" and cache_kernel_available() and _rotary_checked(device)
+
+
+def _rotary_checked(device: torch.device) -> bool:
+    return _checked_once(_ROTARY_CHECKED, device, compare_rotary_kernel, "fused rotary kernel",
+                         "transformers' apply_rotary_pos_emb runs unchanged")
+
+
+def compare_rotary_kernel(device: torch.device, seed: int = 0) -> bool:
+    """The kernel against the twin, bit for bit, in fp32, bf16 and fp16, with q and k as the attention
+    modules hand them over (a transposed view of [B, S, H, D]) and cos/sin of batch 1 or B."""
+    from .kernels import rotary as fused
+
+    gen = torch.Generator().manual_seed(seed)
+    for B, HQ, HK, S, D, dtype in ((1, 4, 2, 1, 16, torch.float32), (2, 6, 3, 3, 40, torch.bfloat16),
+                                   (1, 32, 4, 1, 128, torch.bfloat16), (2, 5, 5, 2, 64, torch.float16)):
+        q = (torch.randn(B, S, HQ, D, generator=gen) * 3).to(device, dtype).transpose(1, 2)
+        k = (torch.randn(B, S, HK, D, generator=gen) * 3).to(device, dtype).transpose(1, 2)
+        cos = torch.randn(B if B > 1 else 1, S, D, generator=gen).to(device, dtype)
+        sin = torch.randn(B if B > 1 else 1, S, D, generator=gen).to(device, dtype)
+        got, want = fused.rotary(q, k, cos, sin), rotary_reference(q, k, cos, sin)
+        if not all(torch.equal(a, b) for a, b in zip(got, want)):
             return False
     return True

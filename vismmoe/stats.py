@@ -241,6 +241,10 @@ class EngineInfo:
     decode_kernel: str  # ... of a decode step (<= 16 tokens): fused, grouped_mm or loop
     norm_kernel: str  # the setting: auto, fused or torch
     fused_norms: int  # RMSNorm modules running the fused kernel (0: transformers' modules as they are)
+    router_kernel: str  # the setting: auto, fused or torch
+    fused_routers: int  # routers running the fused kernel in decode steps (0: transformers' routers)
+    rope_kernel: str  # the setting: auto, fused or torch
+    fused_rotary: int  # modeling modules whose decode-step rotary embedding takes the kernel (0: none)
     prefetch: bool
     prefetch_depth: int
     prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)

@@ -90,6 +90,7 @@ class RouterStack:
     def __init__(self, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int):
         self.norm_w, self.router_w, self.eps, self.top_k = norm_w, router_w, eps, top_k
         self.num_layers = router_w.shape[0]
+        self._scratch = None  # the prediction kernel's workspace, made on first use (on the weights' device)
 
     @classmethod
     def build(cls, predictor, top_k: int) -> tuple["RouterStack | None", str]:
@@ -116,7 +117,11 @@ class RouterStack:
         """out[d] = the predicted experts of layer `layer` + 1 + d, for d < out.shape[0] (which must not
         reach past the last layer), from `hidden`, the one decode token's state entering `layer`."""
         rows = slice(layer + 1, layer + 1 + out.shape[0])
-        ops.predict_experts(hidden.reshape(-1).contiguous(), self.norm_w[rows], self.router_w[rows], self.eps, self.top_k, out)
+        if self._scratch is None and self.router_w.is_cuda:
+            self._scratch = ops.predict_workspace(self.num_layers, self.router_w.shape[1], self.router_w.device)
+        scratch = None if self._scratch is None else (self._scratch[0][rows], self._scratch[1][rows])
+        ops.predict_experts(hidden.reshape(-1).contiguous(), self.norm_w[rows], self.router_w[rows], self.eps,
+                            self.top_k, out, scratch=scratch)
 
 
 def random_case(gen: torch.Generator, depth: int, num_experts: int, hidden_size: int, ties: bool = False):
