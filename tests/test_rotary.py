@@ -32,7 +32,9 @@ def _case(gen, B, HQ, HK, S, D, dtype, device, cos_batch=1):
                                                    (3, 5, 5, 16, 64, 1)])
 def test_kernel_matches_twin_bit_for_bit(kernel_device, B, HQ, HK, S, D, cos_batch):
     gen = torch.Generator().manual_seed(B * 100 + D + S)
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device == "cuda" else [])
+    # fp32 only in the interpreter (numpy does not contract a * b + c; a GPU compiler does, which is why
+    # ops.rotary_fits keeps fp32 on transformers' function); bf16 bit for bit only on a GPU.
+    dtypes = [torch.float16] + ([torch.bfloat16] if kernel_device == "cuda" else [torch.float32])
     for dtype in dtypes:
         q, k, cos, sin = _case(gen, B, HQ, HK, S, D, dtype, kernel_device, cos_batch)
         got = ops.rotary(q, k, cos, sin, kernel=True)
@@ -53,11 +55,11 @@ def test_kernel_in_bf16_is_within_the_interpreters_cast(kernel_device):
 
 
 def test_rotary_fits_refuses_what_the_kernel_does_not_take():
-    q = torch.zeros(1, 4, 1, 8)
-    k = torch.zeros(1, 2, 1, 8)
-    cos = sin = torch.zeros(1, 1, 8)
+    q = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+    k = torch.zeros(1, 2, 1, 8, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(1, 1, 8, dtype=torch.bfloat16)
     assert not ops.rotary_fits(q, k, cos, sin)  # the CPU: the twin
-    meta = dict(device="meta")
+    meta = dict(device="meta", dtype=torch.bfloat16)
     qm, km, cm = torch.zeros(1, 4, 1, 8, **meta), torch.zeros(1, 2, 1, 8, **meta), torch.zeros(1, 1, 8, **meta)
     assert not ops.rotary_fits(qm, km, cm, cm)  # not CUDA either
     assert not ops.rotary_fits(q, k, cos, sin, unsqueeze_dim=2)
@@ -117,3 +119,15 @@ def test_fused_rotary_on_the_gpu_keeps_the_tokens(tiny_checkpoints, family):
     got = [fused.generate(image=image, prompt=prompt, max_new_tokens=8, min_new_tokens=8).token_ids
            for image, prompt in requests]
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rotary_fits_takes_half_types_only_on_the_gpu():
+    shapes = ((1, 4, 1, 8), (1, 2, 1, 8), (1, 1, 8), (1, 1, 8))
+    for dtype, fits in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+        q, k, cos, sin = (torch.zeros(s, dtype=dtype, device="cuda") for s in shapes)
+        assert ops.rotary_fits(q, k, cos, sin) is fits
+        q17 = torch.zeros(1, 4, 17, 8, dtype=dtype, device="cuda")  # a prefill: transformers' function
+        assert not ops.rotary_fits(q17, torch.zeros(1, 2, 17, 8, dtype=dtype, device="cuda"),
+                                   torch.zeros(1, 17, 8, dtype=dtype, device="cuda"), torch.zeros(1, 17, 8, dtype=dtype, device="cuda"))

@@ -4,7 +4,9 @@ transformers applies it as `q * cos + rotate_half(q) * sin` for q and for k: a n
 two multiplies and an add each, ten small kernels per layer, which a one-token decode step pays in
 launches rather than bytes. One program per (token, head) row of q or k does the same element-wise steps,
 each rounded to the tensors' dtype as torch rounds every op (fp32 arithmetic, then a cast): the products
-x * cos and (±x_other) * sin, then their sum. So the result equals transformers' bit for bit.
+x * cos and (±x_other) * sin, then their sum. So the result equals transformers' bit for bit, in bf16 and
+fp16 (`ops.rotary_fits` keeps fp32 on transformers' function: with no cast between them, the compiler
+contracts a product and the sum into one fused multiply-add, which rounds once where torch rounds twice).
 
 Torch twin: `ops.rotary_reference`; op `ops.rotary`; tests `tests/test_rotary.py`.
 """
