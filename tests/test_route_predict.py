@@ -250,3 +250,16 @@ def test_is_a_top_k_accepts_either_side_of_a_tie_and_nothing_else():
     assert not is_a_top_k(logits, torch.tensor([[1, 0]]), 2)  # 0.5 chosen over a 1.0 left out
     assert not is_a_top_k(logits, torch.tensor([[1, 1]]), 2)  # not distinct
     assert not is_a_top_k(logits, torch.tensor([[1, 2, 3]]), 2)
+
+
+def test_kernel_gate_skips_rows_and_leaves_the_counts_at_zero(kernel_device):
+    # prefetch: auto switches a layer's prediction off with a device scalar: that row is -1, its router unread.
+    gen = torch.Generator().manual_seed(13)
+    x, norm_w, router_w, eps = random_case(gen, 3, 64, 72)
+    gate = torch.tensor([2, 0, 5])
+    scratch = ops.predict_workspace(3, 64, kernel_device)
+    got = ops.predict_experts(*(t.to(kernel_device) for t in (x, norm_w, router_w)), eps, 4, kernel=True,
+                              scratch=scratch, gate=gate.to(kernel_device))
+    want = predict_experts_reference(x, norm_w, router_w, eps, 4, gate)
+    assert torch.equal(got.cpu(), want) and (want[1] == -1).all() and (want[[0, 2]] >= 0).all()
+    assert not scratch[1].any()

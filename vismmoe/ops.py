@@ -357,8 +357,9 @@ def predict_workspace(depth: int, num_experts: int, device) -> tuple[torch.Tenso
 
 
 def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, kernel: bool | None = None,
-                    scratch=None):
-    """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]).
+                    scratch=None, gate=None):
+    """out[d] = the top-k expert ids (int64, ties to the lowest id) of router_w[d] @ rmsnorm(hidden, norm_w[d]);
+    with `gate` (int64 [D], any stride: prefetch limits), out[d] = -1 where gate[d] <= 0, its router unread.
 
     hidden [H] (one token), norm_w [D, H], router_w [D, E, H]; out [D, top_k] (allocated if None). The
     kernel runs on CUDA with triton once its one-time check against the twin passed there; `kernel=True`
@@ -371,10 +372,10 @@ def predict_experts(hidden, norm_w, router_w, eps: float, top_k: int, out=None, 
     if kernel:
         from .kernels import route_predict
 
-        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out, scratch)
+        return route_predict.predict_experts(hidden, norm_w, router_w, eps, top_k, out, scratch, gate=gate)
     from .offload.router_stack import predict_experts_reference
 
-    out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k))
+    out.copy_(predict_experts_reference(hidden, norm_w, router_w, eps, top_k, gate))
     return out
 
 

@@ -32,12 +32,30 @@ MAX_EXPERTS = 1024
 
 
 @triton.jit
-def _route_kernel(x_p, norm_p, router_p, ids_p, weights_p, logits_p, scratch_p, count_p, H, E, K, eps,
-                  x_stride, norm_stride, router_stride, ids_stride, weights_stride,
+def _route_kernel(x_p, norm_p, router_p, ids_p, weights_p, logits_p, scratch_p, count_p, gate_p, H, E, K, eps,
+                  x_stride, norm_stride, router_stride, ids_stride, weights_stride, gate_stride,
                   SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr):
+                  BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
+                  HAS_GATE: tl.constexpr):
     r = tl.program_id(0)  # the row: a predicted layer (its norm and router) or a token (its x)
     part = tl.program_id(1)
+    on = 1
+    if HAS_GATE:  # a predicted layer whose prefetch is off: ids -1, its router not read, nothing counted
+        on = (tl.load(gate_p + r * gate_stride) > 0).to(tl.int32)
+        if (on == 0) & (part == 0):
+            offs_k = tl.arange(0, BLOCK_K)
+            tl.store(ids_p + r * ids_stride + offs_k, tl.full([BLOCK_K], -1, tl.int64), mask=offs_k < K)
+    if on != 0:
+        _route_row(x_p, norm_p, router_p, ids_p, weights_p, logits_p, scratch_p, count_p, r, part, H, E, K, eps,
+                   x_stride, norm_stride, router_stride, ids_stride, weights_stride,
+                   SPLIT, BLOCK_S, BLOCK_E, BLOCK_H, BLOCK_K, HAS_NORM, SOFTMAX, RENORM)
+
+
+@triton.jit
+def _route_row(x_p, norm_p, router_p, ids_p, weights_p, logits_p, scratch_p, count_p, r, part, H, E, K, eps,
+               x_stride, norm_stride, router_stride, ids_stride, weights_stride,
+               SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr):
     dtype = x_p.dtype.element_ty
     x_row = x_p + r * x_stride
     if HAS_NORM:  # the RMS of the token's state (fp32, as the norm module computes it); every program repeats it
@@ -103,7 +121,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _launch(x, norm_w, router_w, top_k, eps, ids, weights, logits, scratch, rows, per_row_x: bool,
-            softmax: bool, renormalize: bool) -> None:
+            softmax: bool, renormalize: bool, gate=None) -> None:
     E, H = router_w.shape[-2:]
     if E > MAX_EXPERTS or top_k > E:
         raise ValueError(f"routing kernel handles at most {MAX_EXPERTS} experts and top_k <= E ({E}, {top_k})")
@@ -121,23 +139,25 @@ def _launch(x, norm_w, router_w, top_k, eps, ids, weights, logits, scratch, rows
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _route_kernel[(rows, split)](
             x, norm_w if norm_w is not None else x, router_w, ids, weights if weights is not None else ids,
-            logits if logits is not None else ids, scores, counts, H, E, top_k, float(eps),
+            logits if logits is not None else ids, scores, counts, gate if gate is not None else ids, H, E, top_k,
+            float(eps),
             x.stride(0) if per_row_x else 0, norm_w.stride(0) if norm_w is not None else 0,
             router_w.stride(0) if router_w.dim() == 3 else 0, ids.stride(0),
-            weights.stride(0) if weights is not None else 0,
+            weights.stride(0) if weights is not None else 0, gate.stride(0) if gate is not None else 0,
             SPLIT=split, BLOCK_S=block_s, BLOCK_E=_next_pow2(max(E, 16)), BLOCK_H=block_h,
             BLOCK_K=_next_pow2(max(top_k, 2)), HAS_NORM=norm_w is not None, SOFTMAX=softmax, RENORM=renormalize,
-            num_warps=4)
+            HAS_GATE=gate is not None, num_warps=4)
 
 
 def predict_experts(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int,
-                    out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
     """out[d, :top_k] = the top-k expert ids of router_w[d] @ rmsnorm(hidden, norm_w[d], eps), ties to the
-    lowest id. hidden [H] (contiguous); norm_w [D, H] and router_w [D, E, H] with contiguous rows (views of
+    lowest id; -1 where gate[d] <= 0 (gate: int64 [D], any stride; that row's router is not read). hidden [H] (contiguous); norm_w [D, H] and router_w [D, E, H] with contiguous rows (views of
     the stacks); out int64 [D, >= top_k] with contiguous rows. `scratch` = ops.predict_workspace(>= D, E,
     device), allocated per call if None (a launch inside a CUDA graph should own one: see RouterStack)."""
     _launch(hidden.reshape(1, -1), norm_w, router_w, top_k, eps, out, None, None, scratch, router_w.shape[0],
-            per_row_x=False, softmax=False, renormalize=False)
+            per_row_x=False, softmax=False, renormalize=False, gate=gate)
     return out
 
 
