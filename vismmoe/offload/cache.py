@@ -155,11 +155,13 @@ class ExpertCache:
     # -- demand path -----------------------------------------------------------------------------
 
     def acquire(self, layer: int, experts: np.ndarray, n_visual: np.ndarray | None = None,
-                n_text: np.ndarray | None = None) -> np.ndarray:
+                n_text: np.ndarray | None = None, in_place: bool = False) -> np.ndarray:
         """Make `experts` (distinct ids, ascending, at most num_slots of them) resident; return their slots.
 
         Misses are copied on the copy stream; the current (compute) stream waits for them. None of the
-        returned slots is evicted by this call, so they stay valid until `release`.
+        returned slots is evicted by this call, so they stay valid until `release`. `in_place`: misses
+        take no slot and are not copied; their slot is -(layer * E + expert) - 1 (the miss path reads
+        them where they are: zero-copy or the CPU).
         """
         n = len(experts)
         assert n <= self.wave_size(layer)
@@ -170,7 +172,7 @@ class ExpertCache:
         slots, fill = self._slots[:n], self._fill[:n]
         used, wasted = self.state.pf[1].sum(), self.state.pf[2].sum()
         old_owner = self.state.owner.copy()
-        missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill)
+        missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill, in_place)
         self.counters.hits[layer] += n - missed
         self.counters.misses[layer] += missed
         rb = self.store.record_bytes
@@ -179,7 +181,7 @@ class ExpertCache:
         self._load(layer, experts, fill, old_owner)
         slots = slots.copy()
         if self.cuda:
-            self._wait_ready(slots)
+            self._wait_ready(slots[slots >= 0])
         return slots
 
     def mark_device_work_done(self) -> None:
@@ -199,7 +201,8 @@ class ExpertCache:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         for slot in slots:
-            self.released[slot] = event
+            if slot >= 0:  # (a negative slot is a miss served in place: no slot was read)
+                self.released[slot] = event
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.split(self.slots[slot])
