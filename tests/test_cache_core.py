@@ -434,8 +434,8 @@ def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypat
     assert ops._compare_cache_kernel(device)
     real = device_core.demand
 
-    def wrong(st, layer, experts, n_visual, n_text, quota=None):
-        slots, fill = real(st, layer, experts, n_visual, n_text, quota)
+    def wrong(st, layer, experts, n_visual, n_text, quota=None, in_place=None):
+        slots, fill = real(st, layer, experts, n_visual, n_text, quota, in_place)
         return slots, torch.where(fill >= 0, fill + 1, fill)
 
     monkeypatch.setattr(device_core, "demand", wrong)
@@ -460,4 +460,17 @@ def test_fused_kernel_self_check_covers_the_ledger_scoring(kernel_device, monkey
             counts[0, 0, layer] += 1
 
     monkeypatch.setattr(ledger, "score_predicted", off_by_one)
+    assert not ops._compare_cache_kernel(torch.device(kernel_device))
+
+
+def test_fused_kernel_self_check_covers_in_place_demand(kernel_device, monkeypatch):
+    """... and demand calls that serve their misses in place (the zero-copy miss path)."""
+    from vismmoe import ops
+
+    real = device_core.demand
+
+    def ignores_in_place(st, layer, experts, n_visual, n_text, quota=None, in_place=None):
+        return real(st, layer, experts, n_visual, n_text, quota, None)
+
+    monkeypatch.setattr(device_core, "demand", ignores_in_place)
     assert not ops._compare_cache_kernel(torch.device(kernel_device))
