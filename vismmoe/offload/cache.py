@@ -37,10 +37,15 @@ class CacheCounters:
     prefetch_used_bytes: int = 0  # prefetched experts later used by their layer
     prefetch_wasted_bytes: int = 0  # prefetched experts evicted unused
     stall_events: list = field(default_factory=list)  # (start, end) CUDA events around waits on copies
+    # [num_layers] of the misses, those served in place by the zero-copy and the CPU miss paths (the
+    # rest were copied into slots): offload/miss_paths.py
+    zero_copy: np.ndarray | None = None
+    cpu: np.ndarray | None = None
 
     @classmethod
     def zeros(cls, num_layers: int) -> "CacheCounters":
-        return cls(np.zeros(num_layers, np.int64), np.zeros(num_layers, np.int64))
+        return cls(np.zeros(num_layers, np.int64), np.zeros(num_layers, np.int64),
+                   zero_copy=np.zeros(num_layers, np.int64), cpu=np.zeros(num_layers, np.int64))
 
     def stall_s(self) -> float:
         return sum(a.elapsed_time(b) for a, b in self.stall_events) / 1e3
@@ -68,6 +73,7 @@ class ExpertCache:
         # The cache's bookkeeping: offload/core.py's state, driven by its host transitions here.
         self.state = self.policy.new_state(num_slots, self.num_layers, self.num_experts)
         self.counters = CacheCounters.zeros(self.num_layers)
+        self.last_missed = 0  # misses of the last acquire
         # Scratch for the core's outputs (it does not bounds-check): a call has at most S or E experts.
         self._fill = np.empty(max(num_slots, self.num_experts), np.int64)
         self._slots = np.empty(num_slots, np.int64)
@@ -173,6 +179,7 @@ class ExpertCache:
         used, wasted = self.state.pf[1].sum(), self.state.pf[2].sum()
         old_owner = self.state.owner.copy()
         missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill, in_place)
+        self.last_missed = missed
         self.counters.hits[layer] += n - missed
         self.counters.misses[layer] += missed
         rb = self.store.record_bytes
