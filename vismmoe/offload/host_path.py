@@ -58,6 +58,9 @@ class HostPath:
             return self.compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down)
         if path == miss_paths.ZEROCOPY:  # misses read from their host rows
             slot_ids = torch.where(slot_ids >= 0, slot_ids, -(layer * cache.num_experts + top_k_index) - 1)
+            if cache.pacer is not None:  # an emulated link: in-place reads take its time, as copies do
+                cache.pacer.pace_host(int(torch.unique(top_k_index[slot_ids < 0]).numel()),
+                                      torch.cuda.current_stream(cache.device) if cache.cuda else None, path="static")
             return self.compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down,
                                     host=cache.store.host_views())
         # cpu: the device computes the resident pairs (the missed ones read a zero expert), the CPU the rest
