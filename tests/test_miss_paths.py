@@ -219,3 +219,45 @@ def test_zero_copy_on_the_gpu_equals_copy(qwen_checkpoint):
             assert engine.info().miss_paths["figures"]["copy_s"] > 0
     base = tokens[("static", "copy")]
     assert all(t == base for t in tokens.values())
+
+
+def test_auto_follows_the_misses_it_observes(qwen_checkpoint, monkeypatch):
+    """auto on given figures (a GPU's are measured at load): the uniform prior expects many misses and reads
+    them in place; once requests show few misses per layer token, the layers copy, by the device scalars
+    alone; tokens stay the copy path's."""
+    from vismmoe.offload.miss_paths import MissPathControl
+
+    (image, prompt), = random_requests(1, seed=37)
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    L = len(engine.layout.layers)
+    fig = figures(copy_ms=0.2, zero_copy_ms=0.19, layer_us=5)  # 10 µs saved per miss, 5 µs per layer call
+    engine.miss = MissPathControl("auto", engine.runtime, engine.store, engine.layout, engine.num_slots, "auto",
+                                  figures=fig)
+    assert engine.miss.names() == ["zerocopy"] * L and engine.runtime.residency.miss_modes.tolist() == [1] * L
+    first = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert first.stats.miss_paths == ["zerocopy"] * L
+    assert engine.runtime.host.decode_calls.sum() > 0  # the static steps' hits and misses, for the planner
+    engine.miss.planner.misses[:] = 0.05  # as if earlier requests had missed 0.05 experts per layer and token
+    monkeypatch.setattr(miss_paths, "EWMA", 0.0)  # ... and this one is not weighed in
+    second = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+    assert second.stats.miss_paths == ["copy"] * L and engine.runtime.residency.miss_modes.tolist() == [0] * L
+    assert second.stats.misses_by_path["zerocopy"] == 0 and engine.miss.planner.observed >= 1
+    copy = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", miss_path="copy")
+    assert copy.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6).token_ids == \
+        first.token_ids == second.token_ids
+    info = engine.info().miss_paths
+    assert info["setting"] == "auto" and info["figures"]["copy_s"] == pytest.approx(2e-4) and "static_ms_per_token" in info
+
+
+def test_cpu_device_figures_are_measured():
+    """The figures' measurement on a CPU device (a GPU's is exercised by the GPU tests)."""
+    from types import SimpleNamespace
+
+    from vismmoe.offload.miss_paths import measure_figures
+
+    record = torch.randn(2 * 8 * 16 + 16 * 8)
+    store = SimpleNamespace(record_bytes=record.numel() * 4, record=lambda layer, expert, staging=None: record,
+                            split=lambda r: (r[: 256].view(16, 16), r[256:].view(16, 8)), dtype=torch.float32)
+    cache = SimpleNamespace(device=torch.device("cpu"), slots=torch.empty(2, record.numel()))
+    fig = measure_figures(store, cache, SimpleNamespace(is_transposed=False), repeats=1)
+    assert fig.copy_s > 0 and fig.cpu_s > 0 and fig.zero_copy_s == 0 and "measured" in fig.source["cpu_s"]

@@ -39,13 +39,17 @@ class CacheCounters:
     stall_events: list = field(default_factory=list)  # (start, end) CUDA events around waits on copies
     # [num_layers] of the misses, those served in place by the zero-copy and the CPU miss paths (the
     # rest were copied into slots): offload/miss_paths.py
-    zero_copy: np.ndarray | None = None
+    zero_copy: np.ndarray | None = None  # (None: zeros)
     cpu: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name in ("zero_copy", "cpu"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros_like(self.misses))
 
     @classmethod
     def zeros(cls, num_layers: int) -> "CacheCounters":
-        return cls(np.zeros(num_layers, np.int64), np.zeros(num_layers, np.int64),
-                   zero_copy=np.zeros(num_layers, np.int64), cpu=np.zeros(num_layers, np.int64))
+        return cls(np.zeros(num_layers, np.int64), np.zeros(num_layers, np.int64))
 
     def stall_s(self) -> float:
         return sum(a.elapsed_time(b) for a, b in self.stall_events) / 1e3

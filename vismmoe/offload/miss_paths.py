@@ -269,7 +269,9 @@ class MissPathControl:
     """Each layer's miss path for an engine's runtime: the setting's, or auto's choice (re-made before each
     request from the decode misses observed so far). Writes them into the runtime (`set_miss_paths`)."""
 
-    def __init__(self, setting: str, runtime, store, layout, num_slots: int, decode: str, emulation=None):
+    def __init__(self, setting: str, runtime, store, layout, num_slots: int, decode: str, emulation=None,
+                 figures: MissFigures | None = None):
+        """`figures`: auto's figures given (a profile's, or tests') instead of measured on a GPU."""
         self.setting = setting
         self.runtime = runtime
         cache = runtime.cache
@@ -291,13 +293,20 @@ class MissPathControl:
             self.why = f"miss_path: {setting}"
         elif cache.complete:
             self.paths, self.why = np.zeros(self.num_layers, np.int64), "every expert is resident: nothing misses"
-        elif device.type != "cuda":
+        elif device.type != "cuda" and figures is None:
             self.paths = np.zeros(self.num_layers, np.int64)
             self.why = "no GPU: a copy is a host memcpy, there is no link to spare (auto copies)"
         else:
-            self.figures = measure_figures(store, cache, compute, emulation)
             self.paths = np.zeros(self.num_layers, np.int64)
-            self._decide(None)
+            try:
+                self.figures = figures or measure_figures(store, cache, compute, emulation)
+            except Exception as exc:  # noqa: BLE001 - a measurement that fails: copy, and say why
+                import warnings
+
+                self.why = f"auto could not measure its figures ({type(exc).__name__}: {exc}); copying"
+                warnings.warn(f"miss_path: auto {self.why}", stacklevel=3)
+            if self.figures is not None:
+                self._decide(None)
         runtime.set_miss_paths(self.paths)
 
     def _decide(self, current) -> None:
