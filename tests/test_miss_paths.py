@@ -219,6 +219,16 @@ def test_zero_copy_on_the_gpu_equals_copy(qwen_checkpoint):
             assert engine.info().miss_paths["figures"]["copy_s"] > 0
     base = tokens[("static", "copy")]
     assert all(t == base for t in tokens.values())
+    # The CPU path on a GPU: the fused kernel computes the resident pairs (missed ones read a zero expert),
+    # the CPU the missed ones, added; float32 so that the CPU's and the GPU's rounding stay far below the
+    # logit gaps: the same tokens as copies on the GPU.
+    for path in ("copy", "cpu"):
+        engine = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="generate", miss_path=path, device="cuda",
+                              dtype="float32")
+        results = [engine.generate(image=i, prompt=p, max_new_tokens=8, min_new_tokens=8) for i, p in requests]
+        tokens[path] = [r.token_ids for r in results]
+        assert all(sum(r.stats.misses_by_path.values()) == r.stats.expert_misses for r in results)
+    assert sum(r.stats.misses_by_path["cpu"] for r in results) > 0 and tokens["cpu"] == tokens["copy"]
 
 
 def test_auto_follows_the_misses_it_observes(qwen_checkpoint, monkeypatch):
