@@ -1,4 +1,5 @@
-"""A decode step's missed experts: copy them to slots then compute, or read them in place (zero-copy).
+"""A decode step's missed experts: copy them to slots then compute, or read them in place (zero-copy);
+and with `--engine`, the whole engine's decode time per miss path (copy, zerocopy, cpu, auto).
 
 Issue 12 item 4 needs measured figures for its cost model of miss paths. This times, at 1 token x top-k
 (Qwen3-VL-30B-A3B expert shapes by default), the fused decode MoE kernel with m of the k experts missing
@@ -14,6 +15,14 @@ outputs of the two paths are compared on every layout. Writes bench_miss_paths.j
     python3 eval/bench_miss_paths.py --out $OUT                       # GPU
     TRITON_INTERPRET=1 python eval/bench_miss_paths.py --out /tmp/m --device cpu --hidden 72 --inter 40 \\
         --rows 16 --slots 12 --top-k 4 --repeats 2                    # CPU smoke run (interpreter)
+
+`--engine` (eval/miss_path_table.py): decode ms/token of the random 12-layer bench model (Qwen3-VL-30B-A3B
+expert shapes, bf16) at budgets min / 10% / 25% for miss_path copy, zerocopy, cpu and auto, on this
+machine's link and with the link emulated at 12 GB/s (a laptop's PCIe 4.0 x8); writes
+miss_path_table.json / .md:
+
+    python3 eval/bench_miss_paths.py --engine --out $OUT              # GPU, ~4 minutes on an H200
+    python eval/bench_miss_paths.py --engine --tiny --out /tmp/m      # CPU smoke run (tiny model)
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ def views(flat: torch.Tensor, hidden: int, inter: int):
 
 
 def main(argv=None) -> dict:
+    if "--engine" in (sys.argv[1:] if argv is None else argv):
+        from eval.miss_path_table import main as table
+
+        return table([a for a in (sys.argv[1:] if argv is None else argv) if a != "--engine"])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

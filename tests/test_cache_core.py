@@ -192,14 +192,17 @@ def test_host_core_simulator_and_device_reference_decide_alike(traces, policy):
 
 
 def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_life=None, kernel=None,
-                 id_rows=False, quota=None):
+                 id_rows=False, quota=None, in_place_rate=0.0):
     """Random demand and prefetch calls (any order, random limits, modality counts) through the host
     core and `ops`; every table and every state array compared after each call. `quota`: a slot plan
     (each quota >= k).
 
     `id_rows`: as the static path calls them: predictions as rows of ids (-1 = none) in a persistent
     [L, depth, k] buffer, copy lists written into persistent rows, and every demand scoring the ledger
-    against the rows predicted for its layer (compared with the host path's count of the same sets)."""
+    against the rows predicted for its layer (compared with the host path's count of the same sets).
+
+    `in_place_rate`: the share of demand calls whose layer serves misses in place (the zero-copy and CPU
+    miss paths: no slot, no eviction), switched per call by a device scalar as the static path does."""
     rng = np.random.RandomState(seed)
     host_quota = core.NO_PLAN if quota is None else np.asarray(quota, np.int64)
     options = {} if half_life is None or policy in ("lru", "lfu") else {"half_life": half_life}
@@ -213,6 +216,8 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
     ledger = torch.zeros((3, 2, L), dtype=torch.int64, device=dev)
     want_ledger = np.zeros((3, 2, L), np.int64)
     dev_quota = None if quota is None else torch.from_numpy(host_quota).to(dev)
+    modes = torch.zeros(L, dtype=torch.int64, device=dev)  # per layer: 1 = misses served in place
+    in_place_calls = 0
     for step in range(steps):
         core.begin_step(host)
         device_core.begin_step(st)
@@ -224,7 +229,10 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
             n = int(rng.randint(1, min(k, S) + 1))
             ex = np.sort(rng.choice(E, n, replace=False)).astype(np.int64)
             nv, nt = rng.randint(0, 3, n).astype(np.int64), rng.randint(0, 3, n).astype(np.int64)
-            core.demand(host, layer, ex, nv, nt, host_quota, slots, fill)
+            in_place = bool(rng.rand() < in_place_rate)
+            in_place_calls += in_place
+            modes[layer] = int(in_place)
+            core.demand(host, layer, ex, nv, nt, host_quota, slots, fill, in_place)
             perm = rng.permutation(n)
             n_dist = min(2, layer) if id_rows else 0
             for d in range(1, n_dist + 1):
@@ -232,8 +240,13 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                 want_ledger[:, d - 1, layer] += (len(np.intersect1d(ex, p[p >= 0])), n, (p >= 0).sum())
             s, f, _ = ops.cache_demand(st, layer, torch.from_numpy(ex[perm]).to(dev), torch.from_numpy(nv[perm]).to(dev),
                                        torch.from_numpy(nt[perm]).to(dev), kernel=kernel,
-                                       score=(pred_rows, ledger, n_dist) if n_dist else None, quota=dev_quota)
+                                       score=(pred_rows, ledger, n_dist) if n_dist else None, quota=dev_quota,
+                                       in_place=modes[layer] if in_place_rate else None)
             assert (s.cpu().numpy() == slots[:n][perm]).all() and (f.cpu().numpy() == fill[:n][perm]).all()
+            if in_place:  # misses name their host rows, nothing is copied
+                assert (f.cpu().numpy() == -1).all()
+                missed = s.cpu().numpy() < 0
+                assert (s.cpu().numpy()[missed] == -(layer * E + ex[perm][missed]) - 1).all()
             for d in (1, 2):
                 target = layer + d
                 if target >= L:
@@ -258,7 +271,8 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
                     ops.cache_prefetch(st, target, torch.from_numpy(pred).to(dev), torch.from_numpy(valid).to(dev),
                                        layer, torch.tensor(limit, device=dev), kernel=kernel, quota=dev_quota)
             assert (st.table[:-1].view(L, E).cpu().numpy() == host.table).all(), (step, layer)
-    for name in ("owner", "last_use", "pin", "prefetched", "weight", "layer_now", "mix", "clock", "hits", "misses"):
+    for name in ("owner", "last_use", "pin", "prefetched", "weight", "layer_now", "mix", "clock", "hits", "misses",
+                 "in_place"):
         assert (getattr(st, name)[: getattr(host, name).size].cpu().numpy().reshape(getattr(host, name).shape)
                 == getattr(host, name)).all(), name
     assert np.array_equal(st.counts[:, :-1].cpu().numpy().reshape(2, L, E), host.counts)
@@ -266,6 +280,8 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
     assert (ledger.cpu().numpy() == want_ledger).all()
     if id_rows:
         assert want_ledger[0].sum() > 0 and want_ledger[2].sum() > 0
+    if in_place_rate:
+        assert in_place_calls and 0 < host.in_place.sum() < host.misses.sum()
     return host
 
 
@@ -292,6 +308,30 @@ def test_static_path_calls_through_host_core_and_device_reference(policy):
     host = random_calls(_cpu_state, policy, 40, 7, S=19, id_rows=True, quota=quota)
     assert host.pf[0].sum() > 0
     assert (np.bincount(host.owner[host.owner >= 0] // 12, minlength=4) <= quota).all()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_in_place_misses_decide_alike_in_host_core_and_device_reference(policy):
+    # The zero-copy / CPU miss paths: a layer whose misses are served in place takes no slot and evicts
+    # nothing, switched per layer call; with prefetch, id rows, the ledger and a slot plan.
+    host = random_calls(_cpu_state, policy, 40, 11, in_place_rate=0.5)
+    assert host.pf[0].sum() > 0
+    random_calls(_cpu_state, policy, 40, 12, id_rows=True, in_place_rate=0.3)
+    random_calls(_cpu_state, policy, 40, 13, S=19, quota=[5, 4, 6, 4], id_rows=True, in_place_rate=0.5)
+
+
+def test_in_place_misses_keep_the_cache_as_it_is():
+    """All calls in place and no prefetch: after the cache fills, nothing is ever evicted."""
+    st = make_policy("lru").new_state(4, 2, 8)
+    slots, fill = np.empty(8, np.int64), np.empty(8, np.int64)
+    core.demand(st, 0, np.array([1, 2]), np.zeros(2, np.int64), np.ones(2, np.int64), core.NO_PLAN, slots, fill, False)
+    core.demand(st, 1, np.array([0, 3]), np.zeros(2, np.int64), np.ones(2, np.int64), core.NO_PLAN, slots, fill, False)
+    table = st.table.copy()
+    missed = core.demand(st, 0, np.array([2, 5, 7]), np.zeros(3, np.int64), np.ones(3, np.int64), core.NO_PLAN,
+                         slots, fill, True)
+    assert missed == 2 and (st.table == table).all() and (fill[:3] == -1).all()
+    assert slots[:3].tolist() == [table[0, 2], -(0 * 8 + 5) - 1, -(0 * 8 + 7) - 1]
+    assert st.in_place.tolist() == [2, 0] and st.misses.tolist() == [4, 2] and st.hits.tolist() == [1, 0]
 
 
 def quota_cases(trace: Trace):
@@ -366,6 +406,8 @@ def test_fused_kernel_matches_the_host_core(kernel_device, policy):
     random_calls(state, policy, steps, 5, S=18, quota=[4, 6, 4, 4], half_life=0.1, kernel=True)
     random_calls(state, policy, steps, 6, S=14, quota=[5, 4, 6, 4], kernel=True)
     random_calls(state, policy, steps, 7, S=19, quota=[5, 4, 6, 4], kernel=True, id_rows=True)
+    random_calls(state, policy, steps, 8, kernel=True, id_rows=True, in_place_rate=0.5)
+    random_calls(state, policy, steps, 9, S=19, quota=[5, 4, 6, 4], kernel=True, in_place_rate=0.4)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -392,8 +434,8 @@ def test_fused_kernel_self_check_catches_a_disagreement(kernel_device, monkeypat
     assert ops._compare_cache_kernel(device)
     real = device_core.demand
 
-    def wrong(st, layer, experts, n_visual, n_text, quota=None):
-        slots, fill = real(st, layer, experts, n_visual, n_text, quota)
+    def wrong(st, layer, experts, n_visual, n_text, quota=None, in_place=None):
+        slots, fill = real(st, layer, experts, n_visual, n_text, quota, in_place)
         return slots, torch.where(fill >= 0, fill + 1, fill)
 
     monkeypatch.setattr(device_core, "demand", wrong)
@@ -418,4 +460,17 @@ def test_fused_kernel_self_check_covers_the_ledger_scoring(kernel_device, monkey
             counts[0, 0, layer] += 1
 
     monkeypatch.setattr(ledger, "score_predicted", off_by_one)
+    assert not ops._compare_cache_kernel(torch.device(kernel_device))
+
+
+def test_fused_kernel_self_check_covers_in_place_demand(kernel_device, monkeypatch):
+    """... and demand calls that serve their misses in place (the zero-copy miss path)."""
+    from vismmoe import ops
+
+    real = device_core.demand
+
+    def ignores_in_place(st, layer, experts, n_visual, n_text, quota=None, in_place=None):
+        return real(st, layer, experts, n_visual, n_text, quota, None)
+
+    monkeypatch.setattr(device_core, "demand", ignores_in_place)
     assert not ops._compare_cache_kernel(torch.device(kernel_device))

@@ -68,6 +68,11 @@ class EngineConfig:
     # holds every expert; any policy).
     decode: str = "auto"
     cuda_graphs: bool = True
+    # How a decode step serves an expert missing from the GPU cache, per MoE layer (offload/miss_paths.py):
+    # "copy" (into a slot, evicting one), "zerocopy" (the decode kernel reads it from the page-locked host
+    # slab, no slot taken), "cpu" (computed on the CPU from the host store beside the GPU; host-decided
+    # path only), or "auto" (per layer, the cheapest by a cost model on figures measured at load).
+    miss_path: str = "auto"
     # Default generation length and sampling.
     max_new_tokens: int = 64
     do_sample: bool = False
@@ -123,6 +128,10 @@ class EngineConfig:
             raise ConfigError(f"rope_kernel must be auto, fused or torch, got {self.rope_kernel!r}")
         if self.decode not in ("auto", "static", "generate"):
             raise ConfigError(f"decode must be auto, static or generate, got {self.decode!r}")
+        from .offload.miss_paths import check_setting
+
+        # The value, and what the keys alone rule out; what needs the machine is checked at load.
+        check_setting(self.miss_path, self.decode, "mmap" if self.store == "mmap" else "", cuda=False, fused=False)
         if self.attn_implementation not in ("sdpa", "eager", "xformers"):
             raise ConfigError(f"attn_implementation must be sdpa, eager or xformers, got {self.attn_implementation!r}")
         from .pruning import settings as pruning

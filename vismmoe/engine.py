@@ -38,6 +38,7 @@ from .loading import (budget_to_slots, generation_config, load_non_expert_weight
 from .loading import load_hf_config as _load_hf_config, model_class as _model_class, resolve_device as _resolve_device
 from .offload import glue
 from .offload.cache import ExpertCache
+from .offload import miss_paths
 from .offload.device_path import device_copies_work
 from .offload.predictor import LookaheadPredictor
 from .offload.runtime import OffloadRuntime
@@ -161,6 +162,8 @@ class Engine:
     def _build_runtime(self) -> None:
         config = self.config
         grouped, fused = self._experts_kernels()  # validates experts_kernel before the old runtime is torn down
+        store_kind = "mmap" if self.store.slab is None else "page-locked" if self.store.pinned else "pageable"
+        miss_paths.check_setting(config.miss_path, config.decode, store_kind, self.device.type == "cuda", fused)
         # Before any decoder captures the model's forward; raises ConfigError before anything changed.
         self.fused_norms = fuse_rms_norms(self.model, self.device, config.norm_kernel)
         self.fused_routers = fuse_routers(self.model, self.device, config.router_kernel)
@@ -182,7 +185,11 @@ class Engine:
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
                                       grouped=grouped, prefetch_prefill=config.prefetch_prefill, fused_decode=fused)
         if not self.cache.complete and self._device_copies_work():
-            self.runtime.use_device_residency(self.layout.top_k)
+            self.runtime.use_device_residency(self.layout.top_k, zero_copy=config.miss_path in ("auto", "zerocopy") and
+                                              miss_paths.zero_copy_runs(self.store, self.device, self.runtime.compute))
+        # Each layer's miss path (auto: measured at load on a GPU, into the still empty slots).
+        self.miss = miss_paths.MissPathControl(config.miss_path, self.runtime, self.store, self.layout, self.num_slots,
+                                               config.decode, self.emulation)
         glue.bind(self.layout, self.runtime)
         # Captured decode steps bake in the runtime and its slot pool: new decoders with a new runtime.
         self.decoders = DecoderPool(self.model, self.layout, self.runtime,
@@ -233,7 +240,7 @@ class Engine:
                        "measure_stalls", "max_new_tokens", "do_sample", "experts_kernel", "norm_kernel", "router_kernel", "rope_kernel",
                        "prefetch_prefill", "decode", "cuda_graphs", "visual_keep", "visual_prune", "visual_merge",
                        "visual_affinity_weights", "visual_affinity_layers", "visual_prune_seed"}
-    _RECONFIGURABLE |= {"slot_plan"}  # per-layer quotas: a new cache, like a new budget
+    _RECONFIGURABLE |= {"slot_plan", "miss_path"}  # per-layer quotas, miss paths: a new runtime
 
     def _device_copies_work(self) -> bool:
         """Can misses be copied by device-decided work (static decode)? Checked once per engine."""
@@ -326,6 +333,8 @@ class Engine:
                 inputs, self.last_pruning = pruning
                 input_ids = inputs["input_ids"]
 
+        if self.miss.before_request():  # auto moved a layer to zero-copy: captured steps are captured again
+            self.decoders.drop_graphs()
         static_reason = self._static_unavailable(generation_kwargs)
         decoder = None
         if static_reason is None:
@@ -373,6 +382,7 @@ class Engine:
             num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
         dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
         stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
+        stats.miss_paths = self.miss.names()
         if self.emulation is not None:
             stats.emulation = self.emulation.request_report(emulated, stats.peak_gpu_bytes)
         text = self.tokenizer.decode(run.tokens, skip_special_tokens=True)
@@ -411,7 +421,8 @@ class Engine:
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
             prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill,
-            emulation=None if self.emulation is None else self.emulation.info())
+            emulation=None if self.emulation is None else self.emulation.info(), miss_path=config.miss_path,
+            miss_paths=self.miss.info())
 
     def reset_stats(self) -> None:
         """Zero the request counters (expert hits and misses, bytes copied, the prefetch ledger, prediction
@@ -477,6 +488,8 @@ class Engine:
             return f"generation arguments {other}"
         if self.trace is not None:
             return "a routing trace is being recorded (traces come from the host-decided path)"
+        if not self.cache.complete and self.miss.static_unavailable():
+            return self.miss.static_unavailable()
         if not self.cache.complete and self.runtime.residency is None:
             return "expert copies cannot be decided on the device here (mmap store, or no page-locked slab / triton)"
         if not self.cache.complete and self.runtime.grouped and self.num_slots > ops.MAX_GROUPS:
@@ -488,6 +501,7 @@ class Engine:
         """Release the host store and the decoders; later calls raise EngineClosedError."""
         self.closed = True
         self.decoders.clear()
+        self.runtime.host.cpu.close()
         self.store.close()
         if self.emulation is not None:
             self.emulation.release()

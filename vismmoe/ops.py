@@ -188,19 +188,21 @@ def device_copy_available(src: torch.Tensor) -> bool:
 # forces the kernel (tests run it under TRITON_INTERPRET=1 on the CPU), False the twin.
 
 
-def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None, quota=None):
+def cache_demand(state, layer: int, experts, n_visual, n_text, kernel: bool | None = None, score=None, quota=None,
+                 in_place=None):
     """Make `experts` (distinct) of `layer` resident. Returns (slots, fill, src_rows): the copy list is
     (src_rows[i] -> fill[i]) for fill[i] >= 0. `score` = (pred, ledger counts, n_dist): also score the
     experts against the lookahead predictions made for this layer (offload/ledger.py), in the same launch.
-    `quota`: per-layer slot quotas (int64 [L]) or None."""
+    `quota`: per-layer slot quotas (int64 [L]) or None. `in_place`: an int64 device scalar (nonzero: misses
+    take no slot, their slot id is -(flat row) - 1, the host row the decode kernel reads) or None (off)."""
     if _use_kernel(experts, kernel):
         from .kernels import cache_step
 
         return cache_step.cache_step(state, cache_step.DEMAND, layer, experts, n_visual=n_visual, n_text=n_text,
-                                     score=score, quota=quota)
+                                     score=score, quota=quota, in_place=in_place)
     from .offload import device_core, ledger
 
-    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text, quota)
+    slots, fill = device_core.demand(state, layer, experts, n_visual, n_text, quota, in_place)
     if score is not None:
         ledger.score_predicted(*score, layer, experts)
     return slots, fill, layer * state.shape[2] + experts
@@ -306,6 +308,7 @@ def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quot
         st.params.copy_(torch.tensor([0.5, 1.0, 0.0, 0.0], dtype=torch.float64))  # decayed counts: exercise scores
         states.append(st)
     pred = torch.full((L, 1, k), -1, dtype=torch.int64, device=device)  # ids predicted at layer l for l + 1
+    modes = torch.tensor([0, 1], dtype=torch.int64, device=device)  # a layer call's miss path: copy, in place
     counts = [torch.zeros((3, 1, L), dtype=torch.int64, device=device) for _ in range(2)]
     out = torch.empty((2, k), dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -330,9 +333,12 @@ def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quot
                 n_visual = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_text = torch.randint(0, 3, (k,), generator=gen).to(device)
                 n_dist = 1 if layer and call % 2 else 0
+                in_place = modes[int(call % 5 == 1)]  # some calls serve their misses in place (zero-copy)
                 slots, fill, _ = cache_step.cache_step(states[0], cache_step.DEMAND, layer, experts, n_visual=n_visual,
-                                                       n_text=n_text, score=(pred, counts[0], n_dist), quota=quota)
-                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text, quota)
+                                                       n_text=n_text, score=(pred, counts[0], n_dist), quota=quota,
+                                                       in_place=in_place)
+                slots_twin, fill_twin = device_core.demand(states[1], layer, experts, n_visual, n_text, quota,
+                                                           in_place)
                 ledger.score_predicted(pred, counts[1], n_dist, layer, experts)
                 if not (torch.equal(slots, slots_twin) and torch.equal(fill, fill_twin)):
                     return False
@@ -341,7 +347,7 @@ def _compare_cache_kernel_once(device: torch.device, calls: int, seed: int, quot
                     device_core.begin_step(st)
     a, b = states
     return torch.equal(*counts) and all(torch.equal(getattr(a, f), getattr(b, f)) for f in (
-        "table", "owner", "last_use", "pin", "prefetched", "hits", "misses", "pf"))
+        "table", "owner", "last_use", "pin", "prefetched", "hits", "misses", "pf", "in_place"))
 
 
 # -- lookahead prediction of a decode token ---------------------------------------------------------

@@ -289,6 +289,12 @@ class DecoderPool:
         self.held.pop(decoder.max_cache_len, None)
         self.held[decoder.max_cache_len] = decoder
 
+    def drop_graphs(self) -> None:
+        """The runtime changed what a captured step bakes in (a layer now reads host rows): every decoder
+        captures its step again at its next request (the KV caches are kept)."""
+        for decoder in self.held.values():
+            decoder._retire_graph()
+
     def kv_bytes(self) -> int:
         """Bytes of every KV cache held."""
         total = 0

@@ -94,6 +94,14 @@ class RequestStats:
     # hold there (parts), this GPU's measured peak, the host-path pacing added; {} otherwise.
     emulation: dict = field(default_factory=dict)
     pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
+    # Of the misses per layer, how each miss path served them ("copy" into a slot, "zerocopy" read in place
+    # by the decode kernel, "cpu" computed on the CPU); and each layer's miss path for the decode steps.
+    misses_by_path_per_layer: dict = field(default_factory=dict)
+    miss_paths: list = field(default_factory=list)
+
+    @property
+    def misses_by_path(self) -> dict:
+        return {path: int(sum(v)) for path, v in self.misses_by_path_per_layer.items()}
 
     @property
     def expert_hits(self) -> int:
@@ -117,7 +125,7 @@ class RequestStats:
         data = asdict(self)
         data.update(
             expert_hits=self.expert_hits, expert_misses=self.expert_misses, hit_rate=self.hit_rate,
-            decode_tokens_per_s=self.decode_tokens_per_s,
+            decode_tokens_per_s=self.decode_tokens_per_s, misses_by_path=self.misses_by_path,
         )
         return data
 
@@ -142,6 +150,9 @@ class RequestStats:
         if any(v is not None for row in self.prefetch_recall for v in row):
             rows.append(("next-layer recall / precision", f"{_mean(self.prefetch_recall[0]):.1%} / "
                          f"{_mean(self.prefetch_precision[0]):.1%}"))
+        served = self.misses_by_path
+        if served.get("zerocopy") or served.get("cpu"):
+            rows.append(("misses copied / zero-copy / cpu", f"{served['copy']} / {served['zerocopy']} / {served['cpu']}"))
         if self.stall_s is not None:
             rows.append(("stalled waiting for copies", f"{self.stall_s * 1e3:.2f} ms"))
         if self.waves:
@@ -182,6 +193,8 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
         prefetch_issued_bytes=c.prefetch_issued_bytes, prefetch_used_bytes=c.prefetch_used_bytes,
         prefetch_wasted_bytes=c.prefetch_wasted_bytes, stall_s=c.stall_s() if c.stall_events else None,
         prefetch_recall=_rounded(p.recall()), prefetch_precision=_rounded(p.precision()), decode_path=run.path,
+        misses_by_path_per_layer={"copy": (c.misses - c.zero_copy - c.cpu).tolist(), "zerocopy": c.zero_copy.tolist(),
+                                  "cpu": c.cpu.tolist()},
     )
 
 
@@ -252,6 +265,10 @@ class EngineInfo:
     # `emulate: PROFILE`: what is emulated (memory cap, link pacing), what is not (compute), per-copy
     # times; None without emulation (deploy/emulate.py).
     emulation: dict | None = None
+    # `miss_path`: the setting (auto, copy, zerocopy, cpu); `miss_paths`: per layer the path in use, why,
+    # and auto's figures and predicted costs (offload/miss_paths.py).
+    miss_path: str = "auto"
+    miss_paths: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

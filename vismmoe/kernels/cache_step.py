@@ -12,6 +12,11 @@ Slot quotas (`quota`: int64 [L], one per layer; HAS_QUOTA): as core.victim, each
 from all slots while the layer holds fewer than its quota, else from its own slots only (demand, and
 a prefetch that scans).
 
+In place (`in_place`, demand only: a device scalar per layer, the layer's miss path): misses take no
+slot and evict nothing; their slot ids name their host rows (-(layer * E + expert) - 1), which the
+fused decode kernel reads over the bus (zero-copy). A scalar on the device, so a captured step follows
+it without a new capture.
+
 Limits: one program holds every slot, so S <= MAX_SLOTS (the static path already keeps S within
 ops.MAX_GROUPS); n (experts per call) <= 64.
 """
@@ -46,10 +51,11 @@ layer_distance = _jit(core.layer_distance)
 
 @triton.jit
 def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, layer_now_p, mix_p, cost_p, params_p,
-               clock_p, hits_p, misses_p, pf_p, experts_p, nv_p, nt_p, valid_p, limit_p,
-               out_slots, out_fill, out_src, pred_p, ledger_p, quota_p,
+               clock_p, hits_p, misses_p, pf_p, in_place_p, experts_p, nv_p, nt_p, valid_p, limit_p,
+               out_slots, out_fill, out_src, pred_p, ledger_p, quota_p, mode_p,
                layer, running, n, S, L, E, LE1, PF_STRIDE, n_dist, DEPTH, KP,
                MODE: tl.constexpr, HAS_VALID: tl.constexpr, SCORE: tl.constexpr, HAS_QUOTA: tl.constexpr,
+               HAS_MODE: tl.constexpr,
                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     # -- the call's experts, and which of them miss
     offs_n = tl.arange(0, BLOCK_N)
@@ -82,7 +88,12 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
     # the slots: ~26 µs per call at 768 slots on an H200): a demand whose experts are all resident only
     # touches their slots (last use, the prefetch ledger); a prefetch whose predictions are all resident
     # (or that is off) only pins what it found. Either way the scan would change nothing else.
-    full = n_miss > 0
+    # In place (demand: the layer's miss path reads misses where they are), misses need no slot either.
+    placed = n_miss * 0 + 1
+    if MODE == 0:
+        if HAS_MODE:
+            placed = (tl.load(mode_p) == 0).to(tl.int64)
+    full = n_miss * placed > 0
     if full:
         # -- the slots: state vectors and the victim key
         offs_s = tl.arange(0, BLOCK_S)
@@ -113,7 +124,7 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
         tiebreak = (last + 1) * BLOCK_S + offs_s
 
         # -- victims, in key order, only as many as there are misses
-        want = n_miss
+        want = n_miss * placed
         if MODE == 1:
             want = tl.minimum(n_miss, limit)
         victims = tl.full([BLOCK_N], -1, tl.int64)
@@ -151,6 +162,8 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
         wasted = evicts & pref
         old_layer = tl.where(evicts, owner // E, L)
         final_n = tl.where(take, fill, slots_n)
+        if MODE == 0:  # a miss served in place names its host row: -(layer * E + expert) - 1
+            final_n = tl.where(miss & ~take, -flat - 1, final_n)
         used_here = tl.sum(((final_n[None, :] == offs_s[:, None]) & ok[None, :]).to(tl.int32), axis=1) > 0
         owner = tl.where(targeted, new_owner, owner)
         last = tl.where(targeted, now, last)
@@ -175,6 +188,8 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
         tl.store(out_src + offs_n, flat, mask=in_n)
         if MODE == 0:
             tl.store(out_slots + offs_n, final_n, mask=in_n)
+            if HAS_MODE:
+                tl.store(in_place_p + layer, tl.load(in_place_p + layer) + n_miss * (1 - placed))
             _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_miss, n_used, experts_p, nv_p,
                          nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L, n_dist,
                          DEPTH, KP, SCORE, BLOCK_N, BLOCK_E)
@@ -184,17 +199,19 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
         slot_c = tl.maximum(slots_n, 0)
         tl.store(out_fill + offs_n, zero_n - 1, mask=in_n)
         tl.store(out_src + offs_n, flat, mask=in_n)
-        if MODE == 0:  # every expert resident: what the scan would do to the used slots, and nothing else
+        if MODE == 0:  # every expert resident or read in place: what the scan would do, to the used slots only
             # a slot named twice in the call counts once, as the scan's per-slot view does
             earlier = tl.sum(((slots_n[None, :] == slots_n[:, None]) & (offs_n[None, :] < offs_n[:, None])
-                              & ok[None, :]).to(tl.int32), axis=1) > 0
-            first = ok & ~earlier
+                              & hit[None, :]).to(tl.int32), axis=1) > 0
+            first = hit & ~earlier
             was_pref = tl.load(pref_p + slot_c, mask=first, other=0) != 0
             n_used = tl.sum((was_pref & first).to(tl.int64), axis=0)
             tl.debug_barrier()  # the ledger is read before it is cleared
             tl.store(pref_p + slot_c, tl.zeros([BLOCK_N], tl.int8), mask=first)
             tl.store(last_p + slot_c, zero_n + now, mask=first)
-            tl.store(out_slots + offs_n, slots_n, mask=in_n)
+            tl.store(out_slots + offs_n, tl.where(miss, -flat - 1, slots_n), mask=in_n)  # in place: the host row
+            if HAS_MODE:
+                tl.store(in_place_p + layer, tl.load(in_place_p + layer) + n_miss * (1 - placed))
             _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_miss, n_used, experts_p, nv_p,
                          nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L, n_dist,
                          DEPTH, KP, SCORE, BLOCK_N, BLOCK_E)
@@ -262,7 +279,8 @@ def _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_mi
 
 
 def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, n_text=None, valid=None,
-               limit=None, running: int | None = None, out=None, score=None, quota: torch.Tensor | None = None):
+               limit=None, running: int | None = None, out=None, score=None, quota: torch.Tensor | None = None,
+               in_place: torch.Tensor | None = None):
     """Launch the kernel on `st` (a device_core.DeviceState). Returns (slots, fill, src_rows): slots
     only for demand; fill[i] the slot expert i is copied into (-1: none); src_rows its flat row.
 
@@ -270,7 +288,8 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
     list into those (persistent) rows instead of new tensors. Demand: `score` = (pred [L, depth, k],
     ledger counts [3, depth, L], n_dist) also scores this layer's experts against the predictions made
     1..n_dist layers before (offload/ledger.py). `quota`: int64 [L] on the device (per-layer slot plan),
-    or None (one global pool)."""
+    or None (one global pool). `in_place` (demand): an int64 device scalar, nonzero = misses take no slot
+    and their slots are -(flat row) - 1 (zero-copy / CPU miss paths), or None (off)."""
     S, L, E = st.shape
     n = experts.numel()
     if S > MAX_SLOTS or n > 64:
@@ -291,12 +310,13 @@ def cache_step(st, mode: int, layer: int, experts: torch.Tensor, n_visual=None, 
     extra = {} if device.type != "cuda" else {"enable_fp_fusion": False}
     _cache_step_kernel[(1,)](
         st.table, st.owner, st.last_use, st.pin, prefetched, st.counts, st.weight, st.layer_now, st.mix, st.cost,
-        st.params, st.clock, st.hits, st.misses, st.pf, experts.to(torch.int64),
+        st.params, st.clock, st.hits, st.misses, st.pf, st.in_place, experts.to(torch.int64),
         dummy if n_visual is None else n_visual.to(torch.int64), dummy if n_text is None else n_text.to(torch.int64),
         dummy if valid is None else valid.to(torch.int8), limit,
-        slots, fill, src, pred, ledger, dummy if quota is None else quota,
+        slots, fill, src, pred, ledger, dummy if quota is None else quota, dummy if in_place is None else in_place,
         layer, running, n, S, L, E, L * E + 1, L + 1, n_dist, depth, kp,
         MODE=mode, HAS_VALID=valid is not None, SCORE=n_dist > 0, HAS_QUOTA=quota is not None,
+        HAS_MODE=in_place is not None and mode == DEMAND,
         BLOCK_S=_next_pow2(max(S, 16)), BLOCK_N=_next_pow2(max(n, kp, 16)), BLOCK_E=_next_pow2(max(E, 16)),
         num_warps=4 if S <= 256 else 8 if S <= 1024 else 16, **extra)
     return (slots if mode == DEMAND else None), fill, src

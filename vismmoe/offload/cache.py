@@ -37,6 +37,15 @@ class CacheCounters:
     prefetch_used_bytes: int = 0  # prefetched experts later used by their layer
     prefetch_wasted_bytes: int = 0  # prefetched experts evicted unused
     stall_events: list = field(default_factory=list)  # (start, end) CUDA events around waits on copies
+    # [num_layers] of the misses, those served in place by the zero-copy and the CPU miss paths (the
+    # rest were copied into slots): offload/miss_paths.py
+    zero_copy: np.ndarray | None = None  # (None: zeros)
+    cpu: np.ndarray | None = None
+
+    def __post_init__(self):
+        for name in ("zero_copy", "cpu"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros_like(self.misses))
 
     @classmethod
     def zeros(cls, num_layers: int) -> "CacheCounters":
@@ -68,6 +77,7 @@ class ExpertCache:
         # The cache's bookkeeping: offload/core.py's state, driven by its host transitions here.
         self.state = self.policy.new_state(num_slots, self.num_layers, self.num_experts)
         self.counters = CacheCounters.zeros(self.num_layers)
+        self.last_missed = 0  # misses of the last acquire
         # Scratch for the core's outputs (it does not bounds-check): a call has at most S or E experts.
         self._fill = np.empty(max(num_slots, self.num_experts), np.int64)
         self._slots = np.empty(num_slots, np.int64)
@@ -155,11 +165,13 @@ class ExpertCache:
     # -- demand path -----------------------------------------------------------------------------
 
     def acquire(self, layer: int, experts: np.ndarray, n_visual: np.ndarray | None = None,
-                n_text: np.ndarray | None = None) -> np.ndarray:
+                n_text: np.ndarray | None = None, in_place: bool = False) -> np.ndarray:
         """Make `experts` (distinct ids, ascending, at most num_slots of them) resident; return their slots.
 
         Misses are copied on the copy stream; the current (compute) stream waits for them. None of the
-        returned slots is evicted by this call, so they stay valid until `release`.
+        returned slots is evicted by this call, so they stay valid until `release`. `in_place`: misses
+        take no slot and are not copied; their slot is -(layer * E + expert) - 1 (the miss path reads
+        them where they are: zero-copy or the CPU).
         """
         n = len(experts)
         assert n <= self.wave_size(layer)
@@ -170,7 +182,8 @@ class ExpertCache:
         slots, fill = self._slots[:n], self._fill[:n]
         used, wasted = self.state.pf[1].sum(), self.state.pf[2].sum()
         old_owner = self.state.owner.copy()
-        missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill)
+        missed = core.demand(self.state, layer, experts, n_visual, n_text, self.quota, slots, fill, in_place)
+        self.last_missed = missed
         self.counters.hits[layer] += n - missed
         self.counters.misses[layer] += missed
         rb = self.store.record_bytes
@@ -179,7 +192,7 @@ class ExpertCache:
         self._load(layer, experts, fill, old_owner)
         slots = slots.copy()
         if self.cuda:
-            self._wait_ready(slots)
+            self._wait_ready(slots[slots >= 0])
         return slots
 
     def mark_device_work_done(self) -> None:
@@ -199,7 +212,8 @@ class ExpertCache:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         for slot in slots:
-            self.released[slot] = event
+            if slot >= 0:  # (a negative slot is a miss served in place: no slot was read)
+                self.released[slot] = event
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.split(self.slots[slot])

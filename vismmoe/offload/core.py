@@ -32,6 +32,10 @@ Transitions:
       pinned slot is taken only when no unpinned one is left), evicts it and installs the expert
       (last_use = clock); it is then protected. Then every expert of the call is used: a prefetched
       slot counts "used"; last_use = clock; the policy counts the use (below).
+      In place (`in_place`: the layer's miss path is zero-copy or the CPU): misses take no slot and
+      evict nothing; their slot is -(layer * E + expert) - 1 (the host row the compute reads them
+      from); they count as misses and in `in_place[layer]`, and the policy still counts their use
+      (counts are per expert, not per slot). Hits are used as above.
   prefetch(layer, experts, running, limit)   experts distinct and ascending, predicted for `layer`,
       issued after layer `running` ran. Resident ones are protected and pinned (pin = max(pin, layer)).
       Each missing one, in ascending id, while fewer than `limit` were issued, takes the smallest-key
@@ -80,6 +84,7 @@ CacheState = namedtuple("CacheState", (
     "hits",        # int64 [L]
     "misses",      # int64 [L]
     "pf",          # int64 [3, L]  prefetch issued, used, wasted
+    "in_place",    # int64 [L]  misses served in place (no slot: zero-copy or CPU miss paths)
     "protected",   # bool [S]  scratch, all False between calls
 ))
 
@@ -94,7 +99,7 @@ def new_state(num_slots: int, num_layers: int, num_experts: int, params: np.ndar
         cost=np.ones((L, E)) if cost is None else np.asarray(cost, np.float64).copy(),
         params=np.asarray(params, np.float64).copy(), clock=np.zeros(1, np.int64),
         hits=np.zeros(L, np.int64), misses=np.zeros(L, np.int64), pf=np.zeros((3, L), np.int64),
-        protected=np.zeros(S, np.bool_))
+        in_place=np.zeros(L, np.int64), protected=np.zeros(S, np.bool_))
 
 
 # ------------------------------------------------------------------ the formulas, one definition each
@@ -195,6 +200,12 @@ def install(st, s, layer, expert, now):
 @njit(cache=True)
 def use(st, s, layer, expert, now, n_visual, n_text):
     st.last_use[s] = now
+    count_use(st, layer, expert, now, n_visual, n_text)
+
+
+@njit(cache=True)
+def count_use(st, layer, expert, now, n_visual, n_text):
+    """The policy's side of a use: decay tick, modality mix, counts (per expert, not per slot)."""
     if st.layer_now[layer] != now:  # one decay tick per call of the layer
         st.layer_now[layer] = now
         st.weight[layer] *= st.params[GROWTH]
@@ -219,12 +230,14 @@ def use(st, s, layer, expert, now, n_visual, n_text):
 
 
 @njit(cache=True)
-def demand(st, layer, experts, n_visual, n_text, quota, slots, fill):
+def demand(st, layer, experts, n_visual, n_text, quota, slots, fill, in_place):
     """Make `experts` (ascending, distinct, at most S) resident. Writes their slots and, for misses,
-    the slot to copy into (`fill`, -1 for hits). Returns the number of misses."""
+    the slot to copy into (`fill`, -1 for hits). Returns the number of misses. `in_place`: misses take
+    no slot (slots[i] = -(layer * E + expert) - 1, fill -1)."""
     st.clock[0] += 1
     now = st.clock[0]
     n = experts.shape[0]
+    num_experts = st.cost.shape[1]
     for i in range(n):
         s = st.table[layer, experts[i]]
         slots[i] = s
@@ -235,6 +248,10 @@ def demand(st, layer, experts, n_visual, n_text, quota, slots, fill):
     for i in range(n):
         if slots[i] >= 0:
             continue
+        missed += 1
+        if in_place:
+            slots[i] = -(layer * num_experts + experts[i]) - 1
+            continue
         s = victim(st, layer, layer, quota, True)
         if s < 0:
             raise RuntimeError("no slot can take a demand load")
@@ -242,9 +259,11 @@ def demand(st, layer, experts, n_visual, n_text, quota, slots, fill):
         st.protected[s] = True
         slots[i] = s
         fill[i] = s
-        missed += 1
     for i in range(n):
         s = slots[i]
+        if s < 0:  # served in place: the policy counts the use, no slot is touched
+            count_use(st, layer, experts[i], now, n_visual[i], n_text[i])
+            continue
         st.protected[s] = False
         if st.prefetched[s]:
             st.prefetched[s] = False
@@ -252,6 +271,8 @@ def demand(st, layer, experts, n_visual, n_text, quota, slots, fill):
         use(st, s, layer, experts[i], now, n_visual[i], n_text[i])
     st.hits[layer] += n - missed
     st.misses[layer] += missed
+    if in_place:
+        st.in_place[layer] += missed
     return missed
 
 

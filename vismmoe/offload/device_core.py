@@ -28,6 +28,9 @@ import torch
 from . import core
 
 
+COUNTERS = ("hits", "misses", "pf", "in_place")  # start at zero on the device, added to the host's at the end
+
+
 @dataclass
 class DeviceState:
     table: torch.Tensor       # int32 [L*E + 1]  (the cache's slot_table_storage)
@@ -45,6 +48,7 @@ class DeviceState:
     hits: torch.Tensor        # int64 [L]
     misses: torch.Tensor      # int64 [L]
     pf: torch.Tensor          # int64 [3, L + 1]  issued, used, wasted (the last column is the dummy)
+    in_place: torch.Tensor    # int64 [L]  misses served in place (zero-copy / CPU miss paths)
 
     @classmethod
     def empty(cls, num_slots: int, num_layers: int, num_experts: int, table: torch.Tensor) -> "DeviceState":
@@ -56,7 +60,7 @@ class DeviceState:
                    counts=torch.zeros((2, LE + 1), **f64), weight=torch.ones(L, **f64),
                    layer_now=torch.full((L,), -1, **i64), mix=torch.zeros(2, **f64), cost=torch.ones(LE + 1, **f64),
                    params=torch.zeros(4, **f64), clock=torch.zeros(1, **i64), hits=torch.zeros(L, **i64),
-                   misses=torch.zeros(L, **i64), pf=torch.zeros((3, L + 1), **i64))
+                   misses=torch.zeros(L, **i64), pf=torch.zeros((3, L + 1), **i64), in_place=torch.zeros(L, **i64))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -67,7 +71,7 @@ class DeviceState:
     def load(self, host: core.CacheState) -> None:
         """Take over the host state (counters start at zero)."""
         for f in fields(self):
-            if f.name in ("hits", "misses", "pf"):
+            if f.name in COUNTERS:
                 getattr(self, f.name).zero_()
                 continue
             value = torch.from_numpy(np.ascontiguousarray(getattr(host, f.name)))
@@ -84,7 +88,7 @@ class DeviceState:
         for f in fields(self):
             src = getattr(self, f.name).cpu()
             dst = getattr(host, f.name)
-            if f.name in ("hits", "misses"):
+            if f.name in ("hits", "misses", "in_place"):
                 dst += src.numpy()
             elif f.name == "pf":
                 dst += src[:, :-1].numpy()
@@ -182,9 +186,11 @@ def _reset_dummies(st: DeviceState) -> None:
 
 
 def demand(st: DeviceState, layer: int, experts: torch.Tensor, n_visual: torch.Tensor,
-           n_text: torch.Tensor, quota: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           n_text: torch.Tensor, quota: torch.Tensor | None = None,
+           in_place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """core.demand for `experts` (distinct, any order, at most S, at most the layer's quota): returns
-    (slots, fill) in the order given, fill[i] the slot to copy expert i into, -1 for a hit."""
+    (slots, fill) in the order given, fill[i] the slot to copy expert i into, -1 for a hit. `in_place`
+    (a device scalar, nonzero = on, or None = off): misses take no slot, slots[i] = -(flat row) - 1."""
     S, L, E = st.shape
     n = experts.numel()
     st.clock.add_(1)
@@ -193,20 +199,24 @@ def demand(st: DeviceState, layer: int, experts: torch.Tensor, n_visual: torch.T
     flat = layer * E + ex
     slots = st.table[flat].to(torch.int64)
     miss = slots < 0
+    place = miss if in_place is None else miss & (in_place == 0)
     protected = torch.zeros(S + 1, dtype=torch.bool, device=experts.device)
     protected.index_fill_(0, torch.where(miss, S, slots), True)
     victims, _ = ranked_slots(st, layer, layer, protected, True, n, quota)
     rank = (torch.cumsum(miss.to(torch.int64), 0) - 1).clamp(min=0)
-    fill = torch.where(miss, victims[rank], -1)
-    _install(st, layer, flat, fill, miss)
-    slots = torch.where(miss, fill, slots)
-    # Use: a prefetched slot counts used; last use; the policy's counts.
-    st.pf[1, layer] += st.prefetched[slots].sum()
-    st.prefetched.index_fill_(0, slots, False)
-    st.last_use[slots] = st.clock.expand_as(slots)
+    fill = torch.where(place, victims[rank], -1)
+    _install(st, layer, flat, fill, place)
+    slots = torch.where(place, fill, torch.where(miss, -flat - 1, slots))
+    # Use: a prefetched slot counts used; last use; the policy's counts (in-place misses: counts only).
+    held = torch.where(slots >= 0, slots, S)
+    st.pf[1, layer] += st.prefetched[held].sum()
+    st.prefetched.index_fill_(0, held, False)
+    st.last_use[held] = st.clock.expand_as(held)
+    _reset_dummies(st)
     _count_use(st, layer, flat, nv, nt)
     st.hits[layer] += (~miss).sum()
     st.misses[layer] += miss.sum()
+    st.in_place[layer] += (miss & ~place).sum()
     out_slots, out_fill = torch.empty_like(slots), torch.empty_like(fill)
     out_slots[order], out_fill[order] = slots, fill
     return out_slots, out_fill

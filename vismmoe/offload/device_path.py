@@ -13,6 +13,11 @@ stacked routers, router_stack.py; the module predictor where the routers cannot 
 their loads (one cache-kernel launch per distance, copy list written in place) and copies them (one
 launch); the compute stream goes on with layer l + 1's attention and joins the copy stream only before
 layer l + 1's lookup. So the only prefetch work on the compute stream's path is that fork and join.
+
+Zero-copy (offload/miss_paths.py): layers in `host_layers` compute with the slab's views beside the slot
+pool, so that the misses their decision serves in place (slot id -r-1) are read from host row r. The
+set only grows: a layer captured that way may switch between copy and zerocopy by its device scalar
+(`DeviceResidency.miss_modes`) with no new capture; a layer added to it needs one (`Runtime.set_miss_paths`).
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ class DevicePath:
         self._hidden: dict = {}  # layer -> the decode token's state entering it (from the predict hook)
         self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
         self._pending = None  # the state the copy stream may still read; joined before the next lookup
+        self.host_layers = set()  # layers whose compute may read in-place misses from the slab
 
-    def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None) -> None:
-        self.residency = DeviceResidency(self.cache, top_k, depth)
+    def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None, zero_copy: bool = False) -> None:
+        self.residency = DeviceResidency(self.cache, top_k, depth, zero_copy)
         self.residency.set_prefetch_limits(prefetch_limits)
         self.lookahead = lookahead
         if lookahead is not None:
@@ -54,12 +60,13 @@ class DevicePath:
         if self.residency is not None:
             self.residency.load_from_host()
 
-    def end(self) -> None:
+    def end(self):
+        """Hand the state back; returns the decode steps' (hits, misses) per layer, or None (complete cache)."""
         self.ledger.end_device()
         if self.residency is not None:
-            self.residency.store_to_host()
-        else:
-            self.cache.collect_device_hits()
+            return self.residency.store_to_host()
+        self.cache.collect_device_hits()
+        return None
 
     def begin_step(self) -> None:
         self.ledger.begin_step()
@@ -92,10 +99,11 @@ class DevicePath:
             score = self.ledger.scoring(n_dist) if n_dist else None
             slot_ids = self.residency.demand(layer, experts, score).view_as(top_k_index)
             gate_up, down = cache.gate_up_view, cache.down_view
+        host = cache.store.host_views() if layer in self.host_layers and not cache.complete else None
         if compute.from_slots(hidden_states.shape[0]):
-            out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down)
+            out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=host)
         else:
-            out = compute.loop(module, hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down)
+            out = compute.loop(module, hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down, host=host)
         if hidden is not None and self.lookahead is not None and not cache.complete \
                 and layer + 1 < cache.num_layers:
             # Forked after this layer's compute, as on the host path: this layer has read its slots, so

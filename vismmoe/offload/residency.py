@@ -11,6 +11,10 @@ Every policy runs here (the decisions are the host core's: tests/test_cache_core
 controls are device tensors too (`prefetch_limits[layer, distance]`, 0 = off), so changing them does
 not invalidate a captured graph. Decode steps have one token, whose top-k experts are distinct (and
 text): that is the case this path serves.
+
+Miss paths (offload/miss_paths.py): `miss_modes[layer]` (a device scalar per layer, 1 = zerocopy) makes
+the decision kernel serve that layer's misses in place (no slot, slot id -r-1 = host row r), which the
+decode kernel then reads from the slab; 0 copies them. Changing it needs no new graph capture.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .device_core import DeviceState, begin_step
 
 
 class DeviceResidency:
-    def __init__(self, cache, top_k: int, depth: int):
+    def __init__(self, cache, top_k: int, depth: int, zero_copy: bool = False):
         self.cache = cache
         S, L, E = cache.num_slots, cache.num_layers, cache.num_experts
         self.num_layers, self.num_experts, self.num_slots = L, E, S
@@ -40,6 +44,13 @@ class DeviceResidency:
         self.prefetch_rows = torch.full((L, 2, max(depth, 1) * top_k), -1, **i64)
         # Per-layer slot quotas (the cache's slot plan) or None: the same caps as the host core's.
         self.quota = torch.from_numpy(cache.quota).to(device) if len(cache.quota) else None
+        # Per layer: 1 = misses served in place (zerocopy), 0 = copied. None where zero-copy cannot run here
+        # (the decision kernel is then launched without it).
+        self.miss_modes = torch.zeros(L, **i64) if zero_copy else None
+
+    def set_miss_modes(self, in_place) -> None:
+        """in_place [L] (bools or 0/1): copied into the device tensor the captured steps read."""
+        self.miss_modes.copy_(torch.as_tensor(in_place, dtype=torch.int64))
 
     def set_prefetch_limits(self, limits) -> None:
         """limits [L, depth] (ints, 0 = off): copied into the device tensor the captured steps read."""
@@ -55,16 +66,19 @@ class DeviceResidency:
         """Hand the state back to the host cache and fold the device counters into its counters."""
         st, cache = self.state, self.cache
         hits, misses, pf = st.hits.cpu().numpy(), st.misses.cpu().numpy(), st.pf[:, :-1].sum(1).cpu().numpy()
+        in_place = st.in_place.cpu().numpy()
         st.store(cache.state)
         rb = cache.store.record_bytes
         c = cache.counters
         c.hits += hits
         c.misses += misses
-        c.bytes_h2d += int(misses.sum() + pf[0]) * rb
+        c.zero_copy += in_place
+        c.bytes_h2d += int(misses.sum() - in_place.sum() + pf[0]) * rb
         c.prefetch_issued_bytes += int(pf[0]) * rb
         c.prefetch_used_bytes += int(pf[1]) * rb
         c.prefetch_wasted_bytes += int(pf[2]) * rb
         cache.mark_device_work_done()
+        return hits, misses
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -78,11 +92,14 @@ class DeviceResidency:
         Copies of misses run on the current stream, so the compute queued after this reads landed data.
         """
         n = experts.numel()
+        in_place = None if self.miss_modes is None else self.miss_modes[layer]
         slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
-                                            score=score, quota=self.quota)
+                                            score=score, quota=self.quota, in_place=in_place)
         ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
         if self.cache.pacer is not None:  # an emulated device's slower link (deploy/emulate.py)
             self.cache.pacer.pace_device(fill)
+            if in_place is not None:  # in-place reads cross the same link: the same delay per record, before
+                self.cache.pacer.pace_device(-1 - slots)  # the kernel that reads them (>= 0: a host row)
         return slots
 
     def prefetch(self, running: int, predicted: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from .cache import ExpertCache
 from .compute import ExpertCompute
 from .context import Context
 from .device_path import DevicePath
+from . import miss_paths
 from .host_path import HostPath
 from .ledger import PredictionCounters, PredictionLedger
 from .router_stack import RouterStack
@@ -59,14 +60,38 @@ class OffloadRuntime:
     def prediction_counters(self) -> PredictionCounters:
         return self.ledger.counters
 
-    def use_device_residency(self, top_k: int) -> None:
+    def use_device_residency(self, top_k: int, zero_copy: bool = False) -> None:
         """Let static decode steps decide loads on the device (DeviceResidency), predicting with the stacked
-        routers (one launch per layer) where every layer's router allows it, else with the modules."""
+        routers (one launch per layer) where every layer's router allows it, else with the modules.
+        `zero_copy`: layers may serve misses in place (their device scalar, `set_miss_paths`)."""
         lookahead = None
         if self.predictor is not None:
             stack, self.lookahead_kind = RouterStack.build(self.predictor, top_k)
             lookahead = stack if stack is not None else self.predictor
-        self.device.use_residency(top_k, self.depth, self.prefetch_limits, lookahead)
+        self.device.use_residency(top_k, self.depth, self.prefetch_limits, lookahead,
+                                  zero_copy and self.compute.reads_host(1))
+
+    @property
+    def miss_paths(self) -> np.ndarray:
+        """Per layer, the decode steps' miss path (offload/miss_paths.py codes)."""
+        return self.host.miss_paths
+
+    def set_miss_paths(self, paths) -> bool:
+        """Set each layer's miss path (codes: copy, zerocopy, cpu) for the next decode steps, in place: the
+        host path reads them per layer call, the static path through a device scalar per layer. Returns
+        True when captured static steps must be captured again: a layer newly computes with the host slab's
+        views (which a captured step bakes in); a switch between copy and zerocopy of a layer that already
+        does needs nothing."""
+        paths = np.asarray(paths, np.int64)
+        self.host.miss_paths[:] = paths
+        residency = self.residency
+        if residency is None or residency.miss_modes is None:
+            return False
+        zero_copy = paths == miss_paths.ZEROCOPY
+        residency.set_miss_modes(zero_copy)
+        new = set(np.flatnonzero(zero_copy).tolist()) - self.device.host_layers
+        self.device.host_layers |= new
+        return bool(new)
 
     def set_prefetch(self, limit: int | None = None, depth: int | None = None, layers=None) -> None:
         """Change prefetching without rebuilding anything: `limit` copies per call (0 = off) for the
@@ -111,7 +136,10 @@ class OffloadRuntime:
 
     def end_static(self) -> None:
         self.static = False
-        self.device.end()
+        calls = self.device.end()  # the decode steps' hits and misses per layer: the auto miss paths' input
+        if calls is not None:
+            self.host.decode_calls[0] += calls[0]
+            self.host.decode_calls[1] += calls[1]
 
     def begin_static_step(self) -> None:
         """A static decode step starts (on CUDA: once, at capture; its graph replays the device work).

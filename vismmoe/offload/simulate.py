@@ -259,7 +259,7 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
         for start in range(lo, hi, wave):
             stop = min(start + wave, hi)
             missed = core.demand(st, layer, set_experts[start:stop], set_visual[start:stop], set_text[start:stop],
-                                 quota, slots, fill)
+                                 quota, slots, fill, False)
             hits[phase, layer] += stop - start - missed
             misses[phase, layer] += missed
             if record:

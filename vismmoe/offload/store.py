@@ -14,6 +14,7 @@ Checkpoint layouts accepted (detected per key and by shape):
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class ExpertStore:
         self.gate_up_numel = layout.gate_up_shape[0] * layout.gate_up_shape[1]
         self.pinned = False
         self._handles: dict[str, object] = {}
+        self._read_lock = threading.Lock()  # mmap reads: the CPU miss path's worker reads beside the host path
         self._sources = _index_checkpoint(layout, files)
         if mode == "mmap":
             self.slab = None
@@ -78,6 +80,17 @@ class ExpertStore:
         """The slab as [layers * experts, record_numel]: row layer * E + expert."""
         return self.slab.view(self.num_layers * self.num_experts, self.record_numel)
 
+    def host_views(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slab as the model's per-expert matrices, [L * E, ...] each (row layer * E + expert), in the
+        slot pool's layout: what a decode kernel reads a missed expert from in place (zero-copy). None for
+        an mmap store (no slab)."""
+        if self.slab is None:
+            return None
+        rows = self.slab_rows
+        n = rows.shape[0]
+        return (rows[:, : self.gate_up_numel].view(n, *self.layout.gate_up_shape),
+                rows[:, self.gate_up_numel :].view(n, *self.layout.down_shape))
+
     @property
     def total_bytes(self) -> int:
         return self.record_bytes * self.num_layers * self.num_experts
@@ -88,7 +101,8 @@ class ExpertStore:
             return self.slab[layer, expert]
         if staging is None:
             staging = torch.empty(self.record_numel, dtype=self.dtype)
-        self._read_into(layer, expert, staging)
+        with self._read_lock:
+            self._read_into(layer, expert, staging)
         return staging
 
     def split(self, record: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
