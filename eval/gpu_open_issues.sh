@@ -23,6 +23,10 @@
 #   PHASE=one     one GPU (kind nvidia-h200): the 12-layer bench model builds on the CPU while the GPU tests
 #                 (TESTS) run; then profile_static, profile_kernels (kernel by kernel, eager), bench_pruning,
 #                 then EXTRA (a command line; results under $WORK/extra) with the time left.
+#   PHASE=final2  two GPUs (kind nvidia-h200-x2). GPU 0: the GPU tests (TESTS), then profile_static on the
+#                 12-layer bench model (built on the CPU meanwhile), then GPU0_EXTRA; GPU 1: gpu_check --quick
+#                 (the default engine's tokens against transformers), kernel_build_times, then GPU1_EXTRA.
+#                 Extras write under $WORK/extra0 and $WORK/extra1 (and find the bench model at $WORK/vismmoe-fullsize-12).
 set -u
 OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/vismmoe_runs}
@@ -164,6 +168,28 @@ elif [ "$PHASE" = one ]; then
     } > "$OUT/gpu.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static profile_kernels bench_pruning \
         extra 2>/dev/null
+elif [ "$PHASE" = final2 ]; then
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    mkdir -p "$WORK/extra0" "$WORK/extra1"
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        step pytest 200 python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_router_kernel.py tests/test_rotary.py}
+        until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -2 "$WORK/build.log"
+        step profile_static 110 python3 eval/profile_static.py --out "$WORK/profile_static" --checkpoint "$WORK/vismmoe-fullsize-12"
+        [ -n "${GPU0_EXTRA:-}" ] && step extra0 "$(left 15)" bash -c "$GPU0_EXTRA"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    gpu0_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        step gpu_check_quick 170 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
+        step build_times 60 python3 eval/kernel_build_times.py --out "$WORK/build_times"
+        until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
+        [ -n "${GPU1_EXTRA:-}" ] && step extra1 "$(left 15)" bash -c "$GPU1_EXTRA"
+    } > "$OUT/gpu1.log" 2>&1
+    wait $gpu0_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='vismmoe-fullsize-*' profile_static \
+        gpu_check build_times extra0 extra1 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
