@@ -85,6 +85,9 @@ class RequestStats:
     # (recall), and of the predicted ones the share used (precision); None where nothing was scored.
     prefetch_recall: list = field(default_factory=list)
     prefetch_precision: list = field(default_factory=list)
+    # `prefetch: auto`: per MoE layer, the share of this request's decode steps its prefetch ran (None for
+    # layer 0, which nothing predicts); None without auto.
+    prefetch_on: list | None = None
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
     # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
@@ -139,6 +142,9 @@ class RequestStats:
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
+        if self.prefetch_on is not None and any(v is not None for v in self.prefetch_on):
+            rows.append(("prefetch on (auto), per layer", " ".join(
+                f"L{i}:{v:.0%}" for i, v in enumerate(self.prefetch_on) if v is not None)))
         if any(v is not None for row in self.prefetch_recall for v in row):
             rows.append(("next-layer recall / precision", f"{_mean(self.prefetch_recall[0]):.1%} / "
                          f"{_mean(self.prefetch_precision[0]):.1%}"))
@@ -182,6 +188,7 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
         prefetch_issued_bytes=c.prefetch_issued_bytes, prefetch_used_bytes=c.prefetch_used_bytes,
         prefetch_wasted_bytes=c.prefetch_wasted_bytes, stall_s=c.stall_s() if c.stall_events else None,
         prefetch_recall=_rounded(p.recall()), prefetch_precision=_rounded(p.precision()), decode_path=run.path,
+        prefetch_on=p.on_fraction,
     )
 
 
@@ -241,13 +248,16 @@ class EngineInfo:
     decode_kernel: str  # ... of a decode step (<= 16 tokens): fused, grouped_mm or loop
     norm_kernel: str  # the setting: auto, fused or torch
     fused_norms: int  # RMSNorm modules running the fused kernel (0: transformers' modules as they are)
-    prefetch: bool
+    prefetch: bool | str  # true, false or "auto"
     prefetch_depth: int
     prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
     prefetch_prefill: bool
     # `emulate: PROFILE`: what is emulated (memory cap, link pacing), what is not (compute), per-copy
     # times; None without emulation (deploy/emulate.py).
     emulation: dict | None = None
+    # `prefetch: auto`: the layers whose prefetch is on now, decode steps decided over, and the costs
+    # the rule weighs (copy_us, predict_us: measured at load on a GPU, priors on a CPU); None otherwise.
+    prefetch_auto: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

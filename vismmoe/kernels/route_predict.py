@@ -26,9 +26,24 @@ MAX_EXPERTS = 1024
 
 
 @triton.jit
-def _predict_kernel(x_p, norm_p, router_p, out_p, H, E, K, eps, norm_stride, router_stride, out_stride,
-                    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+def _predict_kernel(x_p, norm_p, router_p, out_p, gate_p, H, E, K, eps, norm_stride, router_stride, out_stride,
+                    gate_stride, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, HAS_GATE: tl.constexpr):
     d = tl.program_id(0)
+    if HAS_GATE:
+        go = tl.load(gate_p + d * gate_stride) > 0
+    else:
+        go = d >= 0
+    if go:
+        _predict_one(x_p, norm_p, router_p, out_p, d, H, E, K, eps, norm_stride, router_stride, out_stride,
+                     BLOCK_E, BLOCK_H)
+    else:  # this layer's prefetch is off: no prediction, and nothing to score
+        for j in range(0, K):
+            tl.store(out_p + d * out_stride + j, tl.full([], -1, tl.int64))
+
+
+@triton.jit
+def _predict_one(x_p, norm_p, router_p, out_p, d, H, E, K, eps, norm_stride, router_stride, out_stride,
+                 BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
     dtype = x_p.dtype.element_ty
     # -- the RMS of the token's state (fp32, as the norm module computes it)
     sq = tl.zeros([BLOCK_H], tl.float32)
@@ -66,10 +81,11 @@ def _next_pow2(n: int) -> int:
 
 
 def predict_experts(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int,
-                    out: torch.Tensor) -> torch.Tensor:
+                    out: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     """out[d, :top_k] = the top-k expert ids of router_w[d] @ rmsnorm(hidden, norm_w[d], eps), ties to the
-    lowest id. hidden [H] (contiguous); norm_w [D, H] and router_w [D, E, H] with contiguous rows (views of
-    the stacks); out int64 [D, >= top_k] with contiguous rows."""
+    lowest id; -1 where gate[d] <= 0 (gate: int64 [D], any stride; that program reads no router). hidden
+    [H] (contiguous); norm_w [D, H] and router_w [D, E, H] with contiguous rows (views of the stacks); out
+    int64 [D, >= top_k] with contiguous rows."""
     D, E, H = router_w.shape
     if E > MAX_EXPERTS or top_k > E:
         raise ValueError(f"predict_experts handles at most {MAX_EXPERTS} experts and top_k <= E ({E}, {top_k})")
@@ -78,8 +94,9 @@ def predict_experts(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.
     block_e = _next_pow2(max(E, 16))
     block_h = max(16, min(_next_pow2(H), 16384 // block_e))
     with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
-        _predict_kernel[(D,)](hidden, norm_w, router_w, out, H, E, top_k, float(eps), norm_w.stride(0),
-                              router_w.stride(0), out.stride(0), BLOCK_E=block_e, BLOCK_H=block_h,
-                              num_warps=8 if block_e * block_h >= 8192 else 4)
+        _predict_kernel[(D,)](hidden, norm_w, router_w, out, out if gate is None else gate, H, E, top_k, float(eps),
+                              norm_w.stride(0), router_w.stride(0), out.stride(0),
+                              0 if gate is None else gate.stride(0), BLOCK_E=block_e, BLOCK_H=block_h,
+                              HAS_GATE=gate is not None, num_warps=8 if block_e * block_h >= 8192 else 4)
     return out
 

@@ -13,6 +13,9 @@ stacked routers, router_stack.py; the module predictor where the routers cannot 
 their loads (one cache-kernel launch per distance, copy list written in place) and copies them (one
 launch); the compute stream goes on with layer l + 1's attention and joins the copy stream only before
 layer l + 1's lookup. So the only prefetch work on the compute stream's path is that fork and join.
+A target layer whose prefetch limit is 0 (switched off, or off under `prefetch: auto`) is skipped by the
+prediction kernel (its ids are -1: no router read, nothing copied, nothing scored). Under auto, one
+launch at the start of each step (`ops.prefetch_gate`) decides the limits on the device.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class DevicePath:
         self._hidden: dict = {}  # layer -> the decode token's state entering it (from the predict hook)
         self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
         self._pending = None  # the state the copy stream may still read; joined before the next lookup
+        self.auto = None  # autoprefetch.AutoPrefetch under `prefetch: auto`
+        self.auto_base = None  # its device copy of the configured limits [L, depth]
 
     def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth)
@@ -48,6 +53,11 @@ class DevicePath:
         self.lookahead = lookahead
         if lookahead is not None:
             self.ledger.use_device_predictions(top_k)
+
+    def use_auto(self, auto, base) -> None:
+        """`prefetch: auto`: each step starts with the gate that sets the residency's limits from `base`."""
+        self.auto = auto
+        self.auto_base = torch.as_tensor(base, dtype=torch.int64).to(self.cache.device).clone()
 
     def begin(self) -> None:
         self.ledger.begin_device()
@@ -67,6 +77,8 @@ class DevicePath:
         self._predicted_at.clear()
         if self.residency is not None:
             self.residency.begin_step()
+            if self.auto is not None:
+                self.auto.device_step_ops(self.residency.state.pf, self.auto_base, self.residency.prefetch_limits)
 
     def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""
@@ -109,8 +121,10 @@ class DevicePath:
         stream = self.cache.copy_stream if self.cache.cuda else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        # The limit of each (target layer + 1 + d, distance d + 1): 0 = skip that prediction.
+        gate = torch.diagonal(self.residency.prefetch_limits[layer + 1: layer + 1 + depth, :depth])
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self.lookahead.predict_into(layer, hidden, predicted)
+            self.lookahead.predict_into(layer, hidden, predicted, gate)
             self.residency.prefetch(layer, predicted)
         self._predicted_at.add(layer)
         # Held until the join: the allocator must not hand `hidden` to the compute stream while the

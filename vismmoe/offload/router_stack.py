@@ -27,13 +27,16 @@ def top_k_ids(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def predict_experts_reference(hidden: torch.Tensor, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float,
-                              top_k: int) -> torch.Tensor:
+                              top_k: int, gate: torch.Tensor | None = None) -> torch.Tensor:
     """The torch twin of the kernel: ids [D, top_k] (int64) of the top-k logits of
-    router_w[d] @ rms_norm(hidden, norm_w[d]) for each d, ties to the lowest id. The ops are the modules'
-    own, so on the CPU the logits are bitwise theirs."""
+    router_w[d] @ rms_norm(hidden, norm_w[d]) for each d, ties to the lowest id; -1 rows where gate[d] <= 0.
+    The ops are the modules' own, so on the CPU the logits are bitwise theirs."""
     x = hidden.reshape(1, -1)
-    return torch.cat([top_k_ids(F.linear(ops.rms_norm_reference(x, norm_w[d], eps), router_w[d]), top_k)
-                      for d in range(router_w.shape[0])])
+    ids = torch.cat([top_k_ids(F.linear(ops.rms_norm_reference(x, norm_w[d], eps), router_w[d]), top_k)
+                     for d in range(router_w.shape[0])])
+    if gate is not None:
+        ids = torch.where(gate.reshape(-1, 1).to(ids.device) > 0, ids, -1)
+    return ids
 
 
 def _norm_eps(norm) -> float | None:
@@ -112,11 +115,13 @@ class RouterStack:
         router_w = torch.stack([router.weight.detach() for router, _ in targets]).contiguous()
         return cls(norm_w, router_w, eps.pop(), top_k), "stacked"
 
-    def predict_into(self, layer: int, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    def predict_into(self, layer: int, hidden: torch.Tensor, out: torch.Tensor, gate=None) -> None:
         """out[d] = the predicted experts of layer `layer` + 1 + d, for d < out.shape[0] (which must not
-        reach past the last layer), from `hidden`, the one decode token's state entering `layer`."""
+        reach past the last layer), from `hidden`, the one decode token's state entering `layer`; -1 (and
+        that layer's router not read) where gate[d] <= 0."""
         rows = slice(layer + 1, layer + 1 + out.shape[0])
-        ops.predict_experts(hidden.reshape(-1).contiguous(), self.norm_w[rows], self.router_w[rows], self.eps, self.top_k, out)
+        ops.predict_experts(hidden.reshape(-1).contiguous(), self.norm_w[rows], self.router_w[rows], self.eps,
+                            self.top_k, out, gate=gate)
 
 
 def random_case(gen: torch.Generator, depth: int, num_experts: int, hidden_size: int, ties: bool = False):
