@@ -5,7 +5,7 @@ together), decayed counts of what its prefetches did decide whether it is on:
 
     saved = used * copy_s                       used: prefetched experts a demand then hit (misses saved)
     cost  = steps * predict_s + (issued - used) * copy_s * wrong_cost
-    on    = saved > cost   (or no evidence yet: on, to measure)
+    on    = saved >= cost   (or no evidence yet: on, to measure)
 
 `issued` / `used` are the cache's own prefetch counters (`pf[0]`, `pf[1]` of the cache state, counted
 by the same transitions on the host, in the simulator and on the device); `steps` the decode steps the
@@ -63,7 +63,7 @@ def fold(used, issued, steps, on, age, wait, d_used, d_issued, copy_s, predict_s
     steps = steps * keep + on * period
     saved = used * copy_s
     cost = steps * predict_s + (issued - used) * (copy_s * wrong_cost)
-    worth = (saved > cost) * 1.0
+    worth = (saved >= cost) * 1.0  # a tie (free prediction, nothing wrong) keeps it
     fresh = (steps <= 0.0) * 1.0  # never measured: run, to measure
     good = worth + fresh - worth * fresh
     wait = wait * (1.0 + on * (1.0 - good))  # it ran and failed: the next probe waits twice as long

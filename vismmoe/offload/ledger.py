@@ -67,7 +67,7 @@ class PredictionLedger:
         c = self.counters
         for distance, predicted in predicted_here.items():
             c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
-            c.actual[distance - 1, layer] += len(actual)
+            c.actual[distance - 1, layer] += len(actual) if len(predicted) else 0  # as score_predicted
             c.predicted[distance - 1, layer] += len(predicted)
         return predicted_here
 
