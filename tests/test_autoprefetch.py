@@ -127,11 +127,11 @@ def test_prefetch_setting_values(tmp_path):
 
 # ---- the engine: never other tokens; stats say what auto decided ---------------------------------------
 
-REQUESTS = random_requests(4, seed=31)
+REQUESTS = random_requests(2, seed=31)
 
 
-def _tokens(engine, n=24):
-    results = [engine.generate(image=i, prompt=p, max_new_tokens=n) for i, p in REQUESTS]
+def _tokens(engine, n=12, **kwargs):
+    results = [engine.generate(image=i, prompt=p, max_new_tokens=n, **kwargs) for i, p in REQUESTS]
     return [r.token_ids for r in results], results
 
 
@@ -146,6 +146,7 @@ def test_auto_gives_the_tokens_of_prefetch_off(tiny_checkpoints, family):
     assert info.prefetch == "auto" and info.prefetch_auto["costs_from"] == "prior"
     stats = results[-1].stats
     assert stats.prefetch_on[0] is None and all(0.0 <= v <= 1.0 for v in stats.prefetch_on[1:])
+    assert "prefetch on (auto), per layer" in stats.table() and "prefetch_on" in stats.to_dict()
 
 
 @pytest.mark.parametrize("decode", ["static", "generate"])
@@ -153,13 +154,13 @@ def test_auto_follows_the_costs_on_both_paths(qwen_checkpoint, decode):
     """Where prefetch pays (copies cost much, predictions nothing) auto keeps every layer on and prefetches
     what `true` prefetches; where it never pays it switches the layers off after the first period and
     prefetches (almost) nothing but its probes; the tokens are those of prefetch off throughout."""
-    want, _ = _tokens(vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=False, decode=decode))
+    want, _ = _tokens(vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=False, decode=decode), n=20, min_new_tokens=20)
     issued = {}
     for name, (copy_s, predict_s) in {"pays": (1.0, 0.0), "never": (0.0, 1.0)}.items():
         engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch="auto", decode=decode)
         engine.runtime.auto.params[ap.WRONG_COST] = 0.0
         engine.runtime.auto.set_costs(copy_s, predict_s, "test")
-        got, results = _tokens(engine)
+        got, results = _tokens(engine, n=20, min_new_tokens=20)
         assert got == want
         issued[name] = sum(r.stats.prefetch_issued_bytes for r in results)
         on = results[-1].stats.prefetch_on

@@ -123,6 +123,10 @@ class DevicePath:
             stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         # The limit of each (target layer + 1 + d, distance d + 1): 0 = skip that prediction.
         gate = torch.diagonal(self.residency.prefetch_limits[layer + 1: layer + 1 + depth, :depth])
+        if not self.cache.cuda and not bool((gate > 0).any()):  # eager on the CPU: a free look, skip it all
+            predicted.fill_(-1)
+            self._predicted_at.add(layer)
+            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self.lookahead.predict_into(layer, hidden, predicted, gate)
             self.residency.prefetch(layer, predicted)

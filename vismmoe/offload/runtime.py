@@ -77,7 +77,7 @@ class OffloadRuntime:
             lookahead = stack if stack is not None else self.predictor
         self.device.use_residency(top_k, self.depth, self.active_limits, lookahead)
         if self.auto is not None and lookahead is not None:
-            if self.cache.cuda:  # the rule's costs, timed once here (the cache is still empty)
+            if self.cache.cuda and self.cache.num_layers > 1:  # the rule's costs, timed once (the cache is empty)
                 self.auto.set_costs(*measure_costs(self.cache, lookahead, top_k))
             self.device.use_auto(self.auto, self.prefetch_limits)
 
