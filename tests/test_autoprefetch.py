@@ -172,7 +172,7 @@ def test_auto_follows_the_costs_on_both_paths(qwen_checkpoint, decode):
         else:
             assert all(v < 0.5 for v in on[1:])
             assert engine.info().prefetch_auto["on_layers"] == []
-    assert issued["pays"] > 4 * issued["never"] > 0
+    assert issued["pays"] > 2 * issued["never"] > 0  # "never": its first period only (38 decode steps)
 
 
 def test_reconfigure_between_auto_and_fixed(qwen_checkpoint):
