@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: all)")
     ap.add_argument("--budgets", help="comma-separated slot counts (default: 10%%..100%% of all experts)")
     ap.add_argument("--prefetch", default=None,
-                    help="comma-separated of none,trace,oracle (default: all three; no trace without predictions)")
+                    help="comma-separated of none,trace,oracle,auto (default: all four; no trace or auto without "
+                         "predictions)")
     ap.add_argument("--slot-plan", default="global", choices=["global", "uniform"])
     ap.add_argument("--prefetch-limit", type=int, default=0, help="copies per prefetch call, 0 = unlimited")
     ap.add_argument("--threads", type=int, default=None)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     if args.prefetch:
         modes = args.prefetch.split(",")
     else:
-        modes = ["none", "trace", "oracle"] if trace.has_predictions else ["none", "oracle"]
+        modes = ["none", "trace", "oracle", "auto"] if trace.has_predictions else ["none", "oracle"]
     print(f"trace: {meta.model or args.trace}: {trace.num_requests} requests, {trace.num_groups} layer calls, "
           f"{meta.num_layers} layers x {meta.num_experts} experts, top-{meta.top_k} (loaded in {t_load:.1f} s)")
 
@@ -88,7 +89,11 @@ def _markdown(trace, args, results, timings, quality) -> str:
                   "Hit rate (all layer calls):", "", results_table(rs, "hit_rate"), "",
                   "Hit rate in decode steps only:", "", results_table(rs, "decode_hit_rate"), "",
                   "Link time per request (ms, demand + prefetch copies at the configured bandwidth):", "",
-                  _table(rs, lambda r: f"{r.predicted_link_time_s / max(trace.num_requests, 1) * 1e3:.2f}"), ""]
+                  _table(rs, lambda r: f"{r.predicted_link_time_s / max(trace.num_requests, 1) * 1e3:.2f}"), "",
+                  "Decode overhead per request (ms; `SimResult.decode_overhead_s`: decode misses and unused prefetch "
+                  "copies at one copy time each, plus one prediction per layer call predicted for; compares the "
+                  "prefetch modes):", "",
+                  _table(rs, lambda r: f"{r.decode_overhead_s / max(trace.num_requests, 1) * 1e3:.2f}"), ""]
         if mode != "none":
             lines += ["Prefetch copies used by a demand / issued:", "",
                       _table(rs, lambda r: f"{int(r.prefetch_used.sum())}/{int(r.prefetch_issued.sum())}"), ""]

@@ -202,7 +202,7 @@ def test_reconfigure_errors_leave_the_engine_serving(engine, probe):
     before = engine.config
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['foo'\]"):
         engine.reconfigure(foo=1)
-    with pytest.raises(ConfigError, match="prefetch must be true or false"):
+    with pytest.raises(ConfigError, match="prefetch must be auto, true or false"):
         engine.reconfigure(prefetch="no")
     with pytest.raises(ConfigError, match="visual_keep"):
         engine.reconfigure(visual_keep=0)

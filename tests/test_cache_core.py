@@ -237,7 +237,8 @@ def random_calls(state_factory, policy, steps, seed, S=7, L=4, E=12, k=4, half_l
             n_dist = min(2, layer) if id_rows else 0
             for d in range(1, n_dist + 1):
                 p = pred_rows[layer - d, d - 1].cpu().numpy()
-                want_ledger[:, d - 1, layer] += (len(np.intersect1d(ex, p[p >= 0])), n, (p >= 0).sum())
+                made = (p >= 0).sum()  # an all -1 row (a skipped prediction) scores nothing
+                want_ledger[:, d - 1, layer] += (len(np.intersect1d(ex, p[p >= 0])), n * (made > 0), made)
             s, f, _ = ops.cache_demand(st, layer, torch.from_numpy(ex[perm]).to(dev), torch.from_numpy(nv[perm]).to(dev),
                                        torch.from_numpy(nt[perm]).to(dev), kernel=kernel,
                                        score=(pred_rows, ledger, n_dist) if n_dist else None, quota=dev_quota,

@@ -263,3 +263,23 @@ def test_kernel_gate_skips_rows_and_leaves_the_counts_at_zero(kernel_device):
     want = predict_experts_reference(x, norm_w, router_w, eps, 4, gate)
     assert torch.equal(got.cpu(), want) and (want[1] == -1).all() and (want[[0, 2]] >= 0).all()
     assert not scratch[1].any()
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_gate_skips_switched_off_layers(request, kernel):
+    """A gate entry <= 0 (that layer's prefetch is off, e.g. under prefetch: auto) gives a -1 row; the other
+    rows are the ungated prediction. The gate is read with any stride (the device path passes a diagonal of
+    the [L, depth] limits)."""
+    device = request.getfixturevalue("kernel_device") if kernel else "cpu"
+    gen = torch.Generator().manual_seed(11)
+    depth, num_experts, top_k, hidden = 3, 64, 8, 72
+    x, norm_w, router_w, eps = random_case(gen, depth, num_experts, hidden)
+    want = predict_experts_reference(x, norm_w, router_w, eps, top_k)
+    limits = torch.tensor([[4, 0, 0], [0, 5, 0], [0, 2, 0], [0, 0, 1]])  # [L, depth]; targets at rows 1..3
+    gate = torch.diagonal(limits[1:, :])  # stride depth + 1: (layer 1, d1) = 0, (2, d2) = 2, (3, d3) = 1
+    assert gate.tolist() == [0, 2, 1] and gate.stride(0) == 4
+    for g in (gate, torch.tensor([3, 0, 0]), torch.zeros(3, dtype=torch.int64)):
+        got = ops.predict_experts(*(t.to(device) for t in (x, norm_w, router_w)), eps, top_k, kernel=kernel,
+                                  gate=g.to(device))
+        expect = torch.where(g.reshape(-1, 1) > 0, want, -1)
+        assert torch.equal(got.cpu(), expect), g

@@ -187,4 +187,5 @@ def test_sweep_script_writes_table_and_plot(tmp_path, trace):
                  "--policies", "lru,affinity", "--threads", "2"]) == 0
     text = (tmp_path / "out" / "policies.md").read_text()
     assert "## Prefetch: oracle" in text and "| 12 |" in text and "decode recall" in text
+    assert "## Prefetch: auto" in text and "Decode overhead per request" in text
     assert (tmp_path / "out" / "policies.png").stat().st_size > 10_000

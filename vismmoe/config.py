@@ -35,8 +35,10 @@ class EngineConfig:
     policy: str = "lru"
     # Lookahead prefetch: predict the experts of the next `prefetch_depth` MoE layers from the current
     # hidden state (with those layers' own routers) and copy them ahead on the copy stream, at most
-    # `prefetch_limit` per layer and step (0 = the model's top-k).
-    prefetch: bool = True
+    # `prefetch_limit` per layer and step (0 = the model's top-k). "auto": per layer, only where it pays
+    # (the saved miss time of its used prefetches exceeds the prediction's and the wrong copies' cost;
+    # re-decided every 16 decode steps, offload/autoprefetch.py); true: every layer; false: off.
+    prefetch: Any = "auto"
     prefetch_depth: int = 1
     prefetch_limit: int = 0
     # Also prefetch during the prefill. Off by default: a many-token step touches nearly every expert,
@@ -114,6 +116,8 @@ class EngineConfig:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not (isinstance(self.prefetch, bool) or self.prefetch == "auto"):
+            raise ConfigError(f"prefetch must be auto, true or false, got {self.prefetch!r}")
         if not 1 <= self.prefetch_depth <= 8:
             raise ConfigError(f"prefetch_depth must be an integer from 1 to 8, got {self.prefetch_depth!r}")
         if self.prefetch_limit < 0:

@@ -183,7 +183,8 @@ class Engine:
         predictor = LookaheadPredictor(self.layout, config.prefetch_depth) if config.prefetch else None
         self.runtime = OffloadRuntime(self.cache, self.layout.is_transposed, predictor,
                                       prefetch_limit=config.prefetch_limit or self.layout.top_k,
-                                      grouped=grouped, prefetch_prefill=config.prefetch_prefill, fused_decode=fused)
+                                      grouped=grouped, prefetch_prefill=config.prefetch_prefill, fused_decode=fused,
+                                      auto_prefetch=config.prefetch == "auto")
         if not self.cache.complete and self._device_copies_work():
             self.runtime.use_device_residency(self.layout.top_k, zero_copy=config.miss_path in ("auto", "zerocopy") and
                                               miss_paths.zero_copy_runs(self.store, self.device, self.runtime.compute))
@@ -284,7 +285,8 @@ class Engine:
         changed = {k for k in ("prefetch", "prefetch_limit", "prefetch_depth") if getattr(config, k) != getattr(self.config, k)}
         same_rest = config.replace(**{k: getattr(self.config, k) for k in changed}) == self.config
         if (not changed or not same_rest or num_slots != self.num_slots or self.runtime.predictor is None
-                or config.prefetch_depth > self.runtime.depth):
+                or config.prefetch_depth > self.runtime.depth
+                or (config.prefetch == "auto") != (self.runtime.auto is not None)):  # auto: its own runtime
             return False
         self.runtime.set_prefetch(limit=(config.prefetch_limit or self.layout.top_k) if config.prefetch else 0,
                                   depth=config.prefetch_depth)
@@ -420,6 +422,7 @@ class Engine:
             rope_kernel=config.rope_kernel, fused_rotary=self.fused_rotary,
             decode_kernel="fused" if self.runtime.fused_decode and pooled else prefill_kernel,
             prefetch=config.prefetch, prefetch_depth=config.prefetch_depth,
+            prefetch_auto=None if self.runtime.auto is None else self.runtime.auto.info(),
             prefetch_limit=config.prefetch_limit or layout.top_k, prefetch_prefill=config.prefetch_prefill,
             emulation=None if self.emulation is None else self.emulation.info(), miss_path=config.miss_path,
             miss_paths=self.miss.info())

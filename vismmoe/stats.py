@@ -85,6 +85,9 @@ class RequestStats:
     # (recall), and of the predicted ones the share used (precision); None where nothing was scored.
     prefetch_recall: list = field(default_factory=list)
     prefetch_precision: list = field(default_factory=list)
+    # `prefetch: auto`: per MoE layer, the share of this request's decode steps its prefetch ran (None for
+    # layer 0, which nothing predicts); None without auto.
+    prefetch_on: list | None = None
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
     # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
@@ -147,6 +150,9 @@ class RequestStats:
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
+        if self.prefetch_on is not None and any(v is not None for v in self.prefetch_on):
+            rows.append(("prefetch on (auto), per layer", " ".join(
+                f"L{i}:{v:.0%}" for i, v in enumerate(self.prefetch_on) if v is not None)))
         if any(v is not None for row in self.prefetch_recall for v in row):
             rows.append(("next-layer recall / precision", f"{_mean(self.prefetch_recall[0]):.1%} / "
                          f"{_mean(self.prefetch_precision[0]):.1%}"))
@@ -195,6 +201,7 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
         prefetch_recall=_rounded(p.recall()), prefetch_precision=_rounded(p.precision()), decode_path=run.path,
         misses_by_path_per_layer={"copy": (c.misses - c.zero_copy - c.cpu).tolist(), "zerocopy": c.zero_copy.tolist(),
                                   "cpu": c.cpu.tolist()},
+        prefetch_on=p.on_fraction,
     )
 
 
@@ -258,7 +265,7 @@ class EngineInfo:
     fused_routers: int  # routers running the fused kernel in decode steps (0: transformers' routers)
     rope_kernel: str  # the setting: auto, fused or torch
     fused_rotary: int  # modeling modules whose decode-step rotary embedding takes the kernel (0: none)
-    prefetch: bool
+    prefetch: bool | str  # true, false or "auto"
     prefetch_depth: int
     prefetch_limit: int  # copies per prefetch call (the setting's 0 means top_k)
     prefetch_prefill: bool
@@ -269,6 +276,9 @@ class EngineInfo:
     # and auto's figures and predicted costs (offload/miss_paths.py).
     miss_path: str = "auto"
     miss_paths: dict | None = None
+    # `prefetch: auto`: the layers whose prefetch is on now, decode steps decided over, and the costs
+    # the rule weighs (copy_us, predict_us: measured at load on a GPU, priors on a CPU); None otherwise.
+    prefetch_auto: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

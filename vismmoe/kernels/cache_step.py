@@ -274,7 +274,8 @@ def _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_mi
             n_pred = tl.sum((in_p & (p >= 0)).to(tl.int64), axis=0)
             base = ledger_p + dd * L + layer
             tl.store(base, tl.load(base) + tp)
-            tl.store(base + DEPTH * L, tl.load(base + DEPTH * L) + n)
+            # A skipped prediction (all -1: that layer's prefetch was off) scores nothing.
+            tl.store(base + DEPTH * L, tl.load(base + DEPTH * L) + n * (n_pred > 0).to(tl.int64))
             tl.store(base + 2 * DEPTH * L, tl.load(base + 2 * DEPTH * L) + n_pred)
 
 

@@ -18,6 +18,10 @@ Zero-copy (offload/miss_paths.py): layers in `host_layers` compute with the slab
 pool, so that the misses their decision serves in place (slot id -r-1) are read from host row r. The
 set only grows: a layer captured that way may switch between copy and zerocopy by its device scalar
 (`DeviceResidency.miss_modes`) with no new capture; a layer added to it needs one (`Runtime.set_miss_paths`).
+
+A target layer whose prefetch limit is 0 (switched off, or off under `prefetch: auto`) is skipped by the
+prediction kernel (its ids are -1: no router read, nothing copied, nothing scored). Under auto, one
+launch at the start of each step (`ops.prefetch_gate`) decides the limits on the device.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class DevicePath:
         self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
         self._pending = None  # the state the copy stream may still read; joined before the next lookup
         self.host_layers = set()  # layers whose compute may read in-place misses from the slab
+        self.auto = None  # autoprefetch.AutoPrefetch under `prefetch: auto`
+        self.auto_base = None  # its device copy of the configured limits [L, depth]
 
     def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None, zero_copy: bool = False) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth, zero_copy)
@@ -54,6 +60,11 @@ class DevicePath:
         self.lookahead = lookahead
         if lookahead is not None:
             self.ledger.use_device_predictions(top_k)
+
+    def use_auto(self, auto, base) -> None:
+        """`prefetch: auto`: each step starts with the gate that sets the residency's limits from `base`."""
+        self.auto = auto
+        self.auto_base = torch.as_tensor(base, dtype=torch.int64).to(self.cache.device).clone()
 
     def begin(self) -> None:
         self.ledger.begin_device()
@@ -74,6 +85,8 @@ class DevicePath:
         self._predicted_at.clear()
         if self.residency is not None:
             self.residency.begin_step()
+            if self.auto is not None:
+                self.auto.device_step_ops(self.residency.state.pf, self.auto_base, self.residency.prefetch_limits)
 
     def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""
@@ -117,8 +130,14 @@ class DevicePath:
         stream = self.cache.copy_stream if self.cache.cuda else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        # The limit of each (target layer + 1 + d, distance d + 1): 0 = skip that prediction.
+        gate = torch.diagonal(self.residency.prefetch_limits[layer + 1: layer + 1 + depth, :depth])
+        if not self.cache.cuda and not bool((gate > 0).any()):  # eager on the CPU: a free look, skip it all
+            predicted.fill_(-1)
+            self._predicted_at.add(layer)
+            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self.lookahead.predict_into(layer, hidden, predicted)
+            self.lookahead.predict_into(layer, hidden, predicted, gate)
             self.residency.prefetch(layer, predicted)
         self._predicted_at.add(layer)
         # Held until the join: the allocator must not hand `hidden` to the compute stream while the

@@ -24,6 +24,9 @@ class PredictionCounters:
     true_pos: np.ndarray
     actual: np.ndarray
     predicted: np.ndarray
+    # Under `prefetch: auto`: per MoE layer, the share of the request's decode steps its prefetch ran
+    # (None: layer 0, which nothing predicts); None without auto (offload/autoprefetch.py).
+    on_fraction: list | None = None
 
     @classmethod
     def zeros(cls, depth: int, num_layers: int) -> "PredictionCounters":
@@ -64,7 +67,7 @@ class PredictionLedger:
         c = self.counters
         for distance, predicted in predicted_here.items():
             c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
-            c.actual[distance - 1, layer] += len(actual)
+            c.actual[distance - 1, layer] += len(actual) if len(predicted) else 0  # as score_predicted
             c.predicted[distance - 1, layer] += len(predicted)
         return predicted_here
 
@@ -95,11 +98,14 @@ class PredictionLedger:
 def score_predicted(predicted: torch.Tensor, counts: torch.Tensor, n_dist: int, layer: int,
                     experts: torch.Tensor) -> None:
     """The torch twin of the scoring in the cache kernel: counts[:, d - 1, layer] += (true positives, actual,
-    predicted) of `experts` (distinct ids of one decode token) against predicted[layer - d, d - 1], d <= n_dist."""
+    predicted) of `experts` (distinct ids of one decode token) against predicted[layer - d, d - 1], d <= n_dist.
+    A skipped prediction (all -1: that layer's prefetch was off) scores nothing, so recall and precision
+    describe the predictions that were made."""
     for d in range(1, n_dist + 1):
         pred = predicted[layer - d, d - 1]
         hit = (pred[:, None] == experts[None, :]) & (pred[:, None] >= 0)
         c = counts[:, d - 1, layer]
+        made = (pred >= 0).sum()
         c[0] += hit.sum()
-        c[1] += experts.numel()
-        c[2] += (pred >= 0).sum()
+        c[1] += experts.numel() * (made > 0)
+        c[2] += made

@@ -56,9 +56,10 @@ class LookaheadPredictor:
             masks[d].index_fill_(0, indices.reshape(-1).to(torch.int64), 1)
         return masks
 
-    def predict_into(self, position: int, hidden: torch.Tensor, out: torch.Tensor) -> None:
+    def predict_into(self, position: int, hidden: torch.Tensor, out: torch.Tensor, gate=None) -> None:
         """The device path's form: out[d] (int64 [top_k]) = the experts predicted for MoE layer
-        position + 1 + d, -1 where that layer cannot be predicted; one decode token."""
+        position + 1 + d, -1 where that layer cannot be predicted or where gate[d] <= 0 (its prefetch is
+        off: the modules still run, their ids are dropped); one decode token."""
         hidden = hidden.reshape(-1, hidden.shape[-1])
         for d in range(out.shape[0]):
             target = position + 1 + d
@@ -68,4 +69,5 @@ class LookaheadPredictor:
             router, norm = self.targets[target]
             result = router(norm(hidden))
             indices = result[-1] if isinstance(result, tuple) else result
-            out[d].copy_(indices.reshape(-1)[: out.shape[1]])
+            ids = indices.reshape(-1)[: out.shape[1]]
+            out[d].copy_(ids if gate is None else torch.where(gate[d] > 0, ids, -1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .autoprefetch import AutoPrefetch, measure_costs, prior_costs
 from .cache import ExpertCache
 from .compute import ExpertCompute
 from .context import Context
@@ -27,7 +28,8 @@ class OffloadRuntime:
     """Binds the cache (and the optional lookahead predictor) to the model's experts modules."""
 
     def __init__(self, cache: ExpertCache, is_transposed: bool, predictor=None, prefetch_limit: int = 0,
-                 grouped: bool = False, prefetch_prefill: bool = False, fused_decode: bool = False):
+                 grouped: bool = False, prefetch_prefill: bool = False, fused_decode: bool = False,
+                 auto_prefetch: bool = False):
         self.cache = cache
         self.predictor = predictor
         self.prefetch_prefill = prefetch_prefill
@@ -37,11 +39,18 @@ class OffloadRuntime:
         self.prefetch_limits = np.zeros((cache.num_layers, self.depth), np.int64)
         if predictor is not None:
             self.prefetch_limits[:] = prefetch_limit
+        # `prefetch: auto` (autoprefetch.py): the limits in force are prefetch_limits where a layer's
+        # prefetch pays, else 0 (`active_limits`, what the host path reads); without auto they are one array.
+        self.auto = None
+        self.active_limits = self.prefetch_limits
+        if auto_prefetch and predictor is not None:
+            self.auto = AutoPrefetch(cache.num_layers, *prior_costs(cache.store.record_bytes), cache.device)
+            self.active_limits = self.prefetch_limits.copy()
         self.context = Context()
         self.observers: list = []  # callables(layer, step, top_k_index, visual_mask, predicted): traces
         self.compute = ExpertCompute(is_transposed, grouped, fused_decode)
         self.ledger = PredictionLedger(self.depth, cache.num_layers, cache.device)
-        self.host = HostPath(cache, self.compute, self.ledger, self.context, self.prefetch_limits, self.observers)
+        self.host = HostPath(cache, self.compute, self.ledger, self.context, self.active_limits, self.observers)
         self.device = DevicePath(cache, self.compute, self.ledger, self.context)
         self.static = False  # between begin_static and end_static: layers decide on the device
         self.lookahead_kind = "none"  # static path's predictor: "stacked" (one launch), else why not
@@ -68,8 +77,12 @@ class OffloadRuntime:
         if self.predictor is not None:
             stack, self.lookahead_kind = RouterStack.build(self.predictor, top_k)
             lookahead = stack if stack is not None else self.predictor
-        self.device.use_residency(top_k, self.depth, self.prefetch_limits, lookahead,
+        self.device.use_residency(top_k, self.depth, self.active_limits, lookahead,
                                   zero_copy and self.compute.reads_host(1))
+        if self.auto is not None and lookahead is not None:
+            if self.cache.cuda and self.cache.num_layers > 1:  # the rule's costs, timed once (the cache is empty)
+                self.auto.set_costs(*measure_costs(self.cache, lookahead, top_k))
+            self.device.use_auto(self.auto, self.prefetch_limits)
 
     @property
     def miss_paths(self) -> np.ndarray:
@@ -103,8 +116,12 @@ class OffloadRuntime:
             self.prefetch_limits[rows] = int(limit)
         if depth is not None:
             self.prefetch_limits[rows, depth:] = 0
+        if self.auto is not None:
+            self.auto.apply(self.prefetch_limits, self.active_limits)
         if self.residency is not None:
-            self.residency.set_prefetch_limits(self.prefetch_limits)
+            self.residency.set_prefetch_limits(self.active_limits)
+            if self.device.auto is not None:
+                self.device.auto_base.copy_(torch.from_numpy(self.prefetch_limits))
 
     def add_observer(self, observer) -> None:
         self.observers.append(observer)
@@ -121,6 +138,8 @@ class OffloadRuntime:
         self.ledger.begin_request()
         self.cache.reset_counters()
         self.cache.begin_request()
+        if self.auto is not None:
+            self.auto.begin_request()
 
     def end_request(self) -> None:
         self.context.reset()
@@ -129,10 +148,14 @@ class OffloadRuntime:
         """A forward step of the whole model (0 = prefill) starts: a fresh context, prefetch pins drop."""
         self.context.set(index, visual_mask)
         self.host.begin_step()
+        if self.auto is not None and index > 0:  # a decode step of the host path: auto decides here
+            self.auto.host_step(self.cache.state.pf, self.prefetch_limits, self.active_limits)
 
     def begin_static(self) -> None:
         self.static = True
         self.device.begin()
+        if self.device.auto is not None:  # after the residency's load (its prefetch counters restart)
+            self.auto.to_device()
 
     def end_static(self) -> None:
         self.static = False
@@ -140,6 +163,9 @@ class OffloadRuntime:
         if calls is not None:
             self.host.decode_calls[0] += calls[0]
             self.host.decode_calls[1] += calls[1]
+        if self.device.auto is not None:  # after the residency folded its counters into the host's
+            self.auto.from_device(self.cache.state.pf)
+            self.auto.apply(self.prefetch_limits, self.active_limits)
 
     def begin_static_step(self) -> None:
         """A static decode step starts (on CUDA: once, at capture; its graph replays the device work).
@@ -154,7 +180,7 @@ class OffloadRuntime:
         step = self.context.get()
         if self.predictor is None or (self.cache.complete and not self.observers):
             return  # nothing to prefetch into a complete cache, unless a trace wants the predictions
-        if not self.prefetch_limits[layer + 1:].any() and not self.observers and not self.static:
+        if not self.active_limits[layer + 1:].any() and not self.observers and not self.static:
             return  # switched off for every later layer
         if self.static:  # predicted beside the compute once this layer has run (device_path.py)
             self.device.note_hidden(layer, hidden_states)
@@ -171,4 +197,6 @@ class OffloadRuntime:
         """(cache counters, prediction counters) of the request so far; folds in the hits a complete
         cache counted on the device (one readback)."""
         self.cache.collect_device_hits()
+        if self.auto is not None:
+            self.ledger.counters.on_fraction = self.auto.on_fraction()
         return self.cache.counters, self.ledger.counters

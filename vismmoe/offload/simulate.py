@@ -5,7 +5,9 @@ specification): the same numba transitions the live host cache (offload/cache.py
 the order the engine calls them:
   * `begin_request` at the start of every request, `begin_step` (all pins drop) at every forward step;
   * prefetch (trace predictions, or an oracle): before a group, i.e. right after the previous layer
-    ran (running = layer - 1), up to `prefetch_limit` copies;
+    ran (running = layer - 1), up to `prefetch_limit` copies; under "auto" only for the layers that
+    `prefetch: auto`'s rule keeps on (offload/autoprefetch.py: the engine's own decision code, `tick`
+    at every decode step, on the replayed cache's prefetch counters);
   * a group (one layer call) needs the distinct experts its tokens routed to, in ascending id order;
     they load in waves of at most `wave_size` experts (all slots, or the layer's quota under a
     SlotPlan), each wave one `demand` with its visual / text token counts.
@@ -23,13 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from . import core
+from . import autoprefetch, core
 from .policies import POLICIES, SlotPlan, make_policy
 from .trace import Trace
 
 PINNED_GBPS = 54.0  # H100 PCIe Gen5 x16 host->GPU from pinned memory, measured (MISSION.md section 4)
 COPY_OVERHEAD_S = 7e-6  # fixed cost of one extra copy, measured there too
-PREFETCH_MODES = ("none", "trace", "oracle")  # oracle: a perfect next-layer predictor (layers >= 1)
+PREFETCH_MODES = ("none", "trace", "oracle", "auto")  # oracle: a perfect next-layer predictor (layers >= 1);
+# auto: the trace's predictions where prefetch: auto's rule keeps the layer on
 
 
 @dataclass
@@ -53,6 +56,18 @@ class SimResult:
     extra: dict = field(default_factory=dict)
     group_tables: np.ndarray | None = None  # [G, L, E] slot table after each group (record_groups=True)
     group_misses: np.ndarray | None = None  # [G]
+    predictions: int = 0  # decode-step predictions made (one per layer call prefetched for)
+    predict_s: float = autoprefetch.PREDICT_S_PRIOR
+    prefetch_on: list | None = None  # auto: per layer, the share of decode steps its prefetch was on
+
+    @property
+    def decode_overhead_s(self) -> float:
+        """The time model the prefetch settings are compared by: what the cache adds to decoding, with
+        prefetches hidden under compute when right. Demand misses of decode steps, each a copy on the
+        compute stream's path; prefetch copies never used, each a copy that took the link (and a slot);
+        one prediction launch per layer call predicted for."""
+        wrong = int(self.prefetch_issued.sum() - self.prefetch_used.sum())
+        return (self.decode_misses + wrong) * self.copy_seconds + self.predictions * self.predict_s
 
     @property
     def hits(self) -> int:
@@ -102,15 +117,19 @@ class SimResult:
             demand_link_time_s=self.demand_link_time_s, hits_per_layer=self.hits_per_layer.tolist(),
             misses_per_layer=self.misses_per_layer.tolist(), prefetch_issued=int(self.prefetch_issued.sum()),
             prefetch_used=int(self.prefetch_used.sum()), prefetch_wasted=int(self.prefetch_wasted.sum()),
-            waves=self.waves, seconds=self.seconds, **self.extra,
+            waves=self.waves, seconds=self.seconds, predictions=self.predictions,
+            decode_overhead_s=self.decode_overhead_s, prefetch_on=self.prefetch_on, **self.extra,
         )
 
 
 def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch="none",
              slot_plan: SlotPlan | str | None = None, prefetch_limit: int = 0, link_gbps: float = PINNED_GBPS,
              expert_bytes: int | None = None, copy_overhead_s: float = COPY_OVERHEAD_S,
-             policy_options: dict | None = None, record_groups: bool = False) -> SimResult:
-    """Replay `trace` in numba. prefetch: "none" (or False), "trace" (recorded predictions), "oracle".
+             policy_options: dict | None = None, record_groups: bool = False,
+             predict_s: float = autoprefetch.PREDICT_S_PRIOR) -> SimResult:
+    """Replay `trace` in numba. prefetch: "none" (or False), "trace" (or True: recorded predictions), "oracle",
+    "auto" (recorded predictions where prefetch: auto's rule keeps the layer on, weighing one record's copy
+    time at `link_gbps` and `predict_s` per prediction).
     slot_plan: None (one global pool), "uniform", or a SlotPlan. prefetch_limit: copies per prefetch
     call, 0 = no limit (the engine's `prefetch_limit`). record_groups: keep the slot table after every
     group and the group's misses (`group_tables`, `group_misses`)."""
@@ -127,14 +146,21 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     scratch = np.empty(budget_slots, np.int64), np.empty(max(budget_slots, meta.num_experts), np.int64)
     G = trace.num_groups if record_groups else 0
     tables, group_misses = np.zeros((G, meta.num_layers, meta.num_experts), np.int32), np.zeros(G, np.int64)
+    record = int(expert_bytes if expert_bytes is not None else meta.expert_bytes)
+    auto_params = autoprefetch.new_params(record / (link_gbps * 1e9) + copy_overhead_s, predict_s)
+    auto_state = autoprefetch.new_state(meta.num_layers if mode == "auto" else 0)
+    counts = np.zeros(2, np.int64)  # decode steps, predictions
     waves = _replay(state, trace.group_request, trace.group_step, trace.group_layer, demand.offsets,
                     demand.experts.astype(np.int64), demand.n_visual.astype(np.int64), demand.n_text.astype(np.int64),
                     pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses, tables,
-                    group_misses)
+                    group_misses, auto_state, auto_params, counts)
     pf = state.pf
     seconds = time.perf_counter() - start
     result = _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
                      copy_overhead_s, seconds)
+    result.predictions, result.predict_s = int(counts[1]), predict_s
+    if mode == "auto" and counts[0]:
+        result.prefetch_on = [None] + [round(float(v), 4) for v in auto_state[autoprefetch.ON_STEPS, 1:] / counts[0]]
     if record_groups:
         result.group_tables, result.group_misses = tables, group_misses
     return result
@@ -192,14 +218,14 @@ def _prefetch_mode(prefetch, trace: Trace) -> str:
     mode = "none" if prefetch in (None, False) else "trace" if prefetch is True else str(prefetch)
     if mode not in PREFETCH_MODES:
         raise ValueError(f"prefetch must be one of {PREFETCH_MODES}, got {prefetch!r}")
-    if mode == "trace" and not trace.has_predictions:
-        raise ValueError("prefetch='trace' needs a trace recorded with predictions")
+    if mode in ("trace", "auto") and not trace.has_predictions:
+        raise ValueError(f"prefetch={mode!r} needs a trace recorded with predictions")
     return mode
 
 
 def _predictions(trace: Trace, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets [G+1], experts) of the set to prefetch before each group; empty arrays for no prefetch."""
-    if mode == "trace":
+    if mode in ("trace", "auto"):
         return trace.predicted_offsets, trace.predicted
     if mode == "oracle":  # what a perfect predictor would give: the engine predicts layer l+1 from layer l
         demand = trace.demand_sets()
@@ -228,9 +254,12 @@ def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, ex
 # _nrt=False: no reference counting (the driver allocates nothing; the caller passes every array).
 @njit(cache=True, nogil=True, _nrt=False)
 def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts, set_visual, set_text,
-            pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses, tables, group_misses):
+            pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses, tables, group_misses,
+            auto_state, auto_params, counts):
     """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). With `tables`
-    [G, L, E] (else empty), the slot table after every group and its misses are recorded too.
+    [G, L, E] (else empty), the slot table after every group and its misses are recorded too. With
+    `auto_state` [ROWS, L] (else [ROWS, 0]), prefetch: auto decides at every decode step, as the engine
+    does, from the replayed cache's prefetch counters. counts: (decode steps, predictions) are added up.
     Returns the number of layer calls that needed several waves."""
     record = tables.shape[0] > 0
     num_slots = st.owner.shape[0]
@@ -238,6 +267,7 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
     request = -1
     step = -1
     use_prefetch = pred_offsets.shape[0] > 0
+    auto = auto_state.shape[1] > 0
     for g in range(group_layer.shape[0]):
         layer = group_layer[g]
         phase = 1 if group_step[g] > 0 else 0
@@ -248,7 +278,13 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
         if group_step[g] != step:
             step = group_step[g]
             core.begin_step(st)
-        if use_prefetch and pred_offsets[g + 1] > pred_offsets[g]:
+            if phase == 1:
+                counts[0] += 1
+                if auto:
+                    autoprefetch.tick(auto_state, auto_params, st.pf, counts[0])
+        if use_prefetch and pred_offsets[g + 1] > pred_offsets[g] and \
+                (not auto or auto_state[autoprefetch.ON, layer] > 0.5):
+            counts[1] += phase
             core.prefetch(st, layer, pred_experts[pred_offsets[g]:pred_offsets[g + 1]], layer - 1, prefetch_limit,
                           quota, fill)
         lo = set_offsets[g]
@@ -273,11 +309,12 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
 
 def _drop_stale_kernels() -> None:
     """numba's cache only notices edits to a function's own file, but `_replay` compiles in the core's
-    transitions from core.py: forget its cached builds whenever that file changes."""
+    transitions from core.py and auto's rule from autoprefetch.py: forget its cached builds whenever one of
+    those files changes."""
     import hashlib
     from pathlib import Path
 
-    digest = hashlib.sha256(Path(core.__file__).read_bytes()).hexdigest()
+    digest = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (core, autoprefetch))).hexdigest()
     cache = _replay._cache
     if cache.cache_path is None:  # caching disabled
         return

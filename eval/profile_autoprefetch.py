@@ -1,0 +1,173 @@
+"""`prefetch: auto` against `false` and `true` (issue 12 item 3): live decode and simulated replays.
+
+Live: the random bench model of eval/profile_static.py (Qwen3-VL-30B-A3B expert shapes, random routers,
+so lookahead predictions are mostly wrong), static decode at 25% and 50% budgets, for prefetch false,
+true and auto: decode ms/token of a first ("cold") generation on a fresh runtime, then the fastest and
+the mean of --trials more after --warmup generations (auto's decisions carry over between requests, as
+on a server); tokens, prefetched MB per token, and what auto decided per layer (share of decode steps
+on) and the costs it weighed (measured at load on a GPU). Target: auto never more than 3% slower than
+false.
+
+Simulated: the bundled models' recorded traces (eval/results/*_test_traces.npz) replayed under LRU at
+25% and 50% of all experts for prefetch none / trace (= true) / auto, by the simulator's time model
+(`SimResult.decode_overhead_s`: decode misses and wrong prefetch copies at one record's copy time, plus
+one prediction per layer call predicted for), with the traces' own record sizes and, with the record
+size and the costs measured on this machine's bench model, as if a full-size model routed that way.
+Target: auto at least as good as the best fixed setting.
+
+Writes profile_autoprefetch.json and profile_autoprefetch.md into --out.
+
+    python eval/profile_autoprefetch.py --out $OUT --layers 12           # GPU (H200)
+    python eval/profile_autoprefetch.py --out /tmp/a --checkpoint models/easyvqa-qwen3vlmoe --tokens 12  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import BENCH_PROMPT, device_name, output_dir, random_image, write_report  # noqa: E402
+
+import vismmoe  # noqa: E402
+from vismmoe.offload.autoprefetch import PREDICT_S_PRIOR  # noqa: E402
+from vismmoe.offload.simulate import simulate  # noqa: E402
+from vismmoe.offload.trace import load_trace  # noqa: E402
+from vismmoe.testing.tiny_models import full_size_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = [ROOT / "eval/results/easyvqa_test_traces.npz", ROOT / "eval/results/scenevqa_test_traces.npz"]
+MODES = (False, True, "auto")
+
+
+def live(engine, args) -> dict:
+    image, prompt = random_image(np.random.RandomState(0), 256), BENCH_PROMPT
+    n = args.tokens
+    runs = {}
+    for budget in args.budgets:
+        for prefetch in MODES:
+            # Each run on a fresh runtime: a switch into or out of auto builds a new one (and a new controller).
+            engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy)
+
+            def generate():
+                return engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
+
+            per_token = lambda r: r.stats.decode_s * 1e3 / (r.stats.new_tokens - 1)  # noqa: E731
+            cold = generate()  # captures the graphs; auto starts with every layer on
+            for _ in range(args.warmup):
+                generate()
+            trials = [generate() for _ in range(max(1, args.trials))]
+            best = min(trials, key=per_token)
+            s = best.stats
+            info = engine.info()
+            runs[f"{budget}/prefetch={prefetch}"] = dict(
+                budget=budget, prefetch=prefetch, path=s.decode_path, cold_ms_per_token=per_token(cold),
+                decode_ms_per_token=per_token(best), mean_ms_per_token=float(np.mean([per_token(r) for r in trials])),
+                trials_ms_per_token=[per_token(r) for r in trials],
+                prefetch_mb_per_token=s.prefetch_issued_bytes / 1e6 / (s.new_tokens - 1),
+                prefetch_used_mb_per_token=s.prefetch_used_bytes / 1e6 / (s.new_tokens - 1),
+                decode_misses_per_token=(s.expert_misses - s.prefill_misses) / (s.new_tokens - 1),
+                prefetch_on=s.prefetch_on, auto=info.prefetch_auto, recall=s.prefetch_recall[:1] if s.prefetch_recall else [],
+                token_ids=best.token_ids)
+            print(f"{budget}/prefetch={prefetch}", {k: v for k, v in runs[f"{budget}/prefetch={prefetch}"].items()
+                                                    if k != "token_ids"}, flush=True)
+    return runs
+
+
+def simulated(args, record_bytes: int | None, costs: dict | None) -> list[dict]:
+    rows = []
+    for path in args.traces:
+        trace = load_trace(path)
+        meta = trace.meta
+        total = meta.num_layers * meta.num_experts
+        scenarios = [("trace's records", None, PREDICT_S_PRIOR, None)]
+        if record_bytes:
+            link = None
+            if costs and costs.get("costs_from") == "measured":
+                # One record at the measured copy time: the link rate that gives it (no fixed overhead).
+                link = record_bytes / (costs["copy_us"] * 1e-6) / 1e9
+            scenarios.append(("bench model's records", record_bytes,
+                              costs["predict_us"] * 1e-6 if costs else PREDICT_S_PRIOR, link))
+        for scenario, expert_bytes, predict_s, link in scenarios:
+            for fraction in (0.25, 0.5):
+                slots = max(meta.num_layers, meta.top_k, int(round(total * fraction)))
+                extra = dict(link_gbps=link, copy_overhead_s=0.0) if link else {}
+                results = {mode: simulate(trace, args.policy, slots, mode, expert_bytes=expert_bytes, predict_s=predict_s,
+                                          **extra) for mode in ("none", "trace", "auto")}
+                best_fixed = min(results["none"].decode_overhead_s, results["trace"].decode_overhead_s)
+                rows.append(dict(trace=Path(path).stem, scenario=scenario, budget=fraction, slots=slots,
+                                 copy_us=results["auto"].copy_seconds * 1e6, predict_us=predict_s * 1e6,
+                                 **{f"{m}_ms": r.decode_overhead_s * 1e3 for m, r in results.items()},
+                                 auto_vs_best_fixed=results["auto"].decode_overhead_s / best_fixed - 1 if best_fixed else 0.0,
+                                 auto_on=results["auto"].prefetch_on))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# prefetch: auto vs false / true ({report['gpu']})", "",
+             f"Checkpoint `{report['checkpoint']}`, {report['tokens']} forced tokens, policy {report['policy']}; "
+             f"fastest (and mean) of {report['trials']} generations after a cold one and {report['warmup']} warm-up; "
+             f"auto's costs: {report.get('auto_costs')}.", "",
+             "| budget | prefetch | cold ms/token | ms/token (best) | mean | vs false | prefetched MB/token | used MB/token | "
+             "auto: share of steps on, per layer |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    live_runs = report["live"]
+    for name, r in live_runs.items():
+        off = live_runs[f"{r['budget']}/prefetch=False"]["decode_ms_per_token"]
+        on = " ".join(f"{v:.0%}" for v in (r["prefetch_on"] or [])[1:] if v is not None) or "-"
+        lines.append(f"| {r['budget']:.0%} | {r['prefetch']} | {r['cold_ms_per_token']:.2f} | {r['decode_ms_per_token']:.2f} "
+                     f"| {r['mean_ms_per_token']:.2f} | {r['decode_ms_per_token'] / off - 1:+.1%} | "
+                     f"{r['prefetch_mb_per_token']:.1f} | {r['prefetch_used_mb_per_token']:.1f} | {on} |")
+    t = report["targets"]
+    lines += ["", f"Target (auto never more than 3% slower than false): worst {t['auto_worst_vs_false']:+.1%} — "
+              f"**{'met' if t['auto_within_3pct'] else 'not met'}**; same tokens in every run: {t['same_tokens']}.", ""]
+    if report.get("simulated"):
+        lines += ["## Simulated (recorded traces, LRU; ms of decode overhead per the simulator's time model)", "",
+                  "| trace | records | budget | copy µs | predict µs | none | trace (true) | auto | auto vs best fixed | auto on |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in report["simulated"]:
+            on = " ".join(f"{v:.0%}" for v in (r["auto_on"] or [])[1:])
+            lines.append(f"| {r['trace']} | {r['scenario']} | {r['budget']:.0%} | {r['copy_us']:.1f} | {r['predict_us']:.1f} "
+                         f"| {r['none_ms']:.1f} | {r['trace_ms']:.1f} | {r['auto_ms']:.1f} | {r['auto_vs_best_fixed']:+.1%} | {on} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--checkpoint", help="this checkpoint instead of the full-size random bench model")
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="generations after the cold one, before the trials")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--traces", nargs="*", default=[str(p) for p in TRACES], help="recorded traces to replay")
+    args = ap.parse_args()
+    out = output_dir(args.out)
+    ckpt = Path(args.checkpoint) if args.checkpoint else full_size_checkpoint(args.layers)
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    engine = vismmoe.load(ckpt, dtype=dtype, expert_budget=args.budgets[0], prefetch="auto", policy=args.policy)
+    report = dict(gpu=device_name(), checkpoint=str(ckpt), policy=args.policy, tokens=args.tokens, trials=args.trials,
+                  warmup=args.warmup, record_bytes=engine.info().record_bytes)
+    report["auto_costs"] = engine.info().prefetch_auto and {k: v for k, v in engine.info().prefetch_auto.items()
+                                                             if k in ("copy_us", "predict_us", "costs_from")}
+    with torch.inference_mode():
+        report["live"] = live(engine, args)
+    worst = max(r["decode_ms_per_token"] / report["live"][f"{r['budget']}/prefetch=False"]["decode_ms_per_token"] - 1
+                for r in report["live"].values() if r["prefetch"] == "auto")
+    tokens = {json.dumps(r["token_ids"]) for r in report["live"].values()}
+    report["targets"] = dict(auto_worst_vs_false=worst, auto_within_3pct=worst <= 0.03, same_tokens=len(tokens) == 1)
+    report["simulated"] = simulated(args, report["record_bytes"], report["auto_costs"])
+    text = markdown(report)
+    write_report(out, "profile_autoprefetch", report, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""`prefetch: auto` (offload/autoprefetch.py): the per-layer rule, its runners (numba on the host path and in
+the simulator, torch on the static path, the Triton gate kernel), the engine under it (never other tokens),
+the config switch, and the simulator's auto against the fixed settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vismmoe
+from vismmoe import ops
+from vismmoe.errors import ConfigError
+from vismmoe.offload import autoprefetch as ap
+from vismmoe.offload.simulate import simulate
+from vismmoe.offload.trace import Trace, synthetic_trace
+from vismmoe.testing.tiny_models import FAMILIES
+
+from .conftest import random_requests
+
+COPY_S, PREDICT_S = 100e-6, 30e-6
+RULE = dict(copy_s=COPY_S, predict_s=PREDICT_S, wrong_cost=2.0, decay=0.5, probe_every=2.0, period=8.0)
+
+
+def decide(used, issued, steps=0.0, on=1.0, age=0.0, wait=2.0, d_used=0.0, d_issued=0.0):
+    return dict(zip(("used", "issued", "steps", "on", "age", "wait"),
+                    ap.fold(used, issued, steps, on, age, wait, d_used, d_issued, **RULE)))
+
+
+# ---- the rule ---------------------------------------------------------------------------------------
+
+def test_rule_keeps_a_layer_on_while_its_used_prefetches_save_more_than_they_cost():
+    # 8 steps on: 8 * 30 us of predictions; 5 used copies save 500 us, 1 wrong copy costs 200 us: on.
+    assert decide(0, 0, d_used=5, d_issued=6)["on"] == 1.0
+    assert decide(0, 0, d_used=4, d_issued=5)["on"] == 0.0  # 400 us saved < 440 us
+    # 2 used (200 us) against 240 us of predictions and 2 wrong copies (400 us): off.
+    out = decide(0, 0, d_used=2, d_issued=4)
+    assert out["on"] == 0.0 and out["age"] == 1.0
+    # No evidence at all (never ran): on, to measure.
+    assert decide(0, 0, on=0.0)["on"] == 1.0
+
+
+def test_rule_decays_old_evidence_only_while_the_layer_runs():
+    out = decide(10, 10, steps=8, d_used=2, d_issued=2)  # ran: old counts halve, the period's add
+    assert (out["used"], out["issued"], out["steps"]) == (7.0, 7.0, 12.0)
+    out = decide(10, 10, steps=8, on=0.0, age=0.0, d_used=0, d_issued=0)  # off: nothing new, nothing decays
+    assert (out["used"], out["issued"], out["steps"]) == (10.0, 10.0, 8.0)
+
+
+def test_switched_off_layer_is_probed_again_and_failed_probes_wait_longer():
+    bad = dict(used=0.0, issued=40.0, steps=16.0)  # wrong copies only: off
+    state = decide(**bad, on=0.0, age=0.0, wait=2.0)
+    assert state["on"] == 0.0 and state["age"] == 1.0
+    state = decide(state["used"], state["issued"], state["steps"], on=0.0, age=state["age"], wait=state["wait"])
+    assert state["on"] == 1.0 and state["age"] == 0.0  # waited 2 periods: a probe
+    # The probe period brings more wrong copies: off again, and the next probe waits twice as long.
+    state = decide(state["used"], state["issued"], state["steps"], on=1.0, age=0.0, wait=state["wait"], d_issued=8)
+    assert state["on"] == 0.0 and state["wait"] == 4.0
+    # ... up to MAX_WAIT.
+    assert decide(**bad, on=1.0, wait=ap.MAX_WAIT, d_issued=8)["wait"] == ap.MAX_WAIT
+    # A probe that finds the predictions good now keeps the layer on and resets the wait.
+    state = decide(0.0, 40.0, 16.0, on=1.0, age=0.0, wait=8.0, d_used=200, d_issued=200)
+    assert state["on"] == 1.0 and state["wait"] == RULE["probe_every"]
+
+
+def test_tick_decides_every_period_on_the_counts_of_that_period():
+    L = 3
+    state, params = ap.new_state(L), ap.new_params(COPY_S, PREDICT_S)
+    pf = np.zeros((3, L), np.int64)
+    period = int(params[ap.PERIOD_P])
+    for step in range(1, period + 1):  # the first period: layer 1 wastes, layer 2 saves
+        assert not ap.tick(state, params, pf, step)
+        pf[0, 1] += 4
+        pf[0, 2] += 4
+        pf[1, 2] += 4
+    assert ap.tick(state, params, pf, period + 1)
+    # Layer 0 (nothing predicts it) paid predictions for nothing, as far as the rule can tell: off too.
+    assert state[ap.ON].tolist() == [0.0, 0.0, 1.0]
+    assert state[ap.ON_STEPS].tolist() == [period, period, period + 1]
+    assert state[ap.LAST_ISSUED].tolist() == [0, 4 * period, 4 * period]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_device_twin_makes_the_host_decisions(seed):
+    """The static path's torch twin (what the CPU runs; the kernel's reference) against `tick` (numba: the host
+    path and the simulator) on random prefetch counts: the same state and limits at every step."""
+    assert ops.compare_prefetch_gate("cpu", seed=seed, steps=60, kernel=False)
+
+
+def test_twin_comparison_sees_layers_switch_both_ways():
+    """The random counts of the comparison above do flip decisions (so it compares something)."""
+    gen = np.random.default_rng(0)
+    L = 7
+    state = ap.new_state(L)
+    params = ap.new_params(float(gen.uniform(5e-6, 2e-4)), float(gen.uniform(5e-6, 5e-5)))
+    params[ap.PERIOD_P], params[ap.PROBE_P] = 3, 2
+    pf = np.zeros((3, L + 1), np.int64)
+    history = []
+    for step in range(1, 41):
+        issued = gen.integers(0, 9, L)
+        pf[0, :L] += issued
+        pf[1, :L] += gen.integers(0, issued + 1)
+        ap.tick(state, params, pf, step)
+        history.append(state[ap.ON].copy())
+    flips = np.diff(np.array(history), axis=0)
+    assert (flips > 0).any() and (flips < 0).any()
+
+
+def test_gate_kernel_matches_the_host_decisions(kernel_device):
+    for seed in range(3):
+        assert ops.compare_prefetch_gate(kernel_device, seed=seed, steps=60, kernel=True)
+
+
+# ---- config -------------------------------------------------------------------------------------------
+
+def test_prefetch_setting_values(tmp_path):
+    assert vismmoe.EngineConfig().prefetch == "auto"
+    for value in ("auto", True, False):
+        assert vismmoe.load_config({"prefetch": value}).prefetch == value
+    for value in ("yes", "on", 1, None, "AUTO", 0.5):
+        with pytest.raises(ConfigError, match="prefetch must be auto, true or false"):
+            vismmoe.load_config({"prefetch": value})
+    path = tmp_path / "deploy.yaml"
+    path.write_text("engine:\n  prefetch: auto\n")
+    assert vismmoe.load_config(path).prefetch == "auto"
+
+
+# ---- the engine: never other tokens; stats say what auto decided ---------------------------------------
+
+REQUESTS = random_requests(2, seed=31)
+
+
+def _tokens(engine, n=12, **kwargs):
+    results = [engine.generate(image=i, prompt=p, max_new_tokens=n, **kwargs) for i, p in REQUESTS]
+    return [r.token_ids for r in results], results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_gives_the_tokens_of_prefetch_off(tiny_checkpoints, family):
+    model_dir = tiny_checkpoints[family]
+    off, _ = _tokens(vismmoe.load(model_dir, expert_budget=0.5, prefetch=False))
+    engine = vismmoe.load(model_dir, expert_budget=0.5, prefetch="auto")
+    auto, results = _tokens(engine)
+    assert auto == off
+    info = engine.info()
+    assert info.prefetch == "auto" and info.prefetch_auto["costs_from"] == "prior"
+    stats = results[-1].stats
+    assert stats.prefetch_on[0] is None and all(0.0 <= v <= 1.0 for v in stats.prefetch_on[1:])
+    assert "prefetch on (auto), per layer" in stats.table() and "prefetch_on" in stats.to_dict()
+
+
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_auto_follows_the_costs_on_both_paths(qwen_checkpoint, decode):
+    """Where prefetch pays (copies cost much, predictions nothing) auto keeps every layer on and prefetches
+    what `true` prefetches; where it never pays it switches the layers off after the first period and
+    prefetches (almost) nothing but its probes; the tokens are those of prefetch off throughout."""
+    want, _ = _tokens(vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=False, decode=decode), n=20, min_new_tokens=20)
+    issued = {}
+    for name, (copy_s, predict_s) in {"pays": (1.0, 0.0), "never": (0.0, 1.0)}.items():
+        engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch="auto", decode=decode)
+        engine.runtime.auto.params[ap.WRONG_COST] = 0.0
+        engine.runtime.auto.set_costs(copy_s, predict_s, "test")
+        got, results = _tokens(engine, n=20, min_new_tokens=20)
+        assert got == want
+        issued[name] = sum(r.stats.prefetch_issued_bytes for r in results)
+        on = results[-1].stats.prefetch_on
+        decode_steps = engine.runtime.auto.step
+        assert decode_steps == sum(len(t) - 1 for t in got)
+        if name == "pays":
+            assert on[1:] == [1.0] * (len(on) - 1)
+            assert engine.info().prefetch_auto["on_layers"] == list(range(1, len(on)))
+        else:
+            assert all(v < 0.5 for v in on[1:])
+            assert engine.info().prefetch_auto["on_layers"] == []
+    assert issued["pays"] > 2 * issued["never"] > 0  # "never": its first period only (38 decode steps)
+
+
+def test_reconfigure_between_auto_and_fixed(qwen_checkpoint):
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=True)
+    assert engine.runtime.auto is None
+    engine.reconfigure(prefetch="auto")
+    assert engine.runtime.auto is not None and engine.info().prefetch == "auto"
+    engine.reconfigure(prefetch_limit=1)  # in place: the controller stays, the limits it gates change
+    auto = engine.runtime.auto
+    engine.reconfigure(prefetch_limit=2)
+    assert engine.runtime.auto is auto and engine.runtime.prefetch_limits.max() == 2
+    engine.reconfigure(prefetch=False)
+    assert engine.runtime.auto is None and engine.info().prefetch_auto is None
+    with pytest.raises(ConfigError, match="prefetch must be auto, true or false"):
+        engine.reconfigure(prefetch="sometimes")
+
+
+# ---- the simulator ------------------------------------------------------------------------------------
+
+def _trace_with_one_good_and_one_bad_layer(seed=0) -> Trace:
+    """A synthetic decode trace (3 layers, top-2 of 16): predictions for layer 1 are exact, those for layer 2
+    are random experts; none in the prefill (as the engine's default)."""
+    trace = synthetic_trace(60, num_layers=3, num_experts=16, top_k=2, decode_steps=40, predict_accuracy=1.0,
+                            expert_bytes=9_437_184, seed=seed)
+    rng = np.random.default_rng(seed)
+    sets, sizes = [], []
+    for g in range(trace.num_groups):
+        predicted = trace.predicted[trace.predicted_offsets[g]:trace.predicted_offsets[g + 1]]
+        if trace.group_step[g] == 0:
+            predicted = predicted[:0]
+        elif trace.group_layer[g] == 2:
+            predicted = np.sort(rng.choice(16, len(predicted), replace=False)).astype(predicted.dtype)
+        sets.append(predicted)
+        sizes.append(len(predicted))
+    trace.predicted = np.concatenate(sets)
+    trace.predicted_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return trace
+
+
+def test_simulated_auto_keeps_the_good_layer_and_drops_the_bad_one():
+    trace = _trace_with_one_good_and_one_bad_layer()
+    runs = {mode: simulate(trace, "lru", 12, mode) for mode in ("none", "trace", "auto")}
+    auto = runs["auto"]
+    assert auto.prefetch_on[1] > 0.9 and auto.prefetch_on[2] < 0.2
+    best_fixed = min(runs["none"].decode_overhead_s, runs["trace"].decode_overhead_s)
+    assert auto.decode_overhead_s < best_fixed
+    # Prediction costs are counted: the fixed setting predicts for every decode layer call of layers 1, 2.
+    decode_calls = int(((trace.group_step > 0) & (trace.group_layer > 0)).sum())
+    assert runs["trace"].predictions == decode_calls and runs["none"].predictions == 0
+    assert 0 < auto.predictions < decode_calls
+
+
+def test_simulated_auto_needs_predictions():
+    with pytest.raises(ValueError, match="needs a trace recorded with predictions"):
+        simulate(synthetic_trace(2, predict_accuracy=None), "lru", 8, "auto")
+
+
+# ---- the static path under a captured CUDA graph ----------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graph_follows_the_device_decision_without_recapture(qwen_checkpoint):
+    """The gate runs inside the captured step: switching every layer off on the device (its state, not
+    the graph) stops the prefetches of the next steps, switching them on again restarts them; the graph is
+    the one captured first, and the tokens never change."""
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch="auto", decode="static", device="cuda",
+                          dtype="bfloat16")
+    auto = engine.runtime.auto
+    assert auto.costs_from == "measured" and auto.params[ap.COPY_S] > 0 and auto.params[ap.PREDICT_S] > 0
+    auto.params[ap.WRONG_COST] = 0.0
+    auto.set_costs(1.0, 0.0, "test")  # prefetch always pays: every layer stays on
+    (image, prompt), = random_requests(1, seed=5)
+    first = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
+    (decoder,) = engine.decoders.held.values()
+    graph = decoder.graph
+    assert decoder.mode == "graph" and first.stats.prefetch_issued_bytes > 0
+    auto.set_costs(0.0, 1.0, "test")  # never pays: the first decision switches every layer off
+    second = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
+    assert decoder.graph is graph and second.token_ids == first.token_ids
+    assert second.stats.prefetch_issued_bytes < first.stats.prefetch_issued_bytes / 2
+    assert all(v < 0.5 for v in second.stats.prefetch_on[1:])

@@ -1,0 +1,84 @@
+"""One Triton launch per static decode step: `prefetch: auto`'s decision as device scalars.
+
+At the start of each captured decode step: step += 1; where a decision falls due, the per-layer
+rule (`offload.autoprefetch.fold`, the same source compiled by Triton) folds the period's prefetch
+counts from the cache state's pf counters; then the prefetch limits the step's kernels read become
+base where the layer is on, 0 where it is off. One program over all layers (L <= MAX_LAYERS). Its
+torch twin is `offload.autoprefetch.tick_torch`; the op is `ops.prefetch_gate`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+from ..offload import autoprefetch as ap
+
+MAX_LAYERS = 4096
+
+fold = triton.jit(types.FunctionType(ap.fold.__code__, {"tl": tl, "triton": triton, "__name__": __name__,
+                                                       "MAX_WAIT": tl.constexpr(ap.MAX_WAIT)}, "fold"))
+# The state's rows, as the kernel's compile-time constants.
+USED, ISSUED, STEPS, ON, AGE, WAIT, LAST_USED, LAST_ISSUED, ON_STEPS = (
+    tl.constexpr(getattr(ap, name)) for name in
+    ("USED", "ISSUED", "STEPS", "ON", "AGE", "WAIT", "LAST_USED", "LAST_ISSUED", "ON_STEPS"))
+
+
+@triton.jit
+def _gate_kernel(state_p, step_p, params_p, pf_p, base_p, limits_p, L, D, PF_STRIDE,
+                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = tl.arange(0, BLOCK_L)
+    in_l = offs < L
+    step = tl.load(step_p) + 1
+    tl.store(step_p, step)
+    period = tl.load(params_p + 5)
+    due = (step > 1) & ((step - 1) % period.to(tl.int64) == 0)
+    used = tl.load(state_p + USED * L + offs, mask=in_l, other=0.0)
+    issued = tl.load(state_p + ISSUED * L + offs, mask=in_l, other=0.0)
+    steps = tl.load(state_p + STEPS * L + offs, mask=in_l, other=0.0)
+    on = tl.load(state_p + ON * L + offs, mask=in_l, other=0.0)
+    age = tl.load(state_p + AGE * L + offs, mask=in_l, other=0.0)
+    wait = tl.load(state_p + WAIT * L + offs, mask=in_l, other=0.0)
+    last_used = tl.load(state_p + LAST_USED * L + offs, mask=in_l, other=0.0)
+    last_issued = tl.load(state_p + LAST_ISSUED * L + offs, mask=in_l, other=0.0)
+    on_steps = tl.load(state_p + ON_STEPS * L + offs, mask=in_l, other=0.0)
+    now_issued = tl.load(pf_p + offs, mask=in_l, other=0).to(tl.float64)
+    now_used = tl.load(pf_p + PF_STRIDE + offs, mask=in_l, other=0).to(tl.float64)
+    n_used, n_issued, n_steps, n_on, n_age, n_wait = fold(
+        used, issued, steps, on, age, wait, now_used - last_used, now_issued - last_issued, tl.load(params_p + 0),
+        tl.load(params_p + 1), tl.load(params_p + 2), tl.load(params_p + 3), tl.load(params_p + 4), period)
+    tl.store(state_p + USED * L + offs, tl.where(due, n_used, used), mask=in_l)
+    tl.store(state_p + ISSUED * L + offs, tl.where(due, n_issued, issued), mask=in_l)
+    tl.store(state_p + STEPS * L + offs, tl.where(due, n_steps, steps), mask=in_l)
+    on = tl.where(due, n_on, on)
+    tl.store(state_p + ON * L + offs, on, mask=in_l)
+    tl.store(state_p + AGE * L + offs, tl.where(due, n_age, age), mask=in_l)
+    tl.store(state_p + WAIT * L + offs, tl.where(due, n_wait, wait), mask=in_l)
+    tl.store(state_p + LAST_USED * L + offs, tl.where(due, now_used, last_used), mask=in_l)
+    tl.store(state_p + LAST_ISSUED * L + offs, tl.where(due, now_issued, last_issued), mask=in_l)
+    tl.store(state_p + ON_STEPS * L + offs, on_steps + on, mask=in_l)
+    offs_d = tl.arange(0, BLOCK_D)
+    cell = offs[:, None] * D + offs_d[None, :]
+    in_c = in_l[:, None] & (offs_d[None, :] < D)
+    base = tl.load(base_p + cell, mask=in_c, other=0)
+    tl.store(limits_p + cell, tl.where(on[:, None] > 0.5, base, 0), mask=in_c)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def prefetch_gate(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor, base: torch.Tensor,
+                  limits: torch.Tensor) -> None:
+    """See `offload.autoprefetch.tick_torch` (same arguments, same effect). All contiguous; pf [>= 2, P]
+    with contiguous rows."""
+    L, D = base.shape
+    if L > MAX_LAYERS or state.shape != (ap.ROWS, L):
+        raise ValueError(f"prefetch_gate wants state [{ap.ROWS}, L <= {MAX_LAYERS}] for base [L, D]; "
+                         f"got {tuple(state.shape)} and {tuple(base.shape)}")
+    extra = {} if state.device.type != "cuda" else {"enable_fp_fusion": False}  # round as numpy and torch do
+    _gate_kernel[(1,)](state, step, params, pf, base, limits, L, D, pf.stride(0),
+                       BLOCK_L=_next_pow2(max(L, 16)), BLOCK_D=_next_pow2(max(D, 1)), num_warps=1, **extra)
