@@ -477,10 +477,23 @@ class Engine:
         return None
 
     def close(self):
-        """Release the host store and the decoders; later calls raise EngineClosedError."""
+        """Release the host store, the decoders, the expert cache and the model; later calls raise
+        EngineClosedError. The GPU memory goes back to torch's allocator here, not when the garbage
+        collector finds the engine: the engine's objects refer to each other (runtime, cache, decoders,
+        the model's hooks), so without this a closed engine kept its GPU memory until the next
+        gc.collect(), and a next engine in the same process (or its emulated memory cap) ran short."""
+        if self.closed:
+            return
         self.closed = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or graph may still use what is dropped below
         self.decoders.clear()
+        glue.bind(self.layout, None)
         self.store.close()
+        self.cache = self.runtime = self.decoders = self.generate_decoder = self.pruner = None
+        # The model's modules refer to each other (transformers' own structure, our hooks): moving its
+        # tensors to the meta device frees their memory now.
+        self.model.to("meta")
         if self.emulation is not None:
             self.emulation.release()
 
