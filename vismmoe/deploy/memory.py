@@ -20,7 +20,8 @@ its size comes from in the engine:
                       allocator (32 MiB on compute capability >= 9.0, 8.125 MiB before: torch's defaults
                       ":4096:8" and ":4096:2:16:8"). GEMMs run on the compute stream, and for every captured
                       decode step on a warm-up side stream and its capture stream (new streams per capture,
-                      from torch's pool of 32 per device); one per bucket up to the context is counted
+                      from torch's pool of 32 per device); one per bucket up to the context is counted. (The copy
+                      stream's lookahead runs the stacked routers' Triton kernel, no GEMM.)
   router_stack        static decode below a full budget with prefetch: every layer's router and norm
                       weights stacked once ([L, E, H] + [L, H], offload/router_stack.py)
   device_state        the slot table, the device cache state (owner, last use, pins, counts per expert),
@@ -80,7 +81,7 @@ def gpu_parts(model: ModelInfo, dtype: str, *, slots: int, context: int, prompt_
     complete = slots >= L * E
     parts = dict.fromkeys(PARTS, 0)
     parts["non_expert_weights"] = model.non_expert_bytes(dtype)
-    parts["expert_cache"] = _round(slots * model.expert_bytes(dtype))
+    parts["expert_cache"] = slots * model.expert_bytes(dtype)  # one allocation; its rounding is in the margin
     bucket = model.kv_cache_bytes(context, dtype)
     if static:
         parts["kv_cache"] = 2 * bucket
@@ -91,13 +92,13 @@ def gpu_parts(model: ModelInfo, dtype: str, *, slots: int, context: int, prompt_
         return parts
     if static:
         parts["graph_pool"] = max(GRAPH_POOL_MIN, _round(3 * decode_step_bytes(model, context, dtype)))
-    streams = 1 + (2 * min(cache_buckets(context), 16) if static else 0) + (1 if prefetch and not complete else 0)
+    streams = 1 + (2 * min(cache_buckets(context), 16) if static else 0)
     parts["cublas_workspace"] = min(streams, 32) * cublas_workspace_bytes(compute_capability)
     if static and prefetch and not complete:
         parts["router_stack"] = L * (E + 1) * model.hidden_size * b
     table = (L * E + 1) * 4
     device_core = 3 * (slots + 1) * 8 + (slots + 1) + 3 * (L * E + 1) * 8 + 16 * L * 8 if static and not complete else 0
-    parts["device_state"] = _round(table + device_core + 64 * 1024)
+    parts["device_state"] = table + device_core + 64 * 1024  # + the ledger, residency's copy lists, counters
     if store == "mmap" and unified and not complete:
         parts["staging"] = STAGING_BUFFERS * model.expert_bytes(dtype)
     parts["margin"] = int(MARGIN_FIXED + MARGIN_SHARE * (parts["activations"] + parts["graph_pool"] + parts["kv_cache"]))

@@ -41,6 +41,7 @@ class ModelInfo:
     checkpoint_dtype: str
     sizes_from: str  # "safetensors headers" or "config (meta skeleton)"
     num_heads: int = 0  # query heads of the text model (0: unknown)
+    buffer_numel: int = 0  # the model's buffers (rotary frequencies, ...): on the device too, not in the files
 
     def expert_bytes(self, dtype: str) -> int:
         return self.record_numel * DTYPE_BYTES[dtype]
@@ -49,7 +50,8 @@ class ModelInfo:
         return self.expert_numel * DTYPE_BYTES[dtype]
 
     def non_expert_bytes(self, dtype: str) -> int:
-        return self.non_expert_numel * DTYPE_BYTES[dtype]
+        """Non-expert weights in `dtype`, and the buffers (counted as float32: the widest they are kept in)."""
+        return self.non_expert_numel * DTYPE_BYTES[dtype] + self.buffer_numel * 4
 
     def kv_bytes(self, tokens: int, dtype: str) -> int:
         return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
@@ -135,7 +137,8 @@ def model_info(model_dir) -> ModelInfo:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         vocab_size=text.vocab_size, patch_size=int(getattr(vcfg, "patch_size", 0) or 0) if vcfg else 0,
         merge_size=int(getattr(vcfg, "spatial_merge_size", 1) or 1) if vcfg else 1,
-        checkpoint_dtype=dtype, sizes_from=sizes_from, num_heads=int(getattr(text, "num_attention_heads", 0) or 0),
+        checkpoint_dtype=dtype, sizes_from=sizes_from,
+        buffer_numel=sum(b.numel() for b in skeleton.buffers()), num_heads=int(getattr(text, "num_attention_heads", 0) or 0),
     )
 
 
