@@ -228,6 +228,17 @@ def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store:
     return slots * model.expert_bytes(dtype)
 
 
+def memory_cap_for(plan: "Plan", slots: int) -> int:
+    """GPU memory (the reserve included) at which `plan`'s store holds `slots` expert slots and nothing
+    more fits: for re-planning a device at a smaller budget (eval/validate_plan.py, measure_memory.py)."""
+    sizing = dict(context=plan.context_tokens, prompt=plan.chosen.predicted["prompt_tokens"],
+                  image_size=plan.image_size, dtype=plan.dtype)
+    m = plan.chosen.memory
+    shared = m["host_store"] if plan.profile.kind != "discrete" else 0
+    return int(m["reserved"] + shared + total(_parts(plan.model, plan.profile, plan.chosen.store, slots, sizing))
+               + 0.5 * plan.model.expert_bytes(plan.dtype))
+
+
 # ------------------------------------------------------------------------------------------ internals
 def _path(store: str, slots: int, model: ModelInfo) -> str:
     """The decode path `decode: auto` takes (engine._static_unavailable): static decode needs every expert
