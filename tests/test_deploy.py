@@ -270,3 +270,24 @@ def test_cli_devices_plan_and_errors(tmp_path, capsys):
     assert main(["plan", "--model", str(QWEN30B), "--device", "rtx4090-24gb", "--output", str(out)]) == 0
     # 58 GB of experts exceed 85% of the profile's 64 GB host RAM: the NVMe (mmap) tier
     assert load_config(out).store == "mmap" and "predicted decode" in out.read_text()
+
+
+# -- the time model against recorded GPU runs ---------------------------------------------------------
+
+
+@needs_bundle
+def test_time_model_recomputed_on_the_recorded_gpu_runs():
+    """eval/check_time_model.py re-predicts the recorded H200 runs (planner validation under emulation,
+    profile_static) from their recorded inputs: every prediction within the issue's +-25%. The prior was
+    fitted on these rows (in-sample): this guards the time model against drifting away from them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_time_model", ROOT / "eval" / "check_time_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.check()
+    ratios = [r[f"{k}_meas"] / r[f"{k}_new"] for r in rows for k in ("ttft", "decode") if r[f"{k}_meas"] is not None]
+    assert len(ratios) >= 20
+    assert all(0.75 <= x <= 1.25 for x in ratios), ratios
+    profiles = {r["profile"] for r in rows if r["source"].startswith("validate")}
+    assert {"jetson-orin-nano-8gb", "rtx4060-laptop-8gb", "rtx3060-12gb", "rtx4090-24gb"} <= profiles

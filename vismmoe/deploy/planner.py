@@ -52,7 +52,8 @@ ENGINE_PRIOR = dict(
     offload_layer_ms=0.033,  # static decode below a full budget, per layer: profile_static 0.5 vs 1.0 (2.20 - 1.80) / 12
     generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
     miss_overhead_ms=0.05,  # per missed expert beyond its link time: easy-VQA static rows at 25%
-    loop_expert_ms=0.4,  # a prefill layer with more distinct experts than its wave computes them one by one
+    loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
+    #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
     copy_overhead_ms=0.007,  # per host-path copy (research/offload.md)
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
