@@ -1,8 +1,8 @@
 """The planner's GPU memory by part (vismmoe/deploy/memory.py) against what the engine really holds, on a GPU.
 
 For each model (the 12-layer full-size bench model of eval/bench_offload.py, the bundled easy-VQA model)
-and each target profile (a Jetson, the RTX 4060 Laptop, 3060, 4090), at the planner's own budget and at
-about a quarter of the experts: the planner writes its config, the config is loaded under `emulate:
+and each target profile (a Jetson, the RTX 4060 Laptop, 3060, 4090), at the planner's own budget (and,
+with --fractions 1.0 0.25, at about a quarter of the experts too): the planner writes its config, the config is loaded under `emulate:
 PROFILE` (the allocator capped at the profile's usable memory, as in eval/validate_plan.py), and torch's
 allocator is read around each phase:
 
@@ -20,7 +20,7 @@ allocator is read around each phase:
 
 Writes measure_memory.json and measure_memory.md (planned vs measured bytes per part) to --out.
 
-    python eval/measure_memory.py --out $OUT                   # GPU: both models, four profiles
+    python eval/measure_memory.py --out $OUT --deadline-s 200  # GPU: both models, four profiles (~4 min)
     python eval/measure_memory.py --out /tmp/m --tiny          # CPU smoke run (tiny model, held parts only)
 """
 
@@ -139,7 +139,7 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--models", nargs="+", default=["bundled", "bench"], choices=("bench", "bundled"))
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
-    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.25],
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0],
                     help="1.0: the planner's own budget; below: the planner capped to about that share of the experts")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--deadline-s", type=float, default=200)
