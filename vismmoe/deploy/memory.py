@@ -19,9 +19,13 @@ its size comes from in the engine:
   cublas_workspace    torch gives every (cuBLAS handle, stream) pair its own workspace from the caching
                       allocator (32 MiB on compute capability >= 9.0, 8.125 MiB before: torch's defaults
                       ":4096:8" and ":4096:2:16:8"). GEMMs run on the compute stream, and for every captured
-                      decode step on a warm-up side stream and its capture stream (new streams per capture,
-                      from torch's pool of 32 per device); one per bucket up to the context is counted. (The copy
-                      stream's lookahead runs the stacked routers' Triton kernel, no GEMM.)
+                      decode step on a warm-up side stream and its capture stream (a new pair per capture,
+                      from torch's pool of 32 per device): static configs count all 33 (STATIC_STREAMS).
+                      The copy stream's lookahead runs the stacked routers' Triton kernel, no GEMM. In the
+                      recorded H200 run a process that had served a few static configs held ~0.5 GB
+                      besides its engines (eval/results/validate_plan_emulated: each out-of-memory row's
+                      allocated bytes = its own weights and cache + the previous setting's engine + 0.50
+                      GB): about 15 such 32 MiB workspaces
   router_stack        static decode below a full budget with prefetch: every layer's router and norm
                       weights stacked once ([L, E, H] + [L, H], offload/router_stack.py)
   device_state        the slot table, the device cache state (owner, last use, pins, counts per expert),
@@ -49,6 +53,10 @@ GRAPH_POOL_MIN = 32 * MiB  # H100 gpu_check: static minus generate activations 7
 MARGIN_FIXED = 64 * MiB
 MARGIN_SHARE = 0.10
 STAGING_BUFFERS = 4  # ExpertCache._staging
+# Streams whose cuBLAS workspace static decode may leave allocated: the compute stream, and every capture's
+# warm-up and capture streams, drawn from torch's pool of 32 streams per device (a new pair per capture:
+# per cache length, and again after a cache grows); over a server's life all 32 can be drawn.
+STATIC_STREAMS = 33
 PARTS = ("non_expert_weights", "expert_cache", "kv_cache", "activations", "graph_pool", "cublas_workspace",
          "router_stack", "device_state", "staging", "margin")
 TRANSIENT = ("activations", "graph_pool", "cublas_workspace", "margin")  # not held by a tensor the engine names
@@ -61,13 +69,6 @@ def cublas_workspace_bytes(compute_capability: str) -> int:
     except ValueError:
         major = 9
     return 4096 * 1024 * 8 if major >= 9 else 4096 * 1024 * 2 + 16 * 1024 * 8
-
-
-def cache_buckets(context: int) -> int:
-    """How many static cache lengths (256, 512, ...) a request of up to `context` tokens can use."""
-    from ..static_decode import cache_length
-
-    return int(math.log2(cache_length(context, None) // 256)) + 1
 
 
 def gpu_parts(model: ModelInfo, dtype: str, *, slots: int, context: int, prompt_tokens: int, image_size: int,
@@ -92,7 +93,7 @@ def gpu_parts(model: ModelInfo, dtype: str, *, slots: int, context: int, prompt_
         return parts
     if static:
         parts["graph_pool"] = max(GRAPH_POOL_MIN, _round(3 * decode_step_bytes(model, context, dtype)))
-    streams = 1 + (2 * min(cache_buckets(context), 16) if static else 0)
+    streams = STATIC_STREAMS if static else 1
     parts["cublas_workspace"] = min(streams, 32) * cublas_workspace_bytes(compute_capability)
     if static and prefetch and not complete:
         parts["router_stack"] = L * (E + 1) * model.hidden_size * b
