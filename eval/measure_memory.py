@@ -6,8 +6,9 @@ with --fractions 1.0 0.25, at about a quarter of the experts too): the planner w
 PROFILE` (the allocator capped at the profile's usable memory, as in eval/validate_plan.py), and torch's
 allocator is read around each phase:
 
-  before load   memory_allocated() left by anything earlier in the process (must be 0: a leak would
-                make the cap fail for reasons that are not the config's)
+  before load   memory_allocated() left by earlier settings (their cuBLAS workspaces: one per stream,
+                and every capture draws new streams), then cleared; after clearing it must be 0 (a
+                leak would make the cap fail for reasons that are not the config's)
   load          allocated after load; by part what the engine holds (Engine.held_bytes)
   prefill       a request of 1 new token (no decode step, no capture): its transient peak over what
                 it leaves (activations), and what it leaves allocated: the KV cache it reserved, and
@@ -55,11 +56,20 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _clean() -> None:
+def _clean() -> int:
+    """Free what earlier settings left (no engine is alive here): garbage, cached blocks, and the cuBLAS
+    workspaces torch keeps per stream (each graph capture draws new streams; the emulated cap counts the
+    whole process). Returns the bytes that were still allocated before the workspaces were cleared."""
     gc.collect()
-    if _cuda():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if not _cuda():
+        return 0
+    left = torch.cuda.memory_allocated()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return left
 
 
 def _alloc() -> int:
@@ -72,8 +82,8 @@ def _peak() -> int:
 
 def measure(model_dir, config: dict, image, prompt, new_tokens: int, long_tokens: int) -> dict:
     """Load `config` under its emulated profile and read the allocator around each phase."""
-    _clean()
-    out = dict(leftover_before_load=_alloc())
+    out = dict(left_by_earlier_settings=_clean())  # cuBLAS workspaces of earlier streams, if any
+    out["leftover_before_load"] = _alloc()
     engine = None
     try:
         engine = vismmoe.load(model_dir, config=config)
@@ -209,7 +219,7 @@ def markdown(report) -> str:
     lines = [f"GPU memory by part, planned vs measured, on {report['device']} (torch {report['torch']}), each config "
              "under `emulate: PROFILE`. MiB.", "",
              "| model | profile | budget | slots | store | path | usable | planned total (no reserve) | measured max reserved "
-             "| leftover before load | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| left by earlier settings / after clearing | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         m = r.get("measured", {})
         if "planned" not in r:
@@ -219,7 +229,8 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | {r['slots']} | {r['store']} | "
                      f"{m.get('decode_path', r['decode_path_planned'])} | {_mib(r['usable'] - p['reserved'])} | "
                      f"{_mib(p['gpu_total'] - p['reserved'])} | {_mib(m.get('max_reserved'))} | "
-                     f"{_mib(m.get('leftover_before_load'))} | {m.get('error', '')[:160]} |")
+                     f"{_mib(m.get('left_by_earlier_settings'))} / {_mib(m.get('leftover_before_load'))} | "
+                     f"{m.get('error', '')[:160]} |")
     lines += ["", "By part (planned / measured). Measured: held parts from Engine.held_bytes; KV from the decoders "
               "held; activations = the 1-token request's peak over what it left; 'cublas+small' = what that request "
               "left beyond its KV; 'graph+capture' = what the first decoding request left beyond its KV (graph pool and "

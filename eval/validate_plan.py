@@ -119,6 +119,10 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
     config = dict(engine_config, device=device)
     free_memory()
     leftover = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:  # no engine is alive here: the earlier settings' per-stream cuBLAS workspaces go
+        clear()
+        torch.cuda.empty_cache()
     engine = None
     try:
         engine = vismmoe.load(model_dir, config=config)
