@@ -4,13 +4,13 @@ Offline (CPU, seconds): no GPU run, so it can only re-predict what the recorded 
   * eval/results/validate_plan_emulated/validate_plan.json, part B rows that measured: the planner's
     replayed misses (decode misses per token, prefill misses), prompt tokens, slots, slot plan, store
     and decode path as planned, the profile's link (miss time), and the H200 probe of that run (which
-    has no engine-time figures: so the prior of planner.ENGINE_PRIOR stands for this machine's);
+    has no engine-time figures: so the prior of time_model.ENGINE_PRIOR stands for this machine's);
   * eval/results/profile_static_h200_final.json: static decode steps of the 12-layer bench model at
     100%, 50% and 25% budgets, prefetch off (misses per token as measured, the copy kernel's measured
     time per record).
 For each it prints the new prediction against the measured time (ratio measured / predicted; the
 issue's band is 0.75-1.25) and the old prediction the run recorded. The prior was fitted on rows of
-these same files (see planner.ENGINE_PRIOR), so the ratios here are in-sample for those rows; only a
+these same files (see time_model.ENGINE_PRIOR), so the ratios here are in-sample for those rows; only a
 GPU re-run of eval/validate_plan.py (which now probes the engine times on the spot) is out of sample.
 
     python eval/check_time_model.py [--out DIR]
