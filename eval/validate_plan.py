@@ -15,7 +15,7 @@ Two comparisons, kept apart because they answer different questions:
      ("pred (emulated)", ratio = the acceptance check). Then the measured times are corrected to the
      profile: measured - this machine's predicted compute + overhead + the profile's ("corrected"), and
      compared with the profile's own prediction. Engine times (the probe's decode_layer_ms,
-     prefill_fixed_ms, ... measured here with the model; planner.ENGINE_PRIOR for the profile) are this
+     prefill_fixed_ms, ... measured here with the model; time_model.ENGINE_PRIOR for the profile) are this
      machine's in the emulated prediction: the profile's CPU and launch speed are not emulated.
 
 Models: the 12-layer full-size-expert bench model of eval/bench_offload.py (random weights; its routing
