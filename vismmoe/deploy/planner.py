@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BudgetError, ConfigError
+from ..ops import MAX_GROUPS
 from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
@@ -160,6 +161,8 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
             continue
         budgets = [max_slots] if goal == "latency" else sorted(
             {max(model.top_k, int(max_slots * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)})
+        if store != "mmap" and MAX_GROUPS < max_slots < total_slots:
+            budgets.append(MAX_GROUPS)  # the most a partial cache may hold and keep static decode (_path)
         for slots in budgets:
             memory = dict(_parts(model, profile, store, slots, sizing), reserved=reserved)
             memory["host_store"] = shared if profile.kind != "discrete" else host_store
@@ -217,8 +220,6 @@ def memory_cap_for(plan: "Plan", slots: int) -> int:
 def _path(store: str, slots: int, model: ModelInfo) -> str:
     """The decode path `decode: auto` takes (engine._static_unavailable): static decode needs every expert
     resident, or a host slab (not mmap) and at most ops.MAX_GROUPS slots for its grouped kernel."""
-    from ..ops import MAX_GROUPS
-
     if slots >= model.num_moe_layers * model.num_experts:
         return "static"
     return "static" if store != "mmap" and slots <= MAX_GROUPS else "generate"
