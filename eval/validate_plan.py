@@ -14,8 +14,9 @@ Two comparisons, kept apart because they answer different questions:
      profile's link (miss time) and cache decisions, this machine's probed compute figures
      ("pred (emulated)", ratio = the acceptance check). Then the measured times are corrected to the
      profile: measured - this machine's predicted compute + overhead + the profile's ("corrected"), and
-     compared with the profile's own prediction. Engine overheads (ENGINE in planner.py, measured on
-     an H100) are the same in both predictions: the profile's CPU and launch speed are not emulated.
+     compared with the profile's own prediction. Engine times (the probe's decode_layer_ms,
+     prefill_fixed_ms, ... measured here with the model; time_model.ENGINE_PRIOR for the profile) are this
+     machine's in the emulated prediction: the profile's CPU and launch speed are not emulated.
 
 Models: the 12-layer full-size-expert bench model of eval/bench_offload.py (random weights; its routing
 trace is recorded here on warm-up requests, then other requests are measured) and the bundled
@@ -43,7 +44,7 @@ from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir
 
 import vismmoe  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
-from vismmoe.deploy.planner import _times, make_plan  # noqa: E402
+from vismmoe.deploy.planner import _times, make_plan, memory_cap_for  # noqa: E402
 from vismmoe.deploy.probe import probe  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
@@ -98,22 +99,34 @@ def bench_model(args, out, t0) -> Path:
 
 def record_trace(model_dir, reqs, new_tokens, device, path) -> Path:
     engine = vismmoe.load(model_dir, expert_budget=1.0, device=device, dtype=_dtype(device))
-    engine.start_trace(Path(model_dir).name)
-    for i, (image, prompt) in enumerate(reqs):
-        engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        request_id=f"trace-{i}")
-    engine.stop_trace(path)
-    engine.close()
-    free_memory()
+    try:
+        engine.start_trace(Path(model_dir).name)
+        for i, (image, prompt) in enumerate(reqs):
+            engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            request_id=f"trace-{i}")
+        engine.stop_trace(path)
+    finally:
+        engine.close()
+        del engine
+        free_memory()
     return Path(path)
 
 
 def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
-    """Load the planned config, one warm-up request, then the mean over `reqs`."""
+    """Load the planned config, one warm-up request, then the mean over `reqs`. Whatever happens, the
+    engine is closed and its memory freed before the next setting (a failed request's traceback holds
+    the engine: without this a next setting ran next to it, under its own emulated cap)."""
     config = dict(engine_config, device=device)
-    engine = vismmoe.load(model_dir, config=config)
-    emulation = engine.info().emulation
+    free_memory()
+    leftover = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:  # no engine is alive here: the earlier settings' per-stream cuBLAS workspaces go
+        clear()
+        torch.cuda.empty_cache()
+    engine = None
     try:
+        engine = vismmoe.load(model_dir, config=config)
+        emulation = engine.info().emulation
         image, prompt = reqs[0]
         engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         ttft, decode, hit, peak, memory = [], [], [], [], None
@@ -126,10 +139,13 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
             memory, path = s.memory, s.decode_path
         return dict(ttft_ms=float(np.mean(ttft)), decode_ms_per_token=float(np.mean(decode)),
                     hit_rate=float(np.mean(hit)), peak_gpu_bytes=int(max(peak)), memory=memory, decode_path=path,
-                    num_slots=engine.info().num_slots, emulation=emulation,
+                    num_slots=engine.info().num_slots, emulation=emulation, leftover_before_load=leftover,
+                    prefill_misses=s.prefill_misses, decode_misses_per_token=(s.expert_misses - s.prefill_misses)
+                    / max(1, s.new_tokens - 1), prompt_tokens=s.prefill_tokens,
                     accounted_bytes=s.emulation.get("accounted_bytes") if s.emulation else None)
     finally:
-        engine.close()  # (also lifts an emulated allocator cap)
+        if engine is not None:
+            engine.close()  # (also lifts an emulated allocator cap)
         del engine
         free_memory()
 
@@ -197,9 +213,8 @@ def main():
         context = None
         # A: the time model on this GPU, at several budgets (the cap makes the planner choose them)
         full = make_plan(info, gpu_profile, trace, image_size=image_size, max_new_tokens=args.new_tokens)
-        fixed = full.chosen.memory["gpu_total"] - full.chosen.memory["expert_cache"]
         for fraction in args.fractions if "A" in args.parts else []:
-            cap = fixed + (fraction * info.num_moe_layers * info.num_experts + 0.5) * info.expert_bytes(full.dtype)
+            cap = memory_cap_for(full, int(fraction * info.num_moe_layers * info.num_experts))
             row = dict(model=name, profile=gpu_profile.name, fraction=fraction)
             if time.perf_counter() - t0 > args.deadline_s:
                 row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
@@ -229,8 +244,7 @@ def main():
                                  trace_path=str(trace_path))
                 total = info.num_moe_layers * info.num_experts
                 if fraction < 1.0 and plan.chosen.budget_slots > fraction * total:
-                    m = plan.chosen.memory
-                    cap = m["gpu_total"] - m["expert_cache"] + (fraction * total + 0.5) * info.expert_bytes(plan.dtype)
+                    cap = memory_cap_for(plan, int(fraction * total))
                     plan = make_plan(info, profile, trace, max_gpu_memory=cap, image_size=image_size,
                                      max_new_tokens=args.new_tokens, trace_path=str(trace_path))
                 elif fraction < 1.0:
@@ -240,6 +254,7 @@ def main():
                 row["measured"] = measure(model_dir, row["engine"], reqs, args.new_tokens, device)
             except torch.cuda.OutOfMemoryError as exc:
                 row["error"] = f"OUT OF MEMORY under the emulated cap: {exc}"
+                row["memory_summary"] = torch.cuda.memory_summary(abbreviated=True)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
@@ -262,7 +277,8 @@ def emulated_prediction(plan, info, here) -> dict:
     c, p = plan.chosen, plan.chosen.predicted
     complete = c.budget_slots >= info.num_moe_layers * info.num_experts
     h = _times(info, here, plan.dtype, c.decode_path, complete, c.miss_ms, p["decode_misses_per_token"],
-               p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"])
+               p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"],
+               p.get("prefill_loop_experts", 0.0))
     return dict(h, decode_correction_ms=(p["decode_compute_ms"] + p["decode_overhead_ms"])
                 - (h["decode_compute_ms"] + h["decode_overhead_ms"]),
                 ttft_correction_ms=(p["ttft_compute_ms"] + p["ttft_overhead_ms"])
@@ -295,16 +311,17 @@ def markdown(report) -> str:
             f"{p['hit_rates'].get('global_pool', p['hit_rates'].get('global_pool_prior', 1.0)):.3f} | {m['hit_rate']:.3f} | "
             f"{(mem['gpu_total'] - mem['reserved']) / 2**20:.0f} MiB | {m['peak_gpu_bytes'] / 2**20:.0f} MiB |")
     lines += ["", "Memory by part, predicted / measured (MiB): non-expert weights, expert cache, KV cache, activations "
-              "(predicted: prefill activations + the engine's workspace allowance; measured: peak minus the other parts).", "",
+              "(predicted: prefill activations + graph pool + cuBLAS workspaces; measured: peak minus the other parts).", "",
               "| model | budget | non-expert | expert cache | KV | activations |", "|---|---|---|---|---|---|"]
     for r in report["rows_a"]:
         if "error" in r or not r["measured"].get("memory"):
             continue
         p, m = r["planned"]["memory"], r["measured"]["memory"]
         cell = lambda a, b: f"{a / 2**20:.0f} / {b / 2**20:.0f}" if b is not None else f"{a / 2**20:.0f} / n/a"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['fraction']} | {cell(p['non_expert'], m['non_expert_weights'])} | "
+        transient = sum(p.get(k, 0) for k in ("activations", "graph_pool", "cublas_workspace"))
+        lines.append(f"| {r['model']} | {r['fraction']} | {cell(p['non_expert_weights'], m['non_expert_weights'])} | "
                      f"{cell(p['expert_cache'], m['expert_cache'])} | {cell(p['kv_cache'], m['kv_cache'])} | "
-                     f"{cell(p['activations'] + p['workspace'], m['activations_peak'])} |")
+                     f"{cell(transient, m['activations_peak'])} |")
     lines += ["", "B. Target profiles under emulation (memory cap + link pacing; compute is this machine's). "
               "'pred (emulated)': the planner's prediction with the profile's link and this machine's compute; "
               "ratio = measured / pred (emulated), the acceptance check. 'corrected': measured with this machine's "

@@ -46,53 +46,68 @@ def test_bad_emulate_values_name_the_profiles(tmp_path):
 
 
 def test_memory_cap_at_load_and_per_request(qwen_checkpoint, tmp_path):
-    from vismmoe.deploy.planner import ENGINE
+    import re
+
+    from vismmoe.deploy.memory import PARTS
 
     (image, prompt), = random_requests(1, seed=3)
-    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, emulate="rtx3060-12gb")
-    rb, base = engine.store.record_bytes, engine.non_expert_bytes + ENGINE["gpu_workspace_bytes"]
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, prefetch=False, emulate="rtx3060-12gb")
+    rb = engine.store.record_bytes
+    load = engine.emulation.load_parts(engine, 32)
+    other = sum(load.values()) - load["expert_cache"]  # what loading holds besides the experts
     result = engine.generate(image=image, prompt=prompt, max_new_tokens=4)
     parts = result.stats.emulation["parts"]
-    request = parts["kv_cache"] + parts["activations"]  # what this request adds on the device
+    assert set(parts) == set(PARTS)  # the planner's part names
+    assert parts["kv_cache"] > 0 and parts["activations"] > 0 and parts["graph_pool"] > 0  # static decode
+    request = sum(parts.values())  # what this request needs on the device, the experts included
     engine.close()
-    # Room for the request and 3 experts. At load, the full budget is refused with the most that fits
-    # before any request (room for 3 + request/rb experts).
-    tight = shrunk_profile(tmp_path, "rtx3060-12gb", base + request + 3.5 * rb)
-    most = int((request + 3.5 * rb) // rb)
-    assert most < 32
-    with pytest.raises(BudgetError, match=rf"needs .*usable .*lower expert_budget to {most * rb} bytes \({most} experts\) "
-                                          "at most"):
-        vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, emulate=tight)
-    # That budget loads, but the request does not fit next to it: refused before it runs, with the
-    # budget that leaves it room; the engine keeps serving.
-    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=most * rb, emulate=tight)
-    with pytest.raises(BudgetError, match=r"this request \(\d+ prompt \+ 4 new tokens\) needs .*kv cache .*"
-                                          rf"lower expert_budget to {3 * rb} bytes \(3 experts\)"):
+    # At load: room for 10 experts besides the rest. The full budget is refused with the most that fits,
+    # one more slot too; that budget loads, but its request is refused with how far it is from fitting.
+    tight = shrunk_profile(tmp_path, "rtx3060-12gb", other + 10.5 * rb)
+    with pytest.raises(BudgetError, match=r"needs .*usable .*lower expert_budget to \d+ bytes \(10 experts\) at most"):
+        vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, prefetch=False, emulate=tight)
+    with pytest.raises(BudgetError, match=r"\(10 experts\) at most"):
+        vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=11 * rb, prefetch=False, emulate=tight)
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=10 * rb, prefetch=False, emulate=tight)
+    with pytest.raises(BudgetError, match=r"this request .*no expert budget fits: even the smallest \(2 experts\) is "
+                                          "short by"):
         engine.generate(image=image, prompt=prompt, max_new_tokens=4)
-    engine.reconfigure(expert_budget=3 * rb)
+    engine.close()
+    # Per request: room for the request with about 3.5 experts. The full budget loads, the request is
+    # refused before it runs with a budget that leaves it room; the engine keeps serving, and at that
+    # budget the same request runs with the same tokens.
+    tight = shrunk_profile(tmp_path, "rtx3060-12gb", request - 28.5 * rb)
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, prefetch=False, emulate=tight)
+    with pytest.raises(BudgetError, match=r"this request \(\d+ prompt \+ 4 new tokens\) needs .*kv cache .*"
+                                          r"lower expert_budget to \d+ bytes \((\d+) experts\)") as refused:
+        engine.generate(image=image, prompt=prompt, max_new_tokens=4)
+    fits = int(re.search(r"\((\d+) experts\)", str(refused.value)).group(1))
+    assert 2 <= fits <= 4
+    engine.reconfigure(expert_budget=fits * rb)
     again = engine.generate(image=image, prompt=prompt, max_new_tokens=4)
     assert again.token_ids == result.token_ids
     e = again.stats.emulation
     assert e["profile"] == "rtx3060-12gb-shrunk" and e["accounted_bytes"] <= e["usable_bytes"]
-    assert set(e["parts"]) == {"non_expert_weights", "expert_cache", "workspace", "kv_cache", "activations"}
-    info = engine.info().emulation
-    assert info["usable_bytes"] == int(base + request + 3.5 * rb) and any("compute" in x for x in info["not_emulated"])
+    held = engine.held_bytes()
+    assert set(held) == {"non_expert_weights", "expert_cache", "router_stack", "device_state"}
+    assert all(e["parts"][k] == v for k, v in held.items())  # measured where the engine has allocated
+    assert any("compute" in x for x in engine.info().emulation["not_emulated"])
     engine.close()
-    # Not even the smallest budget fits: how far it is from fitting.
+    # Not even the smallest budget loads: how far it is from fitting.
     with pytest.raises(BudgetError, match=r"no expert budget fits: even the smallest \(2 experts\) is short by"):
         vismmoe.load(qwen_checkpoint, device="cpu", expert_budget="min",
-                     emulate=shrunk_profile(tmp_path, "rtx3060-12gb", base - 1e6))
+                     emulate=shrunk_profile(tmp_path, "rtx3060-12gb", other - 1e6))
 
 
 def test_unified_memory_counts_the_host_store(qwen_checkpoint, tmp_path):
     """On a Jetson the store lives in the same DRAM: a memory store must fit next to the rest, mmap need not."""
-    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget="min", store="mmap")
-    from vismmoe.deploy.planner import ENGINE
-
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget="min", store="mmap",
+                          emulate="jetson-orin-nano-8gb")
     rb, total = engine.store.record_bytes, 32 * engine.store.record_bytes
-    base = engine.non_expert_bytes + ENGINE["gpu_workspace_bytes"] + 8 * rb
+    load = engine.emulation.load_parts(engine, 8)
+    assert load["staging"] == 4 * rb  # mmap's page-locked staging ring lives in the shared DRAM
     engine.close()
-    profile = shrunk_profile(tmp_path, "jetson-orin-nano-8gb", base + total / 2)
+    profile = shrunk_profile(tmp_path, "jetson-orin-nano-8gb", sum(load.values()) + total / 2)
     with pytest.raises(BudgetError, match="host store .*store: mmap"):
         vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=8 * rb, store="memory", emulate=profile)
     vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=8 * rb, store="mmap", emulate=profile).close()
@@ -101,48 +116,69 @@ def test_unified_memory_counts_the_host_store(qwen_checkpoint, tmp_path):
 @pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="bundled model missing")
 @pytest.mark.parametrize("name", GRID_PROFILES)
 def test_planned_configs_run_under_their_emulated_profile(name, tmp_path):
-    """Profiles shrunk to a grid of memory sizes x contexts: every config the planner writes loads under
-    the emulated cap and serves a request within the plan's context with no out-of-budget error; a
+    """A grid of budgets (memory sizes from below the smallest plan to the whole model) x contexts on
+    each profile: every config the planner writes loads under the emulated cap and serves requests up
+    to the plan's context with no out-of-budget error; what the engine has allocated (weights, expert
+    cache, stacked routers, device state, KV caches) is within the planner's part of the same name; a
     size the planner refuses is one the engine refuses too."""
+    from vismmoe.deploy.memory import gpu_parts, total
     from vismmoe.deploy.model_info import model_info
-    from vismmoe.deploy.planner import ENGINE, make_plan
+    from vismmoe.deploy.planner import make_plan
     from vismmoe.deploy.profiles import load_profile
     from vismmoe.deploy.writer import write_plan
 
     info = model_info(BUNDLED)
     image = str(BUNDLED / "examples" / "test_0.png")
-    question = "what is the red shape?"
-    base = info.non_expert_bytes("bfloat16") + ENGINE["gpu_workspace_bytes"]
-    ran = refused = 0
-    for extra, context in [(-1e6, 128), (1.5e6, 512), (4e6, 128), (4e6, 512), (4e7, 128)]:
-        usable = base + extra + info.kv_bytes(context, "bfloat16")
+    question = "what is the red shape?"  # with the image: 92 prompt tokens
+    profile = load_profile(name)
+    rb = info.expert_bytes("bfloat16")
+    ran = refused = requests = 0
+    # (slots of room beyond the smallest plan, context): the first is 16 MB short of the smallest plan
+    for extra_slots, context in [(-16e6 / rb, 128), (2.5, 512), (12.5, 128), (12.5, 1024), (40.5, 512), (80, 128)]:
+        smallest = min(total(gpu_parts(info, "bfloat16", slots=info.top_k, context=context, prompt_tokens=92,
+                                       image_size=256, static=static, prefetch=True, store=store,
+                                       unified=profile.unified, compute_capability=profile.compute_capability))
+                       for store, static in (("pinned", True), ("mmap", False)))
+        usable = smallest + extra_slots * rb
         profile_path = shrunk_profile(tmp_path, name, usable)
         try:
             plan = make_plan(info, load_profile(profile_path), context=context, image_size=256, max_new_tokens=8)
         except BudgetError as exc:
-            assert "short by" in str(exc)
+            assert "short by" in str(exc) and extra_slots < 0
             with pytest.raises(BudgetError):  # at load, or at the request (its KV cache and activations)
                 engine = vismmoe.load(BUNDLED, device="cpu", dtype="bfloat16", expert_budget="min", store="mmap",
                                       emulate=profile_path)
-                try:  # a request as large as the plan's context (the image + question are 92 tokens)
+                try:  # a request as large as the plan's context
                     engine.generate(image=image, prompt=question, max_new_tokens=context - 92)
                 finally:
                     engine.close()
             refused += 1
             continue
-        path = write_plan(plan, tmp_path / f"{name}-{extra}-{context}.yaml")
+        planned = plan.chosen.memory
+        assert planned["gpu_total"] <= plan.usable_gpu_bytes
+        path = write_plan(plan, tmp_path / f"{name}-{extra_slots}-{context}.yaml")
         engine = vismmoe.load(BUNDLED, config=path, device="cpu", emulate=profile_path)
         assert engine.num_slots == plan.chosen.budget_slots
-        if ran == 0:  # one request end to end (a few seconds on a CPU)
-            e = engine.generate(image=image, prompt=question, max_new_tokens=8).stats.emulation
-        else:  # the check generate makes before a request runs, for the same request on both decode paths
-            e = dict(usable_bytes=engine.emulation.usable_bytes, accounted_bytes=max(
-                sum(engine.emulation.check_request(engine, 92, 8, decoder, 49).values())
-                for decoder in (None, engine.decoders.get(92, 8, engine.context))))
-        assert e["accounted_bytes"] <= e["usable_bytes"]
+        # requests at the plan's context: a short answer, then one that fills the context (the static
+        # cache grows to it); on this CPU one request per profile runs end to end, the rest only the
+        # check generate makes before a request runs (on the decode path the config takes)
+        for new_tokens in (8, context - 92):
+            if requests == 0 and new_tokens == 8:
+                stats = engine.generate(image=image, prompt=question, max_new_tokens=new_tokens).stats
+                e, m = stats.emulation, stats.memory
+                for part in ("non_expert_weights", "expert_cache", "router_stack", "device_state", "kv_cache"):
+                    assert m[part] <= planned[part], (part, m[part], planned[part])
+                requests += 1
+            else:
+                static = engine._static_unavailable({}) is None  # the path this config's requests take
+                decoder = engine.decoders.get(92, new_tokens, engine.context) if static else None
+                accounted = sum(engine.emulation.check_request(engine, 92, new_tokens, decoder, 49).values())
+                e = dict(usable_bytes=engine.emulation.usable_bytes, accounted_bytes=accounted)
+            assert e["accounted_bytes"] <= e["usable_bytes"]
+            assert e["accounted_bytes"] <= planned["gpu_total"] - planned["reserved"]  # the planner counted it all
         engine.close()
         ran += 1
-    assert ran >= 3 and refused >= 1
+    assert ran >= 4 and refused >= 1
 
 
 def test_pacing_slows_host_path_copies_by_the_link_time(qwen_checkpoint):

@@ -45,7 +45,7 @@ from .offload.runtime import OffloadRuntime
 from .offload.store import ExpertStore
 from .pruning.settings import is_off as _pruning_off
 from .static_decode import DecoderPool, model_context
-from .stats import EngineInfo, RequestStats, dynamic_kv_bytes, memory_parts, request_stats
+from .stats import EngineInfo, RequestStats, dynamic_kv_bytes, memory_parts, request_stats, tensor_bytes
 
 if TYPE_CHECKING:
     from .offload.trace import TraceRecorder
@@ -444,9 +444,27 @@ class Engine:
         if dynamic_kv_tokens:
             kv += dynamic_kv_bytes(self.model.config.get_text_config(), dynamic_kv_tokens,
                                    self.store.record_bytes // self.store.record_numel)
-        return memory_parts(non_expert_bytes=self.non_expert_bytes,
-                            expert_cache_bytes=self.cache.slots.numel() * self.cache.slots.element_size(),
-                            kv_bytes=kv, peak=peak, store=self.store)
+        return memory_parts(held=self.held_bytes(), kv_bytes=kv, peak=peak, store=self.store)
+
+    def held_bytes(self) -> dict:
+        """What the engine has allocated on its device, by the planner's part names (deploy/memory.py):
+        non-expert weights, the expert cache, and once the runtime is built the stacked routers of static
+        decode's lookahead and the device cache state (slot table, device-side policy state, copy lists,
+        prediction ledger)."""
+        from .offload.router_stack import RouterStack
+
+        cache, runtime = getattr(self, "cache", None), getattr(self, "runtime", None)
+        parts = dict(non_expert_weights=self.non_expert_bytes,
+                     expert_cache=tensor_bytes(cache.slots) if cache is not None else self.num_slots * self.layout_record_bytes)
+        if runtime is not None:  # (not yet while loading: then the planner's allowances stand for these)
+            lookahead = runtime.device.lookahead
+            parts["router_stack"] = 0
+            if isinstance(lookahead, RouterStack):
+                parts["router_stack"] = tensor_bytes(lookahead.norm_w, lookahead.router_w)
+            residency = runtime.residency
+            parts["device_state"] = tensor_bytes(cache.slot_table_storage, cache.device_hits, runtime.ledger, residency,
+                                                 residency.state if residency is not None else None)
+        return parts
 
     def _clear_pruning(self) -> None:
         if self.pruner is not None:
@@ -501,11 +519,24 @@ class Engine:
         return None
 
     def close(self):
-        """Release the host store and the decoders; later calls raise EngineClosedError."""
+        """Release the host store, the decoders, the expert cache and the model; later calls raise
+        EngineClosedError. The GPU memory goes back to torch's allocator here, not when the garbage
+        collector finds the engine: the engine's objects refer to each other (runtime, cache, decoders,
+        the model's hooks), so without this a closed engine kept its GPU memory until the next
+        gc.collect(), and a next engine in the same process (or its emulated memory cap) ran short."""
+        if self.closed:
+            return
         self.closed = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy or graph may still use what is dropped below
         self.decoders.clear()
         self.runtime.host.cpu.close()
+        glue.bind(self.layout, None)
         self.store.close()
+        self.cache = self.runtime = self.decoders = self.generate_decoder = self.pruner = None
+        # The model's modules refer to each other (transformers' own structure, our hooks): moving its
+        # tensors to the meta device frees their memory now.
+        self.model.to("meta")
         if self.emulation is not None:
             self.emulation.release()
 

@@ -90,7 +90,8 @@ class RequestStats:
     prefetch_on: list | None = None
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
-    # Bytes by part (Engine._memory_parts): non_expert_weights, expert_cache, kv_cache, activations_peak
+    # Bytes by part (Engine._memory_parts, the planner's names: deploy/memory.py): non_expert_weights,
+    # expert_cache, router_stack, device_state, kv_cache, activations_peak
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
     memory: dict = field(default_factory=dict)
     # Under `emulate: PROFILE`: the emulated device's usable bytes, what this request is accounted to
@@ -205,17 +206,34 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
     )
 
 
-def memory_parts(*, non_expert_bytes: int, expert_cache_bytes: int, kv_bytes: int, peak: int | None, store) -> dict:
-    """Bytes by part, like `ollama ps`: on the compute device non-expert weights, the expert cache, the
-    KV caches and the rest of the request's `peak` (activations; None on cpu); on the host the expert
-    store."""
-    held = non_expert_bytes + expert_cache_bytes + kv_bytes
-    return {"non_expert_weights": non_expert_bytes, "expert_cache": expert_cache_bytes, "kv_cache": kv_bytes,
-            "activations_peak": None if peak is None else max(0, peak - held),
-            "host_store": 0 if store.slab is None else store.total_bytes,
-            # What the store is, not what was asked for: `store: pinned` on a machine without CUDA (or
-            # whose registration failed) is plain pageable memory.
-            "host_store_kind": "mmap" if store.slab is None else ("page-locked" if store.pinned else "pageable")}
+def memory_parts(*, held: dict, kv_bytes: int, peak: int | None, store) -> dict:
+    """Bytes by part, like `ollama ps`, under the planner's names (deploy/memory.py): on the compute device
+    what the engine holds (`held`: non_expert_weights, expert_cache, router_stack, device_state), the KV
+    caches, and the rest of the request's `peak` as activations_peak (None on cpu: the prefill's
+    activations, the CUDA graph pool, cuBLAS workspaces and the allocator's rounding together); on the
+    host the expert store."""
+    parts = dict(held, kv_cache=kv_bytes)
+    parts["activations_peak"] = None if peak is None else max(0, peak - sum(parts.values()))
+    parts["host_store"] = 0 if store.slab is None else store.total_bytes
+    # What the store is, not what was asked for: `store: pinned` on a machine without CUDA (or whose
+    # registration failed) is plain pageable memory.
+    parts["host_store_kind"] = "mmap" if store.slab is None else ("page-locked" if store.pinned else "pageable")
+    return parts
+
+
+def tensor_bytes(*objects) -> int:
+    """Bytes of the distinct tensors among `objects` and their attributes (one level: a tensor, or an
+    object whose attributes hold tensors); None is skipped."""
+    seen, total = set(), 0
+    for obj in objects:
+        if obj is None:
+            continue
+        values = [obj] if isinstance(obj, torch.Tensor) else list(vars(obj).values())
+        for t in values:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.device.type != "meta":
+                seen.add(t.data_ptr())
+                total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total
 
 
 def dynamic_kv_bytes(text_config, tokens: int, element_size: int) -> int:

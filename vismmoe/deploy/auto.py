@@ -11,20 +11,25 @@ from .planner import fit_budget_bytes
 
 
 def auto_budget_bytes(model_dir: Path, device: torch.device, dtype: torch.dtype, config) -> int:
-    """The largest expert budget that fits free memory now next to the non-expert weights, a KV cache
-    for one image + prompt + max_new_tokens and the prefill's activations. On a unified-memory GPU or
-    the CPU, a non-mmap store lives in the same memory and is counted too."""
+    """The largest expert budget that fits free memory now next to the planner's other parts
+    (deploy/memory.py: non-expert weights, a KV cache for one image + prompt + max_new_tokens, the
+    prefill's activations, graph pool, cuBLAS workspaces, ...). On a unified-memory GPU or the CPU, a
+    non-mmap store lives in the same memory and is counted too."""
     from .probe import _meminfo
 
     info = model_info(model_dir)
     name = str(dtype).replace("torch.", "")
+    capability = "9.0"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         available = free - int(0.05 * total)  # allocator slack and fragmentation
-        shared = getattr(torch.cuda.get_device_properties(device), "is_integrated", False)
+        props = torch.cuda.get_device_properties(device)
+        shared = getattr(props, "is_integrated", False)
+        capability = f"{props.major}.{props.minor}"
     else:
         available = _meminfo()[1] - 2**30  # keep 1 GiB for everything else on the machine
         shared = True
     context = info.visual_tokens(448) + 32 + config.max_new_tokens
     return fit_budget_bytes(info, name, available, shared and config.store != "mmap", context,
-                            gpu=device.type == "cuda")
+                            gpu=device.type == "cuda", compute_capability=capability, store=config.store,
+                            unified=bool(shared))

@@ -2,10 +2,13 @@
 
 What is emulated:
   * memory: the profile's usable memory (memory_gb - reserved_gb, the planner's arithmetic) caps what
-    the engine holds. At load, the resident parts (non-expert weights as loaded, the expert cache, the
-    planner's workspace allowance, and on a unified-memory device a non-mmap host store, which lives
-    in the same DRAM) must fit; each request adds its KV cache (what the engine allocates for it) and
-    its activation peak (the planner's estimate for its real prompt and image), checked before it runs.
+    the engine holds, counted by the parts of deploy/memory.py (the planner's names): what the engine
+    has allocated is measured (non-expert weights as loaded, the expert cache, the stacked routers and
+    the device cache state: Engine.held_bytes), the rest is the planner's allowance (cuBLAS workspaces,
+    the CUDA graph pool, staging, the margin, and on a unified-memory device a non-mmap host store,
+    which lives in the same DRAM). At load those must fit; each request adds its KV cache (the static
+    caches held, this request's grown to its length, and the old buffer while it grows) and its
+    activation peak (the planner's estimate for its real prompt and image), checked before it runs.
     Either failing raises BudgetError where the real device would run out, saying by how much and what
     to lower. On CUDA, torch.cuda.set_per_process_memory_fraction is set to the usable share as a
     backstop (memory torch's allocator sees; the CUDA context is outside it, as reserved_gb is).
@@ -47,14 +50,11 @@ def load_emulated_profile(value) -> DeviceProfile:
 class Emulation:
     def __init__(self, profile: DeviceProfile, store: str, record_bytes: int, device: torch.device,
                  sleep=time.sleep):
-        from .planner import ENGINE
-
         self.profile = profile
         self.store = store
         self.record_bytes = record_bytes
         self.device = device
         self.usable_bytes = int((profile["memory_gb"] - profile["reserved_gb"]) * GB)
-        self.workspace_bytes = ENGINE["gpu_workspace_bytes"]
         self.shared_store = profile.unified and store != "mmap"  # the store lives in the same DRAM
         self.sleep = sleep
         self.native_s = {"host": 0.0, "static": 0.0}  # this machine's time per record copy (measured on CUDA)
@@ -66,10 +66,22 @@ class Emulation:
         self._paced_at_request = 0.0
 
     # -- memory ----------------------------------------------------------------------------------------
-    def resident_parts(self, non_expert: int, expert_cache: int, host_store: int) -> dict:
-        parts = dict(non_expert_weights=non_expert, expert_cache=expert_cache, workspace=self.workspace_bytes)
+    def engine_parts(self, engine, context: int, prompt_tokens: int, image_side: int, static: bool,
+                     measured: bool = True) -> dict:
+        """Bytes by part (deploy/memory.PARTS) for `engine` serving `context` tokens: the planner's
+        allowances, with what the engine has allocated measured (Engine.held_bytes) if `measured`; else
+        only the weights (the same at load and at reconfigure, whether or not a runtime is built yet)."""
+        from .memory import gpu_parts
+
+        dtype = str(engine.dtype).removeprefix("torch.")
+        parts = gpu_parts(self.model, dtype, slots=engine.num_slots, context=context, prompt_tokens=prompt_tokens,
+                          image_size=image_side, static=static, prefetch=bool(engine.config.prefetch), store=self.store,
+                          unified=self.profile.unified, compute_capability=self.profile.compute_capability or "9.0")
+        held = engine.held_bytes()
+        parts.update(held if measured else {k: held[k] for k in ("non_expert_weights",)})
         if self.shared_store:
-            parts["host_store"] = host_store
+            layout = engine.layout
+            parts["host_store"] = len(layout.layers) * layout.num_experts * engine.layout_record_bytes
         return parts
 
     def check(self, parts: dict, record_bytes: int, top_k: int, what: str) -> None:
@@ -84,7 +96,7 @@ class Emulation:
         slots = int(room // record_bytes) if room > 0 else 0
         if slots >= top_k:
             fix = f"lower expert_budget to {slots * record_bytes} bytes ({slots} experts)"
-            if "kv_cache" not in parts:
+            if not parts.get("kv_cache"):
                 fix += " at most (requests add their KV cache and activations)"
         else:
             fix = (f"no expert budget fits: even the smallest ({top_k} experts) is short by "
@@ -96,33 +108,48 @@ class Emulation:
                           f"usable ({p['memory_gb']:.4g} GB - {p['reserved_gb']:.4g} GB reserved): {fix}, or use "
                           + ", ".join(hints))
 
+    def load_parts(self, engine, num_slots: int) -> dict:
+        """The parts the engine holds whatever the request, with `num_slots` expert slots (no KV cache and
+        no activations yet; no graph pool before a decode step is captured)."""
+        slots, engine.num_slots = engine.num_slots, num_slots
+        try:
+            parts = self.engine_parts(engine, 1, 1, 0, static=False, measured=False)
+        finally:
+            engine.num_slots = slots
+        parts["expert_cache"] = num_slots * engine.layout_record_bytes
+        parts["kv_cache"] = parts["activations"] = 0
+        return parts
+
     def check_engine(self, engine, num_slots: int) -> None:
         """At load / reconfigure: the parts the engine holds whatever the request."""
-        layout, rb = engine.layout, engine.layout_record_bytes
-        parts = self.resident_parts(engine.non_expert_bytes, num_slots * rb,
-                                    len(layout.layers) * layout.num_experts * rb)
-        self.check(parts, rb, layout.top_k, f"loading {engine.model_dir.name} with {num_slots} expert slots")
+        self.check(self.load_parts(engine, num_slots), engine.layout_record_bytes, engine.layout.top_k,
+                   f"loading {engine.model_dir.name} with {num_slots} expert slots")
 
     def check_request(self, engine, prompt_tokens: int, max_new_tokens: int, decoder, visual_tokens: int) -> dict:
-        """Before a request runs: the resident parts + its KV cache + its activation peak. Returns the parts."""
+        """Before a request runs: the engine's parts for it, with its KV cache (the static caches held,
+        this request's grown to its length plus the old buffer while it grows; or the dynamic cache and
+        its concatenation copy) and its activation peak. Returns the parts."""
         from ..stats import dynamic_kv_bytes
 
         layout, rb = engine.layout, engine.layout_record_bytes
-        parts = self.resident_parts(engine.non_expert_bytes, engine.num_slots * rb,
-                                    len(layout.layers) * layout.num_experts * rb)
         text, element = engine.model.config.get_text_config(), rb // layout.record_numel
         tokens = prompt_tokens + max_new_tokens
+        side = math.ceil(math.sqrt(visual_tokens)) * self.model.patch_size * self.model.merge_size \
+            if visual_tokens and self.model.patch_size else 0
+        parts = self.engine_parts(engine, tokens, prompt_tokens, side, static=decoder is not None)
         held = engine.decoders.kv_bytes()  # the static caches kept for later requests stay allocated
         if decoder is not None:  # its cache grows in buckets to the request's length (static_decode.py)
             from ..static_decode import cache_length
 
-            tokens = max(cache_length(tokens - 1, engine.context), decoder.max_cache_len)
-            held -= _cache_bytes(decoder.kv_cache)
-        parts["kv_cache"] = held + dynamic_kv_bytes(text, tokens, element)
-        side = math.ceil(math.sqrt(visual_tokens)) * self.model.patch_size * self.model.merge_size \
-            if visual_tokens and self.model.patch_size else 0
-        dtype = str(engine.dtype).removeprefix("torch.")
-        parts["activations"] = self.model.activation_peak_bytes(prompt_tokens, side, dtype)
+            final = max(cache_length(tokens - 1, engine.context), decoder.max_cache_len)
+            now = _cache_bytes(decoder.kv_cache)
+            grown = dynamic_kv_bytes(text, final, element)
+            # while it grows, the old buffer (the last doubling's half) is held beside the new one
+            held += grown - now + (grown // 2 if final > decoder.max_cache_len else 0)
+        else:
+            dynamic = dynamic_kv_bytes(text, tokens, element)
+            held += dynamic + dynamic // max(1, 2 * text.num_hidden_layers)  # torch.cat's copy of one layer
+        parts["kv_cache"] = held
         self.check(parts, rb, layout.top_k, f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
         self._paced_at_request = self.paced_s
         return parts

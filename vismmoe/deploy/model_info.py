@@ -40,6 +40,8 @@ class ModelInfo:
     merge_size: int  # spatial merge: one LLM token covers (patch*merge)^2 pixels
     checkpoint_dtype: str
     sizes_from: str  # "safetensors headers" or "config (meta skeleton)"
+    num_heads: int = 0  # query heads of the text model (0: unknown)
+    buffer_numel: int = 0  # the model's buffers (rotary frequencies, ...): on the device too, not in the files
 
     def expert_bytes(self, dtype: str) -> int:
         return self.record_numel * DTYPE_BYTES[dtype]
@@ -48,7 +50,8 @@ class ModelInfo:
         return self.expert_numel * DTYPE_BYTES[dtype]
 
     def non_expert_bytes(self, dtype: str) -> int:
-        return self.non_expert_numel * DTYPE_BYTES[dtype]
+        """Non-expert weights in `dtype`, and the buffers (counted as float32: the widest they are kept in)."""
+        return self.non_expert_numel * DTYPE_BYTES[dtype] + self.buffer_numel * 4
 
     def kv_bytes(self, tokens: int, dtype: str) -> int:
         return 2 * self.num_attention_layers * self.num_kv_heads * self.head_dim * tokens * DTYPE_BYTES[dtype]
@@ -68,20 +71,25 @@ class ModelInfo:
         return side * side
 
     def activation_peak_bytes(self, tokens: int, image_size: int, dtype: str) -> int:
-        """Transient memory of the prefill, the largest step: the MoE layer's gate_up output for every
-        (token, expert) pair and its sorted copies, a few hidden-state buffers, sdpa's workspace, the
-        last position's float32 logits, and the vision tower's patch activations. An upper estimate:
-        tests compare it with torch's peak on the GPU (eval/validate_plan.py)."""
+        """Transient memory of the prefill, the largest step: the MoE layer's grouped GEMMs over every
+        (token, expert) pair (gathered inputs, gate_up output, gated rows, down output, weighted and
+        re-ordered copies: ops.experts_from_slots), a few hidden-state buffers, the attention scores of
+        one layer in float32 (sdpa's math kernel, which a 4-D mask can select) and the mask, the last
+        position's float32 logits, and the vision tower's patch activations and attention scores.
+        An upper estimate: eval/measure_memory.py compares it with torch's peak on the GPU."""
         b = DTYPE_BYTES[dtype]
         inter = self.record_numel // (3 * self.hidden_size) if self.hidden_size else 0
-        moe = tokens * self.top_k * (3 * inter + 2 * self.hidden_size) * b
+        moe = tokens * self.top_k * (3 * inter + 3 * self.hidden_size) * b
         hidden = 8 * tokens * self.hidden_size * b
+        heads = self.num_heads or max(1, self.num_kv_heads) * 8
+        attention = heads * tokens * tokens * 4 + tokens * tokens
         logits = 2 * self.vocab_size * 4
-        patches = 0
+        vision = 0
         if self.patch_size:
             patches = self.visual_tokens(image_size) * self.merge_size ** 2
-        vision = patches * 16 * self.vision_hidden * b  # a ViT block's qkv, MLP and residual buffers
-        return int(1.25 * (moe + hidden + logits + vision))
+            vision_heads = max(1, self.vision_hidden // 64)
+            vision = patches * 16 * self.vision_hidden * b + vision_heads * patches * patches * 4
+        return int(1.25 * (moe + hidden + attention + logits + vision))
 
 
 def model_info(model_dir) -> ModelInfo:
@@ -130,6 +138,7 @@ def model_info(model_dir) -> ModelInfo:
         vocab_size=text.vocab_size, patch_size=int(getattr(vcfg, "patch_size", 0) or 0) if vcfg else 0,
         merge_size=int(getattr(vcfg, "spatial_merge_size", 1) or 1) if vcfg else 1,
         checkpoint_dtype=dtype, sizes_from=sizes_from,
+        buffer_numel=sum(b.numel() for b in skeleton.buffers()), num_heads=int(getattr(text, "num_attention_heads", 0) or 0),
     )
 
 

@@ -1,15 +1,17 @@
 """Fit a model to a device: expert budget, per-layer slot plan, store tier, policy, prefetch; predict
 TTFT and decode ms/token; write a deployment YAML that `vismmoe.load` accepts.
 
-Memory (bytes on the GPU): non-expert weights + expert cache + KV cache for the context + the prefill's
-activation peak + the profile's reserve must fit the usable memory. On unified-memory devices the host
-store lives in the same DRAM, so a `memory` store costs its bytes twice and `mmap` (NVMe) costs none.
+Memory (bytes on the GPU): the parts of deploy/memory.py (non-expert weights, expert cache, KV cache
+with static decode's held buckets and growth copy, the prefill's activation peak, the CUDA graph pool,
+cuBLAS workspaces, stacked routers, device cache state, staging, and a stated margin for the
+allocator's rounding) + the profile's reserve must fit the usable memory. On unified-memory devices
+the host store lives in the same DRAM, so a `memory` store costs its bytes twice and `mmap` (NVMe)
+costs none.
 
-Time. Per decode token:  compute (bytes read at the memory bandwidth) + engine overhead per MoE layer
-(measured on the H100, ENGINE below) + demand misses x time per miss + whatever prefetch copies do not
-hide under the compute. TTFT: fixed and per-layer prefill overhead + FLOPs at 40% of the dense bf16
-peak + the prefill's misses x time per miss. Misses come from replaying the model's routing trace
-(vismmoe.offload.simulate) under the chosen policy and budget; without a trace, from the stated PRIOR.
+Time: deploy/time_model.py (the bytes a token reads, the engine's per-layer times from the profile
+or a stated prior measured on an H200 host, misses x time per miss, prefill FLOPs and misses).
+Misses come from replaying the model's routing trace (vismmoe.offload.simulate) under the chosen
+policy and budget; without a trace, from the stated PRIOR.
 
 Per-layer slot plan (SwapMoE-style): with quotas summing to the budget the layers' caches are
 independent, so one replay with q slots for every layer gives every layer's misses at q; a DP over
@@ -20,29 +22,18 @@ one global pool (then the predictions are the plan's); otherwise `slot_plan: glo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import BudgetError, ConfigError
+from ..ops import MAX_GROUPS
+from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
+from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
+                         engine_figure, loop_experts, prior_prefill_distinct)
 
-# Engine software costs, measured on the H100 (eval/results/bench_offload.md, 12 layers, bf16):
-ENGINE = dict(
-    static_layer_ms=0.276,  # static decode, one CUDA graph, every expert resident: 3.31 ms / 12 layers
-    offload_layer_ms=0.43,  # extra per layer with a partial cache (device residency): c@0.25 and c@0.5 rows
-    generate_layer_ms=2.4,  # transformers' generate loop, host-decided loads: 28.89 ms / 12 layers
-    prefill_fixed_ms=20.0,  # processor, vision launch, first sample
-    prefill_layer_ms=3.5,  # c@1.0 TTFT 62.2 ms = 20 + 12 x 3.5
-    copy_overhead_ms=0.007,  # per extra copy (research/offload.md)
-    prefill_efficiency=0.4,  # share of dense bf16 peak a prefill reaches
-    # GPU memory beyond weights, expert cache and KV that a request holds at its peak besides the
-    # prefill's activations: CUDA-graph pool, static-decode buffers, cuBLAS workspace. eval/results/
-    # gpu_check.md measured 41-49 MiB (generate) and 114-146 MiB (static) above the other parts.
-    gpu_workspace_bytes=160 * 2**20,
-)
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
          "for trained models, whose routing has locality")
@@ -117,11 +108,11 @@ class Plan:
             f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
             f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
-            f"{'host' if self.profile.kind == 'cpu' else 'GPU'} memory: non-expert {_gb(m['non_expert'])} + expert cache {_gb(m['expert_cache'])} + KV "
-            f"{_gb(m['kv_cache'])} + activations {_gb(m['activations'])} + workspace {_gb(m['workspace'])} + "
-            f"reserved {_gb(m['reserved'])} = "
-            f"{_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
-            f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms']:.1f} + compute "
+            f"{'host' if self.profile.kind == 'cpu' else 'GPU'} memory: "
+            + " + ".join(f"{k.replace('_', ' ')} {_gb(m[k])}" for k in (*PARTS, "reserved") if m.get(k))
+            + f" = {_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
+            f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms'] - p['ttft_loop_ms']:.1f} + "
+            f"{p['prefill_loop_experts']:.0f} experts one by one {p['ttft_loop_ms']:.1f} + compute "
             f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
             f"engine overhead {p['decode_overhead_ms']:.2f} + {p['decode_misses_per_token']:.2f} misses "
@@ -149,13 +140,11 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         raise ConfigError(f"context must be a positive number of tokens, got {context}")
     prompt = min(prompt, context)
     usable = _usable_bytes(profile, max_gpu_memory)
-    fixed = dict(non_expert=model.non_expert_bytes(dtype), kv_cache=model.kv_cache_bytes(context, dtype),
-                 activations=model.activation_peak_bytes(prompt, image_size, dtype),
-                 reserved=int(profile["reserved_gb"] * GB),
-                 workspace=ENGINE["gpu_workspace_bytes"] if profile.kind != "cpu" else 0)
+    reserved = int(profile["reserved_gb"] * GB)
     B = model.expert_bytes(dtype)
     total_slots = model.num_moe_layers * model.num_experts
     sim = _Simulator(trace, model) if trace is not None else None
+    sizing = dict(context=context, prompt=prompt, image_size=image_size, dtype=dtype)
     candidates, shortfalls = [], []
     for store in _stores(profile):
         host_store = model.total_expert_bytes(dtype) if store != "mmap" else 0
@@ -164,17 +153,21 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
                               "GB host RAM")
             continue
         shared = host_store if profile.kind != "discrete" else 0  # unified / cpu: the store shares the pool
-        room = usable - sum(fixed.values()) - shared
-        max_slots = min(total_slots, int(room // B)) if room > 0 else 0
+        max_slots = _largest_fit(model, profile, store, usable - reserved - shared, sizing)
         if max_slots < model.top_k:
-            need = sum(fixed.values()) + shared + model.top_k * B
+            need = total(_parts(model, profile, store, model.top_k, sizing)) + reserved + shared
             shortfalls.append(f"store {store}: needs {_gb(need)} for the smallest budget ({model.top_k} experts), "
                               f"{_gb(usable)} usable: short by {_gb(need - usable)}")
             continue
         budgets = [max_slots] if goal == "latency" else sorted(
             {max(model.top_k, int(max_slots * f)) for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)})
+        if store != "mmap" and MAX_GROUPS < max_slots < total_slots:
+            budgets.append(MAX_GROUPS)  # the most a partial cache may hold and keep static decode (_path)
         for slots in budgets:
-            candidates.append(_evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt))
+            memory = dict(_parts(model, profile, store, slots, sizing), reserved=reserved)
+            memory["host_store"] = shared if profile.kind != "discrete" else host_store
+            memory["gpu_total"] = sum(v for k, v in memory.items() if k != "host_store") + shared
+            candidates.append(_evaluate(model, profile, dtype, store, slots, memory, sim, prompt))
     if not candidates:
         raise BudgetError(f"{model.name} cannot fit {profile.name} at any setting (context {context} tokens, {dtype}): "
                           + "; ".join(shortfalls) + ". Use a bigger device, a shorter --context, or a smaller model")
@@ -185,27 +178,84 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         ok = [c for c in candidates if c.predicted["decode_ms_per_token"] <= 1.1 * best_time]
         chosen = min(ok, key=lambda c: (c.memory["gpu_total"], c.predicted["decode_ms_per_token"]))
     slot_plan, note = _slot_plan(model, profile, dtype, chosen, sim, prompt)
-    notes = [f"sizes from {model.sizes_from}"] + [f"rejected {s}" for s in shortfalls]
+    notes = [f"sizes from {model.sizes_from}", _engine_note(profile)] + [f"rejected {s}" for s in shortfalls]
     return Plan(model, profile, goal, dtype, context, image_size, max_new_tokens, chosen, slot_plan, note, usable,
                 trace_path, notes)
 
 
 def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
-                     image_size: int = 448, gpu: bool = True) -> int:
-    """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else."""
-    fixed = (model.non_expert_bytes(dtype) + model.kv_cache_bytes(context, dtype) + (ENGINE["gpu_workspace_bytes"] if gpu else 0)
-             + model.activation_peak_bytes(min(context, model.visual_tokens(image_size) + 32), image_size, dtype))
-    room = available - fixed - (model.total_expert_bytes(dtype) if shared_store else 0)
-    B = model.expert_bytes(dtype)
-    slots = min(model.num_moe_layers * model.num_experts, int(room // B)) if room > 0 else 0
-    if slots < model.top_k:
+                     image_size: int = 448, gpu: bool = True, compute_capability: str = "9.0",
+                     store: str = "pinned", unified: bool = False) -> int:
+    """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else
+    (deploy/memory.py's parts, as the planner counts them)."""
+    sizing = dict(context=context, prompt=min(context, model.visual_tokens(image_size) + 32), image_size=image_size,
+                  dtype=dtype)
+    shared = model.total_expert_bytes(dtype) if shared_store else 0
+
+    def parts(slots):
+        return gpu_parts(model, dtype, slots=slots, context=context, prompt_tokens=sizing["prompt"],
+                         image_size=image_size, static=_path(store, slots, model) == "static", prefetch=True,
+                         store=store, unified=unified, compute_capability=compute_capability, gpu=gpu)
+
+    lo, hi = model.top_k, model.num_moe_layers * model.num_experts
+    if total(parts(lo)) + shared > available:
         raise BudgetError(f"expert_budget: auto found {_gb(available)} available here, but the model needs "
-                          f"{_gb(fixed + model.top_k * B + (model.total_expert_bytes(dtype) if shared_store else 0))} "
-                          "at its smallest budget; free memory or use store: mmap")
-    return slots * B
+                          f"{_gb(total(parts(lo)) + shared)} at its smallest budget; free memory or use store: mmap")
+    slots = _search(lambda s: total(parts(s)) + shared <= available, lo, hi)
+    return slots * model.expert_bytes(dtype)
+
+
+def memory_cap_for(plan: "Plan", slots: int) -> int:
+    """GPU memory (the reserve included) at which `plan`'s store holds `slots` expert slots and nothing
+    more fits: for re-planning a device at a smaller budget (eval/validate_plan.py, measure_memory.py)."""
+    sizing = dict(context=plan.context_tokens, prompt=plan.chosen.predicted["prompt_tokens"],
+                  image_size=plan.image_size, dtype=plan.dtype)
+    m = plan.chosen.memory
+    shared = m["host_store"] if plan.profile.kind != "discrete" else 0
+    return int(m["reserved"] + shared + total(_parts(plan.model, plan.profile, plan.chosen.store, slots, sizing))
+               + 0.5 * plan.model.expert_bytes(plan.dtype))
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _path(store: str, slots: int, model: ModelInfo) -> str:
+    """The decode path `decode: auto` takes (engine._static_unavailable): static decode needs every expert
+    resident, or a host slab (not mmap) and at most ops.MAX_GROUPS slots for its grouped kernel."""
+    if slots >= model.num_moe_layers * model.num_experts:
+        return "static"
+    return "static" if store != "mmap" and slots <= MAX_GROUPS else "generate"
+
+
+def _parts(model, profile, store, slots, sizing) -> dict:
+    return gpu_parts(model, sizing["dtype"], slots=slots, context=sizing["context"], prompt_tokens=sizing["prompt"],
+                     image_size=sizing["image_size"], static=_path(store, slots, model) == "static", prefetch=True,
+                     store=store, unified=profile.unified, compute_capability=profile.compute_capability or "9.0",
+                     gpu=profile.kind != "cpu")
+
+
+def _largest_fit(model, profile, store, room: int, sizing) -> int:
+    """The most slots whose parts fit `room` bytes (0 if not even top-k do)."""
+    lo, hi = model.top_k, model.num_moe_layers * model.num_experts
+    fits = lambda s: total(_parts(model, profile, store, s, sizing)) <= room  # noqa: E731
+    if not fits(lo):
+        return 0
+    return _search(fits, lo, hi)
+
+
+def _search(fits, lo: int, hi: int) -> int:
+    """The largest s in [lo, hi] with fits(s), given fits(lo); the full budget is tried on its own
+    (its decode path, and so its parts, differ from a partial cache's)."""
+    if fits(hi):
+        return hi
+    hi -= 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _usable_bytes(profile: DeviceProfile, max_gpu_memory) -> int:
     pool = profile["ram_gb"] if profile.kind == "cpu" else profile["memory_gb"]
     usable = pool * GB
@@ -222,30 +272,15 @@ def _stores(profile: DeviceProfile) -> list[str]:
     return ["mmap", "memory"]  # shared DRAM: the NVMe tier costs no memory, a memory store costs it twice
 
 
-def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
-    if profile.kind == "discrete":
-        if store == "pinned":
-            link = profile.get("copy_kernel_gbs", profile["h2d_pinned_gbs"]) if path == "static" else profile["h2d_pinned_gbs"]
-            t = B / (link * GB)
-        else:  # mmap: read the record from disk (page cache misses), then a pageable copy
-            t = B / (profile["disk_read_gbs"] * GB) + B / (profile["h2d_pageable_gbs"] * GB)
-    else:
-        bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
-        t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
-    return t * 1e3 + ENGINE["copy_overhead_ms"]
-
-
-def _evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt) -> Candidate:
-    total = model.num_moe_layers * model.num_experts
-    complete = slots >= total
-    path = "static" if store != "mmap" or complete else "generate"  # static decode needs a host slab
+def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candidate:
+    total_slots = model.num_moe_layers * model.num_experts
+    complete = slots >= total_slots
+    path = _path(store, slots, model)
     B = model.expert_bytes(dtype)
     miss_ms = _miss_ms(profile, store, B, path)
-    memory = dict(fixed, expert_cache=slots * B, host_store=shared if profile.kind != "discrete" else
-                  (0 if store == "mmap" else model.total_expert_bytes(dtype)))
-    memory["gpu_total"] = sum(fixed.values()) + slots * B + (shared if profile.kind != "discrete" else 0)
     cand = Candidate(store, slots, path, miss_ms, memory)
     L, E, k = model.num_moe_layers, model.num_experts, model.top_k
+    distinct = sim.prefill_distinct if sim is not None else prior_prefill_distinct(model, prompt)
     if complete:
         decode_misses = prefill_misses = prefetch_copies = 0.0
         cand.hit_rates = dict(global_pool=1.0)
@@ -262,42 +297,15 @@ def _evaluate(model, profile, dtype, store, slots, fixed, shared, sim, prompt) -
         prefetch_copies = r["decode_prefetch_per_token"]
         cand.hit_rates = dict(global_pool=r["hit_rate"], global_pool_decode=r["decode_hit_rate"])
     else:
-        h = min(1.0, slots / total)
+        h = min(1.0, slots / total_slots)
         decode_misses = L * k * (1 - h)
-        prefill_misses = L * E * (1 - (1 - k / E) ** prompt) * (1 - h)
+        prefill_misses = float(distinct.sum()) * (1 - h)
         prefetch_copies = 0.0
         cand.hit_rates = dict(global_pool_prior=h)
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
-                            prefetch_copies if cand.prefetch else 0.0, prompt)
+                            prefetch_copies if cand.prefetch else 0.0, prompt,
+                            loop_experts(distinct, slots, None, model))
     return cand
-
-
-def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt):
-    L, k, b = model.num_moe_layers, model.top_k, DTYPE_BYTES[dtype]
-    decoder_bytes = (model.non_expert_numel - model.vision_numel - model.vocab_size * model.hidden_size) * b
-    active = decoder_bytes + L * k * model.expert_bytes(dtype)
-    if profile.kind == "cpu":
-        per_expert = profile.get("cpu_expert_decode_ms", 0.05)
-        compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
-        overhead = L * ENGINE["generate_layer_ms"]
-        tflops = profile.get("cpu_tflops", 0.05) * ENGINE["prefill_efficiency"]
-    else:
-        compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
-        overhead = L * (ENGINE["static_layer_ms"] if path == "static" else ENGINE["generate_layer_ms"])
-        if not complete and path == "static":
-            overhead += L * ENGINE["offload_layer_ms"]
-        tflops = profile["bf16_tflops"] * ENGINE["prefill_efficiency"]
-    miss = decode_misses * miss_ms
-    unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
-    flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
-    ttft_compute = flops / (tflops * 1e12) * 1e3
-    ttft_overhead = ENGINE["prefill_fixed_ms"] + L * ENGINE["prefill_layer_ms"]
-    ttft_miss = prefill_misses * miss_ms
-    return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
-                decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
-                decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms, ttft_ms=ttft_overhead + ttft_compute + ttft_miss,
-                ttft_overhead_ms=ttft_overhead, ttft_compute_ms=ttft_compute, ttft_miss_ms=ttft_miss,
-                prefill_misses=prefill_misses, prompt_tokens=prompt)
 
 
 class _Simulator:
@@ -308,6 +316,13 @@ class _Simulator:
         L = trace.meta.num_layers
         self.decode_tokens = max(1, int((trace.group_step > 0).sum()) // L)
         self._memo = {}
+        # Distinct experts per layer of a prefill (step 0), averaged over the trace's requests.
+        sums, counts = np.zeros(L), np.zeros(L)
+        for g in np.flatnonzero(trace.group_step == 0):
+            lo, hi = trace.group_offsets[g], trace.group_offsets[g + 1]
+            sums[trace.group_layer[g]] += len(np.unique(trace.experts[lo:hi]))
+            counts[trace.group_layer[g]] += 1
+        self.prefill_distinct = sums / np.maximum(counts, 1)
 
     def run(self, policy: str, slots: int, prefetch: str, plan=None) -> dict:
         from ..offload.simulate import simulate
@@ -385,7 +400,8 @@ def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt)
         return None, f"one global pool: {rates}"
     chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
                               planned["decode_misses_per_token"], planned["prefill_misses"],
-                              planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt)
+                              planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
+                              loop_experts(sim.prefill_distinct, S, quotas, model))
     return quotas.tolist(), f"per-layer plan: {rates}"
 
 

@@ -18,8 +18,9 @@ GB = 1e9
 _DEFAULT_SHAPE = (2048, 768)  # Qwen3-VL-30B-A3B: hidden, moe_intermediate
 
 
-def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5) -> dict:
-    """A device-profile mapping (configs/devices schema) of this machine."""
+def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = True) -> dict:
+    """A device-profile mapping (configs/devices schema) of this machine. With `model_dir` (and `engine`),
+    also the engine's own times on it (`_engine_times`): the planner's per-layer decode and prefill terms."""
     hidden, inter, model_name = _shape(model_dir)
     figures, notes = {}, {}
 
@@ -56,10 +57,76 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5) -> dict:
     put("cpu_tflops", _cpu_tflops(), "1024^3 float32 torch.matmul on the CPU")
     disk, how = _disk_gbs(model_dir)
     put("disk_read_gbs", disk, how)
+    if model_dir is not None and engine:
+        bandwidth = figures.get("memory_bandwidth_gbs", figures.get("host_memcpy_gbs", {})).get("value")
+        tflops = figures.get("bf16_tflops", figures.get("cpu_tflops", {})).get("value")
+        for name, (value, how) in _engine_times(model_dir, "cuda" if cuda else "cpu", bandwidth, tflops).items():
+            put(name, value, how)
     name = "probe-" + (gpu_name or platform.node() or "cpu").lower().replace(" ", "-")
     return {"name": name, "description": f"measured by `vismmoe probe` on {platform.node()} at "
             f"{time.strftime('%Y-%m-%d %H:%M:%S')} (expert shape from {model_name})", "kind": kind,
             "gpu_name": gpu_name, "compute_capability": cc, "figures": figures}
+
+
+def _engine_times(model_dir, device: str, bandwidth_gbs, tflops=None, new_tokens: int = 16) -> dict:
+    """{figure: (ms, how)}: the model served with every expert resident (skipped if it does not fit free
+    memory), one warm-up request (captures the decode graph), then the mean of two: decode_layer_ms =
+    (static decode ms/token - the bytes a token reads at `bandwidth_gbs`) / MoE layers; TTFT minus its
+    FLOPs (at `tflops` x the prior's efficiency) split into prefill_fixed_ms and prefill_layer_ms in the prior's proportion (one model has one
+    layer count, so the two cannot be told apart on it); generate_layer_ms = transformers' generate
+    ms/token / MoE layers."""
+    import numpy as np
+    from PIL import Image
+
+    import vismmoe
+
+    from .model_info import DTYPE_BYTES, model_info
+    from .planner import ENGINE_PRIOR
+
+    info = model_info(model_dir)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    need = (info.total_expert_bytes(dtype) + info.non_expert_bytes(dtype)) * 1.2
+    if device == "cuda" and need > torch.cuda.mem_get_info(0)[0]:
+        return {}
+    engine = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=1.0, store="memory")
+    try:
+        image = Image.fromarray((np.random.RandomState(0).rand(256, 256, 3) * 255).astype("uint8"))
+        prompt = "Describe the image."
+
+        def measure(n):
+            engine.generate(image=image, prompt=prompt, max_new_tokens=4, min_new_tokens=4)  # warm-up, capture
+            stats = [engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens).stats for _ in range(n)]
+            return (float(np.mean([s.ttft_s for s in stats])) * 1e3,
+                    float(np.mean([s.decode_s / max(1, s.new_tokens - 1) for s in stats])) * 1e3,
+                    stats[-1].decode_path, stats[-1].prefill_tokens)
+
+        L, b = info.num_moe_layers, DTYPE_BYTES[dtype]
+        ttft, decode, path, prompt_tokens = measure(2)
+        out = {}
+        decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
+        bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth_gbs * GB) * 1e3 if bandwidth_gbs else 0
+        if path.startswith("static"):
+            out["decode_layer_ms"] = (max(0.001, (decode - bytes_ms) / L),
+                                      f"{info.name}: {path} decode {decode:.3f} ms/token, every expert resident, minus "
+                                      f"{bytes_ms:.3f} ms of bytes, over {L} MoE layers")
+        fixed, layer = ENGINE_PRIOR["prefill_fixed_ms"], ENGINE_PRIOR["prefill_layer_ms"]
+        share = fixed / (fixed + L * layer)
+        flops = 2 * prompt_tokens * (decoder / b + L * info.top_k * info.record_numel) \
+            + 2 * info.vision_numel * prompt_tokens * info.merge_size ** 2
+        compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
+        rest = max(0.001, ttft - compute)
+        how = (f"{info.name}: TTFT {ttft:.1f} ms for {prompt_tokens} prompt tokens minus {compute:.1f} ms of FLOPs, "
+               f"split fixed / per-layer in the prior's proportion at {L} layers")
+        out["prefill_fixed_ms"] = (rest * share, how)
+        out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
+        engine.reconfigure(decode="generate")
+        _, decode_g, _, _ = measure(1)
+        out["generate_layer_ms"] = (decode_g / L, f"{info.name}: transformers' generate {decode_g:.2f} ms/token over "
+                                    f"{L} MoE layers")
+        return out
+    finally:
+        engine.close()
 
 
 def _shape(model_dir):

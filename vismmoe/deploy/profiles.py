@@ -40,6 +40,11 @@ FIGURES = {
     "reserved_gb": ("gpu", True, True, True),  # memory the process cannot use (OS, CUDA context, slack)
     "expert_prefill_ms": ("gpu", False, False, False),  # measured: one expert over 512 tokens
     "expert_decode_ms": ("gpu", False, False, False),  # measured: one expert, one token
+    # The engine's own times (`vismmoe probe --model` runs the model; time_model.ENGINE_PRIOR where absent):
+    "decode_layer_ms": ("engine", False, False, False),  # static decode step per MoE layer, all resident, beyond the bytes
+    "generate_layer_ms": ("engine", False, False, False),  # transformers' generate, per MoE layer
+    "prefill_fixed_ms": ("engine", False, False, False),  # TTFT's fixed part: processor, vision launch, first sample
+    "prefill_layer_ms": ("engine", False, False, False),  # TTFT per MoE layer (host-decided prefill)
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
 KINDS = ("discrete", "unified", "cpu")

@@ -1,0 +1,125 @@
+"""The planner's time model: predicted TTFT and decode ms/token of a configuration, with their breakdown.
+
+Per decode token: the bytes a token reads at the memory bandwidth + the engine's time per MoE layer
+(static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
+the cache is partial + misses x (time per miss on the link + the miss's own overhead) + whatever
+prefetch copies do not hide under the step. TTFT: a fixed part (processor, vision launch, first
+sample) + time per layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the
+prefill's misses x time per miss + the experts a prefill layer computes one at a time (when it touches
+more experts than its wave: its quota, or all slots). The engine's times are profile figures
+(ENGINE_FIGURES: `vismmoe probe --model` measures them on the spot) or the prior ENGINE_PRIOR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model_info import DTYPE_BYTES, ModelInfo
+from .profiles import DeviceProfile
+
+GB = 1e9
+
+# The engine's own times, per profile figure (profiles.FIGURES; `vismmoe probe --model` measures the
+# first four), and the prior used where a profile has no such figure. Fitted on an H200 host (torch
+# 2.11, transformers 5.17) to eval/results/profile_static_h200_final.json and the planner-validation
+# rows of eval/results/validate_plan_emulated/ (eval/check_time_model.py recomputes those predictions):
+ENGINE_PRIOR = dict(
+    decode_layer_ms=0.14,  # static decode, every expert resident, per MoE layer beyond reading the bytes:
+    #                        easy-VQA 4 layers 0.57 ms/token; bench 12 layers 1.80-2.44 ms with 0.39 ms of bytes
+    generate_layer_ms=2.4,  # transformers' generate, per layer (bench_offload c-generate: 28.89 ms / 12)
+    prefill_fixed_ms=46.0,  # processor, vision, first sample: easy-VQA TTFT 58 ms at 4 layers, bench 82.7 at 12
+    prefill_layer_ms=3.0,  # ... the host-decided prefill per MoE layer (one readback and sync each)
+    offload_layer_ms=0.033,  # static decode below a full budget, per layer: profile_static 0.5 vs 1.0 (2.20 - 1.80) / 12
+    generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
+    miss_overhead_ms=0.05,  # per missed expert beyond its link time: easy-VQA static rows at 25%
+    loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
+    #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
+    copy_overhead_ms=0.007,  # per host-path copy (research/offload.md)
+    prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
+)
+ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms")
+# Back-compatible name: the figures above plus the prior.
+ENGINE = ENGINE_PRIOR
+
+
+def engine_figure(profile: DeviceProfile, name: str) -> float:
+    """An engine time of `profile` (probed) or the prior."""
+    return profile.get(name, ENGINE_PRIOR[name])
+
+
+def _engine_note(profile: DeviceProfile) -> str:
+    probed = [n for n in ENGINE_FIGURES if profile.has(n)]
+    if len(probed) == len(ENGINE_FIGURES):
+        return f"engine times from the profile ({', '.join(probed)})"
+    return (f"engine times: {', '.join(probed) + ' from the profile, the rest' if probed else 'all'} from the prior "
+            "measured on an H200 host (vismmoe probe --model measures them on a machine; a slower CPU or GPU "
+            "launches slower)")
+
+
+def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
+    if profile.kind == "discrete":
+        if store == "pinned":
+            link = profile.get("copy_kernel_gbs", profile["h2d_pinned_gbs"]) if path == "static" else profile["h2d_pinned_gbs"]
+            t = B / (link * GB)
+        else:  # mmap: read the record from disk (page cache misses), then a pageable copy
+            t = B / (profile["disk_read_gbs"] * GB) + B / (profile["h2d_pageable_gbs"] * GB)
+    else:
+        bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
+        t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
+    return t * 1e3 + ENGINE_PRIOR["copy_overhead_ms"]
+
+
+def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
+    """Distinct experts a prefill of `prompt` tokens touches per layer under uniform independent routing."""
+    E, k = model.num_experts, model.top_k
+    return np.full(model.num_moe_layers, E * (1 - (1 - k / E) ** prompt))
+
+
+def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> float:
+    """Experts a prefill computes one at a time (host_path.run_layer): in every layer that touches more
+    distinct experts than its wave (its quota, or all slots), or when a partial cache has more slots
+    than the grouped kernel's groups."""
+    from ..ops import MAX_GROUPS
+
+    if slots >= model.num_moe_layers * model.num_experts:
+        return 0.0
+    wave = np.full(len(distinct), slots) if quotas is None else np.minimum(slots, np.asarray(quotas))
+    looped = (distinct > wave) | (slots > MAX_GROUPS)
+    return float(distinct[looped].sum())
+
+
+def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt,
+           loop_experts: float = 0.0):
+    """Predicted times (ms) and their breakdown; engine times from `profile` (probed) or ENGINE_PRIOR."""
+    L, k, b = model.num_moe_layers, model.top_k, DTYPE_BYTES[dtype]
+    decoder_bytes = (model.non_expert_numel - model.vision_numel - model.vocab_size * model.hidden_size) * b
+    active = decoder_bytes + L * k * model.expert_bytes(dtype)
+    fig = lambda name: engine_figure(profile, name)  # noqa: E731
+    miss_each = miss_ms
+    if profile.kind == "cpu":
+        per_expert = profile.get("cpu_expert_decode_ms", 0.05)
+        compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
+        overhead = L * fig("generate_layer_ms")
+        tflops = profile.get("cpu_tflops", 0.05) * ENGINE_PRIOR["prefill_efficiency"]
+        loop_ms = 0.0  # on the CPU every prefill runs expert by expert: in the FLOPs term
+    else:
+        compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
+        if path == "static":
+            overhead = L * fig("decode_layer_ms") + (0.0 if complete else L * ENGINE_PRIOR["offload_layer_ms"])
+            miss_each = miss_ms + ENGINE_PRIOR["miss_overhead_ms"]
+        else:
+            overhead = L * (fig("generate_layer_ms") + (0.0 if complete else ENGINE_PRIOR["generate_offload_layer_ms"]))
+        tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
+        loop_ms = loop_experts * ENGINE_PRIOR["loop_expert_ms"]
+    miss = decode_misses * miss_each
+    unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
+    flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
+    ttft_compute = flops / (tflops * 1e12) * 1e3
+    ttft_overhead = fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") + loop_ms
+    ttft_miss = prefill_misses * miss_ms
+    return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
+                decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
+                decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms,
+                ttft_ms=ttft_overhead + ttft_compute + ttft_miss, ttft_overhead_ms=ttft_overhead,
+                ttft_loop_ms=loop_ms, prefill_loop_experts=loop_experts, ttft_compute_ms=ttft_compute,
+                ttft_miss_ms=ttft_miss, prefill_misses=prefill_misses, prompt_tokens=prompt)
