@@ -122,12 +122,24 @@ def test_bad_miss_path_settings_are_config_errors(qwen_checkpoint):
 
 
 def test_auto_on_a_cpu_device_copies_and_says_why(qwen_checkpoint):
-    engine = vismmoe.load(qwen_checkpoint, expert_budget="min")
+    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", miss_path="auto")
     info = engine.info()
     assert info.miss_path == "auto" and info.miss_paths["per_layer"] == ["copy"] * info.layers
     assert "no GPU" in info.miss_paths["why"]
-    full = vismmoe.load(qwen_checkpoint, expert_budget=1.0)
+    full = vismmoe.load(qwen_checkpoint, expert_budget=1.0, miss_path="auto")
     assert "resident" in full.info().miss_paths["why"]
+    assert vismmoe.load(qwen_checkpoint).info().miss_path == "copy"  # the default
+
+
+def test_auto_copies_where_the_pool_keeps_experts(qwen_checkpoint):
+    """Reading in place gives up the reuse a slot would give: auto considers it only below 2 x top-k slots."""
+    from vismmoe.offload.miss_paths import MissPathControl
+
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    assert engine.num_slots >= 2 * engine.layout.top_k
+    control = MissPathControl("auto", engine.runtime, engine.store, engine.layout, engine.num_slots, "auto",
+                              figures=figures(copy_ms=0.2, zero_copy_ms=0.01, layer_us=1))  # in place far cheaper
+    assert control.names() == ["copy"] * len(engine.layout.layers) and "keeps experts" in control.why
 
 
 # -- auto's cost model on constructed figures -------------------------------------------------------------
@@ -190,7 +202,7 @@ def test_switching_a_layer_that_reads_host_rows_needs_no_new_capture(qwen_checkp
     assert runtime.set_miss_paths([ZEROCOPY] + [COPY] * (L - 1)) is False
     copy = vismmoe.load(qwen_checkpoint, expert_budget="min", miss_path="copy", decode="static")
     assert copy.runtime.residency.miss_modes is None  # copy only: the decision kernel runs without it
-    auto = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static")
+    auto = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static", miss_path="auto")
     assert auto.runtime.residency.miss_modes is not None
     assert auto.runtime.set_miss_paths([ZEROCOPY] * L) is True  # new host-reading layers: capture again
     (image, prompt), = random_requests(1, seed=35)
@@ -238,7 +250,7 @@ def test_auto_follows_the_misses_it_observes(qwen_checkpoint, monkeypatch):
     from vismmoe.offload.miss_paths import MissPathControl
 
     (image, prompt), = random_requests(1, seed=37)
-    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static")
+    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static")
     L = len(engine.layout.layers)
     fig = figures(copy_ms=0.2, zero_copy_ms=0.19, layer_us=5)  # 10 µs saved per miss, 5 µs per layer call
     engine.miss = MissPathControl("auto", engine.runtime, engine.store, engine.layout, engine.num_slots, "auto",
@@ -252,7 +264,7 @@ def test_auto_follows_the_misses_it_observes(qwen_checkpoint, monkeypatch):
     second = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
     assert second.stats.miss_paths == ["copy"] * L and engine.runtime.residency.miss_modes.tolist() == [0] * L
     assert second.stats.misses_by_path["zerocopy"] == 0 and engine.miss.planner.observed >= 1
-    copy = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", miss_path="copy")
+    copy = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static", miss_path="copy")
     assert copy.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6).token_ids == \
         first.token_ids == second.token_ids
     info = engine.info().miss_paths

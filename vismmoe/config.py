@@ -60,7 +60,9 @@ class EngineConfig:
     # Rotary embedding of decode steps' queries and keys: "fused" (one Triton launch, ops.rotary, bit for
     # bit transformers' apply_rotary_pos_emb; CUDA + triton), "torch" (transformers' function: ten
     # launches), or "auto" (fused where it runs). Process-wide per device (layers/rotary.py says why).
-    rope_kernel: str = "auto"
+    # "torch" by default: the kernel missed its bit-for-bit check on an H200 by one rounding step (the GPU
+    # compiler fused a product and the sum); launched with fp fusion off since, not yet re-run on a GPU.
+    rope_kernel: str = "torch"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
@@ -73,8 +75,11 @@ class EngineConfig:
     # How a decode step serves an expert missing from the GPU cache, per MoE layer (offload/miss_paths.py):
     # "copy" (into a slot, evicting one), "zerocopy" (the decode kernel reads it from the page-locked host
     # slab, no slot taken), "cpu" (computed on the CPU from the host store beside the GPU; host-decided
-    # path only), or "auto" (per layer, the cheapest by a cost model on figures measured at load).
-    miss_path: str = "auto"
+    # path only), or "auto" (per layer, the cheapest by a cost model on figures measured at load; it
+    # considers the in-place paths only where the pool cannot keep an expert between its uses).
+    # "copy" by default: on the 12-layer bench model (H200) copy was the fastest at 10% and 25% budgets
+    # by 1.7-3.7x, because reading in place installs nothing and the misses stay (BENCHMARKS.md).
+    miss_path: str = "copy"
     # Default generation length and sampling.
     max_new_tokens: int = 64
     do_sample: bool = False

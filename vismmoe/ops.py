@@ -20,8 +20,9 @@ import time
 import torch
 
 
-# torch's grouped_mm handles at most this many groups (weight matrices) per call.
-MAX_GROUPS = 1024
+# torch's grouped_mm handles fewer than 1024 groups (weight matrices) per call: a 1024-slot pool failed on an
+# H200 with torch 2.11 ("Can't process more than 1024 groups"), so 1023 is the most.
+MAX_GROUPS = 1023
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:

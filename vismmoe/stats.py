@@ -292,7 +292,7 @@ class EngineInfo:
     emulation: dict | None = None
     # `miss_path`: the setting (auto, copy, zerocopy, cpu); `miss_paths`: per layer the path in use, why,
     # and auto's figures and predicted costs (offload/miss_paths.py).
-    miss_path: str = "auto"
+    miss_path: str = "copy"
     miss_paths: dict | None = None
     # `prefetch: auto`: the layers whose prefetch is on now, decode steps decided over, and the costs
     # the rule weighs (copy_us, predict_us: measured at load on a GPU, priors on a CPU); None otherwise.

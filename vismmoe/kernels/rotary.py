@@ -4,9 +4,10 @@ transformers applies it as `q * cos + rotate_half(q) * sin` for q and for k: a n
 two multiplies and an add each, ten small kernels per layer, which a one-token decode step pays in
 launches rather than bytes. One program per (token, head) row of q or k does the same element-wise steps,
 each rounded to the tensors' dtype as torch rounds every op (fp32 arithmetic, then a cast): the products
-x * cos and (±x_other) * sin, then their sum. So the result equals transformers' bit for bit, in bf16 and
-fp16 (`ops.rotary_fits` keeps fp32 on transformers' function: with no cast between them, the compiler
-contracts a product and the sum into one fused multiply-add, which rounds once where torch rounds twice).
+x * cos and (±x_other) * sin, then their sum, launched with fp fusion off: the first GPU run (H200) was
+one rounding step off in bf16 and fp16 too, since ptxas contracts a half-precision multiply and add
+with no rounding modifier into one fused multiply-add, which rounds once where torch rounds twice.
+`ops.rotary_fits` keeps fp32 on transformers' function until the fixed kernel has run on a GPU.
 
 Torch twin: `ops.rotary_reference`; op `ops.rotary`; tests `tests/test_rotary.py`.
 """
@@ -72,5 +73,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         _rotary_rows[((HQ + HK) * S, B)](
             q, k, cos, sin, q_out, k_out, HQ, S, D // 2,
             *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
-            cb, cos.stride(1), sb, sin.stride(1), BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
+            cb, cos.stride(1), sb, sin.stride(1), BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
+            **({"enable_fp_fusion": False} if q.is_cuda else {}))
     return q_out, k_out

@@ -26,7 +26,9 @@ over a static step. The model takes the hit rate as independent of the path (sta
 what a copy brings in is as likely to be reused as what it evicts); the hit rate that zerocopy and cpu
 protect by not evicting shows up in the measured miss ratios of later requests, which auto then uses.
 Static decode is kept unless the host path with the CPU for some layers is cheaper in total, overhead
-included. A switch needs a 10% lower cost (hysteresis).
+included. A switch needs a 10% lower cost (hysteresis). The model runs only where the pool cannot keep
+an expert between its uses (fewer than 2 x top-k slots: the minimum budget); elsewhere auto copies,
+because the stationary-hit-rate assumption fails there (measured: BENCHMARKS.md, miss paths).
 """
 
 from __future__ import annotations
@@ -293,6 +295,14 @@ class MissPathControl:
             self.why = f"miss_path: {setting}"
         elif cache.complete:
             self.paths, self.why = np.zeros(self.num_layers, np.int64), "every expert is resident: nothing misses"
+        elif num_slots >= 2 * layout.top_k:
+            # A miss read in place installs nothing, so the layer misses it again next time; where the pool
+            # can keep an expert until its next use, that lost reuse outweighs the saved slot write (the
+            # cost model's stationary hit rate does not hold): on the 12-layer bench model (H200), in place
+            # was 1.7-3.7x slower than copy at 10% and 25% budgets, and 5% faster only at the minimum.
+            self.paths = np.zeros(self.num_layers, np.int64)
+            self.why = (f"auto: the pool ({num_slots} slots >= 2 x top-{layout.top_k}) keeps experts between "
+                        "uses, which reading in place would give up: copy")
         elif device.type != "cuda" and figures is None:
             self.paths = np.zeros(self.num_layers, np.int64)
             self.why = "no GPU: a copy is a host memcpy, there is no link to spare (auto copies)"
