@@ -250,7 +250,7 @@ def test_auto_follows_the_misses_it_observes(qwen_checkpoint, monkeypatch):
     from vismmoe.offload.miss_paths import MissPathControl
 
     (image, prompt), = random_requests(1, seed=37)
-    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static")
+    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", decode="static", miss_path="auto")
     L = len(engine.layout.layers)
     fig = figures(copy_ms=0.2, zero_copy_ms=0.19, layer_us=5)  # 10 µs saved per miss, 5 µs per layer call
     engine.miss = MissPathControl("auto", engine.runtime, engine.store, engine.layout, engine.num_slots, "auto",

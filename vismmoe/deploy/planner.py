@@ -87,9 +87,9 @@ class Plan:
                 context_tokens=self.context_tokens, image_size=self.image_size,
                 expert_slots=c.budget_slots, expert_slots_total=self.model.num_moe_layers * self.model.num_experts,
                 slot_plan=self.slot_plan, slot_plan_note=self.slot_plan_note,
-                miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the only miss path "
-                "the cache chooses today; the decode kernel can read a missed expert in place, but nothing picks "
-                "that yet, and CPU execution of misses is not implemented)",
+                miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the engine's default; "
+                "zerocopy and cpu exist, but on the bench model copy was the fastest at 10-25% budgets, and the "
+                "planner does not weigh the other paths yet)",
                 visual_keep=1.0, visual_keep_note="1.0 keeps every visual token: pruning (visual_keep < 1, "
                 "visual_prune) shortens the prefill but trades accuracy, and the planner has no accuracy target "
                 "to trade against; BENCHMARKS.md measures the retention per keep and method",
