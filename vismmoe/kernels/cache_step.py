@@ -188,11 +188,9 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
         tl.store(out_src + offs_n, flat, mask=in_n)
         if MODE == 0:
             tl.store(out_slots + offs_n, final_n, mask=in_n)
-            if HAS_MODE:
-                tl.store(in_place_p + layer, tl.load(in_place_p + layer) + n_miss * (1 - placed))
-            _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_miss, n_used, experts_p, nv_p,
-                         nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L, n_dist,
-                         DEPTH, KP, SCORE, BLOCK_N, BLOCK_E)
+            _demand_tail(clock_p, now, hits_p, misses_p, pf_p, in_place_p, PF_STRIDE, layer, n, n_miss, placed, n_used,
+                         experts_p, nv_p, nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E,
+                         L, n_dist, DEPTH, KP, SCORE, HAS_MODE, BLOCK_N, BLOCK_E)
         else:
             tl.store(pf_p + layer, tl.load(pf_p + layer) + tl.sum(take.to(tl.int64), axis=0))
     else:
@@ -210,11 +208,9 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
             tl.store(pref_p + slot_c, tl.zeros([BLOCK_N], tl.int8), mask=first)
             tl.store(last_p + slot_c, zero_n + now, mask=first)
             tl.store(out_slots + offs_n, tl.where(miss, -flat - 1, slots_n), mask=in_n)  # in place: the host row
-            if HAS_MODE:
-                tl.store(in_place_p + layer, tl.load(in_place_p + layer) + n_miss * (1 - placed))
-            _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_miss, n_used, experts_p, nv_p,
-                         nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L, n_dist,
-                         DEPTH, KP, SCORE, BLOCK_N, BLOCK_E)
+            _demand_tail(clock_p, now, hits_p, misses_p, pf_p, in_place_p, PF_STRIDE, layer, n, n_miss, placed, n_used,
+                         experts_p, nv_p, nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E,
+                         L, n_dist, DEPTH, KP, SCORE, HAS_MODE, BLOCK_N, BLOCK_E)
         else:
             old_pin = tl.load(pin_p + slot_c, mask=hit, other=-1)
             tl.store(pin_p + slot_c, tl.maximum(old_pin, layer), mask=hit)
@@ -222,11 +218,13 @@ def _cache_step_kernel(table, owner_p, last_p, pin_p, pref_p, counts, weight_p, 
 
 
 @triton.jit
-def _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_miss, n_used, experts_p, nv_p, nt_p,
-                 weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L, n_dist, DEPTH, KP,
-                 SCORE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """A demand call's counters, after the slots are settled: clock, hits and misses, prefetched entries
-    used, the decayed use counts of the layer's row, the modality mix, and the prediction ledger."""
+def _demand_tail(clock_p, now, hits_p, misses_p, pf_p, in_place_p, PF_STRIDE, layer, n, n_miss, placed, n_used,
+                 experts_p, nv_p, nt_p, weight_p, layer_now_p, params_p, counts, mix_p, pred_p, ledger_p, LE1, E, L,
+                 n_dist, DEPTH, KP, SCORE: tl.constexpr, HAS_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """A demand call's counters, after the slots are settled: clock, hits and misses (and those served in
+    place), prefetched entries used, the decayed use counts of the layer's row, the modality mix, and the
+    prediction ledger."""
     offs_n = tl.arange(0, BLOCK_N)
     in_n = offs_n < n
     zero_n = offs_n * 0
@@ -235,6 +233,8 @@ def _demand_tail(clock_p, now, hits_p, misses_p, pf_p, PF_STRIDE, layer, n, n_mi
     tl.store(clock_p, now)
     tl.store(hits_p + layer, tl.load(hits_p + layer) + (n - n_miss))
     tl.store(misses_p + layer, tl.load(misses_p + layer) + n_miss)
+    if HAS_MODE:
+        tl.store(in_place_p + layer, tl.load(in_place_p + layer) + n_miss * (1 - placed))
     tl.store(pf_p + PF_STRIDE + layer, tl.load(pf_p + PF_STRIDE + layer) + n_used)
     # use: decay tick, renormalisation and counts of this layer's row, in one pass over it
     nv = tl.load(nv_p + offs_n, mask=in_n, other=0)

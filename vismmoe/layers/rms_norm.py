@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import kernel_wanted
 
 
 def _epsilon(module: nn.Module) -> float | None:
@@ -49,12 +50,7 @@ def fuse_rms_norms(model: nn.Module, device: torch.device, setting: str) -> int:
 
     setting: "torch" swaps none; "auto" swaps where the kernel runs on `device` (CUDA, triton, a kernel
     that matched its twin there); "fused" also swaps, and raises ConfigError where it cannot run."""
-    usable = setting != "torch" and ops.rms_norm_usable(device)
-    if setting == "fused" and not usable:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"norm_kernel: fused needs a CUDA device with triton and a kernel that passed its "
-                          f"check against the torch twin (here {device}); use auto or torch")
+    usable = kernel_wanted("norm_kernel", setting, ops.rms_norm_usable, device)
     swapped = 0
     for module in model.modules():
         if hasattr(module, "fused_norm_eps"):  # swapped before: back to the class's forward

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import kernel_wanted
 
 NAME = "apply_rotary_pos_emb"
 _FUSED_DEVICES: set[str] = set()  # devices ("cuda:N") whose decode steps take the kernel
@@ -60,12 +61,7 @@ def fuse_rotary(model: nn.Module, device: torch.device, dtype: torch.dtype, sett
     """Dispatch the rotary embedding of `model`'s decode steps to the kernel on `device` (setting "auto" or
     "fused"), or back to transformers' function ("torch"); returns how many modeling modules dispatch
     (0: the kernel does not serve this model here). "fused" raises ConfigError where it cannot run."""
-    usable = setting != "torch" and ops.rotary_usable(device)
-    if setting == "fused" and not usable:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"rope_kernel: fused needs a CUDA device with triton and a kernel that passed its "
-                          f"check against the torch twin (here {device}); use auto or torch")
+    usable = kernel_wanted("rope_kernel", setting, ops.rotary_usable, device)
     modules = {type(m).__module__ for m in model.modules()}
     dispatching = 0
     for name in sorted(modules):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import kernel_wanted
 
 
 def softmax_top_k_form(module: nn.Module) -> bool | None:
@@ -58,12 +59,7 @@ def fuse_routers(model: nn.Module, device: torch.device, setting: str) -> int:
 
     setting: "torch" swaps none; "auto" swaps where the kernel runs on `device` (CUDA, triton, a kernel
     that matched its twin there); "fused" also swaps, and raises ConfigError where it cannot run."""
-    usable = setting != "torch" and ops.route_kernel_usable(device)
-    if setting == "fused" and not usable:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"router_kernel: fused needs a CUDA device with triton and a kernel that passed its "
-                          f"check against the torch twin (here {device}); use auto or torch")
+    usable = kernel_wanted("router_kernel", setting, ops.route_kernel_usable, device)
     swapped = 0
     for module in model.modules():
         if hasattr(module, "fused_router_renormalize"):  # swapped before: back to the class's forward
