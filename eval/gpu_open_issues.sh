@@ -174,16 +174,16 @@ elif [ "$PHASE" = final2 ]; then
     mkdir -p "$WORK/extra0" "$WORK/extra1"
     (
         export CUDA_VISIBLE_DEVICES=0
-        step pytest 170 python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_router_kernel.py tests/test_rotary.py}
+        step pytest "${PYTEST_S:-170}" python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_router_kernel.py tests/test_rotary.py}
         until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -2 "$WORK/build.log"
-        step profile_static 100 python3 eval/profile_static.py --out "$WORK/profile_static" --checkpoint "$WORK/vismmoe-fullsize-12"
+        step profile_static "${PROFILE_S:-100}" python3 eval/profile_static.py --out "$WORK/profile_static" --checkpoint "$WORK/vismmoe-fullsize-12"
         [ -n "${GPU0_EXTRA:-}" ] && step extra0 "$(left 15)" bash -c "$GPU0_EXTRA"
     ) > "$OUT/gpu0.log" 2>&1 &
     gpu0_pid=$!
     {
         export CUDA_VISIBLE_DEVICES=1
-        step gpu_check_quick 150 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
-        [ -z "${SKIP_BUILD_TIMES:-}" ] && step build_times 60 python3 eval/kernel_build_times.py --out "$WORK/build_times"
+        [ -z "${SKIP_GPU_CHECK:-}" ] && step gpu_check_quick 150 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
+        [ -z "${SKIP_BUILD_TIMES:-}" ] && step build_times "${BUILD_S:-60}" python3 eval/kernel_build_times.py --out "$WORK/build_times"
         until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
         [ -n "${GPU1_EXTRA:-}" ] && step extra1 "$(left 15)" bash -c "$GPU1_EXTRA"
     } > "$OUT/gpu1.log" 2>&1

@@ -30,7 +30,7 @@ from vismmoe import ops
 from vismmoe.testing.tiny_models import build_checkpoint
 from eval.common import random_requests
 ckpt = sys.argv[1]
-engine = vismmoe.load(ckpt, device="cuda", dtype="bfloat16", expert_budget=0.5)
+engine = vismmoe.load(ckpt, device="cuda", dtype="bfloat16", expert_budget=0.5, rope_kernel="auto")
 (image, prompt), = random_requests(1, seed=0)
 engine.generate(image=image, prompt=prompt, max_new_tokens=4, min_new_tokens=4)
 torch.cuda.synchronize()

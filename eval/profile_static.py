@@ -229,11 +229,14 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
         # router_kernel auto (the fused router where it runs), plus transformers' routers at 100%.
         if engine.info().fused_routers:
             runs += [(1.0, False, "torch_routers")]
+        # rope_kernel: the fused rotary kernel (off by default until it passes its GPU check) at 100% and 25%.
+        runs += [(1.0, False, "fused_rope"), (0.25, False, "fused_rope")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
                            experts_kernel=kernel if kernel in ("auto", "grouped_mm") else "auto",
                            norm_kernel="torch" if kernel == "torch_norms" else "auto",
-                           router_kernel="torch" if kernel == "torch_routers" else "auto")
+                           router_kernel="torch" if kernel == "torch_routers" else "auto",
+                           rope_kernel="auto" if kernel == "fused_rope" else "torch")
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         results = [engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
                    for _ in range(max(1, args.trials))]
@@ -246,7 +249,8 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
             decode_misses_per_token=(s.expert_misses - s.prefill_misses) / (s.new_tokens - 1),
             prefetch_mb_per_token=s.prefetch_issued_bytes / 1e6 / (s.new_tokens - 1), token_ids=result.token_ids,
             prefill_tokens=s.prefill_tokens,
-            lookahead=engine.runtime.lookahead_kind if engine.runtime.predictor is not None else "off")
+            lookahead=engine.runtime.lookahead_kind if engine.runtime.predictor is not None else "off",
+            fused_rotary=engine.info().fused_rotary)
         print(name, steps[name], flush=True)
     return steps
 
@@ -307,6 +311,12 @@ def targets(report: dict) -> dict:
     kernel |= {  # the fused router (router_kernel: auto) against transformers' routers, same run
         "torch_routers_100pct_ms_per_token": torch_routers and torch_routers["decode_ms_per_token"],
         "fused_routers_tokens_equal_torch_routers": torch_routers and full["token_ids"] == torch_routers["token_ids"]}
+    for budget in ("1.0", "0.25"):  # the fused rotary kernel (rope_kernel: auto) against transformers', same run
+        rope, plain = steps.get(f"{budget}/prefetch=False/fused_rope"), steps[f"{budget}/prefetch=False"]
+        pct = f"{round(float(budget) * 100)}pct"
+        kernel |= {f"fused_rope_{pct}_ms_per_token": rope and rope["decode_ms_per_token"],
+                   f"fused_rope_{pct}_modules": rope and rope["fused_rotary"],
+                   f"fused_rope_{pct}_tokens_equal": rope and rope["token_ids"] == plain["token_ids"]}
     # The physical floor (issue 12): the bytes a token must read at the HBM bandwidth measured in this
     # run, plus its missed expert records at the copy kernel's measured link rate; beside the engine's
     # own floor (its resident 100% step) above.
