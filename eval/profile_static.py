@@ -229,14 +229,15 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
         # router_kernel auto (the fused router where it runs), plus transformers' routers at 100%.
         if engine.info().fused_routers:
             runs += [(1.0, False, "torch_routers")]
-        # rope_kernel: the fused rotary kernel (off by default until it passes its GPU check) at 100% and 25%.
-        runs += [(1.0, False, "fused_rope"), (0.25, False, "fused_rope")]
+        # rope_kernel auto (the fused rotary kernel where it runs), plus transformers' rotary at 100% and 25%.
+        if engine.info().fused_rotary:
+            runs += [(1.0, False, "torch_rope"), (0.25, False, "torch_rope")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
                            experts_kernel=kernel if kernel in ("auto", "grouped_mm") else "auto",
                            norm_kernel="torch" if kernel == "torch_norms" else "auto",
                            router_kernel="torch" if kernel == "torch_routers" else "auto",
-                           rope_kernel="auto" if kernel == "fused_rope" else "torch")
+                           rope_kernel="torch" if kernel == "torch_rope" else "auto")
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         results = [engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
                    for _ in range(max(1, args.trials))]
@@ -312,11 +313,11 @@ def targets(report: dict) -> dict:
         "torch_routers_100pct_ms_per_token": torch_routers and torch_routers["decode_ms_per_token"],
         "fused_routers_tokens_equal_torch_routers": torch_routers and full["token_ids"] == torch_routers["token_ids"]}
     for budget in ("1.0", "0.25"):  # the fused rotary kernel (rope_kernel: auto) against transformers', same run
-        rope, plain = steps.get(f"{budget}/prefetch=False/fused_rope"), steps[f"{budget}/prefetch=False"]
+        rope, fused = steps.get(f"{budget}/prefetch=False/torch_rope"), steps[f"{budget}/prefetch=False"]
         pct = f"{round(float(budget) * 100)}pct"
-        kernel |= {f"fused_rope_{pct}_ms_per_token": rope and rope["decode_ms_per_token"],
-                   f"fused_rope_{pct}_modules": rope and rope["fused_rotary"],
-                   f"fused_rope_{pct}_tokens_equal": rope and rope["token_ids"] == plain["token_ids"]}
+        kernel |= {f"torch_rope_{pct}_ms_per_token": rope and rope["decode_ms_per_token"],
+                   f"fused_rotary_modules_{pct}": fused["fused_rotary"],
+                   f"fused_rope_tokens_equal_torch_rope_{pct}": rope and rope["token_ids"] == fused["token_ids"]}
     # The physical floor (issue 12): the bytes a token must read at the HBM bandwidth measured in this
     # run, plus its missed expert records at the copy kernel's measured link rate; beside the engine's
     # own floor (its resident 100% step) above.
@@ -367,6 +368,10 @@ def markdown(report: dict) -> str:
     if t.get("torch_routers_100pct_ms_per_token"):
         lines.append(f"| issue-12: 100% with transformers' routers (router_kernel torch; same tokens: "
                      f"{t['fused_routers_tokens_equal_torch_routers']}) | {t['torch_routers_100pct_ms_per_token']:.2f} | | |")
+    for pct in ("100pct", "25pct"):
+        if t.get(f"torch_rope_{pct}_ms_per_token"):
+            lines.append(f"| issue-12: {pct[:-3]}% with transformers' rotary (rope_kernel torch; same tokens: "
+                         f"{t[f'fused_rope_tokens_equal_torch_rope_{pct}']}) | {t[f'torch_rope_{pct}_ms_per_token']:.2f} | | |")
     if "physical_floor_25pct_ms_per_token" in t:
         b = report["decode_bytes_per_token"]
         lines.append(f"| issue-12: 25% prefetch off / physical floor ({t['physical_floor_25pct_ms_per_token']:.2f} ms: "

@@ -122,13 +122,13 @@ def test_bad_miss_path_settings_are_config_errors(qwen_checkpoint):
 
 
 def test_auto_on_a_cpu_device_copies_and_says_why(qwen_checkpoint):
-    engine = vismmoe.load(qwen_checkpoint, expert_budget="min", miss_path="auto")
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget="min", miss_path="auto")
     info = engine.info()
     assert info.miss_path == "auto" and info.miss_paths["per_layer"] == ["copy"] * info.layers
     assert "no GPU" in info.miss_paths["why"]
-    full = vismmoe.load(qwen_checkpoint, expert_budget=1.0, miss_path="auto")
+    full = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0, miss_path="auto")
     assert "resident" in full.info().miss_paths["why"]
-    assert vismmoe.load(qwen_checkpoint).info().miss_path == "copy"  # the default
+    assert vismmoe.load(qwen_checkpoint, device="cpu").info().miss_path == "copy"  # the default
 
 
 def test_auto_copies_where_the_pool_keeps_experts(qwen_checkpoint):
@@ -277,9 +277,12 @@ def test_cpu_device_figures_are_measured():
 
     from vismmoe.offload.miss_paths import measure_figures
 
-    record = torch.randn(2 * 8 * 16 + 16 * 8)
-    store = SimpleNamespace(record_bytes=record.numel() * 4, record=lambda layer, expert, staging=None: record,
-                            split=lambda r: (r[: 256].view(16, 16), r[256:].view(16, 8)), dtype=torch.float32)
+    record, read = torch.randn(2 * 8 * 16 + 16 * 8), set()
+    store = SimpleNamespace(record_bytes=record.numel() * 4, num_layers=2, num_experts=3, dtype=torch.float32,
+                            record=lambda layer, expert, staging=None: read.add((layer, expert)) or record,
+                            split=lambda r: (r[: 256].view(16, 16), r[256:].view(16, 8)))
     cache = SimpleNamespace(device=torch.device("cpu"), slots=torch.empty(2, record.numel()))
     fig = measure_figures(store, cache, SimpleNamespace(is_transposed=False), repeats=1)
     assert fig.copy_s > 0 and fig.cpu_s > 0 and fig.zero_copy_s == 0 and "measured" in fig.source["cpu_s"]
+    # The CPU's time per expert is taken over distinct records (as misses read them), not one cached record.
+    assert read == {(layer, expert) for layer in range(2) for expert in range(3)}

@@ -96,7 +96,7 @@ def test_rope_kernel_setting_on_cpu(qwen_checkpoint):
     with pytest.raises(ConfigError, match="rope_kernel must be auto, fused or torch"):
         vismmoe.load(qwen_checkpoint, device="cpu", rope_kernel="yes")
     info = vismmoe.load(qwen_checkpoint, device="cpu").info()
-    assert info.fused_rotary == 0 and info.rope_kernel == "torch"  # off by default until its GPU check passes
+    assert info.fused_rotary == 0 and info.rope_kernel == "auto"  # auto on a CPU: transformers' function
 
 
 @pytest.mark.gpu
@@ -106,7 +106,7 @@ def test_fused_rotary_on_the_gpu_keeps_the_tokens(tiny_checkpoints, family):
     from .conftest import random_requests
 
     requests = random_requests(2, seed=9)
-    fused = vismmoe.load(tiny_checkpoints[family], device="cuda", dtype="bfloat16", expert_budget=0.5)
+    fused = vismmoe.load(tiny_checkpoints[family], device="cuda", dtype="bfloat16", expert_budget=0.5)  # rope_kernel: auto
     if family == "glm4v_moe":  # its multimodal partial rotary is another function
         assert fused.info().fused_rotary == 0
         return

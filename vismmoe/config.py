@@ -60,9 +60,9 @@ class EngineConfig:
     # Rotary embedding of decode steps' queries and keys: "fused" (one Triton launch, ops.rotary, bit for
     # bit transformers' apply_rotary_pos_emb; CUDA + triton), "torch" (transformers' function: ten
     # launches), or "auto" (fused where it runs). Process-wide per device (layers/rotary.py says why).
-    # "torch" by default: the kernel missed its bit-for-bit check on an H200 by one rounding step (the GPU
-    # compiler fused a product and the sum); launched with fp fusion off since, not yet re-run on a GPU.
-    rope_kernel: str = "torch"
+    # The kernel launches with fp fusion off: with it on, the GPU compiler fused a product and the sum into
+    # one FMA and missed transformers' rounding by one step on an H200 (bit for bit since, tests/test_rotary.py).
+    rope_kernel: str = "auto"
     # Time how long the compute stream waits for expert copies (CUDA events; small overhead).
     measure_stalls: bool = False
     # Decode loop: "static" (greedy steps over a static KV cache, experts decided on the device, each
