@@ -107,10 +107,9 @@ def test_fused_rotary_on_the_gpu_keeps_the_tokens(tiny_checkpoints, family):
 
     requests = random_requests(2, seed=9)
     fused = vismmoe.load(tiny_checkpoints[family], device="cuda", dtype="bfloat16", expert_budget=0.5)  # rope_kernel: auto
-    if family == "glm4v_moe":  # its multimodal partial rotary is another function
-        assert fused.info().fused_rotary == 0
-        return
-    assert fused.info().fused_rotary > 0
+    # GLM-4.5V's text attention may rotate only part of each head (partial rotary), which ops.rotary_fits
+    # leaves to transformers' function: whether its module dispatches or not, the tokens stay the same.
+    assert fused.info().fused_rotary > 0 or family == "glm4v_moe"
     want = []
     for image, prompt in requests:
         want.append(fused.generate(image=image, prompt=prompt, max_new_tokens=8, min_new_tokens=8).token_ids)
