@@ -182,7 +182,7 @@ elif [ "$PHASE" = final2 ]; then
     gpu0_pid=$!
     {
         export CUDA_VISIBLE_DEVICES=1
-        [ -z "${SKIP_GPU_CHECK:-}" ] && step gpu_check_quick 150 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
+        [ -z "${SKIP_GPU_CHECK:-}" ] && step gpu_check_quick "${GPU_CHECK_S:-150}" python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
         [ -z "${SKIP_BUILD_TIMES:-}" ] && step build_times "${BUILD_S:-60}" python3 eval/kernel_build_times.py --out "$WORK/build_times"
         until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
         [ -n "${GPU1_EXTRA:-}" ] && step extra1 "$(left 15)" bash -c "$GPU1_EXTRA"
