@@ -59,6 +59,7 @@ class SimResult:
     predictions: int = 0  # decode-step predictions made (one per layer call prefetched for)
     predict_s: float = autoprefetch.PREDICT_S_PRIOR
     prefetch_on: list | None = None  # auto: per layer, the share of decode steps its prefetch was on
+    auto_state: np.ndarray | None = None  # auto: the controller's state at the end (autoprefetch.ROWS x L)
 
     @property
     def decode_overhead_s(self) -> float:
@@ -170,6 +171,8 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     result = _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
                      copy_overhead_s, seconds)
     result.predictions, result.predict_s = int(counts[1]), predict_s
+    if mode == "auto":
+        result.auto_state = auto_state
     if mode == "auto" and counts[0]:
         result.prefetch_on = [None] + [round(float(v), 4) for v in auto_state[autoprefetch.ON_STEPS, 1:] / counts[0]]
     if record_groups:
