@@ -23,10 +23,12 @@ RULE = dict(copy_s=COPY_S, predict_s=PREDICT_S, wrong_cost=2.0, decay=0.5, perio
 
 
 def decide(used=0.0, issued=0.0, steps=0.0, on=1.0, demand=0.0, demand_steps=0.0, on_demand=0.0, d_used=0.0,
-           d_issued=0.0, d_missed=0.0):
+           d_issued=0.0, d_missed=0.0, d_true=None):
+    """One fold; d_true (the ledger's true positives) defaults to d_used: every used prefetch was timely."""
     names = ("used", "issued", "steps", "on", "demand", "demand_steps", "on_demand")
+    d_true = d_used if d_true is None else d_true
     return dict(zip(names, ap.fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued,
-                                   d_missed, **RULE)))
+                                   d_missed, d_true, **RULE)))
 
 
 # ---- the rule ---------------------------------------------------------------------------------------
@@ -41,6 +43,15 @@ def test_rule_keeps_a_layer_on_while_its_used_prefetches_save_more_than_they_cos
     assert decide(d_used=2, d_issued=4, d_missed=1000)["on"] == 0.0
 
 
+def test_rule_credits_only_timely_prefetches():
+    """A prefetched expert hit in a later step (a refresh of the cache: it evicted another one) is no saved
+    miss; the ledger's true positives (predicted and needed in the step) bound the credited hits."""
+    assert decide(d_used=5, d_issued=6, d_true=5)["on"] == 1.0
+    late = decide(d_used=5, d_issued=6, d_true=1)  # 4 of the 5 hits came in later steps
+    assert late["on"] == 0.0 and late["used"] == 1.0
+    assert decide(d_used=5, d_issued=6, d_true=9)["used"] == 5.0  # true positives of resident experts: no credit
+
+
 def test_rule_starts_off_and_comes_on_only_where_exact_predictions_could_pay():
     state = ap.new_state(3)
     assert (state[ap.ON] == 0.0).all()
@@ -50,7 +61,7 @@ def test_rule_starts_off_and_comes_on_only_where_exact_predictions_could_pay():
     assert decide(on=0.0, d_missed=2)["on"] == 0.0
     assert decide(on=0.0)["on"] == 0.0
     free = dict(RULE, predict_s=0.0)
-    assert ap.fold(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, **free)[ap.ON] == 0.0
+    assert ap.fold(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, **free)[ap.ON] == 0.0
 
 
 def test_rule_decays_prefetch_counts_only_while_the_layer_runs_and_would_be_misses_always():
@@ -84,21 +95,22 @@ def test_tick_decides_every_period_on_the_counts_of_that_period():
     L = 4
     state, params = ap.new_state(L), ap.new_params(COPY_S, PREDICT_S)
     pf = np.zeros((3, L), np.int64)
-    missed = np.zeros(L, np.int64)
+    missed, true_pos = np.zeros(L, np.int64), np.zeros(L, np.int64)
     period = int(params[ap.PERIOD_P])
     for step in range(1, period + 1):  # the first period (all off): layers 1-3 miss 4 per step, layer 0 none
-        assert not ap.tick(state, params, pf, missed, step)
+        assert not ap.tick(state, params, pf, missed, true_pos, step)
         missed[1:] += 4
-    assert ap.tick(state, params, pf, missed, period + 1)
+    assert ap.tick(state, params, pf, missed, true_pos, period + 1)
     assert state[ap.ON].tolist() == [0.0, 1.0, 1.0, 1.0] and state[ap.ON_STEPS].tolist() == [0, 1, 1, 1]
     for step in range(period + 2, 2 * period + 1):  # on: layer 1 wastes, layer 2 saves all, layer 3 3 of 4
-        assert not ap.tick(state, params, pf, missed, step)
+        assert not ap.tick(state, params, pf, missed, true_pos, step)
         pf[0, 1:] += 4
         pf[1, 2] += 4
         pf[1, 3] += 3
+        true_pos[2:] += 4  # the predictions of layers 2 and 3 were all needed (layer 3: one was resident)
         missed[1] += 4
         missed[3] += 1
-    assert ap.tick(state, params, pf, missed, 2 * period + 1)
+    assert ap.tick(state, params, pf, missed, true_pos, 2 * period + 1)
     assert state[ap.ON].tolist() == [0.0, 0.0, 1.0, 1.0]
     assert state[ap.ON_STEPS].tolist() == [0, period, period + 1, period + 1]
     assert state[ap.LAST_ISSUED].tolist() == [0] + [4 * (period - 1)] * 3
@@ -127,7 +139,7 @@ def test_twin_comparison_sees_layers_switch_both_ways():
         pf[0, :L] += issued
         pf[1, :L] += gen.integers(0, issued + 1)
         missed += gen.integers(0, 5, L)
-        ap.tick(state, params, pf, missed, step)
+        ap.tick(state, params, pf, missed, pf[1, :L], step)
         history.append(state[ap.ON].copy())
     flips = np.diff(np.array(history), axis=0)
     assert (flips > 0).any() and (flips < 0).any()

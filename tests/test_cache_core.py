@@ -506,10 +506,12 @@ def replay_live_auto(trace: Trace, policy: str, budget: int, copy_s: float, pred
     step `AutoPrefetch.host_step` on the cache's pf counters and the decode misses per layer, then each layer
     call prefetches (all its predictions) only where the controller's limit is on."""
     from vismmoe.offload.autoprefetch import AutoPrefetch
+    from vismmoe.offload.ledger import PredictionLedger
 
     meta = trace.meta
     cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy)
     auto = AutoPrefetch(meta.num_layers, copy_s, predict_s, torch.device("cpu"))
+    ledger = PredictionLedger(1, meta.num_layers, torch.device("cpu"))
     base = np.full((meta.num_layers, 1), meta.num_experts, np.int64)
     active = np.zeros_like(base)
     decode_misses = np.zeros(meta.num_layers, np.int64)
@@ -524,11 +526,14 @@ def replay_live_auto(trace: Trace, policy: str, budget: int, copy_s: float, pred
             step = g.step
             cache.begin_step()
             if step > 0:
-                auto.host_step(cache.state.pf, decode_misses, base, active)
+                auto.host_step(cache.state.pf, decode_misses, ledger.decode_true_pos, base, active)
         if g.predicted is not None and active[g.layer, 0] > 0:
-            cache.prefetch(g.layer, np.sort(g.predicted.astype(np.int64)), int(active[g.layer, 0]), running=g.layer - 1)
+            predicted = np.sort(g.predicted.astype(np.int64))
+            ledger.expect(g.layer, 1, predicted)
+            cache.prefetch(g.layer, predicted, int(active[g.layer, 0]), running=g.layer - 1)
         before = cache.counters.misses.sum()
         lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
+        ledger.score(g.layer, demand.experts[lo:hi].astype(np.int64), decode=step > 0)
         for start in range(lo, hi, cache.wave_size(g.layer)):
             part = slice(start, min(start + cache.wave_size(g.layer), hi))
             cache.acquire(g.layer, demand.experts[part].astype(np.int64), demand.n_visual[part], demand.n_text[part])
@@ -558,6 +563,10 @@ def replay_device_auto(trace: Trace, policy: str, budget: int, copy_s: float, pr
     base = torch.full((L, 1), E, dtype=torch.int64, device=device)
     limits = torch.zeros_like(base)
     decode_misses = torch.zeros(L, dtype=torch.int64, device=device)
+    # The device ledger: predictions made at layer l for l + 1 as ids (-1: none, or switched off), scored by
+    # the demand call of l + 1 into counts [3, 1, L]; the gate reads the true positives, counts[0].
+    pred = torch.full((L, 1, E), -1, dtype=torch.int64, device=device)
+    counts = torch.zeros((3, 1, L), dtype=torch.int64, device=device)
     demand = trace.demand_sets()
     on = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)).to(device)  # noqa: E731
     tables, misses = [], []
@@ -571,15 +580,20 @@ def replay_device_auto(trace: Trace, policy: str, budget: int, copy_s: float, pr
             step = g.step
             device_core.begin_step(st)
             if step > 0:
-                ops.prefetch_gate(state, gate_step, params, st.pf, decode_misses, base, limits, kernel=kernel)
+                ops.prefetch_gate(state, gate_step, params, st.pf, decode_misses, counts[0], base, limits, kernel=kernel)
+        if g.layer > 0:
+            pred[g.layer - 1].fill_(-1)
         if g.predicted is not None:
             ops.cache_prefetch(st, g.layer, on(g.predicted), None, g.layer - 1, limits[g.layer, 0], kernel=kernel)
+            if step > 0 and int(limits[g.layer, 0]) > 0:
+                pred[g.layer - 1, 0, :len(g.predicted)] = on(g.predicted)
         before = st.misses.clone()
         lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
         for start in range(lo, hi, budget):
             part = slice(start, min(start + budget, hi))
+            score = (pred, counts, 1) if step > 0 and g.layer > 0 else None
             ops.cache_demand(st, g.layer, on(demand.experts[part]), on(demand.n_visual[part]),
-                             on(demand.n_text[part]), kernel=kernel)
+                             on(demand.n_text[part]), kernel=kernel, score=score)
         if step > 0:  # the static path's residency counts decode steps' misses only
             decode_misses += st.misses - before
         tables.append(table[:-1].view(L, E).cpu().numpy().copy())

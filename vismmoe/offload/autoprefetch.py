@@ -52,22 +52,27 @@ PREDICT_S_PRIOR = 32e-6
 # Rows of the controller's state [ROWS, L] (float64): decayed prefetch counts, the decision, decayed would-be
 # misses (all periods, their steps, and those of the periods it ran), the counter snapshots of the last
 # decision, and decode steps with prefetch on.
-(USED, ISSUED, STEPS, ON, DEMAND, DEMAND_STEPS, ON_DEMAND, LAST_USED, LAST_ISSUED, LAST_MISSED,
- ON_STEPS) = range(11)
-ROWS = 11
+(USED, ISSUED, STEPS, ON, DEMAND, DEMAND_STEPS, ON_DEMAND, LAST_USED, LAST_ISSUED, LAST_MISSED, LAST_TRUE,
+ ON_STEPS) = range(12)
+ROWS = 12
 FOLDED = (USED, ISSUED, STEPS, ON, DEMAND, DEMAND_STEPS, ON_DEMAND)  # what `fold` takes and returns, in order
 # params [5] (float64): the costs and the rule's constants.
 COPY_S, PREDICT_S, WRONG_COST, DECAY_P, PERIOD_P = range(5)
 
 
-def fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued, d_missed, copy_s, predict_s,
-         wrong_cost, decay, period):
+def fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued, d_missed, d_true, copy_s,
+         predict_s, wrong_cost, decay, period):
     """One decision. Inputs: the rows FOLDED (the decision of the period that ended is `on`, 1.0 / 0.0),
     then the period's new prefetch counts and decode misses. Returns the rows FOLDED.
 
     Only + - * and comparisons times 1.0 (numpy, numba, torch and Triton all run this source and round
     alike); no branches, so it applies elementwise to scalars, arrays, tensors and Triton blocks."""
     keep = 1.0 - on * (1.0 - decay)  # decay where the layer ran, else keep: nothing new was measured
+    # Timely: a prefetched expert hit later than the step it was predicted for is a refresh of the cache (it
+    # evicted one for it), not a saved miss; the ledger's true positives (predicted and demanded in that
+    # step) bound the hits that were timely.
+    over = (d_used > d_true) * 1.0
+    d_used = d_used - over * (d_used - d_true)
     used = used * keep + d_used
     issued = issued * keep + d_issued
     steps = steps * keep + on * period
@@ -113,46 +118,49 @@ def prior_costs(record_bytes: int) -> tuple[float, float]:
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def tick(state, params, pf, missed, step):
+def tick(state, params, pf, missed, true_pos, step):
     """A decode step starts (`step` = 1, 2, ... counted by the caller): at steps period + 1, 2 period + 1, ...
     fold the period's counts (cumulative int64: pf [>= 2, >= L] prefetches issued, used; missed [>= L] decode
-    misses) into `state`; then count this step's decisions. Returns whether it decided. The host path and the
-    simulator call this."""
+    misses; true_pos [>= L] the ledger's decode true positives, all distances) into `state`; then count this
+    step's decisions. Returns whether it decided. The host path and the simulator call this."""
     period = params[PERIOD_P]
     decided = step > 1 and (step - 1) % int(period) == 0
     for layer in range(state.shape[1]):
         if decided:
             now_used, now_issued, now_missed = float(pf[1, layer]), float(pf[0, layer]), float(missed[layer])
+            now_true = float(true_pos[layer])
             new = _fold_nb(
                 state[USED, layer], state[ISSUED, layer], state[STEPS, layer], state[ON, layer], state[DEMAND, layer],
                 state[DEMAND_STEPS, layer], state[ON_DEMAND, layer], now_used - state[LAST_USED, layer],
-                now_issued - state[LAST_ISSUED, layer], now_missed - state[LAST_MISSED, layer], params[COPY_S],
+                now_issued - state[LAST_ISSUED, layer], now_missed - state[LAST_MISSED, layer],
+                now_true - state[LAST_TRUE, layer], params[COPY_S],
                 params[PREDICT_S], params[WRONG_COST], params[DECAY_P], period)
             for i in range(len(FOLDED)):
                 state[FOLDED[i], layer] = new[i]
             state[LAST_USED, layer], state[LAST_ISSUED, layer] = now_used, now_issued
-            state[LAST_MISSED, layer] = now_missed
+            state[LAST_MISSED, layer], state[LAST_TRUE, layer] = now_missed, now_true
         state[ON_STEPS, layer] += state[ON, layer]
     return decided
 
 
 def tick_torch(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor,
-               missed: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
+               missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
     """The static path's step, as fixed-shape torch ops (the twin of kernels/prefetch_gate.py): step += 1,
     the same decision as `tick` where it falls due (device `step`), then limits = base where on, else 0.
     state [ROWS, L] float64, step int64 [1], params [5] float64, pf [>= 2, >= L] int64, missed [>= L] int64,
-    base / limits int64 [L, depth]."""
+    true_pos [depth, L] int64 (the ledger's, per distance: summed here), base / limits int64 [L, depth]."""
     L = state.shape[1]
     step += 1
     period = params[PERIOD_P]
     due = (step > 1) & (torch.remainder(step - 1, period.to(torch.int64)) == 0)
     now_used, now_issued = pf[1, :L].to(torch.float64), pf[0, :L].to(torch.float64)
     now_missed = missed[:L].to(torch.float64)
+    now_true = true_pos.sum(0).to(torch.float64)
     new = fold(*(state[row] for row in FOLDED), now_used - state[LAST_USED], now_issued - state[LAST_ISSUED],
-               now_missed - state[LAST_MISSED], params[COPY_S], params[PREDICT_S], params[WRONG_COST],
-               params[DECAY_P], period)
-    rows = [*FOLDED, LAST_USED, LAST_ISSUED, LAST_MISSED]
-    values = torch.stack([*new, now_used, now_issued, now_missed])
+               now_missed - state[LAST_MISSED], now_true - state[LAST_TRUE], params[COPY_S], params[PREDICT_S],
+               params[WRONG_COST], params[DECAY_P], period)
+    rows = [*FOLDED, LAST_USED, LAST_ISSUED, LAST_MISSED, LAST_TRUE]
+    values = torch.stack([*new, now_used, now_issued, now_missed, now_true])
     state[rows] = torch.where(due, values, state[rows])
     state[ON_STEPS] += state[ON]
     limits.copy_(torch.where(state[ON].unsqueeze(1) > 0.5, base, torch.zeros_like(base)))
@@ -169,6 +177,7 @@ class AutoPrefetch:
         # The host's counters (cache pf; decode misses) when the host last took over from the static path.
         self.last_host_pf = np.zeros((2, num_layers), np.int64)
         self.last_host_missed = np.zeros(num_layers, np.int64)
+        self.last_host_true = np.zeros(num_layers, np.int64)
         f64 = dict(dtype=torch.float64, device=device)
         self.device_state = torch.from_numpy(self.state).to(**f64)
         self.device_step = torch.zeros(1, dtype=torch.int64, device=device)
@@ -187,12 +196,15 @@ class AutoPrefetch:
 
     # -- host path (and the simulator's driver calls `tick` the same way) -------------------------
 
-    def host_step(self, host_pf: np.ndarray, host_missed: np.ndarray, base: np.ndarray, active: np.ndarray) -> None:
+    def host_step(self, host_pf: np.ndarray, host_missed: np.ndarray, host_true: np.ndarray, base: np.ndarray,
+                  active: np.ndarray) -> None:
         """A host-path decode step starts: decide where due, and set `active` = base where on, else 0.
-        host_pf: the cache's pf counters; host_missed: decode misses per layer (both cumulative)."""
+        host_pf: the cache's pf counters; host_missed: decode misses per layer; host_true: the ledger's decode
+        true positives per layer (all cumulative)."""
         self.step += 1
         # Counts since the host took over: the LAST_* rows `tick` compares them with count from there too.
-        tick(self.state, self.params, host_pf[:2] - self.last_host_pf, host_missed - self.last_host_missed, self.step)
+        tick(self.state, self.params, host_pf[:2] - self.last_host_pf, host_missed - self.last_host_missed,
+             host_true - self.last_host_true, self.step)
         self.apply(base, active)
 
     def apply(self, base: np.ndarray, active: np.ndarray) -> None:
@@ -202,25 +214,27 @@ class AutoPrefetch:
     # -- static path ---------------------------------------------------------------------------------
 
     def to_device(self) -> None:
-        """The static path takes over (its pf and miss counters restart from zero at the residency's load)."""
-        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = 0.0
+        """The static path takes over (its pf, miss and ledger counters restart from zero at its start)."""
+        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = self.state[LAST_TRUE] = 0.0
         self.device_state.copy_(torch.from_numpy(self.state))
         self.device_step.fill_(self.step)
 
-    def from_device(self, host_pf: np.ndarray, host_missed: np.ndarray) -> None:
-        """The static path hands back (after the residency folded its counters into the host's)."""
+    def from_device(self, host_pf: np.ndarray, host_missed: np.ndarray, host_true: np.ndarray) -> None:
+        """The static path hands back (after the residency and the ledger folded their counters into the host's)."""
         self.state[:] = self.device_state.cpu().numpy()
         self.step = int(self.device_step.item())
-        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = 0.0  # the host counts from here
-        self.last_host_pf = host_pf[:2].copy()
+        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = self.state[LAST_TRUE] = 0.0
+        self.last_host_pf = host_pf[:2].copy()  # the host counts from here
         self.last_host_missed = np.array(host_missed, np.int64)
+        self.last_host_true = np.array(host_true, np.int64)
 
-    def device_step_ops(self, pf: torch.Tensor, missed: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
+    def device_step_ops(self, pf: torch.Tensor, missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor,
+                        limits: torch.Tensor) -> None:
         """Queued at the start of each static decode step (captured with it): pf and missed are the residency's
-        prefetch and miss counters."""
+        prefetch and miss counters, true_pos the device ledger's true positives [depth, L]."""
         from .. import ops
 
-        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, missed, base, limits)
+        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, missed, true_pos, base, limits)
 
     # -- stats ---------------------------------------------------------------------------------------
 

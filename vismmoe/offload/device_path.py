@@ -87,7 +87,8 @@ class DevicePath:
             self.residency.begin_step()
             if self.auto is not None:
                 st = self.residency.state
-                self.auto.device_step_ops(st.pf, st.misses, self.auto_base, self.residency.prefetch_limits)
+                self.auto.device_step_ops(st.pf, st.misses, self.ledger.device_counts[0], self.auto_base,
+                                          self.residency.prefetch_limits)
 
     def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""

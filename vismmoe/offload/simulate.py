@@ -153,6 +153,7 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     auto_params = autoprefetch.new_params(record / (link_gbps * 1e9) + copy_overhead_s, predict_s)
     auto_state = autoprefetch.new_state(meta.num_layers if mode == "auto" else 0)
     counts = np.zeros(2, np.int64)  # decode steps, predictions
+    true_pos = np.zeros(meta.num_layers, np.int64)  # decode steps' predicted experts that were then needed
     if not 0 <= measure_from < max(1, trace.num_requests):
         raise ValueError(f"measure_from must be a request index below {trace.num_requests}, got {measure_from}")
     # What was counted before request `measure_from`: hits, misses [2, L] each, pf [3, L], counts, on-steps.
@@ -161,7 +162,7 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     waves = _replay(state, trace.group_request, trace.group_step, trace.group_layer, demand.offsets,
                     demand.experts.astype(np.int64), demand.n_visual.astype(np.int64), demand.n_text.astype(np.int64),
                     pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses, tables,
-                    group_misses, auto_state, auto_params, counts, measure_from, *before)
+                    group_misses, auto_state, auto_params, counts, true_pos, measure_from, *before)
     hits -= before[0]
     misses -= before[1]
     pf = state.pf - before[2]
@@ -269,7 +270,7 @@ def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, ex
 @njit(cache=True, nogil=True, _nrt=False)
 def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts, set_visual, set_text,
             pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses, tables, group_misses,
-            auto_state, auto_params, counts, measure_from, hits0, misses0, pf0, counts0, on0):
+            auto_state, auto_params, counts, true_pos, measure_from, hits0, misses0, pf0, counts0, on0):
     """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). With `tables`
     [G, L, E] (else empty), the slot table after every group and its misses are recorded too. With
     `auto_state` [ROWS, L] (else [ROWS, 0]), prefetch: auto decides at every decode step, as the engine
@@ -306,12 +307,23 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
             if phase == 1:
                 counts[0] += 1
                 if auto:
-                    autoprefetch.tick(auto_state, auto_params, st.pf, misses[1], counts[0])
+                    autoprefetch.tick(auto_state, auto_params, st.pf, misses[1], true_pos, counts[0])
         if use_prefetch and pred_offsets[g + 1] > pred_offsets[g] and \
                 (not auto or auto_state[autoprefetch.ON, layer] > 0.5):
             counts[1] += phase
             core.prefetch(st, layer, pred_experts[pred_offsets[g]:pred_offsets[g + 1]], layer - 1, prefetch_limit,
                           quota, fill)
+            if phase == 1:  # the ledger's true positives: predicted experts the layer call then needed
+                i, j = pred_offsets[g], set_offsets[g]
+                while i < pred_offsets[g + 1] and j < set_offsets[g + 1]:
+                    if pred_experts[i] == set_experts[j]:
+                        true_pos[layer] += 1
+                        i += 1
+                        j += 1
+                    elif pred_experts[i] < set_experts[j]:
+                        i += 1
+                    else:
+                        j += 1
         lo = set_offsets[g]
         hi = set_offsets[g + 1]
         wave = num_slots if quota.shape[0] == 0 else min(num_slots, quota[layer])
