@@ -3,13 +3,17 @@
 Per MoE layer l (the target of the predictions made one or more layers before it; all its distances
 together), decayed counts decide whether it is on. Where it ran, what its prefetches did:
 
-    saved = used * copy_s                       used: prefetched experts a demand then hit (misses saved)
+    saved = used * copy_s                       used: prefetched experts a demand then hit in time (misses saved)
     cost  = steps * predict_s + (issued - used) * copy_s * wrong_cost
     stays on while saved >= cost
 
-`issued` / `used` are the cache's own prefetch counters (`pf[0]`, `pf[1]` of the cache state, counted
-by the same transitions on the host, in the simulator and on the device); `steps` the decode steps the
-layer's prefetch ran. `copy_s` is one record's copy time and `predict_s` one prediction launch, measured
+`issued` and the hits are the cache's own prefetch counters (`pf[0]`, `pf[1]` of the cache state, counted
+by the same transitions on the host, in the simulator and on the device). A hit counts as `used` only up
+to the prediction ledger's true positives of the period (experts predicted for a step and needed in it;
+offload/ledger.py, decode steps): a prefetched expert first hit in a later step refreshed the cache (it
+evicted another expert for it) rather than saving a miss; with uniform routing and useless predictions
+most prefetched experts are hit sooner or later, and counting those made prefetch look worth it where it
+only cost. `steps` are the decode steps the layer's prefetch ran. `copy_s` is one record's copy time and `predict_s` one prediction launch, measured
 once at load on a GPU (`measure_costs`), else priors (`prior_costs`). `wrong_cost` (2) charges a wrong
 copy its link time and the miss that its eviction of a cached expert tends to cause later.
 
@@ -63,7 +67,8 @@ COPY_S, PREDICT_S, WRONG_COST, DECAY_P, PERIOD_P = range(5)
 def fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued, d_missed, d_true, copy_s,
          predict_s, wrong_cost, decay, period):
     """One decision. Inputs: the rows FOLDED (the decision of the period that ended is `on`, 1.0 / 0.0),
-    then the period's new prefetch counts and decode misses. Returns the rows FOLDED.
+    then the period's new prefetch counts, decode misses and ledger true positives (all distances: an expert
+    predicted at two distances counts twice, a looser bound). Returns the rows FOLDED.
 
     Only + - * and comparisons times 1.0 (numpy, numba, torch and Triton all run this source and round
     alike); no branches, so it applies elementwise to scalars, arrays, tensors and Triton blocks."""
