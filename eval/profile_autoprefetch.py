@@ -67,7 +67,7 @@ def live(engine, args) -> dict:
                 return engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
 
             per_token = lambda r: r.stats.decode_s * 1e3 / (r.stats.new_tokens - 1)  # noqa: E731
-            cold = generate()  # captures the graphs; auto starts with every layer on
+            cold = generate()  # captures the graphs; auto starts with every layer off (its first periods measure)
             for _ in range(args.warmup):
                 generate()
             trials = [generate() for _ in range(max(1, args.trials))]
