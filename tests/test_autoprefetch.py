@@ -19,65 +19,102 @@ from vismmoe.testing.tiny_models import FAMILIES
 from .conftest import random_requests
 
 COPY_S, PREDICT_S = 100e-6, 30e-6
-RULE = dict(copy_s=COPY_S, predict_s=PREDICT_S, wrong_cost=2.0, decay=0.5, probe_every=2.0, period=8.0)
+RULE = dict(copy_s=COPY_S, predict_s=PREDICT_S, wrong_cost=2.0, decay=0.5, period=8.0)
 
 
-def decide(used, issued, steps=0.0, on=1.0, age=0.0, wait=2.0, d_used=0.0, d_issued=0.0):
-    return dict(zip(("used", "issued", "steps", "on", "age", "wait"),
-                    ap.fold(used, issued, steps, on, age, wait, d_used, d_issued, **RULE)))
+def decide(used=0.0, issued=0.0, steps=0.0, on=1.0, demand=0.0, demand_steps=0.0, on_demand=0.0, d_used=0.0,
+           d_issued=0.0, d_missed=0.0, d_true=None):
+    """One fold; d_true (the ledger's true positives) defaults to d_used: every used prefetch was timely."""
+    names = ("used", "issued", "steps", "on", "demand", "demand_steps", "on_demand")
+    d_true = d_used if d_true is None else d_true
+    return dict(zip(names, ap.fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued,
+                                   d_missed, d_true, **RULE)))
 
 
 # ---- the rule ---------------------------------------------------------------------------------------
 
 def test_rule_keeps_a_layer_on_while_its_used_prefetches_save_more_than_they_cost():
     # 8 steps on: 8 * 30 us of predictions; 5 used copies save 500 us, 1 wrong copy costs 200 us: on.
-    assert decide(0, 0, d_used=5, d_issued=6)["on"] == 1.0
-    assert decide(0, 0, d_used=4, d_issued=5)["on"] == 0.0  # 400 us saved < 440 us
+    assert decide(d_used=5, d_issued=6)["on"] == 1.0
+    assert decide(d_used=4, d_issued=5)["on"] == 0.0  # 400 us saved < 440 us
     # 2 used (200 us) against 240 us of predictions and 2 wrong copies (400 us): off.
-    out = decide(0, 0, d_used=2, d_issued=4)
-    assert out["on"] == 0.0 and out["age"] == 1.0
-    # No evidence at all (never ran): on, to measure.
-    assert decide(0, 0, on=0.0)["on"] == 1.0
+    assert decide(d_used=2, d_issued=4, d_missed=9)["on"] == 0.0
+    # The decode misses do not enter the decision of a layer that ran: only what its prefetches did.
+    assert decide(d_used=2, d_issued=4, d_missed=1000)["on"] == 0.0
 
 
-def test_rule_decays_old_evidence_only_while_the_layer_runs():
-    out = decide(10, 10, steps=8, d_used=2, d_issued=2)  # ran: old counts halve, the period's add
+def test_rule_credits_only_timely_prefetches():
+    """A prefetched expert hit in a later step (a refresh of the cache: it evicted another one) is no saved
+    miss; the ledger's true positives (predicted and needed in the step) bound the credited hits."""
+    assert decide(d_used=5, d_issued=6, d_true=5)["on"] == 1.0
+    late = decide(d_used=5, d_issued=6, d_true=1)  # 4 of the 5 hits came in later steps
+    assert late["on"] == 0.0 and late["used"] == 1.0
+    assert decide(d_used=5, d_issued=6, d_true=9)["used"] == 5.0  # true positives of resident experts: no credit
+
+
+def test_rule_starts_off_and_comes_on_only_where_exact_predictions_could_pay():
+    state = ap.new_state(3)
+    assert (state[ap.ON] == 0.0).all()
+    # No evidence: 8 steps with 3 would-be misses (300 us) pay for 8 predictions (240 us)...
+    assert decide(on=0.0, d_missed=3)["on"] == 1.0
+    # ...2 (200 us) do not, nor do none at all (a free prediction with nothing to save stays off).
+    assert decide(on=0.0, d_missed=2)["on"] == 0.0
+    assert decide(on=0.0)["on"] == 0.0
+    free = dict(RULE, predict_s=0.0)
+    assert ap.fold(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, **free)[ap.ON] == 0.0
+
+
+def test_rule_decays_prefetch_counts_only_while_the_layer_runs_and_would_be_misses_always():
+    out = decide(10, 10, steps=8, demand=4, demand_steps=8, on_demand=4, d_used=2, d_issued=2, d_missed=3)
     assert (out["used"], out["issued"], out["steps"]) == (7.0, 7.0, 12.0)
-    out = decide(10, 10, steps=8, on=0.0, age=0.0, d_used=0, d_issued=0)  # off: nothing new, nothing decays
-    assert (out["used"], out["issued"], out["steps"]) == (10.0, 10.0, 8.0)
+    assert (out["demand"], out["demand_steps"], out["on_demand"]) == (7.0, 12.0, 7.0)  # 3 misses + 2 saved
+    out = decide(10, 10, steps=8, on=0.0, demand=4, demand_steps=8, on_demand=4, d_missed=3)
+    assert (out["used"], out["issued"], out["steps"], out["on_demand"]) == (10.0, 10.0, 8.0, 4.0)
+    assert (out["demand"], out["demand_steps"]) == (5.0, 12.0)
 
 
-def test_switched_off_layer_is_probed_again_and_failed_probes_wait_longer():
-    bad = dict(used=0.0, issued=40.0, steps=16.0)  # wrong copies only: off
-    state = decide(**bad, on=0.0, age=0.0, wait=2.0)
-    assert state["on"] == 0.0 and state["age"] == 1.0
-    state = decide(state["used"], state["issued"], state["steps"], on=0.0, age=state["age"], wait=state["wait"])
-    assert state["on"] == 1.0 and state["age"] == 0.0  # waited 2 periods: a probe
-    # The probe period brings more wrong copies: off again, and the next probe waits twice as long.
-    state = decide(state["used"], state["issued"], state["steps"], on=1.0, age=0.0, wait=state["wait"], d_issued=8)
-    assert state["on"] == 0.0 and state["wait"] == 4.0
-    # ... up to MAX_WAIT.
-    assert decide(**bad, on=1.0, wait=ap.MAX_WAIT, d_issued=8)["wait"] == ap.MAX_WAIT
-    # A probe that finds the predictions good now keeps the layer on and resets the wait.
-    state = decide(0.0, 40.0, 16.0, on=1.0, age=0.0, wait=8.0, d_used=200, d_issued=200)
-    assert state["on"] == 1.0 and state["wait"] == RULE["probe_every"]
+def test_switched_off_layer_comes_back_when_its_would_be_misses_rise_enough():
+    # It ran 8 steps: saved 2 of its 8 would-be misses (a share of 1/4), 2 wrong copies: off.
+    state = decide(d_used=2, d_issued=4, d_missed=6)
+    assert state["on"] == 0.0
+    cost_per_step = (8 * PREDICT_S + 2 * 2 * COPY_S) / 8  # 80 us
+    # Off: it stays off while share x would-be misses per step x copy_s < 80 us, i.e. below 3.2 per step...
+    for per_period in (8, 16, 24):
+        state = decide(**dict(state, on=0.0, d_missed=per_period))
+        assert state["on"] == 0.0
+    assert state["used"] == 2.0 and state["on_demand"] == 8.0  # nothing it did is forgotten while off
+    # ...and comes back (for at least a period, to measure) when they rise above.
+    state = decide(**dict(state, on=0.0, d_missed=40))
+    assert 0.25 * state["demand"] / state["demand_steps"] * COPY_S >= cost_per_step and state["on"] == 1.0
+    # Still no good (nothing saved): off again, and the share it measured drops.
+    state = decide(**dict(state, on=1.0, d_issued=8, d_missed=40))
+    assert state["on"] == 0.0 and state["used"] / state["on_demand"] < 0.25
 
 
 def test_tick_decides_every_period_on_the_counts_of_that_period():
-    L = 3
+    L = 4
     state, params = ap.new_state(L), ap.new_params(COPY_S, PREDICT_S)
     pf = np.zeros((3, L), np.int64)
+    missed, true_pos = np.zeros(L, np.int64), np.zeros(L, np.int64)
     period = int(params[ap.PERIOD_P])
-    for step in range(1, period + 1):  # the first period: layer 1 wastes, layer 2 saves
-        assert not ap.tick(state, params, pf, step)
-        pf[0, 1] += 4
-        pf[0, 2] += 4
+    for step in range(1, period + 1):  # the first period (all off): layers 1-3 miss 4 per step, layer 0 none
+        assert not ap.tick(state, params, pf, missed, true_pos, step)
+        missed[1:] += 4
+    assert ap.tick(state, params, pf, missed, true_pos, period + 1)
+    assert state[ap.ON].tolist() == [0.0, 1.0, 1.0, 1.0] and state[ap.ON_STEPS].tolist() == [0, 1, 1, 1]
+    for step in range(period + 2, 2 * period + 1):  # on: layer 1 wastes, layer 2 saves all, layer 3 3 of 4
+        assert not ap.tick(state, params, pf, missed, true_pos, step)
+        pf[0, 1:] += 4
         pf[1, 2] += 4
-    assert ap.tick(state, params, pf, period + 1)
-    # Layer 0 (nothing predicts it) paid predictions for nothing, as far as the rule can tell: off too.
-    assert state[ap.ON].tolist() == [0.0, 0.0, 1.0]
-    assert state[ap.ON_STEPS].tolist() == [period, period, period + 1]
-    assert state[ap.LAST_ISSUED].tolist() == [0, 4 * period, 4 * period]
+        pf[1, 3] += 3
+        true_pos[2:] += 4  # the predictions of layers 2 and 3 were all needed (layer 3: one was resident)
+        missed[1] += 4
+        missed[3] += 1
+    assert ap.tick(state, params, pf, missed, true_pos, 2 * period + 1)
+    assert state[ap.ON].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert state[ap.ON_STEPS].tolist() == [0, period, period + 1, period + 1]
+    assert state[ap.LAST_ISSUED].tolist() == [0] + [4 * (period - 1)] * 3
+    assert state[ap.LAST_MISSED].tolist() == [0, 4 * (2 * period - 1), 4 * period, 4 * period + period - 1]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -93,14 +130,16 @@ def test_twin_comparison_sees_layers_switch_both_ways():
     L = 7
     state = ap.new_state(L)
     params = ap.new_params(float(gen.uniform(5e-6, 2e-4)), float(gen.uniform(5e-6, 5e-5)))
-    params[ap.PERIOD_P], params[ap.PROBE_P] = 3, 2
+    params[ap.PERIOD_P] = 3
     pf = np.zeros((3, L + 1), np.int64)
+    missed = np.zeros(L, np.int64)
     history = []
-    for step in range(1, 41):
+    for step in range(1, 61):
         issued = gen.integers(0, 9, L)
         pf[0, :L] += issued
         pf[1, :L] += gen.integers(0, issued + 1)
-        ap.tick(state, params, pf, step)
+        missed += gen.integers(0, 5, L)
+        ap.tick(state, params, pf, missed, pf[1, :L], step)
         history.append(state[ap.ON].copy())
     flips = np.diff(np.array(history), axis=0)
     assert (flips > 0).any() and (flips < 0).any()
@@ -153,9 +192,9 @@ def test_auto_gives_the_tokens_of_prefetch_off(tiny_checkpoints, family):
 
 @pytest.mark.parametrize("decode", ["static", "generate"])
 def test_auto_follows_the_costs_on_both_paths(qwen_checkpoint, decode):
-    """Where prefetch pays (copies cost much, predictions nothing) auto keeps every layer on and prefetches
-    what `true` prefetches; where it never pays it switches the layers off after the first period and
-    prefetches (almost) nothing but its probes; the tokens are those of prefetch off throughout."""
+    """Where prefetch pays (copies cost much, predictions nothing) auto switches every layer on after the first
+    period (in which it measures the would-be misses) and keeps it on; where it can never pay it never
+    switches one on and prefetches nothing; the tokens are those of prefetch off throughout."""
     want, _ = _tokens(vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch=False, decode=decode), n=20, min_new_tokens=20)
     issued = {}
     for name, (copy_s, predict_s) in {"pays": (1.0, 0.0), "never": (0.0, 1.0)}.items():
@@ -169,12 +208,13 @@ def test_auto_follows_the_costs_on_both_paths(qwen_checkpoint, decode):
         decode_steps = engine.runtime.auto.step
         assert decode_steps == sum(len(t) - 1 for t in got)
         if name == "pays":
+            assert engine.runtime.auto.params[ap.PERIOD_P] < len(got[0]) - 1  # on from the first request's end
             assert on[1:] == [1.0] * (len(on) - 1)
             assert engine.info().prefetch_auto["on_layers"] == list(range(1, len(on)))
         else:
             assert all(v < 0.5 for v in on[1:])
             assert engine.info().prefetch_auto["on_layers"] == []
-    assert issued["pays"] > 2 * issued["never"] > 0  # "never": its first period only (38 decode steps)
+    assert issued["pays"] > 0 and issued["never"] == 0
 
 
 def test_reconfigure_between_auto_and_fixed(qwen_checkpoint):

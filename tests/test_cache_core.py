@@ -475,3 +475,168 @@ def test_fused_kernel_self_check_covers_in_place_demand(kernel_device, monkeypat
 
     monkeypatch.setattr(device_core, "demand", ignores_in_place)
     assert not ops._compare_cache_kernel(torch.device(kernel_device))
+
+
+# ---- prefetch: auto: the simulator makes the live runtime's decisions, and so does the device gate ----------
+
+def _auto_trace(seed=3) -> Trace:
+    """Decode-heavy, 4 layers; layer 2's predictions exact, layer 3's random, layer 1's as recorded (60%)."""
+    trace = synthetic_trace(num_requests=10, num_layers=4, num_experts=16, top_k=2, visual_tokens=8, text_tokens=4,
+                            decode_steps=30, zipf=0.6, reuse=0.3, predict_accuracy=0.6, seed=seed)
+    rng = np.random.default_rng(seed)
+    demand = trace.demand_sets()
+    sets, sizes = [], []
+    for g in range(trace.num_groups):
+        predicted = trace.predicted[trace.predicted_offsets[g]:trace.predicted_offsets[g + 1]]
+        if trace.group_step[g] == 0:
+            predicted = predicted[:0]  # none in the prefill, as the engine's default
+        elif trace.group_layer[g] == 2:
+            predicted = demand.experts[demand.offsets[g]:demand.offsets[g + 1]].astype(predicted.dtype)
+        elif trace.group_layer[g] == 3:
+            predicted = np.sort(rng.choice(16, len(predicted), replace=False)).astype(predicted.dtype)
+        sets.append(predicted)
+        sizes.append(len(predicted))
+    trace.predicted = np.concatenate(sets)
+    trace.predicted_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    return trace
+
+
+def replay_live_auto(trace: Trace, policy: str, budget: int, copy_s: float, predict_s: float):
+    """The live ExpertCache under the runtime's controller, driven as the host path does: at every decode
+    step `AutoPrefetch.host_step` on the cache's pf counters and the decode misses per layer, then each layer
+    call prefetches (all its predictions) only where the controller's limit is on."""
+    from vismmoe.offload.autoprefetch import AutoPrefetch
+    from vismmoe.offload.ledger import PredictionLedger
+
+    meta = trace.meta
+    cache = ExpertCache(_stub_store(meta), budget, torch.device("cpu"), policy)
+    auto = AutoPrefetch(meta.num_layers, copy_s, predict_s, torch.device("cpu"))
+    ledger = PredictionLedger(1, meta.num_layers, torch.device("cpu"))
+    base = np.full((meta.num_layers, 1), meta.num_experts, np.int64)
+    active = np.zeros_like(base)
+    decode_misses = np.zeros(meta.num_layers, np.int64)
+    demand = trace.demand_sets()
+    tables, misses = [], []
+    request = step = -1
+    for g in trace.groups():
+        if g.request != request:
+            request, step = g.request, -1
+            cache.begin_request()
+        if g.step != step:
+            step = g.step
+            cache.begin_step()
+            if step > 0:
+                auto.host_step(cache.state.pf, decode_misses, ledger.decode_true_pos, base, active)
+        if g.predicted is not None and active[g.layer, 0] > 0:
+            predicted = np.sort(g.predicted.astype(np.int64))
+            ledger.expect(g.layer, 1, predicted)
+            cache.prefetch(g.layer, predicted, int(active[g.layer, 0]), running=g.layer - 1)
+        before = cache.counters.misses.sum()
+        lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
+        ledger.score(g.layer, demand.experts[lo:hi].astype(np.int64), decode=step > 0)
+        for start in range(lo, hi, cache.wave_size(g.layer)):
+            part = slice(start, min(start + cache.wave_size(g.layer), hi))
+            cache.acquire(g.layer, demand.experts[part].astype(np.int64), demand.n_visual[part], demand.n_text[part])
+            if step > 0:  # as the host path counts a decode step's misses (HostPath.decode_calls)
+                decode_misses[g.layer] += cache.last_missed
+        tables.append(cache.host_table.copy())
+        misses.append(cache.counters.misses.sum() - before)
+    return np.array(tables), np.array(misses), cache, auto
+
+
+def replay_device_auto(trace: Trace, policy: str, budget: int, copy_s: float, predict_s: float, kernel: bool = False,
+                       device="cpu"):
+    """The device path's state machine with `ops.prefetch_gate` (its torch twin, or the Triton kernel) at the
+    start of every decode step, the prefetch limit read from the gate's limits on the device."""
+    from vismmoe.offload import autoprefetch as ap
+
+    meta = trace.meta
+    L, E = meta.num_layers, meta.num_experts
+    host = make_policy(policy).new_state(budget, L, E)
+    table = torch.full((L * E + 1,), -1, dtype=torch.int32, device=device)
+    st = device_core.DeviceState.empty(budget, L, E, table)
+    st.load(host)
+    f64 = dict(dtype=torch.float64, device=device)
+    state = torch.from_numpy(ap.new_state(L)).to(**f64)
+    params = torch.from_numpy(ap.new_params(copy_s, predict_s)).to(**f64)
+    gate_step = torch.zeros(1, dtype=torch.int64, device=device)
+    base = torch.full((L, 1), E, dtype=torch.int64, device=device)
+    limits = torch.zeros_like(base)
+    decode_misses = torch.zeros(L, dtype=torch.int64, device=device)
+    # The device ledger: predictions made at layer l for l + 1 as ids (-1: none, or switched off), scored by
+    # the demand call of l + 1 into counts [3, 1, L]; the gate reads the true positives, counts[0].
+    pred = torch.full((L, 1, E), -1, dtype=torch.int64, device=device)
+    counts = torch.zeros((3, 1, L), dtype=torch.int64, device=device)
+    demand = trace.demand_sets()
+    on = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int64)).to(device)  # noqa: E731
+    tables, misses = [], []
+    request = step = -1
+    for g in trace.groups():
+        if g.request != request:
+            request, step = g.request, -1
+            st.mix.zero_()
+            st.prefetched.zero_()
+        if g.step != step:
+            step = g.step
+            device_core.begin_step(st)
+            if step > 0:
+                ops.prefetch_gate(state, gate_step, params, st.pf, decode_misses, counts[0], base, limits, kernel=kernel)
+        if g.layer > 0:
+            pred[g.layer - 1].fill_(-1)
+        if g.predicted is not None:
+            ops.cache_prefetch(st, g.layer, on(g.predicted), None, g.layer - 1, limits[g.layer, 0], kernel=kernel)
+            if step > 0 and int(limits[g.layer, 0]) > 0:
+                pred[g.layer - 1, 0, :len(g.predicted)] = on(g.predicted)
+        before = st.misses.clone()
+        lo, hi = demand.offsets[g.index], demand.offsets[g.index + 1]
+        for start in range(lo, hi, budget):
+            part = slice(start, min(start + budget, hi))
+            score = (pred, counts, 1) if step > 0 and g.layer > 0 else None
+            ops.cache_demand(st, g.layer, on(demand.experts[part]), on(demand.n_visual[part]),
+                             on(demand.n_text[part]), kernel=kernel, score=score)
+        if step > 0:  # the static path's residency counts decode steps' misses only
+            decode_misses += st.misses - before
+        tables.append(table[:-1].view(L, E).cpu().numpy().copy())
+        misses.append(int((st.misses - before).sum()))
+    return np.array(tables), np.array(misses), st, state.cpu().numpy()
+
+
+AUTO_RECORD = 9_437_184  # the bench model's record: one copy ~175 us at the simulator's link rate
+
+
+@pytest.mark.parametrize("predict_us", [20.0, 120.0])
+def test_simulated_auto_makes_the_live_controllers_decisions(predict_us):
+    """`simulate(..., "auto")` against the live cache under the runtime's controller (host path) and the
+    device reference under the gate: the slot table and the misses after every layer call, the prefetch
+    counters, and each layer's decode steps with prefetch on agree; layers do switch both ways."""
+    from vismmoe.offload import autoprefetch as ap
+
+    trace = _auto_trace()
+    budget = 12
+    sim = simulate(trace, "lru", budget, "auto", expert_bytes=AUTO_RECORD, predict_s=predict_us * 1e-6,
+                   record_groups=True)
+    copy_s = sim.copy_seconds
+    live = replay_live_auto(trace, "lru", budget, copy_s, predict_us * 1e-6)
+    dev = replay_device_auto(trace, "lru", budget, copy_s, predict_us * 1e-6)
+    what = ("auto", predict_us)
+    assert_same(live, (sim.group_tables, sim.group_misses), what)
+    assert_same(live, dev, what)
+    cache, auto = live[2], live[3]
+    assert (dev[2].pf[:, :-1].numpy() == cache.state.pf).all()
+    assert (sim.prefetch_issued.tolist(), sim.prefetch_used.tolist()) == tuple(cache.state.pf[:2].tolist())
+    assert np.array_equal(dev[3], auto.state) and np.array_equal(sim.auto_state, auto.state)
+    steps = auto.step
+    assert steps == int(((trace.group_step > 0) & (trace.group_layer == 0)).sum())
+    assert sim.prefetch_on[1:] == [round(float(v), 4) for v in auto.state[ap.ON_STEPS, 1:] / steps]
+    on = auto.state[ap.ON_STEPS, 1:] / steps
+    assert on.max() > 0.5 and on.min() < 0.5 and sim.prefetch_issued.sum() > 0, on  # some on, some off
+
+
+def test_gate_and_cache_kernels_make_the_simulated_auto_decisions(kernel_device):
+    """The same replay with the fused cache kernel and the Triton gate (natively on a GPU, interpreted on
+    the CPU): the simulator's tables, misses and controller state."""
+    trace = head(_auto_trace(), 4)
+    sim = simulate(trace, "lru", 12, "auto", expert_bytes=AUTO_RECORD, predict_s=20e-6, record_groups=True)
+    dev = replay_device_auto(trace, "lru", 12, sim.copy_seconds, 20e-6, kernel=True, device=kernel_device)
+    assert_same((sim.group_tables, sim.group_misses), dev, "auto, kernels")
+    assert np.array_equal(dev[3], sim.auto_state) and sim.prefetch_issued.sum() > 0

@@ -189,3 +189,39 @@ def test_sweep_script_writes_table_and_plot(tmp_path, trace):
     assert "## Prefetch: oracle" in text and "| 12 |" in text and "decode recall" in text
     assert "## Prefetch: auto" in text and "Decode overhead per request" in text
     assert (tmp_path / "out" / "policies.png").stat().st_size > 10_000
+
+
+def test_requests_slice_a_trace_into_held_out_halves(trace):
+    n = trace.num_requests
+    first, second = trace.requests(0, n // 2), trace.requests(n // 2, n)
+    assert first.num_requests + second.num_requests == n
+    assert first.num_groups + second.num_groups == trace.num_groups
+    g = first.num_groups
+    assert np.array_equal(second.group_layer, trace.group_layer[g:])
+    assert np.array_equal(second.group_request, trace.group_request[g:] - n // 2)
+    last = trace.num_groups - 1
+    for a, b in ((second.group(0), trace.group(g)), (second.group(second.num_groups - 1), trace.group(last))):
+        assert np.array_equal(a.experts, b.experts) and np.array_equal(a.predicted, b.predicted)
+    with pytest.raises(ValueError, match="outside the trace"):
+        trace.requests(1, n + 1)
+
+
+@pytest.mark.parametrize("mode", ["none", "trace", "auto"])
+def test_measure_from_counts_only_the_later_requests(trace, mode):
+    """The replay runs every request (the first ones warm the cache and auto's counts up) but counts from
+    request k on: the hits and misses add up to the later requests' demand, and the whole run's counts are
+    the warm-up's plus the measured ones'."""
+    k = trace.num_requests // 2
+    big = dict(expert_bytes=9_437_184)  # copies cost ~175 us: auto's prefetch pays and runs
+    whole = simulate(trace, "lru", 24, mode, **big)
+    later = simulate(trace, "lru", 24, mode, measure_from=k, **big)
+    demand = trace.demand_sets()
+    sizes = np.diff(demand.offsets)
+    assert later.hits + later.misses == sizes[trace.group_request >= k].sum()
+    assert later.decode_hits + later.decode_misses == sizes[(trace.group_request >= k) & (trace.group_step > 0)].sum()
+    assert 0 < later.misses < whole.misses
+    assert later.prefetch_issued.sum() <= whole.prefetch_issued.sum() and later.predictions <= whole.predictions
+    if mode != "none":
+        assert 0 < later.predictions < whole.predictions
+    with pytest.raises(ValueError, match="measure_from"):
+        simulate(trace, "lru", 24, mode, measure_from=trace.num_requests)

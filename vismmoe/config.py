@@ -36,8 +36,9 @@ class EngineConfig:
     # Lookahead prefetch: predict the experts of the next `prefetch_depth` MoE layers from the current
     # hidden state (with those layers' own routers) and copy them ahead on the copy stream, at most
     # `prefetch_limit` per layer and step (0 = the model's top-k). "auto": per layer, only where it pays
-    # (the saved miss time of its used prefetches exceeds the prediction's and the wrong copies' cost;
-    # re-decided every 16 decode steps, offload/autoprefetch.py); true: every layer; false: off.
+    # (starts off; on where its would-be misses could pay for the predictions, kept on while the miss time
+    # its timely prefetches save exceeds the prediction's and the wrong copies' cost; re-decided every 16
+    # decode steps, offload/autoprefetch.py); true: every layer; false: off.
     prefetch: Any = "auto"
     prefetch_depth: int = 1
     prefetch_limit: int = 0

@@ -750,21 +750,21 @@ def compare_rotary_kernel(device: torch.device, seed: int = 0) -> bool:
 # -- prefetch: auto's per-step decision (kernels/prefetch_gate.py) ------------------------------------
 
 
-def prefetch_gate(state, step, params, pf, base, limits, kernel: bool | None = None) -> None:
+def prefetch_gate(state, step, params, pf, missed, true_pos, base, limits, kernel: bool | None = None) -> None:
     """One static decode step of `prefetch: auto` (offload/autoprefetch.py): step += 1, the per-layer decision
-    where it falls due, limits = base where on, else 0. One Triton launch on CUDA (once its one-time check
-    against the twin passed there); `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False
-    the twin (`autoprefetch.tick_torch`)."""
+    where it falls due (from the residency's prefetch counters pf and decode misses, and the device ledger's
+    true positives [depth, L]), limits = base where on, else 0. One Triton launch on CUDA (once its one-time
+    check against the twin passed there); `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False the twin (`autoprefetch.tick_torch`)."""
     if kernel is None:
         kernel = state.is_cuda and cache_kernel_available() and _gate_checked(state.device)
     if kernel:
         from .kernels import prefetch_gate as gate
 
-        gate.prefetch_gate(state, step, params, pf, base, limits)
+        gate.prefetch_gate(state, step, params, pf, missed, true_pos, base, limits)
         return
     from .offload.autoprefetch import tick_torch
 
-    tick_torch(state, step, params, pf, base, limits)
+    tick_torch(state, step, params, pf, missed, true_pos, base, limits)
 
 
 _GATE_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
@@ -777,7 +777,7 @@ def _gate_checked(device: torch.device) -> bool:
 
 def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool = True) -> bool:
     """The gate (kernel, or the twin with kernel=False) against `autoprefetch.tick` (numba, the host path's
-    and the simulator's) over `steps` steps of random prefetch counts: same state, same limits, exactly."""
+    and the simulator's) over `steps` steps of random prefetch and miss counts: same state, same limits, exactly."""
     import numpy as np
 
     from .offload import autoprefetch as ap
@@ -786,9 +786,11 @@ def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool =
     L, D = 7, 2
     host = ap.new_state(L)
     params = ap.new_params(copy_s=float(gen.uniform(5e-6, 2e-4)), predict_s=float(gen.uniform(5e-6, 5e-5)))
-    params[ap.PERIOD_P], params[ap.PROBE_P] = 3, 2  # decisions and probes within the run
+    params[ap.PERIOD_P] = 3  # many decisions within the run
     base = gen.integers(0, 9, (L, D))
     pf = np.zeros((3, L + 1), np.int64)
+    missed = np.zeros(L, np.int64)
+    true_pos = np.zeros((D, L), np.int64)  # the ledger's, per distance
     f64 = dict(dtype=torch.float64, device=device)
     dev_state, dev_params = torch.from_numpy(host).to(**f64), torch.from_numpy(params).to(**f64)
     dev_step = torch.zeros(1, dtype=torch.int64, device=device)
@@ -798,8 +800,11 @@ def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool =
         issued = gen.integers(0, 9, L)
         pf[0, :L] += issued
         pf[1, :L] += gen.integers(0, issued + 1)
-        ap.tick(host, params, pf, step)
-        prefetch_gate(dev_state, dev_step, dev_params, torch.from_numpy(pf).to(device), dev_base, limits, kernel=kernel)
+        missed += gen.integers(0, 5, L)
+        true_pos += gen.integers(0, 3, (D, L))
+        ap.tick(host, params, pf, missed, true_pos.sum(0), step)
+        on_device = [torch.from_numpy(a).to(device) for a in (pf, missed, true_pos)]
+        prefetch_gate(dev_state, dev_step, dev_params, *on_device, dev_base, limits, kernel=kernel)
         want = np.where(host[ap.ON][:, None] > 0.5, base, 0)
         if not (np.array_equal(dev_state.cpu().numpy(), host) and np.array_equal(limits.cpu().numpy(), want)
                 and int(dev_step.item()) == step):

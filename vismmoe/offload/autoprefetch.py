@@ -1,23 +1,37 @@
 """`prefetch: auto`: lookahead prefetch (and its prediction) runs only for the layers where it pays.
 
 Per MoE layer l (the target of the predictions made one or more layers before it; all its distances
-together), decayed counts of what its prefetches did decide whether it is on:
+together), decayed counts decide whether it is on. Where it ran, what its prefetches did:
 
-    saved = used * copy_s                       used: prefetched experts a demand then hit (misses saved)
+    saved = used * copy_s                       used: prefetched experts a demand then hit in time (misses saved)
     cost  = steps * predict_s + (issued - used) * copy_s * wrong_cost
-    on    = saved >= cost   (or no evidence yet: on, to measure)
+    stays on while saved >= cost
 
-`issued` / `used` are the cache's own prefetch counters (`pf[0]`, `pf[1]` of the cache state, counted
-by the same transitions on the host, in the simulator and on the device); `steps` the decode steps the
-layer's prefetch ran. `copy_s` is one record's copy time and `predict_s` one prediction launch, measured
+`issued` and the hits are the cache's own prefetch counters (`pf[0]`, `pf[1]` of the cache state, counted
+by the same transitions on the host, in the simulator and on the device). A hit counts as `used` only up
+to the prediction ledger's true positives of the period (experts predicted for a step and needed in it;
+offload/ledger.py, decode steps): a prefetched expert first hit in a later step refreshed the cache (it
+evicted another expert for it) rather than saving a miss; with uniform routing and useless predictions
+most prefetched experts are hit sooner or later, and counting those made prefetch look worth it where it
+only cost. `steps` are the decode steps the layer's prefetch ran. `copy_s` is one record's copy time and `predict_s` one prediction launch, measured
 once at load on a GPU (`measure_costs`), else priors (`prior_costs`). `wrong_cost` (2) charges a wrong
 copy its link time and the miss that its eviction of a cached expert tends to cause later.
 
-Every `period` decode steps the counts of the period fold in (`fold`): where the layer was on, old
-counts decay by `decay` and the period's are added; where it was off nothing was measured and the counts
-stay. A layer that is off comes back on for one period (a probe) after `probe_every` periods off, so a
-layer whose predictions got better is found again; each probe that finds it still not worth it doubles
-the wait, up to `MAX_WAIT` periods (probes cost: rarer where prefetch keeps failing).
+Where it is off, what it would save now: the layer's would-be misses per decode step (its decode misses,
+plus the ones its used prefetches saved; measured whether on or off, so they follow the workload) times
+the share of them its prefetches saved when they last ran:
+
+    expected = would-be misses per step * (used / would-be misses while on) * copy_s
+    comes on (for at least one period) when expected >= cost per step while on
+
+Before any evidence the share is 1 and the cost the prediction alone: a layer starts off and comes on
+only where even exact predictions would pay for themselves (so where prefetch can never pay, auto costs
+nothing); a layer that was switched off comes back when its would-be misses rise to where its measured
+predictions pay. No timed probes: an off layer's prediction is not run, so nothing is spent on it.
+
+Every `period` decode steps the counts of the period fold in (`fold`): the would-be misses and their
+steps decay by `decay` and add the period's; the prefetch counts (and the would-be misses of the periods
+it ran) do so only where the layer was on (where it was off nothing was measured, and they stay).
 
 One formula, four runners: `fold` is plain arithmetic on scalars or arrays, run as it is by numpy,
 by numba (`tick`: the host path and the simulator, offload/simulate.py), by torch (`tick_torch`: the
@@ -32,63 +46,72 @@ import numpy as np
 import torch
 from numba import njit
 
-PERIOD = 8  # decode steps between decisions
-DECAY = 0.5  # weight of the earlier periods' counts at each decision (where the layer ran)
-PROBE_EVERY = 8  # periods an off layer first waits before it runs one period again (a probe)
-MAX_WAIT = 128.0  # the longest wait, after failed probes doubled it
+PERIOD = 16  # decode steps between decisions
+DECAY = 0.75  # weight of the earlier periods' counts at each decision
 WRONG_COPY_COST = 2.0  # a wrong copy: its own link time, and the miss its eviction tends to cause
 # One stacked prediction launch (norm, router, top-k of a 128 x 2048 router), timed alone on an H200
 # (BENCHMARKS.md, "Static decode"): the prior where nothing can be measured (CPU).
 PREDICT_S_PRIOR = 32e-6
 
-# Rows of the controller's state [ROWS, L] (float64): decayed counts, the decision, periods off, the
-# wait before the next probe, the pf snapshot of the last decision, and decode steps with prefetch on.
-USED, ISSUED, STEPS, ON, AGE, WAIT, LAST_USED, LAST_ISSUED, ON_STEPS = range(9)
-ROWS = 9
-# params [6] (float64): the costs and the rule's constants.
-COPY_S, PREDICT_S, WRONG_COST, DECAY_P, PROBE_P, PERIOD_P = range(6)
+# Rows of the controller's state [ROWS, L] (float64): decayed prefetch counts, the decision, decayed would-be
+# misses (all periods, their steps, and those of the periods it ran), the counter snapshots of the last
+# decision, and decode steps with prefetch on.
+(USED, ISSUED, STEPS, ON, DEMAND, DEMAND_STEPS, ON_DEMAND, LAST_USED, LAST_ISSUED, LAST_MISSED, LAST_TRUE,
+ ON_STEPS) = range(12)
+ROWS = 12
+FOLDED = (USED, ISSUED, STEPS, ON, DEMAND, DEMAND_STEPS, ON_DEMAND)  # what `fold` takes and returns, in order
+# params [5] (float64): the costs and the rule's constants.
+COPY_S, PREDICT_S, WRONG_COST, DECAY_P, PERIOD_P = range(5)
 
 
-def fold(used, issued, steps, on, age, wait, d_used, d_issued, copy_s, predict_s, wrong_cost, decay, probe_every,
-         period):
-    """One decision. Inputs: the decayed counts, the decision of the period that ended (1.0 / 0.0), periods
-    off so far, the wait before the next probe, and the period's new prefetch counts. Returns (used,
-    issued, steps, on, age, wait).
+def fold(used, issued, steps, on, demand, demand_steps, on_demand, d_used, d_issued, d_missed, d_true, copy_s,
+         predict_s, wrong_cost, decay, period):
+    """One decision. Inputs: the rows FOLDED (the decision of the period that ended is `on`, 1.0 / 0.0),
+    then the period's new prefetch counts, decode misses and ledger true positives (all distances: an expert
+    predicted at two distances counts twice, a looser bound). Returns the rows FOLDED.
 
     Only + - * and comparisons times 1.0 (numpy, numba, torch and Triton all run this source and round
     alike); no branches, so it applies elementwise to scalars, arrays, tensors and Triton blocks."""
     keep = 1.0 - on * (1.0 - decay)  # decay where the layer ran, else keep: nothing new was measured
+    # Timely: a prefetched expert hit later than the step it was predicted for is a refresh of the cache (it
+    # evicted one for it), not a saved miss; the ledger's true positives (predicted and demanded in that
+    # step) bound the hits that were timely.
+    over = (d_used > d_true) * 1.0
+    d_used = d_used - over * (d_used - d_true)
     used = used * keep + d_used
     issued = issued * keep + d_issued
     steps = steps * keep + on * period
-    saved = used * copy_s
-    cost = steps * predict_s + (issued - used) * (copy_s * wrong_cost)
-    worth = (saved >= cost) * 1.0  # a tie (free prediction, nothing wrong) keeps it
-    fresh = (steps <= 0.0) * 1.0  # never measured: run, to measure
-    good = worth + fresh - worth * fresh
-    wait = wait * (1.0 + on * (1.0 - good))  # it ran and failed: the next probe waits twice as long
-    over = (wait > MAX_WAIT) * 1.0
-    wait = (wait * (1.0 - over) + MAX_WAIT * over) * (1.0 - good) + probe_every * good  # worth it: back to the first
-    age = (age + 1.0) * (1.0 - good)  # periods off in a row
-    probe = (age >= wait) * 1.0
-    on = good + probe - good * probe
-    age = age * (1.0 - probe)  # a probe restarts the count
-    return used, issued, steps, on, age, wait
+    would = d_missed + d_used  # would-be misses: measured on or off
+    on_demand = on_demand * keep + on * would
+    demand = demand * decay + would
+    demand_steps = demand_steps * decay + period
+    wrong = (issued - used) * (copy_s * wrong_cost)
+    # Measured, where it ran (a tie, free prediction and nothing wrong, keeps it).
+    worth = (used * copy_s >= steps * predict_s + wrong) * 1.0
+    # Expected, where it is off: share x would-be misses per step x copy_s >= cost per step, multiplied through
+    # by the positive denominators (no division). Before any evidence: share 1, cost the prediction alone.
+    seen = (on_demand > 0.0) * 1.0
+    share_num = used * seen + (1.0 - seen)
+    share_den = on_demand * seen + (1.0 - seen)
+    ran = (steps > 0.0) * 1.0
+    steps_den = steps * ran + (1.0 - ran)
+    expect = (share_num * demand * copy_s * steps_den >= share_den * demand_steps * (steps_den * predict_s + wrong)) \
+        * (demand > 0.0)
+    on = on * worth + (1.0 - on) * expect
+    return used, issued, steps, on, demand, demand_steps, on_demand
 
 
 _fold_nb = njit(cache=True, nogil=True)(fold)
 
 
 def new_state(num_layers: int) -> np.ndarray:
-    """Every layer on, no evidence."""
-    state = np.zeros((ROWS, num_layers), np.float64)
-    state[ON] = 1.0
-    state[WAIT] = PROBE_EVERY
-    return state
+    """Every layer off, no evidence: the first period measures the would-be misses, and the first decision
+    runs a layer's prefetch where they are enough that even exact predictions could pay."""
+    return np.zeros((ROWS, num_layers), np.float64)
 
 
 def new_params(copy_s: float, predict_s: float) -> np.ndarray:
-    return np.array([copy_s, predict_s, WRONG_COPY_COST, DECAY, PROBE_EVERY, PERIOD], np.float64)
+    return np.array([copy_s, predict_s, WRONG_COPY_COST, DECAY, PERIOD], np.float64)
 
 
 def prior_costs(record_bytes: int) -> tuple[float, float]:
@@ -100,42 +123,49 @@ def prior_costs(record_bytes: int) -> tuple[float, float]:
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def tick(state, params, pf, step):
+def tick(state, params, pf, missed, true_pos, step):
     """A decode step starts (`step` = 1, 2, ... counted by the caller): at steps period + 1, 2 period + 1, ...
-    fold the period's prefetch counts (pf [>= 2, >= L] int64, cumulative: issued, used) into `state`; then
-    count this step's decisions. Returns whether it decided. The host path and the simulator call this."""
+    fold the period's counts (cumulative int64: pf [>= 2, >= L] prefetches issued, used; missed [>= L] decode
+    misses; true_pos [>= L] the ledger's decode true positives, all distances) into `state`; then count this
+    step's decisions. Returns whether it decided. The host path and the simulator call this."""
     period = params[PERIOD_P]
     decided = step > 1 and (step - 1) % int(period) == 0
     for layer in range(state.shape[1]):
         if decided:
-            now_used, now_issued = float(pf[1, layer]), float(pf[0, layer])
-            used, issued, steps, on, age, wait = _fold_nb(
-                state[USED, layer], state[ISSUED, layer], state[STEPS, layer], state[ON, layer], state[AGE, layer],
-                state[WAIT, layer], now_used - state[LAST_USED, layer], now_issued - state[LAST_ISSUED, layer],
-                params[COPY_S], params[PREDICT_S], params[WRONG_COST], params[DECAY_P], params[PROBE_P], period)
-            state[USED, layer], state[ISSUED, layer], state[STEPS, layer] = used, issued, steps
-            state[ON, layer], state[AGE, layer], state[WAIT, layer] = on, age, wait
+            now_used, now_issued, now_missed = float(pf[1, layer]), float(pf[0, layer]), float(missed[layer])
+            now_true = float(true_pos[layer])
+            new = _fold_nb(
+                state[USED, layer], state[ISSUED, layer], state[STEPS, layer], state[ON, layer], state[DEMAND, layer],
+                state[DEMAND_STEPS, layer], state[ON_DEMAND, layer], now_used - state[LAST_USED, layer],
+                now_issued - state[LAST_ISSUED, layer], now_missed - state[LAST_MISSED, layer],
+                now_true - state[LAST_TRUE, layer], params[COPY_S],
+                params[PREDICT_S], params[WRONG_COST], params[DECAY_P], period)
+            for i in range(len(FOLDED)):
+                state[FOLDED[i], layer] = new[i]
             state[LAST_USED, layer], state[LAST_ISSUED, layer] = now_used, now_issued
+            state[LAST_MISSED, layer], state[LAST_TRUE, layer] = now_missed, now_true
         state[ON_STEPS, layer] += state[ON, layer]
     return decided
 
 
-def tick_torch(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor, base: torch.Tensor,
-               limits: torch.Tensor) -> None:
+def tick_torch(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor,
+               missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
     """The static path's step, as fixed-shape torch ops (the twin of kernels/prefetch_gate.py): step += 1,
     the same decision as `tick` where it falls due (device `step`), then limits = base where on, else 0.
-    state [ROWS, L] float64, step int64 [1], params [6] float64, pf [>= 2, >= L] int64, base / limits
-    int64 [L, depth]."""
+    state [ROWS, L] float64, step int64 [1], params [5] float64, pf [>= 2, >= L] int64, missed [>= L] int64,
+    true_pos [depth, L] int64 (the ledger's, per distance: summed here), base / limits int64 [L, depth]."""
     L = state.shape[1]
     step += 1
     period = params[PERIOD_P]
     due = (step > 1) & (torch.remainder(step - 1, period.to(torch.int64)) == 0)
     now_used, now_issued = pf[1, :L].to(torch.float64), pf[0, :L].to(torch.float64)
-    new = fold(state[USED], state[ISSUED], state[STEPS], state[ON], state[AGE], state[WAIT],
-               now_used - state[LAST_USED], now_issued - state[LAST_ISSUED], params[COPY_S], params[PREDICT_S],
-               params[WRONG_COST], params[DECAY_P], params[PROBE_P], period)
-    rows = [USED, ISSUED, STEPS, ON, AGE, WAIT, LAST_USED, LAST_ISSUED]
-    values = torch.stack([*new, now_used, now_issued])
+    now_missed = missed[:L].to(torch.float64)
+    now_true = true_pos.sum(0).to(torch.float64)
+    new = fold(*(state[row] for row in FOLDED), now_used - state[LAST_USED], now_issued - state[LAST_ISSUED],
+               now_missed - state[LAST_MISSED], now_true - state[LAST_TRUE], params[COPY_S], params[PREDICT_S],
+               params[WRONG_COST], params[DECAY_P], period)
+    rows = [*FOLDED, LAST_USED, LAST_ISSUED, LAST_MISSED, LAST_TRUE]
+    values = torch.stack([*new, now_used, now_issued, now_missed, now_true])
     state[rows] = torch.where(due, values, state[rows])
     state[ON_STEPS] += state[ON]
     limits.copy_(torch.where(state[ON].unsqueeze(1) > 0.5, base, torch.zeros_like(base)))
@@ -149,7 +179,10 @@ class AutoPrefetch:
         self.state = new_state(num_layers)
         self.params = new_params(copy_s, predict_s)
         self.step = 0
-        self.last_host_pf = np.zeros((2, num_layers), np.int64)  # the host cache's pf when the host last took over
+        # The host's counters (cache pf; decode misses) when the host last took over from the static path.
+        self.last_host_pf = np.zeros((2, num_layers), np.int64)
+        self.last_host_missed = np.zeros(num_layers, np.int64)
+        self.last_host_true = np.zeros(num_layers, np.int64)
         f64 = dict(dtype=torch.float64, device=device)
         self.device_state = torch.from_numpy(self.state).to(**f64)
         self.device_step = torch.zeros(1, dtype=torch.int64, device=device)
@@ -168,11 +201,15 @@ class AutoPrefetch:
 
     # -- host path (and the simulator's driver calls `tick` the same way) -------------------------
 
-    def host_step(self, host_pf: np.ndarray, base: np.ndarray, active: np.ndarray) -> None:
-        """A host-path decode step starts: decide where due, and set `active` = base where on, else 0."""
+    def host_step(self, host_pf: np.ndarray, host_missed: np.ndarray, host_true: np.ndarray, base: np.ndarray,
+                  active: np.ndarray) -> None:
+        """A host-path decode step starts: decide where due, and set `active` = base where on, else 0.
+        host_pf: the cache's pf counters; host_missed: decode misses per layer; host_true: the ledger's decode
+        true positives per layer (all cumulative)."""
         self.step += 1
         # Counts since the host took over: the LAST_* rows `tick` compares them with count from there too.
-        tick(self.state, self.params, host_pf[:2] - self.last_host_pf, self.step)
+        tick(self.state, self.params, host_pf[:2] - self.last_host_pf, host_missed - self.last_host_missed,
+             host_true - self.last_host_true, self.step)
         self.apply(base, active)
 
     def apply(self, base: np.ndarray, active: np.ndarray) -> None:
@@ -182,23 +219,27 @@ class AutoPrefetch:
     # -- static path ---------------------------------------------------------------------------------
 
     def to_device(self) -> None:
-        """The static path takes over (its pf counters restart from zero at the residency's load)."""
-        self.state[LAST_USED] = self.state[LAST_ISSUED] = 0.0
+        """The static path takes over (its pf, miss and ledger counters restart from zero at its start)."""
+        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = self.state[LAST_TRUE] = 0.0
         self.device_state.copy_(torch.from_numpy(self.state))
         self.device_step.fill_(self.step)
 
-    def from_device(self, host_pf: np.ndarray) -> None:
-        """The static path hands back (after the residency folded its pf counters into the host's)."""
+    def from_device(self, host_pf: np.ndarray, host_missed: np.ndarray, host_true: np.ndarray) -> None:
+        """The static path hands back (after the residency and the ledger folded their counters into the host's)."""
         self.state[:] = self.device_state.cpu().numpy()
         self.step = int(self.device_step.item())
-        self.state[LAST_USED] = self.state[LAST_ISSUED] = 0.0  # the host counts from here
-        self.last_host_pf = host_pf[:2].copy()
+        self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = self.state[LAST_TRUE] = 0.0
+        self.last_host_pf = host_pf[:2].copy()  # the host counts from here
+        self.last_host_missed = np.array(host_missed, np.int64)
+        self.last_host_true = np.array(host_true, np.int64)
 
-    def device_step_ops(self, pf: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
-        """Queued at the start of each static decode step (captured with it)."""
+    def device_step_ops(self, pf: torch.Tensor, missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor,
+                        limits: torch.Tensor) -> None:
+        """Queued at the start of each static decode step (captured with it): pf and missed are the residency's
+        prefetch and miss counters, true_pos the device ledger's true positives [depth, L]."""
         from .. import ops
 
-        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, base, limits)
+        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, missed, true_pos, base, limits)
 
     # -- stats ---------------------------------------------------------------------------------------
 

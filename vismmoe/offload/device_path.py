@@ -86,7 +86,9 @@ class DevicePath:
         if self.residency is not None:
             self.residency.begin_step()
             if self.auto is not None:
-                self.auto.device_step_ops(self.residency.state.pf, self.auto_base, self.residency.prefetch_limits)
+                st = self.residency.state
+                self.auto.device_step_ops(st.pf, st.misses, self.ledger.device_counts[0], self.auto_base,
+                                          self.residency.prefetch_limits)
 
     def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""

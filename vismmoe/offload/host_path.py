@@ -116,7 +116,7 @@ class HostPath:
         masks = host[2 * num_experts :].reshape(-1, num_experts) if prediction is not None else None
         per_expert = n_visual + n_text
         experts = np.flatnonzero(per_expert)
-        predicted_here = self.ledger.score(layer, experts)
+        predicted_here = self.ledger.score(layer, experts, decode=step.index > 0)
         for observer in self.observers:
             observer(layer, step.index, top_k_index, visual, predicted_here.get(1))
 
@@ -185,5 +185,8 @@ class HostPath:
             if target >= self.cache.num_layers:
                 break
             predicted = np.flatnonzero(mask)
+            limit = int(self.prefetch_limits[target, distance - 1])
+            if limit <= 0 and not self.observers:
+                continue  # switched off (prefetch: auto): not scored, as the static path skips it
             self.ledger.expect(target, distance, predicted)
-            self.cache.prefetch(target, predicted, int(self.prefetch_limits[target, distance - 1]), running=layer)
+            self.cache.prefetch(target, predicted, limit, running=layer)

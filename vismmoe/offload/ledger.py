@@ -48,6 +48,8 @@ class PredictionLedger:
         self.device_counts = torch.zeros((3, depth, num_layers), dtype=torch.int64, device=device)
         self._expected: dict = {}  # target layer -> {distance: predicted experts}, for this step (host path)
         self.predicted: torch.Tensor | None = None  # device path: [L, depth, k] ids (use_device_predictions)
+        # Per layer, all distances, since the ledger was made: decode steps' true positives (`prefetch: auto`).
+        self.decode_true_pos = np.zeros(num_layers, np.int64)
 
     def begin_request(self) -> None:
         self.counters = PredictionCounters.zeros(self.depth, self.num_layers)
@@ -61,12 +63,16 @@ class PredictionLedger:
 
     # -- host-decided path -------------------------------------------------------------------------
 
-    def score(self, layer: int, actual: np.ndarray) -> dict:
-        """Score `actual` (distinct expert ids) of `layer`; returns what was predicted for it by distance."""
+    def score(self, layer: int, actual: np.ndarray, decode: bool = False) -> dict:
+        """Score `actual` (distinct expert ids) of `layer` (in a decode step: `decode`); returns what was
+        predicted for it by distance."""
         predicted_here = self._expected.pop(layer, {})
         c = self.counters
         for distance, predicted in predicted_here.items():
-            c.true_pos[distance - 1, layer] += len(np.intersect1d(actual, predicted, assume_unique=True))
+            true_pos = len(np.intersect1d(actual, predicted, assume_unique=True))
+            c.true_pos[distance - 1, layer] += true_pos
+            if decode:
+                self.decode_true_pos[layer] += true_pos
             c.actual[distance - 1, layer] += len(actual) if len(predicted) else 0  # as score_predicted
             c.predicted[distance - 1, layer] += len(predicted)
         return predicted_here
@@ -91,6 +97,7 @@ class PredictionLedger:
         counts = self.device_counts.cpu().numpy()
         c = self.counters
         c.true_pos += counts[0]
+        self.decode_true_pos += counts[0].sum(0)  # static steps are decode steps
         c.actual += counts[1]
         c.predicted += counts[2]
 

@@ -149,7 +149,8 @@ class OffloadRuntime:
         self.context.set(index, visual_mask)
         self.host.begin_step()
         if self.auto is not None and index > 0:  # a decode step of the host path: auto decides here
-            self.auto.host_step(self.cache.state.pf, self.prefetch_limits, self.active_limits)
+            self.auto.host_step(self.cache.state.pf, self.host.decode_calls[1], self.ledger.decode_true_pos,
+                                self.prefetch_limits, self.active_limits)
 
     def begin_static(self) -> None:
         self.static = True
@@ -164,7 +165,7 @@ class OffloadRuntime:
             self.host.decode_calls[0] += calls[0]
             self.host.decode_calls[1] += calls[1]
         if self.device.auto is not None:  # after the residency folded its counters into the host's
-            self.auto.from_device(self.cache.state.pf)
+            self.auto.from_device(self.cache.state.pf, self.host.decode_calls[1], self.ledger.decode_true_pos)
             self.auto.apply(self.prefetch_limits, self.active_limits)
 
     def begin_static_step(self) -> None:

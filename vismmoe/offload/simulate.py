@@ -59,6 +59,7 @@ class SimResult:
     predictions: int = 0  # decode-step predictions made (one per layer call prefetched for)
     predict_s: float = autoprefetch.PREDICT_S_PRIOR
     prefetch_on: list | None = None  # auto: per layer, the share of decode steps its prefetch was on
+    auto_state: np.ndarray | None = None  # auto: the controller's state at the end (autoprefetch.ROWS x L)
 
     @property
     def decode_overhead_s(self) -> float:
@@ -126,13 +127,15 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
              slot_plan: SlotPlan | str | None = None, prefetch_limit: int = 0, link_gbps: float = PINNED_GBPS,
              expert_bytes: int | None = None, copy_overhead_s: float = COPY_OVERHEAD_S,
              policy_options: dict | None = None, record_groups: bool = False,
-             predict_s: float = autoprefetch.PREDICT_S_PRIOR) -> SimResult:
+             predict_s: float = autoprefetch.PREDICT_S_PRIOR, measure_from: int = 0) -> SimResult:
     """Replay `trace` in numba. prefetch: "none" (or False), "trace" (or True: recorded predictions), "oracle",
     "auto" (recorded predictions where prefetch: auto's rule keeps the layer on, weighing one record's copy
     time at `link_gbps` and `predict_s` per prediction).
     slot_plan: None (one global pool), "uniform", or a SlotPlan. prefetch_limit: copies per prefetch
     call, 0 = no limit (the engine's `prefetch_limit`). record_groups: keep the slot table after every
-    group and the group's misses (`group_tables`, `group_misses`)."""
+    group and the group's misses (`group_tables`, `group_misses`). measure_from: count (hits, misses,
+    prefetches, predictions, auto's share of steps on) only from this request on; the ones before warm up
+    the cache and auto's counts, as a server's earlier requests would (e.g. the trace's first half)."""
     meta = trace.meta
     plan = _resolve_plan(slot_plan, budget_slots, meta.num_layers)
     mode = _prefetch_mode(prefetch, trace)
@@ -150,15 +153,27 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     auto_params = autoprefetch.new_params(record / (link_gbps * 1e9) + copy_overhead_s, predict_s)
     auto_state = autoprefetch.new_state(meta.num_layers if mode == "auto" else 0)
     counts = np.zeros(2, np.int64)  # decode steps, predictions
+    true_pos = np.zeros(meta.num_layers, np.int64)  # decode steps' predicted experts that were then needed
+    if not 0 <= measure_from < max(1, trace.num_requests):
+        raise ValueError(f"measure_from must be a request index below {trace.num_requests}, got {measure_from}")
+    # What was counted before request `measure_from`: hits, misses [2, L] each, pf [3, L], counts, on-steps.
+    before = (np.zeros_like(hits), np.zeros_like(misses), np.zeros((3, meta.num_layers), np.int64),
+              np.zeros(2, np.int64), np.zeros(auto_state.shape[1]))
     waves = _replay(state, trace.group_request, trace.group_step, trace.group_layer, demand.offsets,
                     demand.experts.astype(np.int64), demand.n_visual.astype(np.int64), demand.n_text.astype(np.int64),
                     pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses, tables,
-                    group_misses, auto_state, auto_params, counts)
-    pf = state.pf
+                    group_misses, auto_state, auto_params, counts, true_pos, measure_from, *before)
+    hits -= before[0]
+    misses -= before[1]
+    pf = state.pf - before[2]
+    counts -= before[3]
+    auto_state[autoprefetch.ON_STEPS] -= before[4]
     seconds = time.perf_counter() - start
     result = _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
                      copy_overhead_s, seconds)
     result.predictions, result.predict_s = int(counts[1]), predict_s
+    if mode == "auto":
+        result.auto_state = auto_state
     if mode == "auto" and counts[0]:
         result.prefetch_on = [None] + [round(float(v), 4) for v in auto_state[autoprefetch.ON_STEPS, 1:] / counts[0]]
     if record_groups:
@@ -255,12 +270,13 @@ def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, ex
 @njit(cache=True, nogil=True, _nrt=False)
 def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts, set_visual, set_text,
             pred_offsets, pred_experts, prefetch_limit, quota, slots, fill, hits, misses, tables, group_misses,
-            auto_state, auto_params, counts):
+            auto_state, auto_params, counts, true_pos, measure_from, hits0, misses0, pf0, counts0, on0):
     """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). With `tables`
     [G, L, E] (else empty), the slot table after every group and its misses are recorded too. With
     `auto_state` [ROWS, L] (else [ROWS, 0]), prefetch: auto decides at every decode step, as the engine
-    does, from the replayed cache's prefetch counters. counts: (decode steps, predictions) are added up.
-    Returns the number of layer calls that needed several waves."""
+    does, from the replayed cache's counters. counts: (decode steps, predictions) are added up. At the start
+    of request `measure_from` the counts so far are copied into hits0, misses0, pf0, counts0 and on0 (auto's
+    ON_STEPS row). Returns the number of layer calls that needed several waves."""
     record = tables.shape[0] > 0
     num_slots = st.owner.shape[0]
     waves = 0
@@ -275,18 +291,39 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
             request = group_request[g]
             step = -1
             core.begin_request(st)
+            if request == measure_from:  # element by element: slice copies would allocate (no NRT here)
+                for layer_ in range(hits.shape[1]):
+                    for row in range(2):
+                        hits0[row, layer_] = hits[row, layer_]
+                        misses0[row, layer_] = misses[row, layer_]
+                    for row in range(3):
+                        pf0[row, layer_] = st.pf[row, layer_]
+                for layer_ in range(on0.shape[0]):
+                    on0[layer_] = auto_state[autoprefetch.ON_STEPS, layer_]
+                counts0[0], counts0[1] = counts[0], counts[1]
         if group_step[g] != step:
             step = group_step[g]
             core.begin_step(st)
             if phase == 1:
                 counts[0] += 1
                 if auto:
-                    autoprefetch.tick(auto_state, auto_params, st.pf, counts[0])
+                    autoprefetch.tick(auto_state, auto_params, st.pf, misses[1], true_pos, counts[0])
         if use_prefetch and pred_offsets[g + 1] > pred_offsets[g] and \
                 (not auto or auto_state[autoprefetch.ON, layer] > 0.5):
             counts[1] += phase
             core.prefetch(st, layer, pred_experts[pred_offsets[g]:pred_offsets[g + 1]], layer - 1, prefetch_limit,
                           quota, fill)
+            if phase == 1:  # the ledger's true positives: predicted experts the layer call then needed
+                i, j = pred_offsets[g], set_offsets[g]
+                while i < pred_offsets[g + 1] and j < set_offsets[g + 1]:
+                    if pred_experts[i] == set_experts[j]:
+                        true_pos[layer] += 1
+                        i += 1
+                        j += 1
+                    elif pred_experts[i] < set_experts[j]:
+                        i += 1
+                    else:
+                        j += 1
         lo = set_offsets[g]
         hi = set_offsets[g + 1]
         wave = num_slots if quota.shape[0] == 0 else min(num_slots, quota[layer])

@@ -105,6 +105,24 @@ class Trace:
         for g in range(self.num_groups):
             yield self.group(g)
 
+    def requests(self, start: int, stop: int) -> "Trace":
+        """The sub-trace of requests start..stop-1 (renumbered from 0), e.g. a held-out half."""
+        if not 0 <= start < stop <= self.num_requests:
+            raise ValueError(f"requests({start}, {stop}) outside the trace's {self.num_requests} requests")
+        keep = (self.group_request >= start) & (self.group_request < stop)
+        groups = np.flatnonzero(keep)
+        if not np.array_equal(groups, np.arange(groups[0], groups[-1] + 1)):
+            raise ValueError("the trace's requests are not contiguous in group order")
+        g0, g1 = groups[0], groups[-1] + 1
+        r0, r1 = self.group_offsets[g0], self.group_offsets[g1]
+        predicted = predicted_offsets = None
+        if self.predicted is not None:
+            p0, p1 = self.predicted_offsets[g0], self.predicted_offsets[g1]
+            predicted, predicted_offsets = self.predicted[p0:p1], self.predicted_offsets[g0:g1 + 1] - p0
+        return Trace(self.experts[r0:r1], self.visual[r0:r1], self.group_offsets[g0:g1 + 1] - r0,
+                     self.group_request[g0:g1] - start, self.group_step[g0:g1], self.group_layer[g0:g1],
+                     self.request_ids[start:stop], self.meta, predicted, predicted_offsets)
+
     def demand_sets(self) -> DemandSets:
         """What each layer call must have resident (computed once, then cached on the trace)."""
         if "demand" not in self._cache:
