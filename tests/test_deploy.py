@@ -166,11 +166,9 @@ def test_per_layer_plan_beats_uniform_on_the_bundled_trace(bundled_info, bundled
 @needs_bundle
 def test_plan_with_and_without_the_trace(bundled_info, bundled_trace, tmp_path):
     profile = load_profile("rtx3060-12gb")
-    from vismmoe.deploy.memory import gpu_parts, total
+    from vismmoe.deploy.planner import memory_cap_for
 
-    partial = gpu_parts(bundled_info, "bfloat16", slots=20, context=100, prompt_tokens=36, image_size=64, static=True,
-                        prefetch=True, store="pinned", unified=False, compute_capability=profile.compute_capability)
-    cap = 6e8 + total(partial) - partial["expert_cache"] + 20.5 * bundled_info.expert_bytes("bfloat16")  # 20 of 64 fit
+    cap = memory_cap_for(make_plan(bundled_info, profile, image_size=64), 20)  # 20 of 64 slots fit
     prior = make_plan(bundled_info, profile, max_gpu_memory=cap, image_size=64)
     traced = make_plan(bundled_info, profile, bundled_trace, max_gpu_memory=cap, image_size=64, trace_path=str(TRACE))
     for plan in (prior, traced):
@@ -212,10 +210,11 @@ def test_planner_never_writes_a_config_that_fails_to_load(bundled_info, profile_
     from vismmoe.deploy.memory import gpu_parts, total
 
     loaded = 0
-    for extra, context in itertools.product((2e6, 5e6, 2e7, 1e9), (64, 512, 4096)):
-        smallest = total(gpu_parts(bundled_info, "bfloat16", slots=2, context=context, prompt_tokens=64 + 32,
-                                   image_size=64, static=False, prefetch=True, store="mmap",
-                                   unified=profile.unified, compute_capability=profile.compute_capability))
+    prompt = bundled_info.prompt_tokens(64, 64)  # the planner's envelope: chat template, image, question
+    for extra, context in itertools.product((2e6, 5e6, 2e7, 1e9), (prompt + 1, 512, 4096)):
+        smallest = total(gpu_parts(bundled_info, "bfloat16", slots=2, prompt_tokens=prompt, new_tokens=context - prompt,
+                                   visual_tokens=bundled_info.visual_tokens(64), static=False, prefetch=True,
+                                   store="mmap", unified=profile.unified, compute_capability=profile.compute_capability))
         cap = int(profile["reserved_gb"] * 1e9) + smallest + extra
         try:
             plan = make_plan(bundled_info, profile, max_gpu_memory=cap, context=context, image_size=64)
