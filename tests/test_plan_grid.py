@@ -267,3 +267,21 @@ def test_the_kv_formula_is_what_a_static_cache_holds(qwen_checkpoint):
             layer.lazy_initialization(k)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert held == info.kv_bytes(256, "float32")
+
+
+def test_the_pool_takes_a_held_cache_that_holds_the_whole_request(infos, sized_pool):
+    """DecoderPool.get: a request whose answer will reach a held cache's length takes that cache instead
+    of growing a second one to the same length (deploy/memory.kv_bound relies on it)."""
+    info = infos["bench-12"]
+    sized_pool.update(info=info, dtype=torch.bfloat16)
+    runtime = SimpleNamespace(cache=SimpleNamespace(device=torch.device("cpu")), grouped=True)
+    pool = static_decode.DecoderPool(SimpleNamespace(config=None), None, runtime, eos_token_id=None,
+                                     image_token_id=None, cuda_graphs=False)
+    long = pool.get(100, 600, None)  # starts at 512 (prompt + one bucket), grows to 1024
+    long.run_request(700, None)
+    pool.refile(long, 512)
+    assert list(pool.held) == [1024]
+    short = pool.get(100, 4, None)  # fits 256: a decoder of its own
+    assert short is not long and short.max_cache_len == 256
+    again = pool.get(100, 600, None)  # will reach 1024: the held 1024 cache, no growth
+    assert again is long and again.max_cache_len == 1024
