@@ -157,7 +157,7 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     reserved = int(profile["reserved_gb"] * GB)
     B = model.expert_bytes(dtype)
     total_slots = model.num_moe_layers * model.num_experts
-    sim = _Simulator(trace, model) if trace is not None else None
+    sim = _simulator(trace, model) if trace is not None else None
     sizing = dict(prompt=prompt, new_tokens=context - prompt, visual=visual, dtype=dtype)
     candidates, shortfalls = [], []
     for store in _stores(profile):
@@ -321,6 +321,22 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
                             prefetch_copies if cand.prefetch else 0.0, prompt,
                             loop_experts(distinct, slots, None, model))
     return cand
+
+
+_SIMULATORS: list = []  # (trace, model, simulator), most recent last: replays are memoised across plans
+
+
+def _simulator(trace, model: ModelInfo) -> "_Simulator":
+    """The replays of `trace` for `model`, shared by every plan made from that trace in this process (a
+    replay depends on the trace, policy, slots, prefetch and quotas, not on the device: planning one
+    model for several profiles and budgets replays each setting once)."""
+    for t, m, sim in _SIMULATORS:
+        if t is trace and m == model:
+            return sim
+    sim = _Simulator(trace, model)
+    _SIMULATORS.append((trace, model, sim))
+    del _SIMULATORS[:-4]
+    return sim
 
 
 class _Simulator:
