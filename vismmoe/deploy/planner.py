@@ -113,7 +113,9 @@ class Plan:
         c, p = self.chosen, self.chosen.predicted
         m = c.memory
         return [
-            f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens",
+            f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens "
+            f"(prompt <= {self.chosen.predicted['prompt_tokens']}: chat template + {self.image_size} px image + "
+            f"{self.question_tokens}-token question; <= {self.max_new_tokens} new)",
             f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
             f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
