@@ -21,6 +21,9 @@ independent, so one replay with q slots for every layer gives every layer's miss
 those curves gives the quotas (each >= top-k, so a decode step's experts fit its layer) with the
 fewest misses. The plan is written as the engine's `slot_plan` when the trace says it misses less than
 one global pool (then the predictions are the plan's); otherwise `slot_plan: global`.
+
+(Over 400 lines: the candidate search, the replays it memoises and the slot-plan DP read each other's
+state; split apart they would pass it all around.)
 """
 
 from __future__ import annotations
