@@ -223,11 +223,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=8, help="timed requests per setting (after the warm-ups); "
                     "the rows report their median and spread")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting before the timed ones")
-    ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace")
+    ap.add_argument("--trace-requests", type=int, default=8, help="bench model: requests recorded as its trace")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
     ap.add_argument("--b-fractions", type=float, nargs="+", default=[1.0, 0.25],
