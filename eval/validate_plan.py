@@ -182,7 +182,8 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
             clock.reset()
             s = engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).stats
             per_request.append(dict(
-                ttft_ms=s.ttft_s * 1e3, decode_ms_per_token=s.decode_s * 1e3 / max(1, s.new_tokens - 1),
+                ttft_ms=s.ttft_s * 1e3, inputs_ms=s.inputs_s * 1e3,
+                decode_ms_per_token=s.decode_s * 1e3 / max(1, s.new_tokens - 1),
                 gc_ms=clock.seconds * 1e3, gc_collections=list(clock.collections), prompt_tokens=s.prefill_tokens,
                 new_tokens=s.new_tokens, hit_rate=s.hit_rate, prefill_misses=s.prefill_misses,
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / max(1, s.new_tokens - 1),

@@ -319,6 +319,7 @@ class Engine:
         inputs = build_inputs(self.processor, pil, prompt).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs_s = time.perf_counter() - t_start  # (host work: the copies are queued, not waited for)
         input_ids = inputs["input_ids"]
         prompt_len = int(input_ids.shape[1])
         if self.context is not None:
@@ -385,7 +386,7 @@ class Engine:
             run, started_at=t_start, prompt_tokens=prompt_tokens, visual_total=visual_total,
             visual_kept=len(pruning[1].kept) if pruning is not None else visual_total,
             pruning_s=pruning[1].seconds if pruning is not None else 0.0, budget_bytes=self.cache.budget_bytes,
-            num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
+            num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device, inputs_s=inputs_s)
         dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
         stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
         stats.miss_paths = self.miss.names()
