@@ -285,3 +285,30 @@ def test_the_pool_takes_a_held_cache_that_holds_the_whole_request(infos, sized_p
     assert short is not long and short.max_cache_len == 256
     again = pool.get(100, 600, None)  # will reach 1024: the held 1024 cache, no growth
     assert again is long and again.max_cache_len == 1024
+
+
+def test_random_request_sequences_stay_within_the_kv_bound(infos, sized_pool):
+    """kv_bound is the most the decoder pool can hold: random sequences of requests inside an envelope
+    (prompt and answer lengths, sampled ones on the generate path) through the real pool, the KV cache
+    the engine's check counts before each never exceeds the planner's bound."""
+    import numpy as np
+
+    from vismmoe.deploy.memory import kv_bound
+    from vismmoe.deploy.profiles import load_profile
+
+    info = infos["bench-12"]
+    rs = np.random.RandomState(0)
+    for context in (300, 700, 1500):
+        plan = make_plan(info, load_profile("rtx4090-24gb"), image_size=256, context=context, max_new_tokens=context)
+        config = load_config(yaml.safe_load(plan_yaml(plan))["engine"])
+        emulation = Emulation(plan.profile, config.store, info.expert_bytes(plan.dtype), torch.device("cpu"))
+        emulation.model = info
+        engine = _SizedEngine(info, config, plan, static=True)
+        sized_pool.update(info=info, dtype=engine.dtype)
+        bound = kv_bound(info, plan.dtype, context, static=True)
+        prompt_max = plan.chosen.predicted["prompt_tokens"]
+        for _ in range(60):
+            prompt = int(rs.randint(1, prompt_max + 1))
+            new = int(rs.randint(1, context - prompt + 1))
+            parts = engine.request(emulation, prompt, new, 0, sample=bool(rs.rand() < 0.15))
+            assert parts["kv_cache"] <= bound, (context, prompt, new, parts["kv_cache"], bound)
