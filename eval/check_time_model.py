@@ -8,6 +8,9 @@ Offline (CPU, seconds): no GPU run, so it can only re-predict what the recorded 
   * eval/results/profile_static_h200_final.json: static decode steps of the 12-layer bench model at
     100%, 50% and 25% budgets, prefetch off (misses per token as measured, the copy kernel's measured
     time per record).
+  * eval/results/validate_plan_emulated/session4/validate_plan.json: the bundled model's rows, with that
+    run's probe (which measured the engine's times, generate_layer_ms included, on the spot), and again
+    with the prior's generate_layer_ms in place of the probe's (the generate-path term).
 For each it prints the new prediction against the measured time (ratio measured / predicted; the
 issue's band is 0.75-1.25) and the old prediction the run recorded. The prior was fitted on rows of
 these same files (see time_model.ENGINE_PRIOR), so the ratios here are in-sample for those rows; only a
@@ -34,6 +37,7 @@ from vismmoe.deploy.planner import _Simulator, _times, loop_experts, prior_prefi
 from vismmoe.deploy.profiles import parse_profile  # noqa: E402
 
 VALIDATE = REPO / "eval" / "results" / "validate_plan_emulated" / "validate_plan.json"
+SESSION4 = REPO / "eval" / "results" / "validate_plan_emulated" / "session4" / "validate_plan.json"
 PROFILE_STATIC = REPO / "eval" / "results" / "profile_static_h200_final.json"
 BUNDLED = REPO / "models" / "easyvqa-qwen3vlmoe"
 BUNDLED_TRACE = REPO / "eval" / "results" / "easyvqa_test_traces.npz"
@@ -50,8 +54,11 @@ def bench_info(layers: int = 12):
     return model_info(directory)
 
 
-def validate_rows(report, infos, distinct) -> list[dict]:
-    here = parse_profile(report["probe"], "the run's probe")
+def validate_rows(report, infos, distinct, source="validate_plan (emulated)", drop=()) -> list[dict]:
+    """Re-predicted rows of a validate_plan report, with its probe as this machine's figures (`drop`: probe
+    figures left out, so that the prior stands for them)."""
+    probe = dict(report["probe"], figures={k: v for k, v in report["probe"]["figures"].items() if k not in drop})
+    here = parse_profile(probe, "the run's probe")
     rows = []
     for r in report["rows_b"]:
         if "measured" not in r:
@@ -63,7 +70,7 @@ def validate_rows(report, infos, distinct) -> list[dict]:
                      p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop)
         old = r["emulated_prediction"]
         m = r["measured"]
-        rows.append(dict(source="validate_plan (emulated)", model=r["model"], profile=r["profile"], budget=r["fraction"],
+        rows.append(dict(source=source, model=r["model"], profile=r["profile"], budget=r["fraction"],
                          path=m["decode_path"], ttft_meas=m["ttft_ms"], ttft_new=new["ttft_ms"], ttft_old=old["ttft_ms"],
                          decode_meas=m["decode_ms_per_token"], decode_new=new["decode_ms_per_token"],
                          decode_old=old["decode_ms_per_token"]))
@@ -117,6 +124,12 @@ def check() -> list[dict]:
                 "bench": prior_prefill_distinct(bench, 96)}
     rows = validate_rows(report, infos, distinct)
     rows += profile_static_rows(json.loads(PROFILE_STATIC.read_text()), bench, parse_profile(report["probe"], "probe"))
+    # Session 4 (out of sample for the prior, whose fit predates it): its probe measured the engine's times
+    # on the spot; its generate_layer_ms (13.7 ms, one request at a full budget) against the prior's.
+    session4 = json.loads(SESSION4.read_text())
+    rows += validate_rows(session4, infos, distinct, "session 4, the probe's engine times")
+    rows += validate_rows(session4, infos, distinct, "session 4, the prior's generate_layer_ms",
+                          drop=("generate_layer_ms",))
     return rows
 
 

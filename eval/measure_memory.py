@@ -7,7 +7,7 @@ PROFILE` (the allocator capped at the profile's usable memory, as in eval/valida
 allocator is read around each phase:
 
   before load   memory_allocated() left by earlier settings (their cuBLAS workspaces: one per stream,
-                and every capture draws new streams), then cleared; after clearing it must be 0 (a
+                and every engine draws a capture stream), then cleared; after clearing it must be 0 (a
                 leak would make the cap fail for reasons that are not the config's)
   load          allocated after load; by part what the engine holds (Engine.held_bytes)
   prefill       a request of 1 new token (no decode step, no capture): its transient peak over what
@@ -80,8 +80,9 @@ def _peak() -> int:
     return torch.cuda.max_memory_allocated() if _cuda() else 0
 
 
-def measure(model_dir, config: dict, image, prompt, new_tokens: int, long_tokens: int) -> dict:
-    """Load `config` under its emulated profile and read the allocator around each phase."""
+def measure(model_dir, config: dict, image, prompt, new_tokens: int, context: int) -> dict:
+    """Load `config` under its emulated profile and read the allocator around each phase; the long request's
+    answer runs to `context` tokens with the prompt (the plan's envelope)."""
     out = dict(left_by_earlier_settings=_clean())  # cuBLAS workspaces of earlier streams, if any
     out["leftover_before_load"] = _alloc()
     engine = None
@@ -102,6 +103,7 @@ def measure(model_dir, config: dict, image, prompt, new_tokens: int, long_tokens
         kv_decode = engine.decoders.kv_bytes()
         out["decode_left_beyond_kv"] = _alloc() - after_prefill - (kv_decode - kv_prefill)
         out["decode_peak"] = s.peak_gpu_bytes
+        long_tokens = context - out["prompt_tokens"]
         if long_tokens > new_tokens:
             s = engine.generate(image=image, prompt=prompt, max_new_tokens=long_tokens, min_new_tokens=long_tokens).stats
             out["long_new_tokens"] = s.new_tokens
@@ -200,8 +202,7 @@ def main():
                 config = dict(plan.engine_config(), device=device, emulate=profile_name)
                 row.update(planned=plan.chosen.memory, usable=plan.usable_gpu_bytes, decode_path_planned=plan.chosen.decode_path,
                            slots=plan.chosen.budget_slots, store=plan.chosen.store, context=plan.context_tokens)
-                long_tokens = max(args.new_tokens, plan.context_tokens - (info.visual_tokens(image_size) + 32))
-                row["measured"] = measure(model_dir, config, image, prompt, args.new_tokens, long_tokens)
+                row["measured"] = measure(model_dir, config, image, prompt, args.new_tokens, plan.context_tokens)
                 row["measured_parts"] = measured_parts(row["measured"])
                 report["seconds"] = time.perf_counter() - t0
                 write_report(out, "measure_memory", report, markdown(report))

@@ -23,7 +23,8 @@ trace is recorded here on warm-up requests, then other requests are measured) an
 easyvqa model (its recorded test-split trace). Writes validate_plan.json and validate_plan.md to --out.
 
     python eval/validate_plan.py --out $OUT                  # GPU (both models; --models bench|bundled for one)
-    python eval/validate_plan.py --out $OUT --parts B        # only the emulated profiles
+    python eval/validate_plan.py --out $OUT --parts B --models bundled bench --new-tokens 16 --trace-requests 8
+                                                             # only the emulated profiles (issue 13's table)
     python eval/validate_plan.py --out /tmp/v --tiny         # CPU smoke run (tiny random bench model, part B)
 """
 
@@ -112,42 +113,107 @@ def record_trace(model_dir, reqs, new_tokens, device, path) -> Path:
     return Path(path)
 
 
-def measure(model_dir, engine_config: dict, reqs, new_tokens, device) -> dict:
-    """Load the planned config, one warm-up request, then the mean over `reqs`. Whatever happens, the
-    engine is closed and its memory freed before the next setting (a failed request's traceback holds
-    the engine: without this a next setting ran next to it, under its own emulated cap)."""
+class _GcClock:
+    """Time the garbage collector spends during a request (gc.callbacks): one suspect of the spread of
+    TTFT between rows of equal configs (a gen-2 collection of a process holding transformers and torch
+    objects takes tens of ms)."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._start = 0.0, [0, 0, 0], None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+            self._start = None
+
+    def reset(self):
+        self.seconds, self.collections = 0.0, [0, 0, 0]
+
+
+def _spread(values) -> dict:
+    """Median and spread of per-request values: min, max, (max - min) / median, interquartile range."""
+    v = np.asarray(values, dtype=float)
+    med = float(np.median(v))
+    q1, q3 = np.percentile(v, [25, 75])
+    return dict(median=med, min=float(v.min()), max=float(v.max()), n=int(v.size),
+                rel_spread=float((v.max() - v.min()) / med) if med else 0.0, iqr=float(q3 - q1))
+
+
+def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: int = 2,
+            collect_before: bool = True) -> dict:
+    """Load the planned config, `warmup` requests (JIT builds, the decode graph's capture, the allocator's
+    first segments, the miss path's first copies), then each of the other `reqs` timed on its own: the
+    per-request times, GC pauses inside each, and their median and spread. `collect_before`: a
+    gc.collect() before each timed request (outside its time), so that a collection of garbage from
+    earlier requests does not land inside one. Whatever happens, the engine is closed and its memory
+    freed before the next setting (a failed request's traceback holds the engine: without this a next
+    setting ran next to it, under its own emulated cap)."""
+    import gc
+
     config = dict(engine_config, device=device)
+    phases = {}
+    t = time.perf_counter()
     free_memory()
     leftover = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:  # no engine is alive here: the earlier settings' per-stream cuBLAS workspaces go
         clear()
         torch.cuda.empty_cache()
-    engine = None
+    phases["free_s"] = time.perf_counter() - t
+    engine, clock = None, _GcClock()
+    gc.callbacks.append(clock)
     try:
+        t = time.perf_counter()
         engine = vismmoe.load(model_dir, config=config)
+        phases["load_s"] = time.perf_counter() - t
         emulation = engine.info().emulation
-        image, prompt = reqs[0]
-        engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        ttft, decode, hit, peak, memory = [], [], [], [], None
-        for image, prompt in reqs[1:]:
+        t = time.perf_counter()
+        warm = [engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).stats
+                for image, prompt in reqs[:warmup]]
+        phases["warmup_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        per_request = []
+        for image, prompt in reqs[warmup:]:
+            if collect_before:
+                gc.collect()
+            clock.reset()
             s = engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).stats
-            ttft.append(s.ttft_s * 1e3)
-            decode.append(s.decode_s * 1e3 / max(1, s.new_tokens - 1))
-            hit.append(s.hit_rate)
-            peak.append(s.peak_gpu_bytes or 0)
-            memory, path = s.memory, s.decode_path
-        return dict(ttft_ms=float(np.mean(ttft)), decode_ms_per_token=float(np.mean(decode)),
-                    hit_rate=float(np.mean(hit)), peak_gpu_bytes=int(max(peak)), memory=memory, decode_path=path,
-                    num_slots=engine.info().num_slots, emulation=emulation, leftover_before_load=leftover,
-                    prefill_misses=s.prefill_misses, decode_misses_per_token=(s.expert_misses - s.prefill_misses)
-                    / max(1, s.new_tokens - 1), prompt_tokens=s.prefill_tokens,
-                    accounted_bytes=s.emulation.get("accounted_bytes") if s.emulation else None)
+            per_request.append(dict(
+                ttft_ms=s.ttft_s * 1e3, inputs_ms=s.inputs_s * 1e3,
+                decode_ms_per_token=s.decode_s * 1e3 / max(1, s.new_tokens - 1),
+                gc_ms=clock.seconds * 1e3, gc_collections=list(clock.collections), prompt_tokens=s.prefill_tokens,
+                new_tokens=s.new_tokens, hit_rate=s.hit_rate, prefill_misses=s.prefill_misses,
+                decode_misses_per_token=(s.expert_misses - s.prefill_misses) / max(1, s.new_tokens - 1),
+                peak_gpu_bytes=s.peak_gpu_bytes or 0, decode_path=s.decode_path,
+                host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3,
+                accounted_bytes=(s.emulation or {}).get("accounted_bytes")))
+        phases["requests_s"] = time.perf_counter() - t
+        ttft = _spread([r["ttft_ms"] for r in per_request])
+        decode = _spread([r["decode_ms_per_token"] for r in per_request])
+        last = per_request[-1]
+        return dict(ttft_ms=ttft["median"], decode_ms_per_token=decode["median"], ttft_spread=ttft,
+                    decode_spread=decode, statistic=f"median of {len(per_request)} requests after {warmup} warm-ups",
+                    hit_rate=float(np.median([r["hit_rate"] for r in per_request])),
+                    peak_gpu_bytes=int(max(r["peak_gpu_bytes"] for r in per_request)), memory=s.memory,
+                    decode_path=last["decode_path"], num_slots=engine.info().num_slots, emulation=emulation,
+                    leftover_before_load=leftover,
+                    prefill_misses=float(np.median([r["prefill_misses"] for r in per_request])),
+                    decode_misses_per_token=float(np.median([r["decode_misses_per_token"] for r in per_request])),
+                    prompt_tokens=last["prompt_tokens"], accounted_bytes=max((r["accounted_bytes"] or 0) for r in per_request) or None,
+                    warmup=[dict(ttft_ms=w.ttft_s * 1e3, decode_ms_per_token=w.decode_s * 1e3 / max(1, w.new_tokens - 1))
+                            for w in warm],
+                    requests=per_request, phases=phases)
     finally:
+        gc.callbacks.remove(clock)
+        t = time.perf_counter()
         if engine is not None:
             engine.close()  # (also lifts an emulated allocator cap)
         del engine
         free_memory()
+        phases["close_s"] = time.perf_counter() - t
 
 
 def _dtype(device):
@@ -158,9 +224,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=4, help="measured requests per setting (plus one warm-up)")
-    ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=8, help="timed requests per setting (after the warm-ups); "
+                    "the rows report their median and spread")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting before the timed ones")
+    ap.add_argument("--trace-requests", type=int, default=8, help="bench model: requests recorded as its trace")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
     ap.add_argument("--b-fractions", type=float, nargs="+", default=[1.0, 0.25],
@@ -182,7 +250,8 @@ def main():
         args.parts = args.parts if "--parts" in given else ["B"]
         args.profiles = args.profiles if "--profiles" in given else ["jetson-orin-nano-8gb", "rtx4090-24gb"]
         args.new_tokens = args.new_tokens if "--new-tokens" in given else 4
-        args.requests = args.requests if "--requests" in given else 1
+        args.requests = args.requests if "--requests" in given else 2
+        args.warmup = args.warmup if "--warmup" in given else 1
         args.trace_requests = args.trace_requests if "--trace-requests" in given else 2
         args.b_fractions = args.b_fractions if "--b-fractions" in given else [0.5]
     out = output_dir(args.out)
@@ -191,10 +260,12 @@ def main():
 
     # The probe's compute figures (this machine's) are the same for any model: probe the first one.
     bundled_ok = (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file()
-    first = BUNDLED if args.models[0] == "bundled" and bundled_ok else bench_model(args, out, t0)
+    # (the bundled model whenever it is here: the bench model's 14 GB would take the probe minutes to load)
+    first = BUNDLED if bundled_ok and "bundled" in args.models else bench_model(args, out, t0)
     gpu_profile = parse_profile(probe(first), "probe")
     report = dict(device=device_name(device), torch=torch.__version__,
-                  probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, rows_a=[], rows_b=[])
+                  probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, warmup=args.warmup,
+                  rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0})
     for name in args.models:  # in the order given: `--models bundled bench` measures the quick one first
         if name == "bundled" and not bundled_ok:
             continue
@@ -203,16 +274,21 @@ def main():
                 report["rows_b"].append(dict(model="bench", profile="-", fraction="-",
                                              error=f"skipped: past --deadline-s {args.deadline_s:g}"))
                 continue
+            t = time.perf_counter()
             model_dir, image_size = bench_model(args, out, t0), 256
+            report["phases"]["bench_model_s"] = time.perf_counter() - t
+            t = time.perf_counter()
             trace_path = record_trace(model_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
                                       out / "bench_trace.npz")
+            report["phases"]["bench_trace_s"] = time.perf_counter() - t
         else:
             model_dir, trace_path, image_size = BUNDLED, BUNDLED_TRACE, 64
         info, trace = model_info(model_dir), load_trace(trace_path)
-        reqs = requests(name, args.requests + 1, 2)
+        reqs = requests(name, args.warmup + args.requests, 2)
         context = None
         # A: the time model on this GPU, at several budgets (the cap makes the planner choose them)
-        full = make_plan(info, gpu_profile, trace, image_size=image_size, max_new_tokens=args.new_tokens)
+        full = make_plan(info, gpu_profile, trace, image_size=image_size, max_new_tokens=args.new_tokens) \
+            if "A" in args.parts else None
         for fraction in args.fractions if "A" in args.parts else []:
             cap = memory_cap_for(full, int(fraction * info.num_moe_layers * info.num_experts))
             row = dict(model=name, profile=gpu_profile.name, fraction=fraction)
@@ -224,7 +300,7 @@ def main():
                 plan = make_plan(info, gpu_profile, trace, max_gpu_memory=cap, context=context, image_size=image_size,
                                  max_new_tokens=args.new_tokens, trace_path=str(trace_path))
                 row.update(planned=plan.to_dict()["plan"], engine=plan.engine_config())
-                row["measured"] = measure(model_dir, plan.engine_config(), reqs, args.new_tokens, device)
+                row["measured"] = measure(model_dir, plan.engine_config(), reqs, args.new_tokens, device, args.warmup)
             except Exception as exc:  # noqa: BLE001 - record and go on: one failure must not hide the others
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
@@ -235,6 +311,7 @@ def main():
         for profile_name, fraction in [(p, f) for p in args.profiles for f in args.b_fractions] if "B" in args.parts else []:
             profile = load_profile(profile_name)
             row = dict(model=name, profile=profile_name, fraction=fraction)
+            t_row = time.perf_counter()
             if time.perf_counter() - t0 > args.deadline_s:
                 row["error"] = f"skipped: past --deadline-s {args.deadline_s:g}"
                 report["rows_b"].append(row)
@@ -251,13 +328,15 @@ def main():
                     continue  # the profile's own plan is already below this share: measured at 1.0
                 row.update(planned=plan.to_dict()["plan"], engine=dict(plan.engine_config(), emulate=profile_name))
                 row["emulated_prediction"] = emulated_prediction(plan, info, gpu_profile)
-                row["measured"] = measure(model_dir, row["engine"], reqs, args.new_tokens, device)
+                row["plan_s"] = time.perf_counter() - t_row
+                row["measured"] = measure(model_dir, row["engine"], reqs, args.new_tokens, device, args.warmup)
             except torch.cuda.OutOfMemoryError as exc:
                 row["error"] = f"OUT OF MEMORY under the emulated cap: {exc}"
                 row["memory_summary"] = torch.cuda.memory_summary(abbreviated=True)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 row["traceback"] = traceback.format_exc()
+            row["row_s"] = time.perf_counter() - t_row
             report["rows_b"].append(row)
             _save(out, report, t0)
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
@@ -285,13 +364,24 @@ def emulated_prediction(plan, info, here) -> dict:
                 - (h["ttft_compute_ms"] + h["ttft_overhead_ms"]))
 
 
+def _range(m, key, digits) -> str:
+    s = m.get(key)
+    return f"[{s['min']:.{digits}f}-{s['max']:.{digits}f}]" if s else ""
+
+
+def _gc(m) -> str:
+    reqs = m.get("requests") or []
+    return f"{max(r['gc_ms'] for r in reqs):.1f}" if reqs else "-"
+
+
 def _ratio(measured, predicted):
     return f"{measured / predicted:.2f}" if predicted else "-"
 
 
 def markdown(report) -> str:
-    lines = [f"Planner validation on {report['device']} (torch {report['torch']}), {report['new_tokens']} new tokens, "
-             f"mean of {report['requests']} requests after a warm-up.", "",
+    lines = [f"Planner validation on {report['device']} (torch {report['torch']}), {report['new_tokens']} new tokens; "
+             f"measured = the median of {report['requests']} requests after {report.get('warmup', 1)} warm-ups, "
+             "[min-max] the spread; run took {:.0f} s.".format(report.get("seconds", 0)), "",
              "A. Time model on this GPU (probed profile; budget set by a GPU-memory cap). Ratio = measured / predicted "
              "(within 0.75-1.25 is the issue's acceptance band).", "",
              "| model | budget | slots | store | decode path | TTFT pred | TTFT meas | ratio | decode pred ms/tok | decode meas | ratio "
@@ -299,7 +389,7 @@ def markdown(report) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_a"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['fraction']} | error: {r['error'][:120]} |")
+            lines.append(f"| {r['model']} | {r['fraction']} | error: {r['error'][:300]} |")
             continue
         p, m = r["planned"], r["measured"]
         pr, mem = p["predicted"], p["memory"]
@@ -328,11 +418,12 @@ def markdown(report) -> str:
               "predicted compute + overhead replaced by the profile's, against the profile's own prediction.", "",
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
-              "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| GC ms in timed requests (max) | TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) "
+              "| decode corrected | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['profile']} | error: {r['error'][:200]} |")
+            lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | error: {r['error'][:300]} |")
             continue
         p, m, e = r["planned"]["predicted"], r["measured"], r["emulated_prediction"]
         emu = m.get("emulation") or {}
@@ -344,11 +435,20 @@ def markdown(report) -> str:
             f"| {r['model']} | {r['profile']} | {r['fraction']} | {m['num_slots']} | {'per-layer' if plan else 'global'} | "
             f"{r['engine']['store']} | {m['decode_path']} | {emu.get('usable_bytes', 0) / 2**20:.0f} | "
             f"{(m.get('accounted_bytes') or 0) / 2**20:.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | {link} | "
-            f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
-            f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} | "
-            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | "
+            f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} {_range(m, 'ttft_spread', 1)} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
+            f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} {_range(m, 'decode_spread', 2)} | "
+            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | "
             f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
             f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
+    lines += ["", "Where the run's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("phases", {}).items()),
+              "", "| model | profile | budget | plan | free | load | warm-up | timed requests | close | row |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows_b"]:
+        ph = (r.get("measured") or {}).get("phases", {})
+        cell = lambda k: f"{ph[k]:.1f}" if k in ph else "-"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | {r.get('plan_s', 0):.1f} | {cell('free_s')} | "
+                     f"{cell('load_s')} | {cell('warmup_s')} | {cell('requests_s')} | {cell('close_s')} | "
+                     f"{r.get('row_s', 0):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -176,3 +176,18 @@ def test_captured_decoders_share_one_graph_pool(qwen_checkpoint, monkeypatch):
             assert engine.decoders.graph_pool is not None
             assert all(d.graph_pool is engine.decoders.graph_pool for d in held)
     assert results[True] == results[False]
+
+
+def test_ttft_names_the_time_spent_building_the_inputs(qwen_checkpoint):
+    """RequestStats.inputs_s: the image, chat template and processor, a part of the TTFT (validate_plan
+    records it per request, to tell host-side input time from the prefill in a spread of TTFTs)."""
+    import vismmoe
+
+    from .conftest import random_requests
+
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=1.0)
+    (image, prompt), = random_requests(1, seed=5)
+    s = engine.generate(image=image, prompt=prompt, max_new_tokens=2).stats
+    assert 0.0 < s.inputs_s < s.ttft_s
+    assert "inputs" in s.table()
+    engine.close()

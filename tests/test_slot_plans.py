@@ -125,13 +125,9 @@ def test_a_planned_deploy_config_loads_and_runs_its_plan(qwen_checkpoint, tmp_pa
     trace = load_trace(tmp_path / "trace.npz")
     info = model_info(qwen_checkpoint)
     profile = load_profile("rtx3060-12gb")
-    from vismmoe.deploy.memory import gpu_parts, total
+    from vismmoe.deploy.planner import memory_cap_for
 
-    prompt = info.visual_tokens(64) + 32
-    partial = gpu_parts(info, "bfloat16", slots=12, context=prompt + 64, prompt_tokens=prompt, image_size=64,
-                        static=True, prefetch=True, store="pinned", unified=False,
-                        compute_capability=profile.compute_capability)
-    cap = int(profile["reserved_gb"] * 1e9) + total(partial) + 0.5 * info.expert_bytes("bfloat16")  # 12 of 32 slots fit
+    cap = memory_cap_for(make_plan(info, profile, trace, image_size=64), 12)  # 12 of 32 slots fit
     plan = make_plan(info, profile, trace, max_gpu_memory=cap, image_size=64)
     assert plan.chosen.budget_slots == 12
     path = write_plan(plan, tmp_path / "deploy.yaml")

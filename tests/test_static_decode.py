@@ -313,3 +313,28 @@ def test_no_past_key_values_deprecation_warnings(qwen_checkpoint):
         warnings.simplefilter("always")
         assert engine.generate(image=image, prompt=prompt, max_new_tokens=3).stats.decode_path.startswith("static-")
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captures_run_on_the_engines_one_stream(qwen_checkpoint, monkeypatch):
+    """Every capture (two cache lengths, a grown cache, a reconfigure's new runtime) runs on the engine's
+    one capture stream: no request draws a new stream (each would keep a cuBLAS workspace; the planner
+    counts 3 streams for static decode), and the tokens equal eager static decode's."""
+    (image, prompt), = random_requests(1, seed=21)
+    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", dtype="bfloat16", device="cuda")
+    eager = vismmoe.load(qwen_checkpoint, expert_budget=0.5, decode="static", dtype="bfloat16", device="cuda",
+                         cuda_graphs=False)
+    drawn = []
+    real = torch.cuda.Stream
+    for new_tokens, budget in ((4, None), (600, None), (4, 0.75)):  # 600: its cache grows (captured again)
+        if budget is not None:  # a new runtime (and cache, with its own copy stream): its captures too
+            engine.reconfigure(expert_budget=budget)
+            eager.reconfigure(expert_budget=budget)
+        with monkeypatch.context() as m:  # streams drawn while requests run (the captures)
+            m.setattr(torch.cuda, "Stream", lambda *a, **k: drawn.append(1) or real(*a, **k))
+            got = engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        want = eager.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        assert got.token_ids == want.token_ids and got.stats.decode_path == "static-graph"
+    assert drawn == [] and engine.capture_stream is not None
+    assert all(d.capture_stream is engine.capture_stream for d in engine.decoders.held.values())

@@ -120,6 +120,9 @@ class Engine:
                                     (*self.model.parameters(), *self.model.buffers()))
         self.layout_record_bytes = self.layout.record_numel * torch.empty((), dtype=self.dtype).element_size()
         self.emulation = _emulation(config, self)
+        # The one side stream every CUDA-graph capture of this engine runs on (static_decode: a stream per
+        # capture left a cuBLAS workspace per stream behind; deploy/memory.py counts this one).
+        self.capture_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
         self.trace = None
         self.closed = False
@@ -195,7 +198,8 @@ class Engine:
         # Captured decode steps bake in the runtime and its slot pool: new decoders with a new runtime.
         self.decoders = DecoderPool(self.model, self.layout, self.runtime,
                                     eos_token_id=self.generation_config.eos_token_id,
-                                    image_token_id=self.image_token_id, cuda_graphs=config.cuda_graphs)
+                                    image_token_id=self.image_token_id, cuda_graphs=config.cuda_graphs,
+                                    capture_stream=self.capture_stream)
         if self.trace is not None:
             self.runtime.add_observer(self.trace)
 
@@ -315,6 +319,7 @@ class Engine:
         inputs = build_inputs(self.processor, pil, prompt).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs_s = time.perf_counter() - t_start  # (host work: the copies are queued, not waited for)
         input_ids = inputs["input_ids"]
         prompt_len = int(input_ids.shape[1])
         if self.context is not None:
@@ -381,7 +386,7 @@ class Engine:
             run, started_at=t_start, prompt_tokens=prompt_tokens, visual_total=visual_total,
             visual_kept=len(pruning[1].kept) if pruning is not None else visual_total,
             pruning_s=pruning[1].seconds if pruning is not None else 0.0, budget_bytes=self.cache.budget_bytes,
-            num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device)
+            num_slots=self.num_slots, record_bytes=self.store.record_bytes, device=self.device, inputs_s=inputs_s)
         dynamic_kv = prompt_tokens + len(run.tokens) if run.path == "generate" else 0
         stats.memory = self._memory_parts(dynamic_kv, stats.peak_gpu_bytes)
         stats.miss_paths = self.miss.names()
@@ -449,7 +454,8 @@ class Engine:
     def held_bytes(self) -> dict:
         """What the engine has allocated on its device, by the planner's part names (deploy/memory.py):
         non-expert weights, the expert cache, and once the runtime is built the stacked routers of static
-        decode's lookahead and the device cache state (slot table, device-side policy state, copy lists,
+        decode's lookahead, the kernels' workspaces (each fused router's, the stacked routers' prediction
+        workspace) and the device cache state (slot table, device-side policy state, copy lists,
         prediction ledger)."""
         from .offload.router_stack import RouterStack
 
@@ -458,9 +464,12 @@ class Engine:
                      expert_cache=tensor_bytes(cache.slots) if cache is not None else self.num_slots * self.layout_record_bytes)
         if runtime is not None:  # (not yet while loading: then the planner's allowances stand for these)
             lookahead = runtime.device.lookahead
-            parts["router_stack"] = 0
+            parts["router_stack"] = parts["kernel_scratch"] = 0
+            scratch = [t for m in self.model.modules() for t in getattr(m, "fused_router_scratch", None) or ()]
             if isinstance(lookahead, RouterStack):
                 parts["router_stack"] = tensor_bytes(lookahead.norm_w, lookahead.router_w)
+                scratch += list(lookahead.scratch or ())
+            parts["kernel_scratch"] = tensor_bytes(*scratch)
             residency = runtime.residency
             parts["device_state"] = tensor_bytes(cache.slot_table_storage, cache.device_hits, runtime.ledger, residency,
                                                  residency.state if residency is not None else None)

@@ -40,7 +40,7 @@ class StaticDecoder:
     the request's counters."""
 
     def __init__(self, model, text_model, runtime, kv_cache, max_cache_len: int, *, eos_token_id, image_token_id,
-                 graphs: bool, graph_pool=None):
+                 graphs: bool, graph_pool=None, capture_stream=None):
         self.model = model
         self.runtime = runtime
         self.device = runtime.cache.device
@@ -72,6 +72,7 @@ class StaticDecoder:
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
         self.graph = None
         self.graph_pool = graph_pool  # CUDA graph memory pool shared with the engine's other decoders
+        self.capture_stream = capture_stream  # the engine's side stream for warm-up and capture (see _capture)
         self.mode = "graph" if graphs else "eager"
 
     # -- one request -----------------------------------------------------------------------------
@@ -216,20 +217,25 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Take this step eagerly on a side stream (the warm-up CUDA graphs need: allocator, cuBLAS and
-        Triton initialised), then capture the step; the capture executes nothing, so later steps replay it."""
+        Triton initialised), then capture the step on that same stream; the capture executes nothing, so
+        later steps replay it. The side stream is the engine's one capture stream, the same for every
+        capture: a new stream per capture (as before) drew new streams from torch's pool of 32 per device,
+        and cuBLAS keeps a workspace (32 MiB on sm90) per stream it ran on until the process ends."""
         compute = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(device=self.device)
+        side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(device=self.device)
         side.wait_stream(compute)
         with torch.cuda.stream(side):
             self._step()
         compute.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            # Our own capture stream on the engine's device: torch.cuda.graph's default is one stream per
-            # process, made on whichever device was current at the first capture, and a capture on another
-            # device's stream records nothing (an empty graph, and replays that do nothing).
+            # Our own capture stream on the engine's device (never the default stream, which cannot be
+            # captured): torch.cuda.graph's default is one stream per process, made on whichever device
+            # was current at the first capture, and a capture on another device's stream records nothing
+            # (an empty graph, and replays that do nothing). The warm-up above ran on it and the capture
+            # waits for nothing else: torch.cuda.graph synchronizes the device before it begins.
             # One memory pool for every decoder's graphs (`graph_pool`): they never run concurrently.
-            with torch.cuda.graph(graph, pool=self.graph_pool, stream=torch.cuda.Stream(device=self.device)):
+            with torch.cuda.graph(graph, pool=self.graph_pool, stream=side):
                 self._step()
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
             import warnings
@@ -256,8 +262,10 @@ class DecoderPool:
 
     MAX_HELD = 4
 
-    def __init__(self, model, layout, runtime, *, eos_token_id, image_token_id, cuda_graphs: bool):
+    def __init__(self, model, layout, runtime, *, eos_token_id, image_token_id, cuda_graphs: bool,
+                 capture_stream=None):
         self.model, self.layout, self.runtime = model, layout, runtime
+        self.capture_stream = capture_stream  # the engine's, kept across runtimes (see StaticDecoder._capture)
         self.eos_token_id, self.image_token_id = eos_token_id, image_token_id
         self.cuda_graphs = runtime.cache.device.type == "cuda" and cuda_graphs
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -267,6 +275,11 @@ class DecoderPool:
         """The decoder whose cache fits the prompt and a first bucket of new tokens (it grows as needed).
         Raises NotImplementedError for a model the static cache cannot hold (e.g. sliding windows)."""
         length = initial_cache_length(prompt_len, max_new_tokens, context)
+        final = cache_length(prompt_len + max_new_tokens - 1, context)
+        if final > length and final in self.held:
+            # A held cache already holds the whole request: take it rather than grow another one to its
+            # length (which would hold both, and the old buffer, while it grows: deploy/memory.kv_bound).
+            length = final
         decoder = self.held.pop(length, None)
         if decoder is None:
             while len(self.held) >= self.MAX_HELD:
@@ -276,7 +289,8 @@ class DecoderPool:
             decoder = StaticDecoder(self.model, _text_model(self.model, self.layout), self.runtime,
                                     new_kv_cache(self.model.config, length), length, eos_token_id=self.eos_token_id,
                                     image_token_id=self.image_token_id,
-                                    graphs=self.cuda_graphs and self.runtime.grouped, graph_pool=self.graph_pool)
+                                    graphs=self.cuda_graphs and self.runtime.grouped, graph_pool=self.graph_pool,
+                                    capture_stream=self.capture_stream)
         self.held[length] = decoder
         return decoder
 

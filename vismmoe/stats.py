@@ -98,6 +98,9 @@ class RequestStats:
     # hold there (parts), this GPU's measured peak, the host-path pacing added; {} otherwise.
     emulation: dict = field(default_factory=dict)
     pruning_s: float = 0.0  # visual-token scoring, selection and gather (0 when nothing was pruned)
+    # Of ttft_s, building the inputs on the host: loading the image, the chat template, the processor and
+    # the copy to the device (the rest of the TTFT is the prefill, pruning_s and the first sample).
+    inputs_s: float = 0.0
     # Of the misses per layer, how each miss path served them ("copy" into a slot, "zerocopy" read in place
     # by the decode kernel, "cpu" computed on the CPU); and each layer's miss path for the decode steps.
     misses_by_path_per_layer: dict = field(default_factory=dict)
@@ -136,7 +139,7 @@ class RequestStats:
     def table(self) -> str:
         """A plain-text table for terminals and logs."""
         rows = [
-            ("time to first token", f"{self.ttft_s * 1e3:.1f} ms"),
+            ("time to first token", f"{self.ttft_s * 1e3:.1f} ms (inputs {self.inputs_s * 1e3:.1f} ms)"),
             ("decode", f"{self.decode_tokens_per_s:.2f} tok/s ({self.new_tokens} new tokens, {self.decode_s * 1e3:.1f} ms)"),
             ("prompt tokens", f"{self.prefill_tokens} ({self.visual_tokens_kept}/{self.visual_tokens_total} visual kept)"),
             ("expert cache", f"{self.num_slots} slots x {_size(self.record_bytes)} = {_size(self.budget_bytes)}"),
@@ -184,7 +187,8 @@ class RequestStats:
 
 
 def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visual_total: int, visual_kept: int,
-                  pruning_s: float, budget_bytes: int, num_slots: int, record_bytes: int, device) -> RequestStats:
+                  pruning_s: float, budget_bytes: int, num_slots: int, record_bytes: int, device,
+                  inputs_s: float = 0.0) -> RequestStats:
     """The request's statistics from its decode run; `started_at` is the perf_counter() time the request
     arrived (before its inputs were built). Memory by part is the engine's to add (`memory_parts`)."""
     c, p = run.cache, run.predictions
@@ -192,7 +196,7 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
     return RequestStats(
         ttft_s=run.first_token_at - started_at, decode_s=run.end_at - run.first_token_at,
         prefill_tokens=prompt_tokens, new_tokens=len(run.tokens), visual_tokens_total=visual_total,
-        visual_tokens_kept=visual_kept, pruning_s=pruning_s,
+        visual_tokens_kept=visual_kept, pruning_s=pruning_s, inputs_s=inputs_s,
         hits_per_layer=c.hits.tolist(), misses_per_layer=c.misses.tolist(), bytes_h2d=int(c.bytes_h2d),
         budget_bytes=budget_bytes, num_slots=num_slots, record_bytes=record_bytes, waves=c.waves,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -12,9 +12,9 @@ from .planner import fit_budget_bytes
 
 def auto_budget_bytes(model_dir: Path, device: torch.device, dtype: torch.dtype, config) -> int:
     """The largest expert budget that fits free memory now next to the planner's other parts
-    (deploy/memory.py: non-expert weights, a KV cache for one image + prompt + max_new_tokens, the
-    prefill's activations, graph pool, cuBLAS workspaces, ...). On a unified-memory GPU or the CPU, a
-    non-mmap store lives in the same memory and is counted too."""
+    (deploy/memory.py: non-expert weights, a KV cache for one 448 px image, a 64-token question in the
+    chat template and max_new_tokens, the prefill's activations, graph pool, cuBLAS workspaces, ...). On a
+    unified-memory GPU or the CPU, a non-mmap store lives in the same memory and is counted too."""
     from .probe import _meminfo
 
     info = model_info(model_dir)
@@ -29,7 +29,6 @@ def auto_budget_bytes(model_dir: Path, device: torch.device, dtype: torch.dtype,
     else:
         available = _meminfo()[1] - 2**30  # keep 1 GiB for everything else on the machine
         shared = True
-    context = info.visual_tokens(448) + 32 + config.max_new_tokens
-    return fit_budget_bytes(info, name, available, shared and config.store != "mmap", context,
+    return fit_budget_bytes(info, name, available, shared and config.store != "mmap", config.max_new_tokens,
                             gpu=device.type == "cuda", compute_capability=capability, store=config.store,
                             unified=bool(shared))

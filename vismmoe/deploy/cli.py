@@ -22,8 +22,11 @@ def register_cli(subparsers) -> None:
     pl.add_argument("--trace", help="routing trace .npz of this model (default: the routing prior, stated)")
     pl.add_argument("--goal", choices=("latency", "memory"), default="latency")
     pl.add_argument("--max-gpu-memory", dest="max_gpu_memory", help="cap usable GPU memory, e.g. 6GiB")
-    pl.add_argument("--context", type=int, help="tokens to hold in the KV cache (default: image + 32 + max-new-tokens)")
+    pl.add_argument("--context", type=int, help="tokens to hold in the KV cache (default: the prompt + max-new-tokens)")
     pl.add_argument("--image-size", type=int, default=448, dest="image_size", help="square image edge in pixels")
+    pl.add_argument("--question-tokens", type=int, default=64, dest="question_tokens",
+                    help="the longest question, in tokens; the prompt is the chat template (counted by the "
+                    "checkpoint's processor) + the image's tokens + these")
     pl.add_argument("--max-new-tokens", type=int, default=64, dest="max_new_tokens")
     pl.add_argument("--output", help="write the deployment YAML here")
     pl.set_defaults(func=cmd_plan)
@@ -110,7 +113,7 @@ def cmd_plan(args) -> int:
             trace = load_trace(args.trace)
         plan = make_plan(model_info(args.model), profile, trace=trace, goal=args.goal, max_gpu_memory=cap,
                          context=args.context, image_size=args.image_size, max_new_tokens=args.max_new_tokens,
-                         trace_path=args.trace)
+                         trace_path=args.trace, question_tokens=args.question_tokens)
     except (VismmoeError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

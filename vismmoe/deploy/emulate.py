@@ -2,13 +2,14 @@
 
 What is emulated:
   * memory: the profile's usable memory (memory_gb - reserved_gb, the planner's arithmetic) caps what
-    the engine holds, counted by the parts of deploy/memory.py (the planner's names): what the engine
-    has allocated is measured (non-expert weights as loaded, the expert cache, the stacked routers and
-    the device cache state: Engine.held_bytes), the rest is the planner's allowance (cuBLAS workspaces,
-    the CUDA graph pool, staging, the margin, and on a unified-memory device a non-mmap host store,
-    which lives in the same DRAM). At load those must fit; each request adds its KV cache (the static
-    caches held, this request's grown to its length, and the old buffer while it grows) and its
-    activation peak (the planner's estimate for its real prompt and image), checked before it runs.
+    the engine holds, counted by deploy/memory.gpu_parts, the planner's own function: what the engine
+    has allocated is measured (non-expert weights as loaded, the expert cache, the stacked routers, the
+    kernels' workspaces and the device cache state: Engine.held_bytes; each part at least its planned
+    size), the rest is the planner's allowance (cuBLAS workspaces, the CUDA graph pool, staging, the
+    margin, and on a unified-memory device a non-mmap host store, which lives in the same DRAM). At load
+    those must fit; each request adds its KV cache (the static caches held, this request's grown to its
+    length, and the old buffer while it grows) and its activation peak (for its real prompt and image
+    tokens), checked before it runs.
     Either failing raises BudgetError where the real device would run out, saying by how much and what
     to lower. On CUDA, torch.cuda.set_per_process_memory_fraction is set to the usable share as a
     backstop (memory torch's allocator sees; the CUDA context is outside it, as reserved_gb is).
@@ -66,19 +67,18 @@ class Emulation:
         self._paced_at_request = 0.0
 
     # -- memory ----------------------------------------------------------------------------------------
-    def engine_parts(self, engine, context: int, prompt_tokens: int, image_side: int, static: bool,
-                     measured: bool = True) -> dict:
-        """Bytes by part (deploy/memory.PARTS) for `engine` serving `context` tokens: the planner's
-        allowances, with what the engine has allocated measured (Engine.held_bytes) if `measured`; else
-        only the weights (the same at load and at reconfigure, whether or not a runtime is built yet)."""
+    def engine_parts(self, engine, *, slots: int, static: bool, prompt_tokens: int = 0, new_tokens: int = 0,
+                     visual_tokens: int = 0, kv_cache: int | None = None, held: dict | None = None) -> dict:
+        """Bytes by part for `engine` with `slots` expert slots: deploy/memory.gpu_parts, the planner's own
+        accounting, with the request at hand, the KV bytes the engine really holds for it and what it has
+        allocated (`held`, each part at least its planned size); + the host store where it shares the DRAM."""
         from .memory import gpu_parts
 
         dtype = str(engine.dtype).removeprefix("torch.")
-        parts = gpu_parts(self.model, dtype, slots=engine.num_slots, context=context, prompt_tokens=prompt_tokens,
-                          image_size=image_side, static=static, prefetch=bool(engine.config.prefetch), store=self.store,
-                          unified=self.profile.unified, compute_capability=self.profile.compute_capability or "9.0")
-        held = engine.held_bytes()
-        parts.update(held if measured else {k: held[k] for k in ("non_expert_weights",)})
+        parts = gpu_parts(self.model, dtype, slots=slots, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                          visual_tokens=visual_tokens, static=static, prefetch=bool(engine.config.prefetch),
+                          store=self.store, unified=self.profile.unified,
+                          compute_capability=self.profile.compute_capability or "9.0", kv_cache=kv_cache, held=held)
         if self.shared_store:
             layout = engine.layout
             parts["host_store"] = len(layout.layers) * layout.num_experts * engine.layout_record_bytes
@@ -110,15 +110,13 @@ class Emulation:
 
     def load_parts(self, engine, num_slots: int) -> dict:
         """The parts the engine holds whatever the request, with `num_slots` expert slots (no KV cache and
-        no activations yet; no graph pool before a decode step is captured)."""
-        slots, engine.num_slots = engine.num_slots, num_slots
-        try:
-            parts = self.engine_parts(engine, 1, 1, 0, static=False, measured=False)
-        finally:
-            engine.num_slots = slots
-        parts["expert_cache"] = num_slots * engine.layout_record_bytes
-        parts["kv_cache"] = parts["activations"] = 0
-        return parts
+        no activations yet): the weights as loaded, the rest as planned (at a reconfigure the runtime
+        in place is the old one's)."""
+        from .planner import _path
+
+        static = engine.config.decode != "generate" and _path(self.store, num_slots, self.model) == "static"
+        return self.engine_parts(engine, slots=num_slots, static=static,
+                                 held=dict(non_expert_weights=engine.held_bytes()["non_expert_weights"]))
 
     def check_engine(self, engine, num_slots: int) -> None:
         """At load / reconfigure: the parts the engine holds whatever the request."""
@@ -126,31 +124,33 @@ class Emulation:
                    f"loading {engine.model_dir.name} with {num_slots} expert slots")
 
     def check_request(self, engine, prompt_tokens: int, max_new_tokens: int, decoder, visual_tokens: int) -> dict:
-        """Before a request runs: the engine's parts for it, with its KV cache (the static caches held,
-        this request's grown to its length plus the old buffer while it grows; or the dynamic cache and
-        its concatenation copy) and its activation peak. Returns the parts."""
-        from ..stats import dynamic_kv_bytes
+        """Before a request runs: the engine's parts for it (engine_parts), with the KV caches it will hold
+        (memory.static_kv_bytes: its static cache grown to the request's length, the old buffer while it
+        grows, the other decoders' caches; or memory.dynamic_kv_bytes next to the static caches held) and
+        its activation peak. Returns the parts."""
+        from ..static_decode import cache_length
+        from .memory import dynamic_kv_bytes, static_kv_bytes
 
-        layout, rb = engine.layout, engine.layout_record_bytes
-        text, element = engine.model.config.get_text_config(), rb // layout.record_numel
+        dtype = str(engine.dtype).removeprefix("torch.")
         tokens = prompt_tokens + max_new_tokens
-        side = math.ceil(math.sqrt(visual_tokens)) * self.model.patch_size * self.model.merge_size \
-            if visual_tokens and self.model.patch_size else 0
-        parts = self.engine_parts(engine, tokens, prompt_tokens, side, static=decoder is not None)
-        held = engine.decoders.kv_bytes()  # the static caches kept for later requests stay allocated
+        others = [d.max_cache_len for d in engine.decoders.held.values()
+                  if d is not decoder and _cache_bytes(d.kv_cache)]
         if decoder is not None:  # its cache grows in buckets to the request's length (static_decode.py)
-            from ..static_decode import cache_length
-
             final = max(cache_length(tokens - 1, engine.context), decoder.max_cache_len)
-            now = _cache_bytes(decoder.kv_cache)
-            grown = dynamic_kv_bytes(text, final, element)
-            # while it grows, the old buffer (the last doubling's half) is held beside the new one
-            held += grown - now + (grown // 2 if final > decoder.max_cache_len else 0)
+            old = 0  # it grows one bucket at a time: the last growth holds the bucket below `final` as well
+            if final > decoder.max_cache_len:
+                old = decoder.max_cache_len
+                while cache_length(old + 1, engine.context) < final:
+                    old = cache_length(old + 1, engine.context)
+            kv = static_kv_bytes(self.model, dtype, final=final, old=old, others=others)
         else:
-            dynamic = dynamic_kv_bytes(text, tokens, element)
-            held += dynamic + dynamic // max(1, 2 * text.num_hidden_layers)  # torch.cat's copy of one layer
-        parts["kv_cache"] = held
-        self.check(parts, rb, layout.top_k, f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
+            kv = dynamic_kv_bytes(self.model, dtype, tokens, others)
+        static = decoder is not None or engine._static_unavailable({}) is None  # captured graphs stay allocated
+        parts = self.engine_parts(engine, slots=engine.num_slots, static=static, prompt_tokens=prompt_tokens,
+                                  new_tokens=max_new_tokens, visual_tokens=visual_tokens, kv_cache=kv,
+                                  held=engine.held_bytes())
+        self.check(parts, engine.layout_record_bytes, engine.layout.top_k,
+                   f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
         self._paced_at_request = self.paced_s
         return parts
 

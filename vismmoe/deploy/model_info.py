@@ -9,6 +9,7 @@ plan runs in, as the engine converts on load.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from pathlib import Path
 from ..errors import ModelLoadError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Tokens the chat template adds around a question and its image, for a model directory without a
+# tokenizer (a config-only description): Qwen3-VL's template around one image and one question is
+# about 15 BPE tokens; the allowance is twice that.
+TEMPLATE_PRIOR = 32
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ModelInfo:
     sizes_from: str  # "safetensors headers" or "config (meta skeleton)"
     num_heads: int = 0  # query heads of the text model (0: unknown)
     buffer_numel: int = 0  # the model's buffers (rotary frequencies, ...): on the device too, not in the files
+    processor_dir: str = ""  # where the checkpoint's processor is ("": none; token counts use the formulas)
 
     def expert_bytes(self, dtype: str) -> int:
         return self.record_numel * DTYPE_BYTES[dtype]
@@ -64,18 +70,31 @@ class ModelInfo:
         return self.kv_bytes(cache_length(context, None), dtype)
 
     def visual_tokens(self, image_size: int) -> int:
-        """LLM tokens of one square image of `image_size` pixels (Qwen-VL style patch merging)."""
-        if not self.patch_size:
+        """LLM tokens of one square image of `image_size` pixels: counted by the checkpoint's own processor
+        (which resizes images to its pixel bounds) when the directory has one, else Qwen-VL style patch
+        merging of the image as it is."""
+        if not self.patch_size or image_size <= 0:
             return 0
+        if self.processor_dir:
+            return _processor_counts(self.processor_dir, int(image_size))[1]
         side = max(1, math.ceil(image_size / (self.patch_size * self.merge_size)))
         return side * side
 
-    def activation_peak_bytes(self, tokens: int, image_size: int, dtype: str) -> int:
+    def prompt_tokens(self, image_size: int, question_tokens: int) -> int:
+        """Prompt tokens of one request: the chat template, one `image_size` image and a question of
+        `question_tokens` tokens; the template counted by the checkpoint's processor (what the engine
+        builds) when there is one, else TEMPLATE_PRIOR."""
+        if self.processor_dir:
+            return _processor_counts(self.processor_dir, int(image_size) if self.patch_size else 0)[0] - 1 + question_tokens
+        return TEMPLATE_PRIOR + self.visual_tokens(image_size) + question_tokens
+
+    def activation_peak_bytes(self, tokens: int, visual_tokens: int, dtype: str) -> int:
         """Transient memory of the prefill, the largest step: the MoE layer's grouped GEMMs over every
         (token, expert) pair (gathered inputs, gate_up output, gated rows, down output, weighted and
         re-ordered copies: ops.experts_from_slots), a few hidden-state buffers, the attention scores of
         one layer in float32 (sdpa's math kernel, which a 4-D mask can select) and the mask, the last
-        position's float32 logits, and the vision tower's patch activations and attention scores.
+        position's float32 logits, and the vision tower's patch activations and attention scores
+        (`visual_tokens` LLM tokens of images, merge_size^2 patches each).
         An upper estimate: eval/measure_memory.py compares it with torch's peak on the GPU."""
         b = DTYPE_BYTES[dtype]
         inter = self.record_numel // (3 * self.hidden_size) if self.hidden_size else 0
@@ -85,8 +104,8 @@ class ModelInfo:
         attention = heads * tokens * tokens * 4 + tokens * tokens
         logits = 2 * self.vocab_size * 4
         vision = 0
-        if self.patch_size:
-            patches = self.visual_tokens(image_size) * self.merge_size ** 2
+        if self.patch_size and visual_tokens:
+            patches = visual_tokens * self.merge_size ** 2
             vision_heads = max(1, self.vision_hidden // 64)
             vision = patches * 16 * self.vision_hidden * b + vision_heads * patches * patches * 4
         return int(1.25 * (moe + hidden + attention + logits + vision))
@@ -139,7 +158,31 @@ def model_info(model_dir) -> ModelInfo:
         merge_size=int(getattr(vcfg, "spatial_merge_size", 1) or 1) if vcfg else 1,
         checkpoint_dtype=dtype, sizes_from=sizes_from,
         buffer_numel=sum(b.numel() for b in skeleton.buffers()), num_heads=int(getattr(text, "num_attention_heads", 0) or 0),
+        processor_dir=str(model_dir) if _has_processor(model_dir) else "",
     )
+
+
+def _has_processor(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+@functools.lru_cache(maxsize=64)
+def _processor_counts(processor_dir: str, image_size: int) -> tuple[int, int]:
+    """(prompt tokens, image tokens) the engine's own input builder (inputs.build_inputs) makes for a blank
+    `image_size` square image (none if 0) and the one-character question "a"."""
+    from PIL import Image
+
+    from ..inputs import build_inputs, load_processor
+
+    processor = load_processor(Path(processor_dir))
+    image = Image.new("RGB", (image_size, image_size)) if image_size else None
+    ids = build_inputs(processor, image, "a")["input_ids"][0]
+    from .. import adapters
+    from ..engine import _load_hf_config
+
+    image_token = adapters.image_token_id(_load_hf_config(Path(processor_dir), trust_remote_code=False))
+    visual = int((ids == image_token).sum()) if image is not None and image_token is not None else 0
+    return int(ids.numel()), visual
 
 
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

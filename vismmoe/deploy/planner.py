@@ -3,8 +3,11 @@ TTFT and decode ms/token; write a deployment YAML that `vismmoe.load` accepts.
 
 Memory (bytes on the GPU): the parts of deploy/memory.py (non-expert weights, expert cache, KV cache
 with static decode's held buckets and growth copy, the prefill's activation peak, the CUDA graph pool,
-cuBLAS workspaces, stacked routers, device cache state, staging, and a stated margin for the
-allocator's rounding) + the profile's reserve must fit the usable memory. On unified-memory devices
+cuBLAS workspaces, stacked routers, kernel workspaces, device cache state, staging, and a stated margin
+for the allocator's rounding) + the profile's reserve must fit the usable memory. They are counted by
+the same function (memory.gpu_parts) that the engine's load and request checks call under emulation,
+for the plan's envelope: one image of `image_size` pixels, a question of `question_tokens` tokens in the
+checkpoint's chat template (prompt tokens counted by its own processor), `max_new_tokens` new tokens. On unified-memory devices
 the host store lives in the same DRAM, so a `memory` store costs its bytes twice and `mmap` (NVMe)
 costs none.
 
@@ -18,6 +21,9 @@ independent, so one replay with q slots for every layer gives every layer's miss
 those curves gives the quotas (each >= top-k, so a decode step's experts fit its layer) with the
 fewest misses. The plan is written as the engine's `slot_plan` when the trace says it misses less than
 one global pool (then the predictions are the plan's); otherwise `slot_plan: global`.
+
+(Over 400 lines: the candidate search, the replays it memoises and the slot-plan DP read each other's
+state; split apart they would pass it all around.)
 """
 
 from __future__ import annotations
@@ -62,13 +68,14 @@ class Plan:
     dtype: str
     context_tokens: int
     image_size: int
-    max_new_tokens: int
+    max_new_tokens: int  # the envelope's new tokens (what the written config's max_new_tokens is)
     chosen: Candidate
     slot_plan: list | None
     slot_plan_note: str
     usable_gpu_bytes: int
     trace_path: str | None
     notes: list = field(default_factory=list)
+    question_tokens: int = 64
 
     def engine_config(self) -> dict:
         c = self.chosen
@@ -85,6 +92,11 @@ class Plan:
             plan=dict(
                 model=self.model.name, device_profile=self.profile.name, goal=self.goal,
                 context_tokens=self.context_tokens, image_size=self.image_size,
+                prompt_tokens=self.chosen.predicted["prompt_tokens"], question_tokens=self.question_tokens,
+                envelope_note=f"memory is planned for requests of at most {self.chosen.predicted['prompt_tokens']} "
+                f"prompt tokens (the chat template, one image of at most {self.image_size} px, a question of at most "
+                f"{self.question_tokens} tokens) and {self.context_tokens} tokens with the answer; a longer request "
+                "may not fit (under emulation the engine refuses it, saying by how much)",
                 expert_slots=c.budget_slots, expert_slots_total=self.model.num_moe_layers * self.model.num_experts,
                 slot_plan=self.slot_plan, slot_plan_note=self.slot_plan_note,
                 miss_path="copy", miss_path_note="a miss copies the expert into a cache slot (the engine's default; "
@@ -104,7 +116,9 @@ class Plan:
         c, p = self.chosen, self.chosen.predicted
         m = c.memory
         return [
-            f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens",
+            f"model {self.model.name} on {self.profile.name} ({self.goal}), {self.dtype}, context {self.context_tokens} tokens "
+            f"(prompt <= {self.chosen.predicted['prompt_tokens']}: chat template + {self.image_size} px image + "
+            f"{self.question_tokens}-token question; <= {self.max_new_tokens} new)",
             f"expert budget {c.budget_slots}/{self.model.num_moe_layers * self.model.num_experts} slots = "
             f"{_gb(m['expert_cache'])}, store {c.store}, policy {c.policy}, prefetch {c.prefetch}, "
             f"decode path {c.decode_path}",
@@ -123,7 +137,7 @@ class Plan:
 
 def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = "latency",
               max_gpu_memory: float | None = None, context: int | None = None, image_size: int = 448,
-              max_new_tokens: int = 64, trace_path: str | None = None) -> Plan:
+              max_new_tokens: int = 64, trace_path: str | None = None, question_tokens: int = 64) -> Plan:
     if goal not in ("latency", "memory"):
         raise ConfigError(f"goal must be latency or memory, got {goal!r}")
     if trace is not None:
@@ -133,18 +147,23 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
                               f"experts, top-{meta.top_k}; {model.name} has {model.num_moe_layers} x "
                               f"{model.num_experts}, top-{model.top_k}: record a trace of this model")
     dtype = "bfloat16" if profile.kind != "cpu" else "float32"
+    if image_size < 0 or question_tokens < 1 or max_new_tokens < 1:
+        raise ConfigError(f"image_size must be >= 0, question_tokens and max_new_tokens >= 1 (got {image_size}, "
+                          f"{question_tokens}, {max_new_tokens})")
     visual = model.visual_tokens(image_size)
-    prompt = visual + 32
+    prompt = model.prompt_tokens(image_size, question_tokens)
     context = context if context is not None else prompt + max_new_tokens
-    if context < 1:
-        raise ConfigError(f"context must be a positive number of tokens, got {context}")
-    prompt = min(prompt, context)
+    if context < prompt + 1:
+        raise ConfigError(f"context {context} tokens is shorter than one request of this envelope: {prompt} prompt "
+                          f"tokens (chat template, a {image_size} px image = {visual} tokens, a {question_tokens}-token "
+                          "question) + 1 new token; raise --context or lower --image-size / --question-tokens")
+    max_new_tokens = min(max_new_tokens, context - prompt)  # the written config stays inside the envelope
     usable = _usable_bytes(profile, max_gpu_memory)
     reserved = int(profile["reserved_gb"] * GB)
     B = model.expert_bytes(dtype)
     total_slots = model.num_moe_layers * model.num_experts
-    sim = _Simulator(trace, model) if trace is not None else None
-    sizing = dict(context=context, prompt=prompt, image_size=image_size, dtype=dtype)
+    sim = _simulator(trace, model) if trace is not None else None
+    sizing = dict(prompt=prompt, new_tokens=context - prompt, visual=visual, dtype=dtype)
     candidates, shortfalls = [], []
     for store in _stores(profile):
         host_store = model.total_expert_bytes(dtype) if store != "mmap" else 0
@@ -180,22 +199,22 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     slot_plan, note = _slot_plan(model, profile, dtype, chosen, sim, prompt)
     notes = [f"sizes from {model.sizes_from}", _engine_note(profile)] + [f"rejected {s}" for s in shortfalls]
     return Plan(model, profile, goal, dtype, context, image_size, max_new_tokens, chosen, slot_plan, note, usable,
-                trace_path, notes)
+                trace_path, notes, question_tokens)
 
 
-def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, context: int,
+def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store: bool, new_tokens: int,
                      image_size: int = 448, gpu: bool = True, compute_capability: str = "9.0",
-                     store: str = "pinned", unified: bool = False) -> int:
+                     store: str = "pinned", unified: bool = False, question_tokens: int = 64) -> int:
     """`expert_budget: auto`: the largest budget that fits `available` bytes next to everything else
-    (deploy/memory.py's parts, as the planner counts them)."""
-    sizing = dict(context=context, prompt=min(context, model.visual_tokens(image_size) + 32), image_size=image_size,
-                  dtype=dtype)
+    (deploy/memory.py's parts, as the planner counts them) for one `image_size` image, a question of
+    `question_tokens` and `new_tokens` new tokens."""
+    prompt = model.prompt_tokens(image_size, question_tokens)
     shared = model.total_expert_bytes(dtype) if shared_store else 0
 
     def parts(slots):
-        return gpu_parts(model, dtype, slots=slots, context=context, prompt_tokens=sizing["prompt"],
-                         image_size=image_size, static=_path(store, slots, model) == "static", prefetch=True,
-                         store=store, unified=unified, compute_capability=compute_capability, gpu=gpu)
+        return gpu_parts(model, dtype, slots=slots, prompt_tokens=prompt, new_tokens=new_tokens,
+                         visual_tokens=model.visual_tokens(image_size), static=_path(store, slots, model) == "static",
+                         prefetch=True, store=store, unified=unified, compute_capability=compute_capability, gpu=gpu)
 
     lo, hi = model.top_k, model.num_moe_layers * model.num_experts
     if total(parts(lo)) + shared > available:
@@ -208,8 +227,9 @@ def fit_budget_bytes(model: ModelInfo, dtype: str, available: int, shared_store:
 def memory_cap_for(plan: "Plan", slots: int) -> int:
     """GPU memory (the reserve included) at which `plan`'s store holds `slots` expert slots and nothing
     more fits: for re-planning a device at a smaller budget (eval/validate_plan.py, measure_memory.py)."""
-    sizing = dict(context=plan.context_tokens, prompt=plan.chosen.predicted["prompt_tokens"],
-                  image_size=plan.image_size, dtype=plan.dtype)
+    prompt = plan.chosen.predicted["prompt_tokens"]
+    sizing = dict(prompt=prompt, new_tokens=plan.context_tokens - prompt, visual=plan.model.visual_tokens(plan.image_size),
+                  dtype=plan.dtype)
     m = plan.chosen.memory
     shared = m["host_store"] if plan.profile.kind != "discrete" else 0
     return int(m["reserved"] + shared + total(_parts(plan.model, plan.profile, plan.chosen.store, slots, sizing))
@@ -226,8 +246,8 @@ def _path(store: str, slots: int, model: ModelInfo) -> str:
 
 
 def _parts(model, profile, store, slots, sizing) -> dict:
-    return gpu_parts(model, sizing["dtype"], slots=slots, context=sizing["context"], prompt_tokens=sizing["prompt"],
-                     image_size=sizing["image_size"], static=_path(store, slots, model) == "static", prefetch=True,
+    return gpu_parts(model, sizing["dtype"], slots=slots, prompt_tokens=sizing["prompt"], new_tokens=sizing["new_tokens"],
+                     visual_tokens=sizing["visual"], static=_path(store, slots, model) == "static", prefetch=True,
                      store=store, unified=profile.unified, compute_capability=profile.compute_capability or "9.0",
                      gpu=profile.kind != "cpu")
 
@@ -306,6 +326,22 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
                             prefetch_copies if cand.prefetch else 0.0, prompt,
                             loop_experts(distinct, slots, None, model))
     return cand
+
+
+_SIMULATORS: list = []  # (trace, model, simulator), most recent last: replays are memoised across plans
+
+
+def _simulator(trace, model: ModelInfo) -> "_Simulator":
+    """The replays of `trace` for `model`, shared by every plan made from that trace in this process (a
+    replay depends on the trace, policy, slots, prefetch and quotas, not on the device: planning one
+    model for several profiles and budgets replays each setting once)."""
+    for t, m, sim in _SIMULATORS:
+        if t is trace and m == model:
+            return sim
+    sim = _Simulator(trace, model)
+    _SIMULATORS.append((trace, model, sim))
+    del _SIMULATORS[:-4]
+    return sim
 
 
 class _Simulator:

@@ -93,7 +93,10 @@ class RouterStack:
     def __init__(self, norm_w: torch.Tensor, router_w: torch.Tensor, eps: float, top_k: int):
         self.norm_w, self.router_w, self.eps, self.top_k = norm_w, router_w, eps, top_k
         self.num_layers = router_w.shape[0]
-        self._scratch = None  # the prediction kernel's workspace, made on first use (on the weights' device)
+        # The prediction kernel's workspace, made here (not on first use) so that Engine.held_bytes counts
+        # it from the start; on the CPU the kernel runs only in tests, with its own.
+        self.scratch = (ops.predict_workspace(self.num_layers, router_w.shape[1], router_w.device)
+                        if router_w.is_cuda else None)
 
     @classmethod
     def build(cls, predictor, top_k: int) -> tuple["RouterStack | None", str]:
@@ -121,9 +124,7 @@ class RouterStack:
         reach past the last layer), from `hidden`, the one decode token's state entering `layer`; -1 (and
         that layer's router not read) where gate[d] <= 0."""
         rows = slice(layer + 1, layer + 1 + out.shape[0])
-        if self._scratch is None and self.router_w.is_cuda:
-            self._scratch = ops.predict_workspace(self.num_layers, self.router_w.shape[1], self.router_w.device)
-        scratch = None if self._scratch is None else (self._scratch[0][rows], self._scratch[1][rows])
+        scratch = None if self.scratch is None else (self.scratch[0][rows], self.scratch[1][rows])
         ops.predict_experts(hidden.reshape(-1).contiguous(), self.norm_w[rows], self.router_w[rows], self.eps,
                             self.top_k, out, scratch=scratch, gate=gate)
 

@@ -302,6 +302,23 @@ QWEN3_VL_30B_A3B_TEXT = dict(hidden_size=2048, num_attention_heads=32, num_key_v
                              intermediate_size=6144, moe_intermediate_size=768, num_experts=128, top_k=8)
 
 
+def full_size_description(num_layers: int, out_dir, image_size: int = 256) -> Path:
+    """The bench model of full_size_checkpoint described without weights: its config.json (bf16), processor
+    and tokenizer only, in seconds; for what reads sizes alone (deploy.model_info, the planner's tests)."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, _, (proc_cls, image_processor, tok, proc_kwargs) = family_parts(
+        "qwen3_vl_moe", TextShape(num_hidden_layers=num_layers, **QWEN3_VL_30B_A3B_TEXT), image_size)
+    for c in {id(cfg): cfg, id(cfg.get_text_config()): cfg.get_text_config()}.values():
+        c.eos_token_id, c.pad_token_id, c.bos_token_id = tok.eos_token_id, tok.pad_token_id, None
+        c.dtype = "bfloat16"
+    cfg.save_pretrained(str(out))
+    save_processor(out, proc_cls, image_processor, tok, **proc_kwargs)
+    return out
+
+
 def full_size_checkpoint(num_layers: int, root=None, image_size: int = 256) -> Path:
     """A bf16 random Qwen3-VL-MoE with Qwen3-VL-30B-A3B-sized experts and `num_layers` layers, built once.
 
