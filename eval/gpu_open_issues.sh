@@ -23,6 +23,8 @@
 #   PHASE=one     one GPU (kind nvidia-h200): the 12-layer bench model builds on the CPU while the GPU tests
 #                 (TESTS) run; then profile_static, profile_kernels (kernel by kernel, eager), bench_pruning,
 #                 then EXTRA (a command line; results under $WORK/extra) with the time left.
+#   PHASE=final3  two GPUs: GPU tests, prefetch: auto live, miss-path table at the minimum budget (GPU 0);
+#                 validate_plan and measure_memory (GPU 1); see the branch below.
 #   PHASE=final2  two GPUs (kind nvidia-h200-x2). GPU 0: the GPU tests (TESTS), then profile_static on the
 #                 12-layer bench model (built on the CPU meanwhile), then GPU0_EXTRA; GPU 1: gpu_check --quick
 #                 (the default engine's tokens against transformers), kernel_build_times, then GPU1_EXTRA.
@@ -190,6 +192,34 @@ elif [ "$PHASE" = final2 ]; then
     wait $gpu0_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='vismmoe-fullsize-*' profile_static \
         gpu_check build_times extra0 extra1 2>/dev/null
+elif [ "$PHASE" = final3 ]; then
+    # Two GPUs (kind nvidia-h200-x2), WORK=/tmp so that every script finds the bench model where
+    # full_size_checkpoint builds it by default. GPU 0: GPU tests, prefetch: auto live, the miss-path
+    # table's minimum-budget rows; GPU 1: the auto-prefetch/gate tests while the model builds, then the
+    # planner's predictions under emulation and memory by part.
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        step pytest 150 python3 -m pytest -q --tb=short -o faulthandler_timeout=90 -m gpu tests/test_static_decode.py \
+            tests/test_emulate.py tests/test_autoprefetch.py tests/test_rotary.py
+        wait_build
+        step autoprefetch 240 python3 eval/profile_autoprefetch.py --out "$WORK/autoprefetch" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 2 --traces
+        step miss_table 100 python3 eval/bench_miss_paths.py --engine --budgets min --out "$WORK/miss_table" --deadline-s 90
+    ) > "$OUT/gpu0.log" 2>&1 &
+    gpu0_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        step pytest_auto 75 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 tests/test_cache_core.py -k "auto or gate"
+        wait_build
+        step validate_plan 330 python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B --models bundled bench \
+            --deadline-s 270
+        step measure_memory 140 python3 eval/measure_memory.py --out "$WORK/measure_memory" --deadline-s 120
+    } > "$OUT/gpu1.log" 2>&1
+    wait $gpu0_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" autoprefetch miss_table validate_plan measure_memory 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
