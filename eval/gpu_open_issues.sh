@@ -220,6 +220,19 @@ elif [ "$PHASE" = final3 ]; then
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" autoprefetch miss_table validate_plan measure_memory 2>/dev/null
+elif [ "$PHASE" = last ]; then
+    # A short call (WORK=/tmp): the fixed GPU tests on GPU 0 while the bench model builds, then the miss-path
+    # table's 12 GB/s minimum-budget cells (auto's CPU margin) on GPU 1.
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    ( CUDA_VISIBLE_DEVICES=0 step pytest 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 \
+        tests/test_static_decode.py::test_captures_run_on_the_engines_one_stream \
+        tests/test_autoprefetch.py::test_captured_graph_follows_the_device_decision_without_recapture ) > "$OUT/gpu0.log" 2>&1 &
+    until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
+    CUDA_VISIBLE_DEVICES=1 step miss_table "$(left 5)" python3 eval/bench_miss_paths.py --engine --budgets min \
+        --throttled-only --paths copy zerocopy auto --out "$WORK/miss_table" > "$OUT/gpu1.log" 2>&1
+    wait
+    tar -C "$WORK" -czf "$OUT/results.tgz" miss_table 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked

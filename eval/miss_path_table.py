@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--link-gbs", type=float, default=12.0, help="the throttled link (0: native only)")
     ap.add_argument("--prefetch", action="store_true")
+    ap.add_argument("--throttled-only", action="store_true", help="only the --link-gbs rows")
     ap.add_argument("--deadline-s", type=float, default=230.0)
     ap.add_argument("--tiny", action="store_true", help="a tiny float32 model on this machine's device (smoke run)")
     args = ap.parse_args(argv)
@@ -93,8 +94,8 @@ def main(argv=None) -> dict:
     rs = np.random.RandomState(0)
     request = (random_image(rs, size), BENCH_PROMPT)
     warmup = (random_image(rs, size), BENCH_PROMPT.upper())  # same length, other pixels and text
-    links = [("native", None)] + ([(f"{args.link_gbs:g} GB/s", throttled_profile(out, args.link_gbs))]
-                                  if args.link_gbs > 0 else [])
+    links = ([] if args.throttled_only else [("native", None)]) + (
+        [(f"{args.link_gbs:g} GB/s", throttled_profile(out, args.link_gbs))] if args.link_gbs > 0 else [])
     budgets = [b if b == "min" else float(b) for b in args.budgets]
     report = dict(device=device_name(), torch=torch.__version__, model=str(ckpt), dtype=dtype,
                   new_tokens=args.new_tokens, prefetch=args.prefetch, build_s=time.perf_counter() - start, rows=[],

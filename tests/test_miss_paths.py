@@ -153,7 +153,7 @@ def figures(copy_ms=0.19, zero_copy_ms=0.187, layer_us=7.5, cpu_ms=0.3, host_lay
 ALL = {COPY, ZEROCOPY, CPU}
 
 
-def test_cost_model_choices():
+def test_cost_model_choices(monkeypatch):
     L = 4
     # Nothing expected to miss: zerocopy's fixed cost per layer loses to copy.
     paths, static, _ = choose(figures(), np.zeros(L), ALL, True)
@@ -165,13 +165,23 @@ def test_cost_model_choices():
     # One miss per token saves 3 µs, less than the 7.5 µs fixed cost: copy. Per layer.
     paths, _, _ = choose(figures(), np.array([1.0, 6.0, 0.5, 6.0]), ALL, True)
     assert paths.tolist() == [COPY, ZEROCOPY, COPY, ZEROCOPY]
-    # A slow link (12 GB/s: 0.79 ms per record) and a CPU at 0.3 ms per expert: with few misses, static
-    # decode stays (the host path costs 2.13 ms per layer call); with many, the host path and the CPU win.
-    slow = figures(copy_ms=0.79, zero_copy_ms=0.78)
+    # A slow link (12 GB/s: 0.79 ms per record) and a CPU at 0.15 ms per expert (costed at twice that): with
+    # few misses, static decode stays (the host path costs 2.13 ms per layer call); with many, the host
+    # path and the CPU win.
+    slow = figures(copy_ms=0.79, zero_copy_ms=0.78, cpu_ms=0.15)
     paths, static, _ = choose(slow, np.full(L, 1.0), ALL, True)
     assert static and (paths != CPU).all()
-    paths, static, _ = choose(slow, np.full(L, 8.0), ALL, True)
+    paths, static, report = choose(slow, np.full(L, 8.0), ALL, True)
     assert not static and (paths == CPU).all()
+    assert report["host_ms_per_token"] == pytest.approx(L * (8 * 0.15 * miss_paths.CPU_COST_MARGIN + 2.13))
+    # That link at the minimum budget of a 12-layer model, a CPU measured at 0.45 ms per expert: at its
+    # measured figure the CPU would look cheaper (68.8 vs 75.9 ms/token); live on an H200 host it ran at
+    # 122 ms/token against 74 for zerocopy. Costed with its margin, the bus wins.
+    h200_12 = figures(copy_ms=0.79, zero_copy_ms=0.79, cpu_ms=0.45)
+    paths, static, _ = choose(h200_12, np.full(12, 8.0), ALL, True)
+    assert static and (paths != CPU).all()
+    monkeypatch.setattr(miss_paths, "CPU_COST_MARGIN", 1.0)
+    assert not choose(h200_12, np.full(12, 8.0), ALL, True)[1]
     # A request on the host path anyway (decode: generate): the CPU wins as soon as it is cheaper per miss.
     paths, static, _ = choose(slow, np.full(L, 1.0), ALL, False)
     assert not static and (paths == CPU).all()
