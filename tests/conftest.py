@@ -82,3 +82,13 @@ def kernel_device():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1, so its interpreter is off")
     return "cpu"
+
+
+def rewrite_predictions(trace, choose):
+    """Replace a trace's recorded predictions group by group: `choose(group, predicted)` returns the new ids
+    (none in the prefill, as the engine's default, is the caller's choice)."""
+    sets = [np.asarray(choose(g, trace.predicted[trace.predicted_offsets[g]:trace.predicted_offsets[g + 1]]),
+                       dtype=trace.predicted.dtype) for g in range(trace.num_groups)]
+    trace.predicted = np.concatenate(sets)
+    trace.predicted_offsets = np.concatenate([[0], np.cumsum([len(p) for p in sets])]).astype(np.int64)
+    return trace

@@ -16,7 +16,7 @@ from vismmoe.offload.simulate import simulate
 from vismmoe.offload.trace import Trace, synthetic_trace
 from vismmoe.testing.tiny_models import FAMILIES
 
-from .conftest import random_requests
+from .conftest import random_requests, rewrite_predictions
 
 COPY_S, PREDICT_S = 100e-6, 30e-6
 RULE = dict(copy_s=COPY_S, predict_s=PREDICT_S, wrong_cost=2.0, decay=0.5, period=8.0)
@@ -240,18 +240,15 @@ def _trace_with_one_good_and_one_bad_layer(seed=0) -> Trace:
     trace = synthetic_trace(60, num_layers=3, num_experts=16, top_k=2, decode_steps=40, predict_accuracy=1.0,
                             expert_bytes=9_437_184, seed=seed)
     rng = np.random.default_rng(seed)
-    sets, sizes = [], []
-    for g in range(trace.num_groups):
-        predicted = trace.predicted[trace.predicted_offsets[g]:trace.predicted_offsets[g + 1]]
+
+    def choose(g, predicted):
         if trace.group_step[g] == 0:
-            predicted = predicted[:0]
-        elif trace.group_layer[g] == 2:
-            predicted = np.sort(rng.choice(16, len(predicted), replace=False)).astype(predicted.dtype)
-        sets.append(predicted)
-        sizes.append(len(predicted))
-    trace.predicted = np.concatenate(sets)
-    trace.predicted_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return trace
+            return predicted[:0]
+        if trace.group_layer[g] == 2:
+            return np.sort(rng.choice(16, len(predicted), replace=False))
+        return predicted
+
+    return rewrite_predictions(trace, choose)
 
 
 def test_simulated_auto_keeps_the_good_layer_and_drops_the_bad_one():

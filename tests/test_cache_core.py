@@ -24,6 +24,8 @@ from vismmoe.offload.policies import POLICIES, SlotPlan, make_policy
 from vismmoe.offload.simulate import simulate
 from vismmoe.offload.trace import Trace, load_trace, synthetic_trace
 
+from .conftest import rewrite_predictions
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRACE = ROOT / "eval" / "results" / "easyvqa_test_traces.npz"
 
@@ -485,20 +487,17 @@ def _auto_trace(seed=3) -> Trace:
                             decode_steps=30, zipf=0.6, reuse=0.3, predict_accuracy=0.6, seed=seed)
     rng = np.random.default_rng(seed)
     demand = trace.demand_sets()
-    sets, sizes = [], []
-    for g in range(trace.num_groups):
-        predicted = trace.predicted[trace.predicted_offsets[g]:trace.predicted_offsets[g + 1]]
+
+    def choose(g, predicted):
         if trace.group_step[g] == 0:
-            predicted = predicted[:0]  # none in the prefill, as the engine's default
-        elif trace.group_layer[g] == 2:
-            predicted = demand.experts[demand.offsets[g]:demand.offsets[g + 1]].astype(predicted.dtype)
-        elif trace.group_layer[g] == 3:
-            predicted = np.sort(rng.choice(16, len(predicted), replace=False)).astype(predicted.dtype)
-        sets.append(predicted)
-        sizes.append(len(predicted))
-    trace.predicted = np.concatenate(sets)
-    trace.predicted_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return trace
+            return predicted[:0]  # none in the prefill, as the engine's default
+        if trace.group_layer[g] == 2:
+            return demand.experts[demand.offsets[g]:demand.offsets[g + 1]]
+        if trace.group_layer[g] == 3:
+            return np.sort(rng.choice(16, len(predicted), replace=False))
+        return predicted
+
+    return rewrite_predictions(trace, choose)
 
 
 def replay_live_auto(trace: Trace, policy: str, budget: int, copy_s: float, predict_s: float):
