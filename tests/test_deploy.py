@@ -106,6 +106,34 @@ def test_probe_runs_on_cpu_and_writes_a_valid_profile(tmp_path):
         assert plan.chosen.predicted["decode_ms_per_token"] > 0
 
 
+def test_probe_copy_test_moves_link_sized_records_whatever_the_model():
+    """The probe's copy-kernel test moves records of several MiB, 64 MiB or more in all, not the model's
+    records (the bundled model's 98 KB records are latency-bound: 17.4 GB/s on an H200 against 48 GB/s
+    for the bench model's 9.4 MB ones), so its GB/s is the link's for a model of any record size."""
+    from vismmoe.deploy.probe import copy_records_shape
+
+    for copy_mib in (1, 8, 64, 100):
+        n, numel = copy_records_shape(copy_mib)
+        assert numel * 2 >= 4 * 2**20 and n * numel * 2 >= max(64, copy_mib) * 2**20
+
+
+def test_miss_time_is_record_bytes_over_the_link_plus_the_probed_copy_latency():
+    from vismmoe.deploy.time_model import ENGINE_PRIOR, _miss_ms
+
+    data = load_profile("rtx4090-24gb").to_dict()
+    data["figures"]["copy_kernel_gbs"] = dict(value=48.0, source="measured", ref="test")
+    without = parse_profile(copy.deepcopy(data), "test")
+    data["figures"]["copy_latency_ms"] = dict(value=0.02, source="measured", ref="test")
+    probed = parse_profile(data, "test")
+    for record in (98_304, 9_437_184):  # the bundled model's record, the bench model's
+        assert _miss_ms(probed, "pinned", record, "static") == pytest.approx(record / 48e9 * 1e3 + 0.02)
+        assert _miss_ms(without, "pinned", record, "static") == pytest.approx(
+            record / 48e9 * 1e3 + ENGINE_PRIOR["copy_overhead_ms"])
+        # the host path's DMA: the pinned link, the same fixed cost
+        assert _miss_ms(probed, "pinned", record, "host") == pytest.approx(
+            record / (probed["h2d_pinned_gbs"] * 1e9) * 1e3 + 0.02)
+
+
 # -- model sizes -------------------------------------------------------------------------------------
 
 

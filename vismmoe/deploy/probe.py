@@ -42,7 +42,11 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = T
         if kind == "discrete":
             put("h2d_pinned_gbs", _h2d_gbs(copy_mib, repeats, pinned=True), f"{copy_mib} MiB pinned host->device copies")
             put("h2d_pageable_gbs", _h2d_gbs(copy_mib, repeats, pinned=False), f"{copy_mib} MiB pageable host->device copies")
-            put("copy_kernel_gbs", _copy_kernel_gbs(hidden, inter), "vismmoe.ops.copy_records, 16 expert records from page-locked host memory")
+            n, numel = copy_records_shape(copy_mib)
+            gbs, latency_ms = _copy_kernel(n, numel, repeats) or (None, None)
+            put("copy_kernel_gbs", gbs, f"vismmoe.ops.copy_records, {n} records of {numel * 2 / 2**20:.0f} MiB from "
+                "page-locked host memory (large enough to reach the link's rate, whatever the model's record size)")
+            put("copy_latency_ms", latency_ms, "vismmoe.ops.copy_records of one 16 KiB record (its fixed cost per copy)")
         put("expert_decode_ms", _expert_ms(hidden, inter, 1, "cuda"), f"one expert MLP ({hidden}x{inter}, bf16), 1 token")
         put("expert_prefill_ms", _expert_ms(hidden, inter, 512, "cuda"), f"one expert MLP ({hidden}x{inter}, bf16), 512 tokens")
     ram_total, ram_available = _meminfo()
@@ -182,16 +186,34 @@ def _cpu_tflops():
     return 2 * 1024 ** 3 / _timed(lambda: a @ a, 3, False) / 1e12
 
 
-def _copy_kernel_gbs(hidden, inter):
+COPY_RECORD_MIB = 8  # a record this size moves at the link's rate (a 100 KB record is latency-bound: an
+#                     H200 probe measured 17 GB/s on the bundled model's records, 48 GB/s on 9 MiB ones)
+
+
+def copy_records_shape(copy_mib: int = 64) -> tuple[int, int]:
+    """(records, bf16 elements per record) the probe's copy-kernel test moves: COPY_RECORD_MIB records,
+    at least 8 of them and at least `copy_mib` (64 MiB by default) in all. Independent of the model: the
+    time model costs a record as bytes / bandwidth + copy_latency_ms, so one probe serves any record size."""
+    numel = COPY_RECORD_MIB * 2**20 // 2
+    return max(8, -(-copy_mib // COPY_RECORD_MIB)), numel
+
+
+def _copy_kernel(n: int, numel: int, repeats: int):
+    """(GB/s over `n` records of `numel` bf16 elements, ms of one 16 KiB record) for ops.copy_records
+    from page-locked host memory; None without the device copy (no triton)."""
     from .. import ops
 
-    numel = 3 * hidden * inter
-    src = torch.empty((16, numel), dtype=torch.bfloat16, pin_memory=True)
+    src = torch.empty((n, numel), dtype=torch.bfloat16, pin_memory=True)
     if not ops.device_copy_available(src):
         return None
-    dst = torch.empty((16, numel), dtype=torch.bfloat16, device="cuda")
-    rows = torch.arange(16, device="cuda")
-    return src.numel() * 2 / _timed(lambda: ops.copy_records(src, dst, rows, rows), 5, True) / GB
+    dst = torch.empty((n, numel), dtype=torch.bfloat16, device="cuda")
+    rows = torch.arange(n, device="cuda")
+    gbs = src.numel() * 2 / _timed(lambda: ops.copy_records(src, dst, rows, rows), repeats, True) / GB
+    small_src = torch.empty((1, 8192), dtype=torch.bfloat16, pin_memory=True)
+    small_dst = torch.empty((1, 8192), dtype=torch.bfloat16, device="cuda")
+    one = torch.zeros(1, dtype=torch.long, device="cuda")
+    latency_ms = _timed(lambda: ops.copy_records(small_src, small_dst, one, one), 20, True) * 1e3
+    return gbs, latency_ms
 
 
 def _memcpy_gbs(mib, repeats):

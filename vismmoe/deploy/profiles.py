@@ -31,6 +31,7 @@ FIGURES = {
     "h2d_pinned_gbs": ("link", True, False, False),
     "h2d_pageable_gbs": ("link", True, False, False),
     "copy_kernel_gbs": ("link", False, False, False),  # ops.copy_records reading the mapped slab
+    "copy_latency_ms": ("link", False, False, False),  # a copy's fixed cost beyond bytes / bandwidth (probe)
     "ram_gb": ("host", True, False, True),  # unified: the same DRAM as memory_gb, so not separate
     "cpu_cores": ("host", True, True, True),
     "cpu_expert_decode_ms": ("host", False, False, False),  # one expert, one token, on the CPU

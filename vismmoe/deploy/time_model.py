@@ -34,7 +34,7 @@ ENGINE_PRIOR = dict(
     miss_overhead_ms=0.05,  # per missed expert beyond its link time: easy-VQA static rows at 25%
     loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
     #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
-    copy_overhead_ms=0.007,  # per host-path copy (research/offload.md)
+    copy_overhead_ms=0.007,  # per copy, where the profile has no copy_latency_ms (research/offload.md)
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
 ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms")
@@ -66,7 +66,9 @@ def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
     else:
         bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
         t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
-    return t * 1e3 + ENGINE_PRIOR["copy_overhead_ms"]
+    # A record costs its bytes at the link's rate plus one copy's fixed cost: the probe measures both apart
+    # (copy_kernel_gbs on 8 MiB records, copy_latency_ms on a 16 KiB one), so one probe serves any record size.
+    return t * 1e3 + profile.get("copy_latency_ms", ENGINE_PRIOR["copy_overhead_ms"])
 
 
 def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
