@@ -69,13 +69,14 @@ def validate_rows(report, infos, distinct, source="validate_plan (emulated)", dr
     (`drop`: probe figures left out, so that the prior stands for them). `recorded_loop`: the prefill's
     one-at-a-time experts as the run's plan counted them on its own trace (session 5 recorded them; its
     bench trace was not kept) instead of recounting them from `distinct`."""
-    probe = probe or report["probe"]
-    probe = dict(probe, figures={k: v for k, v in probe["figures"].items() if k not in drop})
-    here = parse_profile(probe, "the run's probe")
     rows = []
     for r in report["rows_b"]:
         if "measured" not in r:
             continue
+        # (runs since session 5 probe the engine's times on each model: probe_by_model)
+        one = probe or report.get("probe_by_model", {}).get(r["model"], report["probe"])
+        here = parse_profile(dict(one, figures={k: v for k, v in one["figures"].items() if k not in drop}),
+                             "the run's probe")
         info, p, plan = infos[r["model"]], r["planned"]["predicted"], r["planned"]
         slots, complete = plan["expert_slots"], plan["expert_slots"] >= plan["expert_slots_total"]
         loop = p["prefill_loop_experts"] if recorded_loop else \

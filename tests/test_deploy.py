@@ -134,6 +134,32 @@ def test_miss_time_is_record_bytes_over_the_link_plus_the_probed_copy_latency():
             record / (probed["h2d_pinned_gbs"] * 1e9) * 1e3 + 0.02)
 
 
+def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qwen_checkpoint):
+    """with_engine_times replaces the engine figures of a profile probed on one model by those measured on
+    another (a stale figure must not survive), and the host's input building is its own figure and TTFT
+    term, not folded into prefill_fixed_ms."""
+    from vismmoe.deploy.probe import ENGINE_TIME_FIGURES, with_engine_times
+    from vismmoe.deploy.time_model import _times
+
+    machine = load_profile("rtx4090-24gb").to_dict()
+    machine["figures"]["prefill_fixed_ms"] = dict(value=999.0, source="measured", ref="another model")
+    data = with_engine_times(machine, qwen_checkpoint, new_tokens=3)
+    figures = data["figures"]
+    assert {"prefill_inputs_ms", "prefill_fixed_ms", "prefill_layer_ms", "generate_layer_ms"} <= set(figures)
+    assert set(ENGINE_TIME_FIGURES) >= {k for k in figures if k.startswith(("prefill_", "decode_layer", "generate_"))}
+    assert figures["prefill_fixed_ms"]["value"] != 999.0 and "qwen" in figures["prefill_fixed_ms"]["ref"].lower()
+    assert figures["h2d_pinned_gbs"] == machine["figures"]["h2d_pinned_gbs"]  # the machine's figures stay
+    profile = parse_profile(data, "probe")
+    info = model_info(qwen_checkpoint)
+    t = _times(info, profile, "bfloat16", "static", True, 0.1, 0.0, 0.0, 0.0, 64)
+    assert t["ttft_inputs_ms"] == figures["prefill_inputs_ms"]["value"]
+    assert t["ttft_overhead_ms"] == pytest.approx(t["ttft_inputs_ms"] + profile["prefill_fixed_ms"]
+                                                  + info.num_moe_layers * profile["prefill_layer_ms"])
+    # a profile without probed engine times: the prior's prefill_fixed_ms holds the input building
+    assert _times(info, load_profile("rtx4090-24gb"), "bfloat16", "static", True, 0.1, 0.0, 0.0, 0.0, 64)[
+        "ttft_inputs_ms"] == 0.0
+
+
 # -- model sizes -------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ FIGURES = {
     "generate_layer_ms": ("engine", False, False, False),  # transformers' generate, per MoE layer
     "prefill_fixed_ms": ("engine", False, False, False),  # TTFT's fixed part: processor, vision launch, first sample
     "prefill_layer_ms": ("engine", False, False, False),  # TTFT per MoE layer (host-decided prefill)
+    "prefill_inputs_ms": ("engine", False, False, False),  # TTFT's host input building (processor), for the probed model
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
 KINDS = ("discrete", "unified", "cpu")
