@@ -260,7 +260,8 @@ def main():
 
     # The probe's compute figures (this machine's) are the same for any model: probe the first one.
     bundled_ok = (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file()
-    # (the bundled model whenever it is here: the bench model's 14 GB would take the probe minutes to load)
+    # (the bundled model whenever it is here, as the quick one; each other model's engine times are probed
+    # on it below, after its trace has been recorded)
     first = BUNDLED if bundled_ok and "bundled" in args.models else bench_model(args, out, t0)
     machine = probe(first)
     report = dict(device=device_name(device), torch=torch.__version__,
