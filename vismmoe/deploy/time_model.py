@@ -5,8 +5,9 @@ Per decode token: the bytes a token reads at the memory bandwidth + the engine's
 the cache is partial + misses x (time per miss on the link + the miss's own overhead) + whatever
 prefetch copies do not hide under the step. TTFT: a fixed part (processor, vision launch, first
 sample; with a probed profile the host's input building is its own term, prefill_inputs_ms) + time per
-layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the prefill's misses x time per miss + the experts a prefill layer computes one at a time (when it touches
-more experts than its wave: its quota, or all slots). The engine's times are profile figures
+layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the prefill's misses x time
+per miss + the experts a prefill layer computes one at a time (when it touches more experts than its
+wave: its quota, or all slots). The engine's times are profile figures
 (ENGINE_FIGURES: `vismmoe probe --model` measures them on the spot) or the prior ENGINE_PRIOR.
 """
 
