@@ -11,6 +11,13 @@ Offline (CPU, seconds): no GPU run, so it can only re-predict what the recorded 
   * eval/results/validate_plan_emulated/session4/validate_plan.json: the bundled model's rows, with that
     run's probe (which measured the engine's times, generate_layer_ms included, on the spot), and again
     with the prior's generate_layer_ms in place of the probe's (the generate-path term).
+  * eval/results/validate_plan_emulated/session5/validate_plan.json (16 rows, 8 timed requests each):
+    with that run's probe as recorded (reproducing its predictions), and with the probe corrected where
+    the probe's fix changes what it measures: the copy kernel's GB/s and per-copy latency, which the run
+    measured on the bundled model's 98 KB records (17.4 GB/s, latency-bound). They cannot be re-measured
+    offline, so the bench-size figures of the same session on the same machine stand in
+    (profile_static_h200_session5_rope_default.json: one 9.4 MB record 196.7 us, nothing copied 2.5 us).
+    Each row also carries its median host-side input building (RequestStats.inputs_s, inside TTFT).
 For each it prints the new prediction against the measured time (ratio measured / predicted; the
 issue's band is 0.75-1.25) and the old prediction the run recorded. The prior was fitted on rows of
 these same files (see time_model.ENGINE_PRIOR), so the ratios here are in-sample for those rows; only a
@@ -39,6 +46,8 @@ from vismmoe.deploy.profiles import parse_profile  # noqa: E402
 VALIDATE = REPO / "eval" / "results" / "validate_plan_emulated" / "validate_plan.json"
 SESSION4 = REPO / "eval" / "results" / "validate_plan_emulated" / "session4" / "validate_plan.json"
 PROFILE_STATIC = REPO / "eval" / "results" / "profile_static_h200_final.json"
+SESSION5 = REPO / "eval" / "results" / "validate_plan_emulated" / "session5" / "validate_plan.json"
+PROFILE_STATIC5 = REPO / "eval" / "results" / "profile_static_h200_session5_rope_default.json"
 BUNDLED = REPO / "models" / "easyvqa-qwen3vlmoe"
 BUNDLED_TRACE = REPO / "eval" / "results" / "easyvqa_test_traces.npz"
 
@@ -54,18 +63,24 @@ def bench_info(layers: int = 12):
     return model_info(directory)
 
 
-def validate_rows(report, infos, distinct, source="validate_plan (emulated)", drop=()) -> list[dict]:
-    """Re-predicted rows of a validate_plan report, with its probe as this machine's figures (`drop`: probe
-    figures left out, so that the prior stands for them)."""
-    probe = dict(report["probe"], figures={k: v for k, v in report["probe"]["figures"].items() if k not in drop})
-    here = parse_profile(probe, "the run's probe")
+def validate_rows(report, infos, distinct, source="validate_plan (emulated)", drop=(), probe=None,
+                  recorded_loop=False) -> list[dict]:
+    """Re-predicted rows of a validate_plan report, with its probe (or `probe`) as this machine's figures
+    (`drop`: probe figures left out, so that the prior stands for them). `recorded_loop`: the prefill's
+    one-at-a-time experts as the run's plan counted them on its own trace (session 5 recorded them; its
+    bench trace was not kept) instead of recounting them from `distinct`."""
     rows = []
     for r in report["rows_b"]:
         if "measured" not in r:
             continue
+        # (runs since session 5 probe the engine's times on each model: probe_by_model)
+        one = probe or report.get("probe_by_model", {}).get(r["model"], report["probe"])
+        here = parse_profile(dict(one, figures={k: v for k, v in one["figures"].items() if k not in drop}),
+                             "the run's probe")
         info, p, plan = infos[r["model"]], r["planned"]["predicted"], r["planned"]
         slots, complete = plan["expert_slots"], plan["expert_slots"] >= plan["expert_slots_total"]
-        loop = loop_experts(distinct[r["model"]], slots, plan.get("slot_plan"), info)
+        loop = p["prefill_loop_experts"] if recorded_loop else \
+            loop_experts(distinct[r["model"]], slots, plan.get("slot_plan"), info)
         new = _times(info, here, "bfloat16", plan["decode_path"], complete, p["miss_ms"], p["decode_misses_per_token"],
                      p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop)
         old = r["emulated_prediction"]
@@ -73,8 +88,27 @@ def validate_rows(report, infos, distinct, source="validate_plan (emulated)", dr
         rows.append(dict(source=source, model=r["model"], profile=r["profile"], budget=r["fraction"],
                          path=m["decode_path"], ttft_meas=m["ttft_ms"], ttft_new=new["ttft_ms"], ttft_old=old["ttft_ms"],
                          decode_meas=m["decode_ms_per_token"], decode_new=new["decode_ms_per_token"],
-                         decode_old=old["decode_ms_per_token"]))
+                         decode_old=old["decode_ms_per_token"], ttft_miss_new=new["ttft_miss_ms"],
+                         inputs_ms=_median(m, "inputs_ms"), host_paced_ms=_median(m, "host_paced_ms")))
     return rows
+
+
+def _median(measured, key):
+    values = [q[key] for q in measured.get("requests", []) if key in q]
+    return float(np.median(values)) if values else None
+
+
+def corrected_probe(probe: dict, static: dict) -> dict:
+    """`probe` with the copy kernel's figures as a bench-size copy measured them in `static` (a
+    profile_static run of the same session and machine): one 9.4 MB record's time = the kernel's fixed
+    cost (nothing copied) + bytes / GB/s. What the fixed probe measures (8 MiB records; a 16 KiB one)."""
+    latency_us = static["copy_kernel_nothing_copied_us"]
+    gbs = static["record_bytes"] / ((static["copy_kernel_one_record_us"] - latency_us) * 1e3)
+    ref = (f"{PROFILE_STATIC5.name}: copy_kernel_one_record_us {static['copy_kernel_one_record_us']:.1f}, "
+           f"copy_kernel_nothing_copied_us {latency_us:.2f} (same session and machine; offline stand-in)")
+    figures = dict(probe["figures"], copy_kernel_gbs=dict(value=round(gbs, 3), source="measured", ref=ref),
+                   copy_latency_ms=dict(value=round(latency_us / 1e3, 5), source="measured", ref=ref))
+    return dict(probe, figures=figures)
 
 
 def profile_static_rows(data, info, here) -> list[dict]:
@@ -105,12 +139,14 @@ def table(rows) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
     lines = ["| source | model | profile | budget | path | TTFT meas | TTFT pred (new) | ratio | ratio (old) "
-             "| decode meas | decode pred (new) | ratio | ratio (old) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| decode meas | decode pred (new) | ratio | ratio (old) | inputs ms (in TTFT) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['model']} | {r['profile']} | {r['budget']} | {r['path']} | "
                      f"{num(r['ttft_meas'], 1)} | {num(r['ttft_new'], 1)} | {ratio(r['ttft_meas'], r['ttft_new'])} | "
                      f"{ratio(r['ttft_meas'], r['ttft_old'])} | {num(r['decode_meas'])} | {num(r['decode_new'])} | "
-                     f"{ratio(r['decode_meas'], r['decode_new'])} | {ratio(r['decode_meas'], r['decode_old'])} |")
+                     f"{ratio(r['decode_meas'], r['decode_new'])} | {ratio(r['decode_meas'], r['decode_old'])} | "
+                     f"{num(r.get('inputs_ms'), 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +166,12 @@ def check() -> list[dict]:
     rows += validate_rows(session4, infos, distinct, "session 4, the probe's engine times")
     rows += validate_rows(session4, infos, distinct, "session 4, the prior's generate_layer_ms",
                           drop=("generate_layer_ms",))
+    # Session 5 (8 timed requests per row): the run's probe as recorded, then corrected where the probe's
+    # fix changes what it measures (the copy kernel on link-sized records).
+    session5 = json.loads(SESSION5.read_text())
+    rows += validate_rows(session5, infos, distinct, "session 5, the run's probe", recorded_loop=True)
+    rows += validate_rows(session5, infos, distinct, "session 5, probe's copy kernel corrected", recorded_loop=True,
+                          probe=corrected_probe(session5["probe"], json.loads(PROFILE_STATIC5.read_text())))
     return rows
 
 

@@ -46,7 +46,7 @@ from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir
 import vismmoe  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
 from vismmoe.deploy.planner import _times, make_plan, memory_cap_for  # noqa: E402
-from vismmoe.deploy.probe import probe  # noqa: E402
+from vismmoe.deploy.probe import probe, with_engine_times  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
 
@@ -260,12 +260,13 @@ def main():
 
     # The probe's compute figures (this machine's) are the same for any model: probe the first one.
     bundled_ok = (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file()
-    # (the bundled model whenever it is here: the bench model's 14 GB would take the probe minutes to load)
+    # (the bundled model whenever it is here, as the quick one; each other model's engine times are probed
+    # on it below, after its trace has been recorded)
     first = BUNDLED if bundled_ok and "bundled" in args.models else bench_model(args, out, t0)
-    gpu_profile = parse_profile(probe(first), "probe")
+    machine = probe(first)
     report = dict(device=device_name(device), torch=torch.__version__,
-                  probe=gpu_profile.to_dict(), new_tokens=args.new_tokens, requests=args.requests, warmup=args.warmup,
-                  rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0})
+                  probe=machine, probe_by_model={}, new_tokens=args.new_tokens, requests=args.requests,
+                  warmup=args.warmup, rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0})
     for name in args.models:  # in the order given: `--models bundled bench` measures the quick one first
         if name == "bundled" and not bundled_ok:
             continue
@@ -284,6 +285,13 @@ def main():
         else:
             model_dir, trace_path, image_size = BUNDLED, BUNDLED_TRACE, 64
         info, trace = model_info(model_dir), load_trace(trace_path)
+        # The engine's times are the model's (layers, shapes, processor): probed on each model, not carried
+        # from the first one to the next.
+        t = time.perf_counter()
+        here = machine if Path(model_dir) == Path(first) else with_engine_times(machine, model_dir)
+        report["phases"][f"{name}_engine_times_s"] = time.perf_counter() - t
+        report["probe_by_model"][name] = here
+        gpu_profile = parse_profile(here, f"probe with {name}'s engine times")
         reqs = requests(name, args.warmup + args.requests, 2)
         context = None
         # A: the time model on this GPU, at several budgets (the cap makes the planner choose them)

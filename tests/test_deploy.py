@@ -106,6 +106,60 @@ def test_probe_runs_on_cpu_and_writes_a_valid_profile(tmp_path):
         assert plan.chosen.predicted["decode_ms_per_token"] > 0
 
 
+def test_probe_copy_test_moves_link_sized_records_whatever_the_model():
+    """The probe's copy-kernel test moves records of several MiB, 64 MiB or more in all, not the model's
+    records (the bundled model's 98 KB records are latency-bound: 17.4 GB/s on an H200 against 48 GB/s
+    for the bench model's 9.4 MB ones), so its GB/s is the link's for a model of any record size."""
+    from vismmoe.deploy.probe import copy_records_shape
+
+    for copy_mib in (1, 8, 64, 100):
+        n, numel = copy_records_shape(copy_mib)
+        assert numel * 2 >= 4 * 2**20 and n * numel * 2 >= max(64, copy_mib) * 2**20
+
+
+def test_miss_time_is_record_bytes_over_the_link_plus_the_probed_copy_latency():
+    from vismmoe.deploy.time_model import ENGINE_PRIOR, _miss_ms
+
+    data = load_profile("rtx4090-24gb").to_dict()
+    data["figures"]["copy_kernel_gbs"] = dict(value=48.0, source="measured", ref="test")
+    without = parse_profile(copy.deepcopy(data), "test")
+    data["figures"]["copy_latency_ms"] = dict(value=0.02, source="measured", ref="test")
+    probed = parse_profile(data, "test")
+    for record in (98_304, 9_437_184):  # the bundled model's record, the bench model's
+        assert _miss_ms(probed, "pinned", record, "static") == pytest.approx(record / 48e9 * 1e3 + 0.02)
+        assert _miss_ms(without, "pinned", record, "static") == pytest.approx(
+            record / 48e9 * 1e3 + ENGINE_PRIOR["copy_overhead_ms"])
+        # the host path's DMA: the pinned link, the same fixed cost
+        assert _miss_ms(probed, "pinned", record, "host") == pytest.approx(
+            record / (probed["h2d_pinned_gbs"] * 1e9) * 1e3 + 0.02)
+
+
+def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qwen_checkpoint):
+    """with_engine_times replaces the engine figures of a profile probed on one model by those measured on
+    another (a stale figure must not survive), and the host's input building is its own figure and TTFT
+    term, not folded into prefill_fixed_ms."""
+    from vismmoe.deploy.probe import ENGINE_TIME_FIGURES, with_engine_times
+    from vismmoe.deploy.time_model import _times
+
+    machine = load_profile("rtx4090-24gb").to_dict()
+    machine["figures"]["prefill_fixed_ms"] = dict(value=999.0, source="measured", ref="another model")
+    data = with_engine_times(machine, qwen_checkpoint, new_tokens=3)
+    figures = data["figures"]
+    assert {"prefill_inputs_ms", "prefill_fixed_ms", "prefill_layer_ms", "generate_layer_ms"} <= set(figures)
+    assert set(ENGINE_TIME_FIGURES) >= {k for k in figures if k.startswith(("prefill_", "decode_layer", "generate_"))}
+    assert figures["prefill_fixed_ms"]["value"] != 999.0 and "qwen" in figures["prefill_fixed_ms"]["ref"].lower()
+    assert figures["h2d_pinned_gbs"] == machine["figures"]["h2d_pinned_gbs"]  # the machine's figures stay
+    profile = parse_profile(data, "probe")
+    info = model_info(qwen_checkpoint)
+    t = _times(info, profile, "bfloat16", "static", True, 0.1, 0.0, 0.0, 0.0, 64)
+    assert t["ttft_inputs_ms"] == figures["prefill_inputs_ms"]["value"]
+    assert t["ttft_overhead_ms"] == pytest.approx(t["ttft_inputs_ms"] + profile["prefill_fixed_ms"]
+                                                  + info.num_moe_layers * profile["prefill_layer_ms"])
+    # a profile without probed engine times: the prior's prefill_fixed_ms holds the input building
+    assert _times(info, load_profile("rtx4090-24gb"), "bfloat16", "static", True, 0.1, 0.0, 0.0, 0.0, 64)[
+        "ttft_inputs_ms"] == 0.0
+
+
 # -- model sizes -------------------------------------------------------------------------------------
 
 
@@ -285,7 +339,7 @@ def test_time_model_recomputed_on_the_recorded_gpu_runs():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     rows = module.check()
-    fitted = [r for r in rows if not r["source"].startswith("session 4")]
+    fitted = [r for r in rows if not r["source"].startswith("session")]
     ratios = [r[f"{k}_meas"] / r[f"{k}_new"] for r in fitted for k in ("ttft", "decode") if r[f"{k}_meas"] is not None]
     assert len(ratios) >= 20
     assert all(0.75 <= x <= 1.25 for x in ratios), ratios
@@ -296,5 +350,13 @@ def test_time_model_recomputed_on_the_recorded_gpu_runs():
                 if r["source"].startswith("session 4") and r["path"] == "generate"}
     assert generate["session 4, the probe's engine times"] < 0.3
     assert 0.75 <= generate["session 4, the prior's generate_layer_ms"] <= 1.25
+    # Session 5: the run's probe reproduces its recorded predictions (to the plan's rounding of its recorded inputs); correcting the probe's copy kernel
+    # (measured on 98 KB records) changes none of them: under emulation a miss costs the profile's link
+    five = [r for r in rows if r["source"] == "session 5, the run's probe"]
+    fixed = [r for r in rows if r["source"] == "session 5, probe's copy kernel corrected"]
+    assert len(five) == len(fixed) == 16 and all(r["inputs_ms"] > 10 for r in five)
+    for a, b in zip(five, fixed):
+        assert a["ttft_new"] == pytest.approx(a["ttft_old"], rel=5e-3) and b["ttft_new"] == pytest.approx(a["ttft_new"])
+        assert a["decode_new"] == pytest.approx(a["decode_old"], rel=5e-3) and b["decode_new"] == pytest.approx(a["decode_new"])
     profiles = {r["profile"] for r in rows if r["source"].startswith("validate")}
     assert {"jetson-orin-nano-8gb", "rtx4060-laptop-8gb", "rtx3060-12gb", "rtx4090-24gb"} <= profiles

@@ -125,7 +125,9 @@ class Plan:
             f"{'host' if self.profile.kind == 'cpu' else 'GPU'} memory: "
             + " + ".join(f"{k.replace('_', ' ')} {_gb(m[k])}" for k in (*PARTS, "reserved") if m.get(k))
             + f" = {_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
-            f"predicted TTFT {p['ttft_ms']:.1f} ms = fixed+layers {p['ttft_overhead_ms'] - p['ttft_loop_ms']:.1f} + "
+            f"predicted TTFT {p['ttft_ms']:.1f} ms = "
+            + (f"host inputs {p['ttft_inputs_ms']:.1f} + " if p.get("ttft_inputs_ms") else "")
+            + f"fixed+layers {p['ttft_overhead_ms'] - p['ttft_loop_ms'] - p.get('ttft_inputs_ms', 0.0):.1f} + "
             f"{p['prefill_loop_experts']:.0f} experts one by one {p['ttft_loop_ms']:.1f} + compute "
             f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "

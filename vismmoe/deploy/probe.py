@@ -42,7 +42,11 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = T
         if kind == "discrete":
             put("h2d_pinned_gbs", _h2d_gbs(copy_mib, repeats, pinned=True), f"{copy_mib} MiB pinned host->device copies")
             put("h2d_pageable_gbs", _h2d_gbs(copy_mib, repeats, pinned=False), f"{copy_mib} MiB pageable host->device copies")
-            put("copy_kernel_gbs", _copy_kernel_gbs(hidden, inter), "vismmoe.ops.copy_records, 16 expert records from page-locked host memory")
+            n, numel = copy_records_shape(copy_mib)
+            gbs, latency_ms = _copy_kernel(n, numel, repeats) or (None, None)
+            put("copy_kernel_gbs", gbs, f"vismmoe.ops.copy_records, {n} records of {numel * 2 / 2**20:.0f} MiB from "
+                "page-locked host memory (large enough to reach the link's rate, whatever the model's record size)")
+            put("copy_latency_ms", latency_ms, "vismmoe.ops.copy_records of one 16 KiB record (its fixed cost per copy)")
         put("expert_decode_ms", _expert_ms(hidden, inter, 1, "cuda"), f"one expert MLP ({hidden}x{inter}, bf16), 1 token")
         put("expert_prefill_ms", _expert_ms(hidden, inter, 512, "cuda"), f"one expert MLP ({hidden}x{inter}, bf16), 512 tokens")
     ram_total, ram_available = _meminfo()
@@ -68,13 +72,33 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = T
             "gpu_name": gpu_name, "compute_capability": cc, "figures": figures}
 
 
+def with_engine_times(machine: dict, model_dir, new_tokens: int = 16) -> dict:
+    """`machine` (a probe() mapping) with the engine's times measured on `model_dir` in place of any it
+    holds: they are the model's (its layers, shapes and processor), not the machine's, so a profile
+    probed on one model must not time another (an H200 probe on the 4-layer easy-VQA model predicted the
+    12-layer bench model's TTFT overhead at 136 ms where its whole TTFT measured 55-64 ms at a full budget)."""
+    figures = {k: v for k, v in machine["figures"].items() if k not in ENGINE_TIME_FIGURES}
+    bandwidth = figures.get("memory_bandwidth_gbs", figures.get("host_memcpy_gbs", {})).get("value")
+    tflops = figures.get("bf16_tflops", figures.get("cpu_tflops", {})).get("value")
+    device = "cuda" if machine["kind"] != "cpu" and torch.cuda.is_available() else "cpu"
+    for name, (value, how) in _engine_times(model_dir, device, bandwidth, tflops, new_tokens).items():
+        if value is not None and value > 0:
+            figures[name] = {"value": round(float(value), 4), "source": "measured", "ref": how}
+    return dict(machine, figures=figures)
+
+
+ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
+                       "prefill_inputs_ms")
+
+
 def _engine_times(model_dir, device: str, bandwidth_gbs, tflops=None, new_tokens: int = 16) -> dict:
     """{figure: (ms, how)}: the model served with every expert resident (skipped if it does not fit free
     memory), two warm-up requests (JIT builds, the decode graph's capture), then the median of three, each
     after a gc.collect() (a collection inside one request was a suspect of a single-request figure
     3.6x off: generate_layer_ms 13.7 ms on an H200 where the same model's generate rows ran at 3-4 ms
     per layer; every request's time is in the figure's ref): decode_layer_ms =
-    (static decode ms/token - the bytes a token reads at `bandwidth_gbs`) / MoE layers; TTFT minus its
+    (static decode ms/token - the bytes a token reads at `bandwidth_gbs`) / MoE layers; prefill_inputs_ms =
+    the host's input building inside TTFT (RequestStats.inputs_s); TTFT minus that and its
     FLOPs (at `tflops` x the prior's efficiency) split into prefill_fixed_ms and prefill_layer_ms in the prior's proportion (one model has one
     layer count, so the two cannot be told apart on it); generate_layer_ms = transformers' generate
     ms/token / MoE layers."""
@@ -108,10 +132,11 @@ def _engine_times(model_dir, device: str, bandwidth_gbs, tflops=None, new_tokens
                                              min_new_tokens=new_tokens).stats)
             each = [s.decode_s / max(1, s.new_tokens - 1) * 1e3 for s in stats]
             return (float(np.median([s.ttft_s for s in stats])) * 1e3, float(np.median(each)),
-                    stats[-1].decode_path, stats[-1].prefill_tokens, ", ".join(f"{v:.2f}" for v in each))
+                    stats[-1].decode_path, stats[-1].prefill_tokens, ", ".join(f"{v:.2f}" for v in each),
+                    float(np.median([s.inputs_s for s in stats])) * 1e3)
 
         L, b = info.num_moe_layers, DTYPE_BYTES[dtype]
-        ttft, decode, path, prompt_tokens, _ = measure(3)
+        ttft, decode, path, prompt_tokens, _, inputs = measure(3)
         out = {}
         decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
         bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth_gbs * GB) * 1e3 if bandwidth_gbs else 0
@@ -124,13 +149,15 @@ def _engine_times(model_dir, device: str, bandwidth_gbs, tflops=None, new_tokens
         flops = 2 * prompt_tokens * (decoder / b + L * info.top_k * info.record_numel) \
             + 2 * info.vision_numel * prompt_tokens * info.merge_size ** 2
         compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
-        rest = max(0.001, ttft - compute)
-        how = (f"{info.name}: TTFT {ttft:.1f} ms for {prompt_tokens} prompt tokens minus {compute:.1f} ms of FLOPs, "
-               f"split fixed / per-layer in the prior's proportion at {L} layers")
+        rest = max(0.001, ttft - inputs - compute)
+        how = (f"{info.name}: TTFT {ttft:.1f} ms for {prompt_tokens} prompt tokens minus {inputs:.1f} ms of host "
+               f"input building and {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion at {L} layers")
+        out["prefill_inputs_ms"] = (max(0.001, inputs), f"{info.name}: host-side input building inside TTFT "
+                                    "(RequestStats.inputs_s: the processor), median of 3 requests")
         out["prefill_fixed_ms"] = (rest * share, how)
         out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
         engine.reconfigure(decode="generate")
-        _, decode_g, _, _, each = measure(3)
+        _, decode_g, _, _, each, _ = measure(3)
         out["generate_layer_ms"] = (decode_g / L, f"{info.name}: transformers' generate {decode_g:.2f} ms/token (median "
                                     f"of {each} ms/token) over {L} MoE layers")
         return out
@@ -182,16 +209,34 @@ def _cpu_tflops():
     return 2 * 1024 ** 3 / _timed(lambda: a @ a, 3, False) / 1e12
 
 
-def _copy_kernel_gbs(hidden, inter):
+COPY_RECORD_MIB = 8  # a record this size moves at the link's rate (a 100 KB record is latency-bound: an
+#                     H200 probe measured 17 GB/s on the bundled model's records, 48 GB/s on 9 MiB ones)
+
+
+def copy_records_shape(copy_mib: int = 64) -> tuple[int, int]:
+    """(records, bf16 elements per record) the probe's copy-kernel test moves: COPY_RECORD_MIB records,
+    at least 8 of them and at least `copy_mib` (64 MiB by default) in all. Independent of the model: the
+    time model costs a record as bytes / bandwidth + copy_latency_ms, so one probe serves any record size."""
+    numel = COPY_RECORD_MIB * 2**20 // 2
+    return max(8, -(-copy_mib // COPY_RECORD_MIB)), numel
+
+
+def _copy_kernel(n: int, numel: int, repeats: int):
+    """(GB/s over `n` records of `numel` bf16 elements, ms of one 16 KiB record) for ops.copy_records
+    from page-locked host memory; None without the device copy (no triton)."""
     from .. import ops
 
-    numel = 3 * hidden * inter
-    src = torch.empty((16, numel), dtype=torch.bfloat16, pin_memory=True)
+    src = torch.empty((n, numel), dtype=torch.bfloat16, pin_memory=True)
     if not ops.device_copy_available(src):
         return None
-    dst = torch.empty((16, numel), dtype=torch.bfloat16, device="cuda")
-    rows = torch.arange(16, device="cuda")
-    return src.numel() * 2 / _timed(lambda: ops.copy_records(src, dst, rows, rows), 5, True) / GB
+    dst = torch.empty((n, numel), dtype=torch.bfloat16, device="cuda")
+    rows = torch.arange(n, device="cuda")
+    gbs = src.numel() * 2 / _timed(lambda: ops.copy_records(src, dst, rows, rows), repeats, True) / GB
+    small_src = torch.empty((1, 8192), dtype=torch.bfloat16, pin_memory=True)
+    small_dst = torch.empty((1, 8192), dtype=torch.bfloat16, device="cuda")
+    one = torch.zeros(1, dtype=torch.long, device="cuda")
+    latency_ms = _timed(lambda: ops.copy_records(small_src, small_dst, one, one), 20, True) * 1e3
+    return gbs, latency_ms
 
 
 def _memcpy_gbs(mib, repeats):

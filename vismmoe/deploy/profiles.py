@@ -31,6 +31,7 @@ FIGURES = {
     "h2d_pinned_gbs": ("link", True, False, False),
     "h2d_pageable_gbs": ("link", True, False, False),
     "copy_kernel_gbs": ("link", False, False, False),  # ops.copy_records reading the mapped slab
+    "copy_latency_ms": ("link", False, False, False),  # a copy's fixed cost beyond bytes / bandwidth (probe)
     "ram_gb": ("host", True, False, True),  # unified: the same DRAM as memory_gb, so not separate
     "cpu_cores": ("host", True, True, True),
     "cpu_expert_decode_ms": ("host", False, False, False),  # one expert, one token, on the CPU
@@ -45,6 +46,7 @@ FIGURES = {
     "generate_layer_ms": ("engine", False, False, False),  # transformers' generate, per MoE layer
     "prefill_fixed_ms": ("engine", False, False, False),  # TTFT's fixed part: processor, vision launch, first sample
     "prefill_layer_ms": ("engine", False, False, False),  # TTFT per MoE layer (host-decided prefill)
+    "prefill_inputs_ms": ("engine", False, False, False),  # TTFT's host input building (processor), for the probed model
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
 KINDS = ("discrete", "unified", "cpu")

@@ -4,9 +4,10 @@ Per decode token: the bytes a token reads at the memory bandwidth + the engine's
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
 the cache is partial + misses x (time per miss on the link + the miss's own overhead) + whatever
 prefetch copies do not hide under the step. TTFT: a fixed part (processor, vision launch, first
-sample) + time per layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the
-prefill's misses x time per miss + the experts a prefill layer computes one at a time (when it touches
-more experts than its wave: its quota, or all slots). The engine's times are profile figures
+sample; with a probed profile the host's input building is its own term, prefill_inputs_ms) + time per
+layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the prefill's misses x time
+per miss + the experts a prefill layer computes one at a time (when it touches more experts than its
+wave: its quota, or all slots). The engine's times are profile figures
 (ENGINE_FIGURES: `vismmoe probe --model` measures them on the spot) or the prior ENGINE_PRIOR.
 """
 
@@ -34,10 +35,11 @@ ENGINE_PRIOR = dict(
     miss_overhead_ms=0.05,  # per missed expert beyond its link time: easy-VQA static rows at 25%
     loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
     #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
-    copy_overhead_ms=0.007,  # per host-path copy (research/offload.md)
+    copy_overhead_ms=0.007,  # per copy, where the profile has no copy_latency_ms (research/offload.md)
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
 ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms")
+# (and prefill_inputs_ms, the host's input building, which the probe measures apart from prefill_fixed_ms)
 # Back-compatible name: the figures above plus the prior.
 ENGINE = ENGINE_PRIOR
 
@@ -66,7 +68,9 @@ def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
     else:
         bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
         t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
-    return t * 1e3 + ENGINE_PRIOR["copy_overhead_ms"]
+    # A record costs its bytes at the link's rate plus one copy's fixed cost: the probe measures both apart
+    # (copy_kernel_gbs on 8 MiB records, copy_latency_ms on a 16 KiB one), so one probe serves any record size.
+    return t * 1e3 + profile.get("copy_latency_ms", ENGINE_PRIOR["copy_overhead_ms"])
 
 
 def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
@@ -115,11 +119,14 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
     flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
     ttft_compute = flops / (tflops * 1e12) * 1e3
-    ttft_overhead = fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") + loop_ms
+    # Host-side input building (the processor: image resize and patching, tokenizing) is its own probed
+    # figure, measured for the model at hand; the prior's prefill_fixed_ms includes it (no separate prior).
+    inputs_ms = profile.get("prefill_inputs_ms", 0.0) if profile.has("prefill_fixed_ms") else 0.0
+    ttft_overhead = inputs_ms + fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") + loop_ms
     ttft_miss = prefill_misses * miss_ms
     return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
                 decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
                 decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms,
-                ttft_ms=ttft_overhead + ttft_compute + ttft_miss, ttft_overhead_ms=ttft_overhead,
+                ttft_ms=ttft_overhead + ttft_compute + ttft_miss, ttft_overhead_ms=ttft_overhead, ttft_inputs_ms=inputs_ms,
                 ttft_loop_ms=loop_ms, prefill_loop_experts=loop_experts, ttft_compute_ms=ttft_compute,
                 ttft_miss_ms=ttft_miss, prefill_misses=prefill_misses, prompt_tokens=prompt)
