@@ -214,8 +214,8 @@ elif [ "$PHASE" = final3 ]; then
         export CUDA_VISIBLE_DEVICES=1
         step pytest_auto 75 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 tests/test_cache_core.py -k "auto or gate"
         wait_build
-        step validate_plan 330 python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B --models bundled bench \
-            --deadline-s 270
+        step validate_plan 380 python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B --models bundled bench \
+            --deadline-s 320
         step measure_memory 140 python3 eval/measure_memory.py --out "$WORK/measure_memory" --deadline-s 120
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
