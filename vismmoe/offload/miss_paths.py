@@ -53,11 +53,11 @@ PRIORS = {
     "host_layer_s": 2.13e-3,
 }
 HYSTERESIS = 0.9  # a layer switches only to a path at most 90% of its current path's cost
-# The CPU path is costed at twice its measured figures. Measured on an H200 host, the live CPU path ran
-# 1.4x slower than the cost model's prediction from distinct-record timings (12 GB/s link, minimum
-# budget: 122 ms/token against 86 predicted), and the same cell took 120 and 326 ms/token in two runs
-# (the second beside another job on the host's cores): its cost depends on what else the host runs.
-# A wrong choice of the CPU costs up to 1.5-2.7x there; a missed one only the difference to the bus.
+# The CPU path is costed at twice its measured figures. On an H200 host (12 GB/s link, minimum budget) the
+# model predicted 69.8 ms/token for the CPU path from 0.47 ms per expert, and it ran at 107-122 ms/token
+# (1.5-1.75x); the native cell took 120 and 326 ms/token in two runs (the second beside another job on the
+# host's cores): its cost depends on what else the host runs. A wrong choice of the CPU cost 1.46x there;
+# a missed one costs only the difference to the bus.
 CPU_COST_MARGIN = 2.0
 EWMA = 0.5  # weight of the latest request in the expected miss ratio
 
@@ -213,9 +213,9 @@ def _zero_copy_figures(store, cache, compute, n, repeats):
     return max(in_place - two_sided, 0.0) / n, max(two_sided - plain, 0.0)
 
 
-# A real miss reads a record the CPU has not touched lately. Timing one record again and again measured it
-# from the CPU's caches: 3-4x too fast on the H200's host, so auto chose the CPU over the bus on a 12 GB/s
-# link where it was 1.45x slower (BENCHMARKS.md, miss paths). Distinct records past the last-level cache:
+# A real miss reads a record the CPU has not touched lately; timing one record again and again reads it from
+# the CPU's caches (on an H200 host 0.47-0.52 ms per expert that way, 0.63 over distinct records with
+# another job on the host). Distinct records past the last-level cache:
 CPU_TIMING_BYTES = 256 << 20
 CPU_TIMING_RECORDS = (4, 32)  # at least, at most
 
