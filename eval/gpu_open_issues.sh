@@ -233,6 +233,34 @@ elif [ "$PHASE" = last ]; then
         --throttled-only --paths copy zerocopy auto --out "$WORK/miss_table" > "$OUT/gpu1.log" 2>&1
     wait
     tar -C "$WORK" -czf "$OUT/results.tgz" miss_table 2>/dev/null
+elif [ "$PHASE" = s6a ]; then
+    # Session 6, first call (kind nvidia-h200-x2, WORK=/tmp). GPU 0: the two GPU tests fixed without a GPU,
+    # then the miss-path table's 12 GB/s minimum-budget cells (auto's CPU margin), then memory by part for
+    # the bench model on the RTX 4090 profile. GPU 1: the planner's predictions out of sample (the probe
+    # measures each model's own engine times).
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        step pytest 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 \
+            tests/test_static_decode.py::test_captures_run_on_the_engines_one_stream \
+            tests/test_autoprefetch.py::test_captured_graph_follows_the_device_decision_without_recapture
+        wait_build
+        step miss_table 200 python3 eval/bench_miss_paths.py --engine --budgets min --throttled-only \
+            --paths copy zerocopy auto --out "$WORK/miss_table" --deadline-s 190
+        step measure_memory "$(left 15)" python3 eval/measure_memory.py --out "$WORK/measure_memory" --models bench \
+            --profiles rtx4090-24gb --deadline-s "$(left 25)"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    gpu0_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        wait_build
+        step validate_plan "$(left 10)" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(left 25)"
+    } > "$OUT/gpu1.log" 2>&1
+    wait $gpu0_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" miss_table validate_plan measure_memory 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
