@@ -261,6 +261,33 @@ elif [ "$PHASE" = s6a ]; then
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" miss_table validate_plan measure_memory 2>/dev/null
+elif [ "$PHASE" = s6b ]; then
+    # Session 6, misses installed by the fused decode kernel (kind nvidia-h200-x2, WORK=/tmp). GPU 0: the fused
+    # kernel's tests (install bit for bit against copy_records + compute), the miss micro-benchmark (copy,
+    # install, zero-copy), then profile_static (25%/50% with installs against the copy launch). GPU 1: the
+    # miss-path table at the minimum budget (native and 12 GB/s), then the static path's GPU tests.
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        step pytest_fused "${PYTEST_S:-120}" python3 -m pytest -q --tb=short -o faulthandler_timeout=100 tests/test_fused_moe.py
+        step miss_micro 60 python3 eval/bench_miss_paths.py --out "$WORK/miss_micro"
+        wait_build
+        step profile_static "$(left 15)" python3 eval/profile_static.py --out "$WORK/profile_static" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials "${TRIALS:-3}"
+    ) > "$OUT/gpu0.log" 2>&1 &
+    gpu0_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        wait_build
+        step miss_table "${MISS_S:-200}" python3 eval/bench_miss_paths.py --engine --budgets min --paths copy zerocopy auto \
+            --out "$WORK/miss_table" --deadline-s "$(( ${MISS_S:-200} - 10 ))"
+        step pytest_static "$(left 15)" python3 -m pytest -q --tb=short -o faulthandler_timeout=100 -m gpu \
+            tests/test_static_decode.py tests/test_miss_paths.py ${TESTS1:-}
+    } > "$OUT/gpu1.log" 2>&1
+    wait $gpu0_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static miss_micro miss_table 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked

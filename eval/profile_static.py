@@ -232,12 +232,16 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
         # rope_kernel auto (the fused rotary kernel where it runs), plus transformers' rotary at 100% and 25%.
         if engine.info().fused_rotary:
             runs += [(1.0, False, "torch_rope"), (0.25, False, "torch_rope")]
+        # misses installed by the fused decode kernel (the default) against the copy kernel then the compute.
+        if fused_decode:
+            runs += [(0.25, False, "copy_launch"), (0.5, False, "copy_launch")]
     for budget, prefetch, kernel in runs:
         engine.reconfigure(expert_budget=budget, prefetch=prefetch, decode="static", policy=args.policy,
                            experts_kernel=kernel if kernel in ("auto", "grouped_mm") else "auto",
                            norm_kernel="torch" if kernel == "torch_norms" else "auto",
                            router_kernel="torch" if kernel == "torch_routers" else "auto",
                            rope_kernel="torch" if kernel == "torch_rope" else "auto")
+        engine.runtime.device.install_misses = kernel != "copy_launch"
         engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
         results = [engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
                    for _ in range(max(1, args.trials))]
@@ -318,6 +322,13 @@ def targets(report: dict) -> dict:
         kernel |= {f"torch_rope_{pct}_ms_per_token": rope and rope["decode_ms_per_token"],
                    f"fused_rotary_modules_{pct}": fused["fused_rotary"],
                    f"fused_rope_tokens_equal_torch_rope_{pct}": rope and rope["token_ids"] == fused["token_ids"]}
+    for budget in ("0.25", "0.5"):  # misses installed by the decode kernel against the copy launch, same run
+        launch, fused = steps.get(f"{budget}/prefetch=False/copy_launch"), steps[f"{budget}/prefetch=False"]
+        pct = f"{round(float(budget) * 100)}pct"
+        kernel |= {f"copy_launch_{pct}_ms_per_token": launch and launch["decode_ms_per_token"],
+                   f"install_tokens_equal_copy_launch_{pct}": launch and launch["token_ids"] == fused["token_ids"]}
+    kernel |= {"ratio_25pct_to_engine_floor": quarter["decode_ms_per_token"] / full["decode_ms_per_token"],
+               "ratio_25pct_to_engine_floor_target": 1.2}
     # The physical floor (issue 12): the bytes a token must read at the HBM bandwidth measured in this
     # run, plus its missed expert records at the copy kernel's measured link rate; beside the engine's
     # own floor (its resident 100% step) above.

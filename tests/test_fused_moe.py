@@ -269,3 +269,99 @@ def test_zero_copy_bad_host_weights_are_input_errors():
     with pytest.raises(InputError, match="host_down must have the pool's record layout"):
         ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu,
                              host_down=host_dn.contiguous().transpose(1, 2))
+
+
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 8), (1, 3), (2, 4)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_install_is_the_copy_then_the_compute(kernel_device, num_tokens, top_k, transposed, dtype):
+    """install = (fill, src): each pair with fill >= 0 reads host row src and leaves it in slot fill. The
+    output and the whole pool must equal ops.copy_records of that copy list followed by the pool-only
+    kernel, bit for bit; slots not installed keep their bytes. Pairs mix hits, installs and zero-copy reads."""
+    gen = torch.Generator().manual_seed(50 + num_tokens * 7 + top_k + transposed)
+    hidden, inter, num_slots, num_rows = 72, 40, 2 * 8 * num_tokens + 2, 12
+    pool, slab, (gate_up, down), (host_gu, host_dn) = _pool_and_slab(
+        kernel_device, dtype, num_slots, num_rows, hidden, inter, transposed, gen)
+    order = torch.randperm(num_slots, generator=gen)  # distinct slots over all pairs: none is read and installed
+    slot_ids = order[: num_tokens * top_k].view(num_tokens, top_k).clone()
+    kind = torch.randint(0, 3, (num_tokens, top_k), generator=gen)  # 0 hit, 1 install, 2 zero-copy
+    kind.view(-1)[0] = 1  # at least one install
+    src = torch.randint(0, num_rows, (num_tokens, top_k), generator=gen)
+    fill = torch.where(kind == 1, slot_ids, -1)
+    slot_ids = torch.where(kind == 2, -1 - src, slot_ids)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(kernel_device, dtype)
+    w = torch.softmax(torch.randn(num_tokens, top_k, generator=gen), -1).to(kernel_device, dtype)
+    to = lambda t: t.to(kernel_device)  # noqa: E731
+    before = pool.clone()
+    got = ops.fused_moe_decode(x, w, to(slot_ids), gate_up, down, transposed, kernel=True, host_gate_up=host_gu,
+                               host_down=host_dn, install=(to(fill), to(src)))
+    installed = pool.clone()
+    pool.copy_(before)
+    ops.copy_records(slab, pool, to(src.view(-1)), to(fill.view(-1)))
+    want = ops.fused_moe_decode(x, w, to(slot_ids), gate_up, down, transposed, kernel=True, host_gate_up=host_gu,
+                                host_down=host_dn)
+    assert torch.equal(installed, pool), "the installed slots differ from copy_records' (or others changed)"
+    assert torch.equal(got, want)
+    assert not torch.equal(installed, before)  # something was installed
+    pool.copy_(before)  # the twin does the same
+    twin = ops.fused_moe_decode(x, w, to(slot_ids), gate_up, down, transposed, kernel=False, host_gate_up=host_gu,
+                                host_down=host_dn, install=(to(fill), to(src)))
+    assert torch.equal(pool, installed)
+    torch.testing.assert_close(twin.float(), got.float(), atol=2e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def test_install_bad_copy_lists_are_input_errors():
+    gen = torch.Generator().manual_seed(5)
+    _, _, (gate_up, down), (host_gu, host_dn) = _pool_and_slab("cpu", torch.float32, 3, 5, 8, 4, False, gen)
+    x, w, ids = torch.randn(1, 8), torch.ones(1, 2) / 2, torch.tensor([[0, 1]])
+    fill, src = torch.tensor([[-1, 1]]), torch.tensor([[0, 4]])
+    with pytest.raises(InputError, match="needs both host_gate_up and host_down"):
+        ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, install=(fill, src))
+    with pytest.raises(InputError, match="install's src must be an integer tensor of one entry per"):
+        ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu, host_down=host_dn,
+                             install=(fill, src[:, :1]))
+    with pytest.raises(InputError, match=r"install must be \(fill, src\)"):
+        ops.fused_moe_decode(x, w, ids, gate_up, down, kernel=False, host_gate_up=host_gu, host_down=host_dn,
+                             install=fill)
+
+
+@pytest.mark.parametrize("miss_path", ["copy", "zerocopy"])
+def test_static_decode_installs_misses_in_the_kernel_as_the_copy_would(qwen_checkpoint, miss_path):
+    """DevicePath.install_misses (the default): a static step's copied misses are installed by the fused decode
+    op as it computes, with no copy launch. Against the copy launch then the compute, over several requests
+    with prefetch on (its copies still run on their own): the same tokens, slot pool bytes, cache state and
+    counters. On the CPU the op is its twin; on a GPU the kernel."""
+    import numpy as np
+
+    import vismmoe
+
+    from .conftest import random_requests
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    requests = random_requests(3, seed=9)
+    runs = {}
+    for install in (True, False):
+        engine = vismmoe.load(qwen_checkpoint, device=device, dtype="float32", expert_budget=0.3, decode="static",
+                              prefetch=True, miss_path=miss_path)
+        engine.runtime.fused_decode = True
+        engine.runtime.device.install_misses = install
+        calls = []
+        original = ops.fused_moe_decode
+
+        def counted(*args, **kwargs):
+            calls.append(kwargs.get("install") is not None)
+            return original(*args, **kwargs)
+
+        ops.fused_moe_decode = counted
+        try:
+            results = [engine.generate(image=i, prompt=p, max_new_tokens=6, min_new_tokens=6) for i, p in requests]
+        finally:
+            ops.fused_moe_decode = original
+        cache = engine.runtime.cache
+        runs[install] = ([r.token_ids for r in results], cache.slots.cpu().clone(), cache.state.owner.copy(),
+                         [(r.stats.expert_misses, r.stats.bytes_h2d, r.stats.misses_by_path) for r in results], calls)
+    (tok_i, pool_i, owner_i, stats_i, calls_i), (tok_c, pool_c, owner_c, stats_c, calls_c) = runs[True], runs[False]
+    assert tok_i == tok_c and stats_i == stats_c
+    assert np.array_equal(owner_i, owner_c) and torch.equal(pool_i, pool_c)
+    assert any(calls_i) and not any(calls_c)  # the install ran, and only where asked for
+    assert sum(s[0] for s in stats_i) > 0  # there were misses to install

@@ -412,7 +412,7 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     kernel: bool | None = None, host_gate_up=None, host_down=None):
+                     kernel: bool | None = None, host_gate_up=None, host_down=None, install=None):
     """out[t] = sum_j w[t, j] * down_s(silu_mul(gate_up_s(x[t]))) with s = slot_ids[t, j].
 
     Shapes as `experts_from_slots`: hidden [T, H]; top_k_weights, slot_ids [T, k]; gate_up [S, 2I, H]
@@ -422,18 +422,31 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
 
     Zero-copy: with `host_gate_up` / `host_down` (views of the page-locked host slab in the pool's layout,
     [R, ...]), a slot id -r-1 is host row r, read over the bus by the kernel without taking a slot.
+
+    Install (the copy miss path in the same launches): `install` = (fill, src), int64 [T, k] (or [T * k]),
+    with the host views: each pair with fill >= 0 installs host row src into slot fill (the cache's copy
+    list: `copy_records(slab, pool, src, fill)`) and computes from it; the result, pool included, is that
+    of the copy followed by this op. A slot being installed must not be read by another pair.
     """
     _check_fused_inputs(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed)
     zero_copy = host_gate_up is not None or host_down is not None
-    if zero_copy:
+    if zero_copy or install is not None:
         _check_host_weights(gate_up, down, host_gate_up, host_down)
+    if install is not None:
+        _check_install(install, slot_ids)
     if kernel is None:
         kernel = hidden.is_cuda and cache_kernel_available() and _fused_moe_checked(hidden.device)
     if kernel:
         from .kernels import fused_moe
 
         return fused_moe.fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed,
-                                          host_gate_up=host_gate_up, host_down=host_down)
+                                          host_gate_up=host_gate_up, host_down=host_down, install=install)
+    if install is not None:  # the twin: the copy, then the compute from the slots
+        fill, src = (t.reshape(-1) for t in install)
+        keep = fill >= 0
+        rows = src[keep].to(host_gate_up.device)
+        gate_up[fill[keep]] = host_gate_up[rows].to(gate_up.device)
+        down[fill[keep]] = host_down[rows].to(down.device)
     if zero_copy:  # the twin on the same weights, gathered per pair: pool slots and host rows
         ids = slot_ids.reshape(-1).tolist()
         pick = lambda pool, host: torch.stack([pool[s] if s >= 0 else host[-s - 1].to(pool.device)  # noqa: E731
@@ -442,6 +455,19 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
         return experts_from_slots_reference(hidden, top_k_weights, pairs, pick(gate_up, host_gate_up),
                                             pick(down, host_down), silu_mul, is_transposed)
     return experts_from_slots_reference(hidden, top_k_weights, slot_ids, gate_up, down, silu_mul, is_transposed)
+
+
+def _check_install(install, slot_ids) -> None:
+    from .errors import InputError
+
+    if not (isinstance(install, (tuple, list)) and len(install) == 2):
+        raise InputError("fused_moe_decode: install must be (fill, src), the cache's copy list per pair")
+    for name, t in zip(("fill", "src"), install):
+        if not isinstance(t, torch.Tensor) or t.numel() != slot_ids.numel() or t.dtype not in (torch.int32, torch.int64) \
+                or t.device != slot_ids.device:
+            raise InputError(f"fused_moe_decode: install's {name} must be an integer tensor of one entry per "
+                             f"(token, expert) pair ({slot_ids.numel()}) on {slot_ids.device}; got "
+                             f"{getattr(t, 'shape', t)!r}")
 
 
 def _check_host_weights(gate_up, down, host_gate_up, host_down) -> None:
@@ -524,6 +550,23 @@ def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
         ref = experts_from_slots_reference(x, w, slots, gate_up, down, silu_mul, transposed)
         got = fused_moe.fused_moe_decode(*(t.to(device) for t in (x, w, slots, gate_up, down)), transposed)
         if not torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4):
+            return False
+        # The variant that reads host rows and installs misses (static decode at a partial budget): token 0's
+        # experts from host rows, installed into slots S..S+k-1 of a larger pool; the pool must end as copied.
+        host_gu, host_dn = gate_up.clone(), down.clone()
+        if device.type == "cuda":
+            host_gu, host_dn = host_gu.pin_memory(), host_dn.pin_memory()
+        pool_gu = torch.cat([gate_up, torch.zeros_like(gate_up[:k])]).to(device)
+        pool_dn = torch.cat([down, torch.zeros_like(down[:k])]).to(device)
+        ids = slots.clone()
+        ids[0] = torch.arange(S, S + k)
+        fill = torch.full_like(slots, -1)
+        fill[0] = ids[0]
+        got = fused_moe.fused_moe_decode(*(t.to(device) for t in (x, w, ids)), pool_gu, pool_dn, transposed,
+                                         host_gate_up=host_gu, host_down=host_dn,
+                                         install=(fill.to(device), slots.to(device)))
+        if not (torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4) and torch.equal(pool_gu[S:].cpu(), gate_up[slots[0]])
+                and torch.equal(pool_dn[S:].cpu(), down[slots[0]])):
             return False
     return True
 

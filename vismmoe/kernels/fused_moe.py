@@ -17,9 +17,18 @@ Pointer offsets are int64 (a pool of large experts passes 2^31 elements).
 
 Zero-copy reads (issue 12's second miss path): a negative slot id -r-1 names row r of a second pair of
 weight tensors (`host_gate_up`, `host_down`: views of the page-locked host slab, same layout as the pool),
-which the kernel reads straight over the bus instead of from a slot. Each weight load is then two masked
-loads (pool or host, per pair), so only the bytes of the side a pair names move. Without host tensors
-(`HAS_HOST` off) the kernels are the pool-only ones.
+which the kernel reads straight over the bus instead of from a slot. Each pair's weights are read through
+one pointer chosen per pair (pool or host), so one load per tile as in the pool-only kernels and only the
+bytes of the side a pair names move. Without host tensors (`HAS_HOST` off) the kernels are the pool-only
+ones.
+
+Installing misses (the copy miss path without a copy launch): with `install` = (fill, src) per pair,
+a pair whose fill >= 0 is read from host row src and each tile it reads is also stored into pool slot
+fill. The launches tile each pair's weights exactly once between them (launch 1 every gate and up row,
+launch 2 every down row of the token's k experts), so when they end the slot holds the whole record,
+as `ops.copy_records` would have left it, and the output is the copy-then-compute one bit for bit. A
+slot installed here must not be read by another pair of the same call (a decode step's experts are
+distinct).
 
 Torch twin: `ops.experts_from_slots_reference` with `ops.silu_mul`; tests `tests/test_fused_moe.py`.
 """
@@ -74,9 +83,9 @@ def blocks_for(num_tokens: int, is_transposed: bool) -> Blocks:
 
 
 @triton.jit
-def _gate_up_act(x_p, slot_p, gu_p, hgu_p, inter_p, H, I, top_k,
+def _gate_up_act(x_p, slot_p, gu_p, hgu_p, inter_p, fill_p, src_p, H, I, top_k,
                  sx_t, sx_h, sg_s, shg_s, sg_o, sg_i,
-                 BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, HAS_HOST: tl.constexpr):
+                 BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, HAS_HOST: tl.constexpr, INSTALL: tl.constexpr):
     pair = tl.program_id(0)
     ib = tl.program_id(1)
     token = pair // top_k
@@ -85,10 +94,16 @@ def _gate_up_act(x_p, slot_p, gu_p, hgu_p, inter_p, H, I, top_k,
     in_i = offs_i < I
     rows_g = offs_i.to(tl.int64) * sg_o  # gate rows are 0..I-1 of the 2I outputs, up rows I..2I-1
     rows_u = (offs_i + I).to(tl.int64) * sg_o
-    on_host = slot < 0  # zero-copy: row -slot-1 of the host weights
-    row = tl.where(on_host, -slot - 1, slot)
-    base = gu_p + row * sg_s
-    host_base = hgu_p + row * shg_s
+    base = gu_p + tl.maximum(slot, 0) * sg_s
+    if HAS_HOST:
+        # Zero-copy (slot -r-1) or an install (fill >= 0, host row src): this pair reads host row `row`.
+        row = -slot - 1
+        fill = slot * 0 - 1
+        if INSTALL:
+            fill = tl.load(fill_p + pair).to(tl.int64)
+            row = tl.where(fill >= 0, tl.load(src_p + pair).to(tl.int64), row)
+        base = tl.where(row >= 0, hgu_p + tl.maximum(row, 0) * shg_s, base)
+        dst = gu_p + tl.maximum(fill, 0) * sg_s
     gate = tl.zeros([BLOCK_I], dtype=tl.float32)
     up = tl.zeros([BLOCK_I], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
@@ -99,29 +114,24 @@ def _gate_up_act(x_p, slot_p, gu_p, hgu_p, inter_p, H, I, top_k,
         mask = in_i[:, None] & in_h[None, :]
         offs_g = rows_g[:, None] + cols[None, :]
         offs_u = rows_u[:, None] + cols[None, :]
-        if HAS_HOST:
-            # The pool or the host side of this pair, as per-row masks (vectors: Triton's interpreter
-            # refuses a block mask combined with a scalar condition).
-            slot_rows = offs_i.to(tl.int64) * 0 + slot
-            dev = (in_i & (slot_rows >= 0))[:, None] & in_h[None, :]
-            host = (in_i & (slot_rows < 0))[:, None] & in_h[None, :]
-            wg = (tl.load(base + offs_g, mask=dev, other=0.0).to(tl.float32)
-                  + tl.load(host_base + offs_g, mask=host, other=0.0).to(tl.float32))
-            wu = (tl.load(base + offs_u, mask=dev, other=0.0).to(tl.float32)
-                  + tl.load(host_base + offs_u, mask=host, other=0.0).to(tl.float32))
-        else:
-            wg = tl.load(base + offs_g, mask=mask, other=0.0).to(tl.float32)
-            wu = tl.load(base + offs_u, mask=mask, other=0.0).to(tl.float32)
-        gate += tl.sum(wg * x[None, :], axis=1)
-        up += tl.sum(wu * x[None, :], axis=1)
+        wg = tl.load(base + offs_g, mask=mask, other=0.0)
+        wu = tl.load(base + offs_u, mask=mask, other=0.0)
+        if INSTALL:
+            # Vectors, not a scalar condition: Triton's interpreter refuses a block mask combined with one.
+            put = mask & ((offs_i.to(tl.int64) * 0 + fill) >= 0)[:, None]
+            tl.store(dst + offs_g, wg, mask=put)
+            tl.store(dst + offs_u, wu, mask=put)
+        gate += tl.sum(wg.to(tl.float32) * x[None, :], axis=1)
+        up += tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
     act = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(inter_p + pair.to(tl.int64) * I + offs_i, act, mask=in_i)
 
 
 @triton.jit
-def _down_sum(inter_p, slot_p, w_p, dn_p, hdn_p, out_p, H, I, top_k,
+def _down_sum(inter_p, slot_p, w_p, dn_p, hdn_p, out_p, fill_p, src_p, H, I, top_k,
               sw_t, sw_k, sd_s, shd_s, sd_o, sd_i, so_t, so_h,
-              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, HAS_HOST: tl.constexpr):
+              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, HAS_HOST: tl.constexpr,
+              INSTALL: tl.constexpr):
     token = tl.program_id(0)
     hb = tl.program_id(1)
     offs_k = tl.arange(0, BLOCK_K)
@@ -131,11 +141,18 @@ def _down_sum(inter_p, slot_p, w_p, dn_p, hdn_p, out_p, H, I, top_k,
     weights = tl.load(w_p + token.to(tl.int64) * sw_t + offs_k * sw_k, mask=in_k, other=0.0).to(tl.float32)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     in_h = offs_h < H
-    on_host = slots < 0  # zero-copy pairs: row -slot-1 of the host weights
-    row = tl.where(on_host, -slots - 1, slots)
     cols = offs_h.to(tl.int64)[None, :] * sd_o
-    rows = row[:, None] * sd_s + cols  # [K, BLOCK_H]
-    host_rows = row[:, None] * shd_s + cols
+    k_base = dn_p + tl.maximum(slots, 0) * sd_s  # [K] pointers: each pair's down weights
+    if HAS_HOST:
+        # Zero-copy pairs (slot -r-1) and installs (fill >= 0, host row src) read host row `row`.
+        row = -slots - 1
+        fill = slots * 0 - 1
+        if INSTALL:
+            fill = tl.load(fill_p + pairs, mask=in_k, other=-1).to(tl.int64)
+            row = tl.where(fill >= 0, tl.load(src_p + pairs, mask=in_k, other=0).to(tl.int64), row)
+        k_base = tl.where(row >= 0, hdn_p + tl.maximum(row, 0) * shd_s, k_base)
+        k_dst = dn_p + tl.maximum(fill, 0) * sd_s
+    ptrs = k_base[:, None] + cols  # [K, BLOCK_H]
     acc = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
@@ -144,14 +161,10 @@ def _down_sum(inter_p, slot_p, w_p, dn_p, hdn_p, out_p, H, I, top_k,
                     other=0.0)  # [K, BLOCK_I]
         mask = (in_k[:, None] & in_h[None, :])[:, :, None] & in_i[None, None, :]
         inner = offs_i.to(tl.int64)[None, None, :] * sd_i
-        if HAS_HOST:
-            dev = mask & (slots >= 0)[:, None, None]
-            host = mask & (slots < 0)[:, None, None]
-            wd = (tl.load(dn_p + rows[:, :, None] + inner, mask=dev, other=0.0).to(tl.float32)
-                  + tl.load(hdn_p + host_rows[:, :, None] + inner, mask=host, other=0.0).to(tl.float32))
-        else:
-            wd = tl.load(dn_p + rows[:, :, None] + inner, mask=mask, other=0.0).to(tl.float32)  # [K, BLOCK_H, BLOCK_I]
-        acc += tl.sum(wd * a[:, None, :], axis=2)
+        wd = tl.load(ptrs[:, :, None] + inner, mask=mask, other=0.0)  # [K, BLOCK_H, BLOCK_I]
+        if INSTALL:
+            tl.store((k_dst[:, None] + cols)[:, :, None] + inner, wd, mask=mask & (fill >= 0)[:, None, None])
+        acc += tl.sum(wd.to(tl.float32) * a[:, None, :], axis=2)
     # The routing-weighted sum over the k experts: a fixed reduction order, so results are deterministic.
     out = tl.sum(acc * weights[:, None], axis=0)
     tl.store(out_p + token.to(tl.int64) * so_t + offs_h * so_h, out.to(out_p.dtype.element_ty), mask=in_h)
@@ -172,39 +185,47 @@ def _pointer(tensor, like):
     return HostTensor(tensor) if like.is_cuda and not tensor.is_cuda else tensor
 
 
-def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks, host_gate_up=None):
-    """Launch 1: inter[pair] = silu(gate(x)) * up(x) for every (token, expert) pair (fp32)."""
+def gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks: Blocks, host_gate_up=None,
+                   install=None):
+    """Launch 1: inter[pair] = silu(gate(x)) * up(x) for every (token, expert) pair (fp32); with `install`
+    = (fill, src), also the gate and up rows of host row src[pair] into slot fill[pair] where fill >= 0."""
     I, sg_o, sg_i = _gate_up_layout(gate_up, is_transposed)
     host = _pointer(host_gate_up, gate_up)
+    fill, src = install if install is not None else (slots, slots)
     _gate_up_act[(slots.numel(), triton.cdiv(I, blocks.gate_i))](
-        hidden, slots, gate_up, host, inter, hidden.shape[1], I, top_k,
+        hidden, slots, gate_up, host, inter, fill, src, hidden.shape[1], I, top_k,
         hidden.stride(0), hidden.stride(1), gate_up.stride(0), host.stride(0), sg_o, sg_i,
         BLOCK_I=blocks.gate_i, BLOCK_H=blocks.gate_h, HAS_HOST=host_gate_up is not None,
-        num_warps=blocks.gate_warps, num_stages=blocks.gate_stages)
+        INSTALL=install is not None, num_warps=blocks.gate_warps, num_stages=blocks.gate_stages)
 
 
-def down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks: Blocks, host_down=None):
-    """Launch 2: out[t] = sum_j w[t, j] * down_s(inter[t, j]) (fp32 accumulation, stored in out's dtype)."""
+def down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks: Blocks, host_down=None,
+                install=None):
+    """Launch 2: out[t] = sum_j w[t, j] * down_s(inter[t, j]) (fp32 accumulation, stored in out's dtype); with
+    `install` = (fill, src), also the down rows of host row src[pair] into slot fill[pair] where fill >= 0."""
     num_tokens, top_k = top_k_weights.shape
     H, I = out.shape[1], inter.shape[1]
     # down is [S, H, I], or [S, I, H] transposed: (stride over the H outputs, stride over I)
     sd_o, sd_i = (down.stride(2), down.stride(1)) if is_transposed else (down.stride(1), down.stride(2))
     host = _pointer(host_down, down)
+    fill, src = install if install is not None else (slots, slots)
     _down_sum[(num_tokens, triton.cdiv(H, blocks.down_h))](
-        inter, slots, top_k_weights, down, host, out, H, I, top_k,
+        inter, slots, top_k_weights, down, host, out, fill, src, H, I, top_k,
         top_k_weights.stride(0), top_k_weights.stride(1), down.stride(0), host.stride(0), sd_o, sd_i,
         out.stride(0), out.stride(1),
         BLOCK_K=max(2, triton.next_power_of_2(top_k)), BLOCK_H=blocks.down_h, BLOCK_I=blocks.down_i,
-        HAS_HOST=host_down is not None, num_warps=blocks.down_warps, num_stages=blocks.down_stages)
+        HAS_HOST=host_down is not None, INSTALL=install is not None, num_warps=blocks.down_warps,
+        num_stages=blocks.down_stages)
 
 
 def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transposed=False,
-                     blocks: Blocks | None = None, host_gate_up=None, host_down=None):
+                     blocks: Blocks | None = None, host_gate_up=None, host_down=None, install=None):
     """out[t] = sum_j w[t, j] * down_s(silu(gate_s(x[t])) * up_s(x[t])), s = slot_ids[t, j]; shapes as
     `ops.experts_from_slots`. Inputs are checked by the caller (`ops.fused_moe_decode`). `blocks`:
     tile sizes (powers of two; tests shrink them to walk the loops), default `blocks_for`. With
     `host_gate_up` / `host_down` (the host slab's views, same inner strides as the pool's), a slot id -r-1
-    reads host row r directly (zero-copy)."""
+    reads host row r directly (zero-copy). `install` = (fill, src), int64 per pair (flattened [T * k]):
+    pairs with fill >= 0 read host row src and install it into slot fill (needs the host views)."""
     num_tokens, top_k = slot_ids.shape
     blocks = blocks or blocks_for(num_tokens, is_transposed)
     I = _gate_up_layout(gate_up, is_transposed)[0]
@@ -213,8 +234,10 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
     out = torch.empty(num_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
     if slots.numel() == 0:
         return out.zero_()
+    if install is not None:
+        install = tuple(t.reshape(-1).contiguous() for t in install)
     ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with ctx:  # Triton launches on the current device: make it the pool's
-        gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks, host_gate_up)
-        down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks, host_down)
+        gate_up_launch(hidden, slots, gate_up, inter, top_k, is_transposed, blocks, host_gate_up, install)
+        down_launch(inter, slots, top_k_weights, down, out, is_transposed, blocks, host_down, install)
     return out

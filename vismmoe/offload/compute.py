@@ -38,14 +38,15 @@ class ExpertCompute:
         """Can a step of `num_tokens` read in-place misses (negative slot ids): the fused kernel or the loop."""
         return self.fused_for(num_tokens) or not self.grouped
 
-    def run(self, module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=None):
+    def run(self, module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=None, install=None):
         """The routed experts' output from their slots: the fused kernel for decode-sized steps, else grouped
-        GEMMs. `host`: the slab's (gate_up, down) views, for slot ids -r-1 (fused kernel only)."""
+        GEMMs. `host`: the slab's (gate_up, down) views, for slot ids -r-1 and for `install` = (fill, src),
+        a copy list the fused kernel executes as it reads (fused kernel only)."""
         if self.fused_for(hidden_states.shape[0]):
             return ops.fused_moe_decode(hidden_states, top_k_weights, slot_ids, gate_up, down, self.is_transposed,
                                         host_gate_up=None if host is None else host[0],
-                                        host_down=None if host is None else host[1])
-        assert host is None, "grouped GEMMs read only the slot pool"
+                                        host_down=None if host is None else host[1], install=install)
+        assert host is None and install is None, "grouped GEMMs read only the slot pool"
         return ops.experts_from_slots(hidden_states, top_k_weights, slot_ids, gate_up, down, module._apply_gate,
                                       self.is_transposed)
 

@@ -53,6 +53,10 @@ class DevicePath:
         self.host_layers = set()  # layers whose compute may read in-place misses from the slab
         self.auto = None  # autoprefetch.AutoPrefetch under `prefetch: auto`
         self.auto_base = None  # its device copy of the configured limits [L, depth]
+        # Copied misses are installed by the fused decode kernel as it reads them from the slab (one launch
+        # per layer fewer than the copy kernel, and the layer's compute starts without waiting for it);
+        # False: the copy kernel, then the compute (eval/profile_static.py times both).
+        self.install_misses = True
 
     def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None, zero_copy: bool = False) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth, zero_copy)
@@ -102,6 +106,7 @@ class DevicePath:
             self._pending = None
         hidden = self._hidden.pop(layer, None)
         experts = top_k_index.reshape(-1)
+        install = None  # the copy list the fused decode kernel executes (install_misses)
         if cache.complete:
             cache.count_resident_use(layer, top_k_index)
             gate_up, down = cache.layer_views(layer)
@@ -112,11 +117,16 @@ class DevicePath:
             while n_dist < self.ledger.depth and layer - 1 - n_dist in self._predicted_at:
                 n_dist += 1
             score = self.ledger.scoring(n_dist) if n_dist else None
-            slot_ids = self.residency.demand(layer, experts, score).view_as(top_k_index)
+            if self.install_misses and compute.fused_for(hidden_states.shape[0]):
+                slot_ids, install = self.residency.demand(layer, experts, score, install=True)
+                slot_ids = slot_ids.view_as(top_k_index)
+            else:
+                slot_ids = self.residency.demand(layer, experts, score).view_as(top_k_index)
             gate_up, down = cache.gate_up_view, cache.down_view
-        host = cache.store.host_views() if layer in self.host_layers and not cache.complete else None
+        host = cache.store.host_views() if (layer in self.host_layers or install is not None) \
+            and not cache.complete else None
         if compute.from_slots(hidden_states.shape[0]):
-            out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=host)
+            out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=host, install=install)
         else:
             out = compute.loop(module, hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down, host=host)
         if hidden is not None and self.lookahead is not None and not cache.complete \

@@ -19,8 +19,9 @@ is the same state machine for all three: zerocopy and cpu are its "in place" dem
 m = the layer's expected misses per decode token = top_k * its decode miss ratio, an exponential mean
 over the requests served so far (before the first: the prior of uniform routing, top_k * (1 - the
 layer's share of slots / E)). copy_s / zero_copy_s: seconds per record over the link (the static path's
-copy kernel or the host path's DMA; the decode kernel's mapped reads); zero_copy_layer_s: what the
-decode kernel's two-sided loads cost a layer call even when nothing misses; cpu_s: one expert for one
+copy, which the fused decode kernel executes as it reads where it runs, else the copy kernel; the host
+path's DMA; the decode kernel's mapped reads); zero_copy_layer_s: what the host-capable kernel variant
+costs a layer call even when nothing misses (0 where static copies run in that variant too); cpu_s: one expert for one
 token on the CPU from the host store; host_layer_s: the host-decided path's extra cost per layer call
 over a static step. The model takes the hit rate as independent of the path (stationary routing:
 what a copy brings in is as likely to be reused as what it evicts); the hit rate that zerocopy and cpu
@@ -150,11 +151,12 @@ class MissPlanner:
 # -- measured figures ---------------------------------------------------------------------------------
 
 
-def measure_figures(store, cache, compute, emulation=None, repeats: int = 3) -> MissFigures:
+def measure_figures(store, cache, compute, emulation=None, repeats: int = 3, installs: bool = True) -> MissFigures:
     """This machine's figures, timed at load (tens of milliseconds): the static copy kernel, the host
     path's copy and the decode kernel's in-place reads on CUDA (into the cache's free slots: call before
     any request), one expert on the CPU. Under `emulate:`, the link figures are the profile's (pacing
-    slows copies and in-place reads alike). Priors fill what cannot be measured."""
+    slows copies and in-place reads alike). Priors fill what cannot be measured. `installs`: static decode's
+    copied misses are installed by the fused decode kernel (DevicePath.install_misses)."""
     source = {}
     device = cache.device
     rb = store.record_bytes
@@ -179,17 +181,30 @@ def measure_figures(store, cache, compute, emulation=None, repeats: int = 3) -> 
         copy_s = _time(lambda: ops.copy_records(store.slab_rows, cache.slots, rows, rows), repeats, device) / n
         source["copy_s"] = f"measured: ops.copy_records of {n} records"
         if compute.fused_decode:
-            zero_copy_s, layer_s = _zero_copy_figures(store, cache, compute, n, repeats)
+            zero_copy_s, layer_s, install_s = _zero_copy_figures(store, cache, compute, n, repeats)
             source["zero_copy_s"] = source["zero_copy_layer_s"] = \
                 f"measured: ops.fused_moe_decode, 1 token, {n} experts from host rows vs slots"
+            if installs:
+                # Static decode's copies run inside that same kernel variant (DevicePath.install_misses), so
+                # a copied miss costs its in-kernel install and the variant's per-layer cost is common to both.
+                copy_s, layer_s = install_s, 0.0
+                source["copy_s"] = f"measured: ops.fused_moe_decode installing {n} host rows into slots"
+                source["zero_copy_layer_s"] = "0: copies run in the same kernel variant (installed misses)"
     else:
         source["copy_s"] = "as host_copy_s (no device copy kernel here)"
-    if emulation is not None:  # the emulated link: copies and in-place reads paced alike
-        copy_s = max(copy_s, emulation.target_s("static"))
+    if emulation is not None:  # the emulated link: copies and in-place reads are paced alike
+        native = getattr(emulation, "native_s", {})
+        if "static" in native:  # pacing adds (profile time - this machine's copy time) per record to either
+            delay = emulation.delay_s("static")
+            copy_s += delay
+            if np.isfinite(zero_copy_s):
+                zero_copy_s += delay
+        else:
+            copy_s = max(copy_s, emulation.target_s("static"))
+            if np.isfinite(zero_copy_s):
+                zero_copy_s = max(zero_copy_s, emulation.target_s("static"))
         host_copy_s = max(host_copy_s, emulation.target_s("host"))
-        if np.isfinite(zero_copy_s):
-            zero_copy_s = max(zero_copy_s, emulation.target_s("static"))
-        source["emulated"] = f"link figures at least the emulated {emulation.profile.name}'s"
+        source["emulated"] = f"link figures paced to the emulated {emulation.profile.name}'s"
     source["host_layer_s"] = "prior: BENCHMARKS.md (H100, generate vs static step, 2.13 ms per layer call)"
     return MissFigures(copy_s, host_copy_s, zero_copy_s, layer_s, cpu_s, PRIORS["host_layer_s"], source)
 
@@ -210,7 +225,11 @@ def _zero_copy_figures(store, cache, compute, n, repeats):
                       repeats, device)
     in_place = _time(lambda: ops.fused_moe_decode(x, w, host_ids, *args, host_gate_up=host[0], host_down=host[1]),
                      repeats, device)
-    return max(in_place - two_sided, 0.0) / n, max(two_sided - plain, 0.0)
+    # Installing: the pool slots 0..n-1 (free before any request) take host rows n..2n-1 as they are read.
+    install = (pool_ids.clone(), (n + torch.arange(n, device=device)).view(1, n) % len(store.slab_rows))
+    installed = _time(lambda: ops.fused_moe_decode(x, w, pool_ids, *args, host_gate_up=host[0], host_down=host[1],
+                                                   install=install), repeats, device)
+    return max(in_place - two_sided, 0.0) / n, max(two_sided - plain, 0.0), max(installed - two_sided, 0.0) / n
 
 
 # A real miss reads a record the CPU has not touched lately; timing one record again and again reads it from
@@ -332,7 +351,8 @@ class MissPathControl:
         else:
             self.paths = np.zeros(self.num_layers, np.int64)
             try:
-                self.figures = figures or measure_figures(store, cache, compute, emulation)
+                self.figures = figures or measure_figures(store, cache, compute, emulation,
+                                                          installs=runtime.device.install_misses)
             except Exception as exc:  # noqa: BLE001 - a measurement that fails: copy, and say why
                 import warnings
 

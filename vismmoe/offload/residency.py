@@ -85,22 +85,25 @@ class DeviceResidency:
     def begin_step(self) -> None:
         begin_step(self.state)  # prefetch pins last until their layer has run within this step
 
-    def demand(self, layer: int, experts: torch.Tensor, score=None) -> torch.Tensor:
+    def demand(self, layer: int, experts: torch.Tensor, score=None, install: bool = False):
         """Make `experts` (distinct ids, int64 [n]) of `layer` resident; return their slots [n]. `score`:
         the ledger's `scoring(...)`, counted by the same launch.
 
         Copies of misses run on the current stream, so the compute queued after this reads landed data.
+        `install`: copy nothing, return (slots, (fill, src)) instead: the copy list, which the fused decode
+        kernel executes as it computes (ops.fused_moe_decode's `install`), one launch fewer per layer.
         """
         n = experts.numel()
         in_place = None if self.miss_modes is None else self.miss_modes[layer]
         slots, fill, src = ops.cache_demand(self.state, layer, experts, self.visual_tokens[:n], self.text_tokens[:n],
                                             score=score, quota=self.quota, in_place=in_place)
-        ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
+        if not install:
+            ops.copy_records(self.cache.store.slab_rows, self.cache.slots, src, fill)
         if self.cache.pacer is not None:  # an emulated device's slower link (deploy/emulate.py)
             self.cache.pacer.pace_device(fill)
             if in_place is not None:  # in-place reads cross the same link: the same delay per record, before
                 self.cache.pacer.pace_device(-1 - slots)  # the kernel that reads them (>= 0: a host row)
-        return slots
+        return (slots, (fill, src)) if install else slots
 
     def prefetch(self, running: int, predicted: torch.Tensor) -> None:
         """Queued after layer `running`'s compute: load the predicted experts of the next layers —
