@@ -288,6 +288,37 @@ elif [ "$PHASE" = s6b ]; then
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static miss_micro miss_table 2>/dev/null
+elif [ "$PHASE" = s6c ]; then
+    # Session 6, last call (kind nvidia-h200-x2, WORK=/tmp). GPU 0: the install kernel's tests and micro-
+    # benchmark, host pages, profile_static, then prefetch: auto live. GPU 1: the planner out of sample,
+    # then the GPU tests of the two captured steps under auto and the static path.
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    (
+        export CUDA_VISIBLE_DEVICES=0
+        step pytest_fused 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=90 tests/test_fused_moe.py \
+            -k "install or zero_copy or self_check"
+        step miss_micro 40 python3 eval/bench_miss_paths.py --out "$WORK/miss_micro"
+        step host_pages 60 python3 eval/bench_host_pages.py --out "$WORK/host_pages"
+        wait_build
+        step profile_static "${PROFILE_S:-130}" python3 eval/profile_static.py --out "$WORK/profile_static" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3
+        step autoprefetch "$(left 12)" python3 eval/profile_autoprefetch.py --out "$WORK/autoprefetch" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 2
+    ) > "$OUT/gpu0.log" 2>&1 &
+    gpu0_pid=$!
+    {
+        export CUDA_VISIBLE_DEVICES=1
+        wait_build
+        step validate_plan "${VALIDATE_S:-360}" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(( ${VALIDATE_S:-360} - 30 ))"
+        step pytest_gpu "$(left 12)" python3 -m pytest -q --tb=short -o faulthandler_timeout=100 -m gpu \
+            tests/test_autoprefetch.py tests/test_static_decode.py ${TESTS1:-}
+    } > "$OUT/gpu1.log" 2>&1
+    wait $gpu0_pid
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static miss_micro host_pages autoprefetch \
+        validate_plan 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
