@@ -305,7 +305,7 @@ elif [ "$PHASE" = s6c ]; then
         step profile_static "${PROFILE_S:-130}" python3 eval/profile_static.py --out "$WORK/profile_static" \
             --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3
         step autoprefetch "$(left 12)" python3 eval/profile_autoprefetch.py --out "$WORK/autoprefetch" \
-            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 2
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 2 --traces
     ) > "$OUT/gpu0.log" 2>&1 &
     gpu0_pid=$!
     {
