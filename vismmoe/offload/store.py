@@ -64,7 +64,7 @@ class ExpertStore:
         if mode == "mmap":
             self.slab = None
         else:
-            self.slab = torch.empty((self.num_layers, self.num_experts, self.record_numel), dtype=dtype)
+            self.slab = huge_page_tensor((self.num_layers, self.num_experts, self.record_numel), dtype)
             for layer in range(self.num_layers):
                 for expert in range(self.num_experts):
                     self._read_into(layer, expert, self.slab[layer, expert])
@@ -207,6 +207,39 @@ def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertS
             row.append(ExpertSource(**entry))
         table.append(row)
     return table
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def huge_page_tensor(shape, dtype) -> torch.Tensor:
+    """An uninitialised host tensor on memory the kernel is asked to back with 2 MiB pages (transparent huge
+    pages: an anonymous mapping aligned to 2 MiB, madvise(MADV_HUGEPAGE)). The slab is read by the GPU over
+    the bus a record at a time, records it has not read lately: with 4 KiB pages each 9.44 MB record is
+    2,300 pages to translate (eval/bench_host_pages.py measures what that costs a copy), and page-locking
+    a slab registers every page. Where THP is off, or not Linux, this is ordinary memory."""
+    import ctypes
+    import mmap
+
+    numel = 1
+    for n in shape:
+        numel *= n
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    if size < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(shape, dtype=dtype)
+    area = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(area)
+    base = ctypes.addressof(view)
+    offset = (-base) % _HUGE_PAGE
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise(ctypes.c_void_p(base + offset), ctypes.c_size_t(size), ctypes.c_int(_MADV_HUGEPAGE))
+    except (OSError, AttributeError):  # no madvise here: ordinary pages
+        pass
+    del view  # the tensor keeps the mapping alive (torch.frombuffer holds it)
+    flat = torch.frombuffer(area, dtype=torch.uint8)[offset: offset + size]
+    return flat.view(dtype).view(shape)
 
 
 # cudaHostRegister flags (cuda_runtime_api.h).
