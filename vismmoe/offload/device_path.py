@@ -51,11 +51,11 @@ class DevicePath:
         self.lookahead = None  # RouterStack or LookaheadPredictor: predict_into(layer, hidden, out [D, k])
         self._hidden: dict = {}  # layer -> the decode token's state entering it (from the predict hook)
         self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
+        self.lookahead_on = True  # this step runs the lookahead (begin_step)
         self._pending = None  # the state the copy stream may still read; joined before the next lookup
         self.host_layers = set()  # layers whose compute may read in-place misses from the slab
         self.auto = None  # autoprefetch.AutoPrefetch under `prefetch: auto`
         self.auto_base = None  # its device copy of the configured limits [L, depth]
-        self.lookahead_on = True  # this step runs the lookahead (begin_step)
 
     def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None, zero_copy: bool = False) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth, zero_copy)
