@@ -82,6 +82,8 @@ def live(engine, args) -> dict:
                 prefetch_used_mb_per_token=s.prefetch_used_bytes / 1e6 / (s.new_tokens - 1),
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / (s.new_tokens - 1),
                 prefetch_on=s.prefetch_on, auto=info.prefetch_auto, recall=s.prefetch_recall[:1] if s.prefetch_recall else [],
+                # Under auto: decode steps replayed as the full captured step and as the one without the lookahead.
+                step_variants=s.step_variants, cold_step_variants=cold.stats.step_variants,
                 token_ids=best.token_ids)
             print(f"{budget}/prefetch={prefetch}", {k: v for k, v in runs[f"{budget}/prefetch={prefetch}"].items()
                                                     if k != "token_ids"}, flush=True)
@@ -170,15 +172,18 @@ def markdown(report: dict) -> str:
                   f"fastest (and mean) of {report['trials']} generations after a cold one and {report['warmup']} "
                   f"warm-up; auto's costs: {report.get('auto_costs')}.", "",
                   "| budget | prefetch | cold ms/token | ms/token (best) | mean | vs false | prefetched MB/token | "
-                  "used MB/token | auto: share of steps on, per layer |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "used MB/token | auto: share of steps on, per layer | auto: steps full / no lookahead (cold; best) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
         live_runs = report["live"]
         for name, r in live_runs.items():
             off = live_runs[f"{r['budget']}/prefetch=False"]["decode_ms_per_token"]
             on = " ".join(f"{v:.0%}" for v in (r["prefetch_on"] or [])[1:] if v is not None) or "-"
+            kinds = "; ".join(f"{k['full']} / {k['no_lookahead']}" for k in (r.get("cold_step_variants"),
+                                                                          r.get("step_variants")) if k) or "-"
             lines.append(f"| {r['budget']:.0%} | {r['prefetch']} | {r['cold_ms_per_token']:.2f} | "
                          f"{r['decode_ms_per_token']:.2f} | {r['mean_ms_per_token']:.2f} | "
                          f"{r['decode_ms_per_token'] / off - 1:+.1%} | {r['prefetch_mb_per_token']:.1f} | "
-                         f"{r['prefetch_used_mb_per_token']:.1f} | {on} |")
+                         f"{r['prefetch_used_mb_per_token']:.1f} | {on} | {kinds} |")
         t = report["targets"]
         lines += ["", f"Target (auto never more than 3% slower than false): worst {t['auto_worst_vs_false']:+.1%} — "
                   f"**{'met' if t['auto_within_3pct'] else 'not met'}**; same tokens in every run: {t['same_tokens']}.",

@@ -269,28 +269,289 @@ def test_simulated_auto_needs_predictions():
         simulate(synthetic_trace(2, predict_accuracy=None), "lru", 8, "auto")
 
 
-# ---- the static path under a captured CUDA graph ----------------------------------------------------
+# ---- the static path: two captured steps under auto, the one without the lookahead where it changes nothing ---
+
+def test_limits_on_counts_only_the_cells_a_lookahead_acts_on():
+    """Cell [t, d - 1] (target layer t at distance d) is predicted at layer t - d: layer 0's own limit and a
+    distance past the first layer count for nothing; the gate's count (twin) is the same number."""
+    limits = np.zeros((4, 2), np.int64)
+    limits[0] = 5  # layer 0: nothing predicts it (auto may switch it on: its would-be misses are counted)
+    limits[1, 1] = 3  # layer 1 at distance 2: predicted at layer -1
+    assert ap.limits_on(limits) == 0
+    limits[1, 0], limits[3, 1] = 1, 2
+    assert ap.limits_on(limits) == 2
+    L, D = 4, 2
+    base = torch.full((L, D), 5, dtype=torch.int64)
+    for on, want in (([1, 0, 0, 0], 0), ([0, 1, 0, 0], 1), ([0, 0, 1, 1], 4), ([1, 1, 1, 1], 5)):
+        state = torch.from_numpy(ap.new_state(L))
+        state[ap.ON] = torch.tensor(on, dtype=torch.float64)
+        limits_t, count = torch.zeros_like(base), torch.full((1,), -1, dtype=torch.int64)
+        ops.prefetch_gate(state, torch.zeros(1, dtype=torch.int64), torch.from_numpy(ap.new_params(1e-4, 1e-5)),
+                          torch.zeros((3, L + 1), dtype=torch.int64), torch.zeros(L, dtype=torch.int64),
+                          torch.zeros((D, L), dtype=torch.int64), base, limits_t, kernel=False, count=count)
+        assert int(count) == want == ap.limits_on(limits_t.numpy())
+
+
+def test_lookahead_choice_mirrors_the_gate_and_skips_only_steps_that_change_nothing():
+    """The host's choice against the gate (torch twin) over random counts, starting mid-period (as after a
+    host-path request): its step counter is the device's after every step; it skips the lookahead exactly
+    when the limits of the step before were all off and no decision falls due; every skipped step's limits
+    are all off; and steps where a due decision switched layers on after skipped steps do occur."""
+    gen = np.random.default_rng(7)
+    L, D = 5, 2
+    auto = ap.AutoPrefetch(L, 2e-4, 2e-5, torch.device("cpu"))
+    auto.params[ap.PERIOD_P] = 3
+    auto.step = 7  # mid-period
+    base = np.full((L, D), 4, np.int64)
+    auto.to_device()
+    choice = ap.LookaheadChoice(auto, base)
+    pf, missed = torch.zeros((3, L + 1), dtype=torch.int64), torch.zeros(L, dtype=torch.int64)
+    true_pos = torch.zeros((D, L), dtype=torch.int64)
+    limits, count = torch.zeros((L, D), dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    before = ap.limits_on(np.where(auto.state[ap.ON][:, None] > 0.5, base, 0))
+    switched_on_after_skips = skipped = 0
+    for t in range(90):
+        lookahead = choice.lookahead()
+        due = ap.falls_due(int(auto.device_step) + 1, 3)
+        assert lookahead == (before > 0 or due)
+        # Counts that make layers come and go: 12 steps of random misses that every prefetch saves, then 12
+        # of no misses and wasted prefetches, and so on.
+        issued = torch.from_numpy(gen.integers(0, 5, L))
+        if (t // 12) % 2 == 0:
+            missed += torch.from_numpy(gen.integers(0, 20, L))
+            pf[1, :L] += issued
+            true_pos[0] += issued
+        pf[0, :L] += issued
+        ops.prefetch_gate(auto.device_state, auto.device_step, auto.device_params, pf, missed, true_pos,
+                          torch.from_numpy(base), limits, kernel=False, count=count)
+        assert choice.step == int(auto.device_step)
+        now = int(count)
+        assert now == ap.limits_on(limits.numpy())
+        if not lookahead:
+            assert now == 0
+            skipped += 1
+        elif before == 0 and now > 0:
+            switched_on_after_skips += 1
+        choice.read_back(now)
+        before = now
+    assert skipped > 10 and switched_on_after_skips > 0
+
+
+def _state_snapshot(st) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(st, f.name).clone() for f in fields(st)}
+
+
+def _busy_device_state(seed: int, device, S=10, L=4, E=8, k=2):
+    """A device cache state after random demand and prefetch calls (slots owned, pins, prefetched marks)."""
+    from vismmoe.offload import device_core
+    from vismmoe.offload.policies import make_policy
+
+    gen = torch.Generator().manual_seed(seed)
+    st = device_core.DeviceState.empty(S, L, E, torch.full((L * E + 1,), -1, dtype=torch.int32, device=device))
+    st.load(make_policy("lru").new_state(S, L, E))
+    ones, zeros = torch.ones(k, dtype=torch.int64, device=device), torch.zeros(k, dtype=torch.int64, device=device)
+    device_core.begin_step(st)
+    for i in range(13):
+        layer = i % L
+        ops.cache_demand(st, layer, torch.randperm(E, generator=gen)[:k].sort().values.to(device), zeros, ones,
+                         kernel=False)
+        if layer + 1 < L:
+            ops.cache_prefetch(st, layer + 1, torch.randperm(E, generator=gen)[:k].to(device), None, layer,
+                               torch.tensor(k, device=device), kernel=False)
+    return st
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["twin", "kernel"])
+def test_a_full_step_with_every_limit_off_changes_no_cache_state(request, kernel):
+    """What the full step's lookahead does where every limit is 0 (the step the auto choice replaces by the one
+    without it): predictions of -1 (tests/test_route_predict.py), a prefetch decision per distance with limit
+    0 and a copy of its (empty) list, and the demand calls scoring those -1 predictions. Against the same
+    demand calls unscored: every field of the cache state, the slot pool and the ledger's counts are equal
+    (a skipped prediction scores nothing: no true positive, no actual, no predicted), twin and kernel."""
+    device = request.getfixturevalue("kernel_device") if kernel else "cpu"
+    L, E, k, depth = 4, 8, 2, 2
+    for seed in range(3):
+        full, lean = _busy_device_state(seed, device), _busy_device_state(seed, device)
+        slab = torch.randn(L * E, 3)
+        slots_full, slots_lean = torch.zeros(10, 3, device=device), torch.zeros(10, 3, device=device)
+        resident = torch.nonzero(full.table[:-1] >= 0).flatten().cpu()
+        gen = torch.Generator().manual_seed(100 + seed)
+        predicted = torch.full((L, depth, k), -1, dtype=torch.int64, device=device)
+        counts = torch.zeros((3, depth, L), dtype=torch.int64, device=device)
+        off = torch.zeros((), dtype=torch.int64, device=device)
+        ones, zeros = torch.ones(k, dtype=torch.int64, device=device), torch.zeros(k, dtype=torch.int64, device=device)
+        for st in (full, lean):
+            from vismmoe.offload import device_core
+
+            device_core.begin_step(st)
+        before = _state_snapshot(full)
+        for layer in range(L):
+            experts = torch.randperm(E, generator=gen)[:k].sort().values.to(device)
+            n_dist = min(layer, depth)
+            for st, score in ((full, (predicted, counts, n_dist) if n_dist else None), (lean, None)):
+                ops.cache_demand(st, layer, experts, zeros, ones, kernel=kernel, score=score)
+            if layer + 1 < L:  # the full step's lookahead after this layer, every limit 0
+                for d in range(1, min(depth, L - 1 - layer) + 1):
+                    # Predicted ids that a limit > 0 would act on: resident ones (pins) and misses.
+                    ids = torch.cat([resident[resident // E == layer + d] % E, torch.randperm(E, generator=gen)])
+                    ids = torch.unique(ids, sorted=False)[:k].to(device)
+                    src, fill = ops.cache_prefetch(full, layer + d, ids, None, layer, off, kernel=kernel)
+                    assert (fill == -1).all()
+                    ops.copy_records(slab.to(device), slots_full, src, fill)
+        after_full, after_lean = _state_snapshot(full), _state_snapshot(lean)
+        for name in after_full:
+            assert torch.equal(after_full[name], after_lean[name]), (seed, name)
+        assert torch.equal(slots_full, slots_lean) and not counts.any()
+        assert not torch.equal(after_full["owner"], before["owner"])  # the demand calls did change the cache
+        # The same kind of call with a limit does act: a missing expert is loaded (and pinned).
+        missing = torch.nonzero(full.table[E: 2 * E] < 0).flatten()[:k].to(device)
+        src, fill = ops.cache_prefetch(full, 1, missing, None, 0, torch.tensor(k, device=device), kernel=kernel)
+        assert (fill >= 0).any() and not torch.equal(full.table, after_full["table"])
+
+
+# The sequence of requests for the two-step tests: costs switched between requests, so that auto switches layers
+# on (pays), off (never) and on again; the third request takes the host path (auto's step counter moves there).
+_SEQUENCE = [(1.0, 0.0, {}), (0.0, 1.0, {}), (0.0, 1.0, dict(repetition_penalty=1.0)), (1.0, 0.0, {})]
+
+
+def _sequence(checkpoint, lean_steps: bool):
+    """Per request of _SEQUENCE under auto at 50% (decode: auto: static eager on the CPU), yields (what must not
+    change: tokens, stats without times and step kinds, cache, controller and ledger state; the decode path, the
+    step kinds and the stats table)."""
+    engine = vismmoe.load(checkpoint, expert_budget=0.5, prefetch="auto")
+    runtime, auto = engine.runtime, engine.runtime.auto
+    runtime.lean_steps = lean_steps
+    auto.params[ap.WRONG_COST] = 0.0
+    auto.params[ap.PERIOD_P] = 4  # many decisions, due at different offsets of each request
+    requests = random_requests(2, seed=41)
+    for i, (copy_s, predict_s, kwargs) in enumerate(_SEQUENCE):
+        auto.set_costs(copy_s, predict_s, "test")
+        image, prompt = requests[i % 2]
+        result = engine.generate(image=image, prompt=prompt, max_new_tokens=15, min_new_tokens=15, **kwargs)
+        stats = result.stats.to_dict()
+        kinds = (stats["decode_path"], stats.pop("step_variants"), result.stats.table())
+        for name in ("ttft_s", "decode_s", "inputs_s", "pruning_s", "decode_tokens_per_s"):
+            stats.pop(name)
+        cache = {name: np.copy(value) for name, value in engine.cache.state._asdict().items()}
+        c = runtime.prediction_counters
+        if stats["decode_path"].startswith("static"):  # the host's mirror ended where the device's counter did
+            assert runtime.lookahead_choice is None or runtime.lookahead_choice.step == auto.step
+        yield dict(tokens=result.token_ids, stats=stats, cache=cache, auto=auto.state.copy(), step=auto.step,
+                   ledger=(c.true_pos.copy(), c.actual.copy(), c.predicted.copy())), kinds
+
+
+def _same_run(x, y) -> bool:
+    return (x["tokens"] == y["tokens"] and x["stats"] == y["stats"] and x["step"] == y["step"]
+            and all(np.array_equal(x["cache"][name], y["cache"][name]) for name in x["cache"])
+            and np.array_equal(x["auto"], y["auto"]) and all(map(np.array_equal, x["ledger"], y["ledger"])))
+
+
+@pytest.fixture(scope="module")
+def single_step_runs(qwen_checkpoint):
+    """The sequence with one (full) step, as before the second captured step existed."""
+    return list(_sequence(qwen_checkpoint, lean_steps=False))
+
+
+def test_two_captured_steps_make_the_single_steps_decisions(qwen_checkpoint, single_step_runs):
+    """Over requests that switch layers on, off and on again (one on the host path in between), choosing per
+    step between the full step and the one without the lookahead leaves the tokens, every stat, the cache
+    state, the controller and the ledger exactly as the single full step does; both kinds ran."""
+    two = list(_sequence(qwen_checkpoint, lean_steps=True))
+    for i, ((x, _), (y, _)) in enumerate(zip(single_step_runs, two)):
+        assert x["tokens"] == y["tokens"] and x["stats"] == y["stats"], i
+        for name in x["cache"]:
+            assert np.array_equal(x["cache"][name], y["cache"][name]), (i, name)
+        assert _same_run(x, y), i
+    kinds = [k for _, k in two]
+    assert [path for path, _, _ in kinds] == ["static-eager", "static-eager", "generate", "static-eager"]
+    assert all(k == {} for _, (_, k, _) in single_step_runs)
+    static = [k for path, k, _ in kinds if path != "generate"]
+    assert all(k["full"] + k["no_lookahead"] == 14 for k in static)
+    assert sum(k["no_lookahead"] for k in static) > 0 and sum(k["full"] for k in static) > 0
+    assert two[3][0]["stats"]["prefetch_issued_bytes"] > 0  # layers came back on after steps without lookahead
+    assert "decode steps full / no lookahead (auto)" in kinds[0][2]
+
+
+def _ignores_due(self):
+    self.step += 1
+    return self.limits_on > 0
+
+
+def _ignores_the_count(self):
+    self.step += 1
+    return ap.falls_due(self.step, self.period)
+
+
+def _mirror_one_step_late(self):
+    self.step += 1
+    return self.limits_on > 0 or ap.falls_due(self.step - 1, self.period)
+
+
+@pytest.mark.parametrize("wrong", [_ignores_due, _ignores_the_count, _mirror_one_step_late])
+def test_the_equivalence_test_sees_a_wrong_choice(qwen_checkpoint, single_step_runs, monkeypatch, wrong):
+    """The comparison above fails for a rule that skips the lookahead on a step where a due decision switches
+    layers on, one that skips it while layers are on, or a mirror of the gate's counter one step off (it stops
+    at the first request that differs)."""
+    monkeypatch.setattr(ap.LookaheadChoice, "lookahead", wrong)
+    runs = zip(single_step_runs, _sequence(qwen_checkpoint, lean_steps=True))
+    assert any(not _same_run(x, y) for (x, _), (y, _) in runs)
+
+
+# ---- the static path under captured CUDA graphs ----------------------------------------------------------
+
+def _pool_bytes(pool) -> int:
+    """Bytes of the CUDA caching allocator's segments that belong to the graph memory pool `pool`."""
+    segments = torch.cuda.memory._snapshot()["segments"]
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id") or ()) == tuple(pool))
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_captured_graph_follows_the_device_decision_without_recapture(qwen_checkpoint):
-    """The gate runs inside the captured step: switching every layer off on the device (its state, not
-    the graph) stops the prefetches of the next steps, switching them on again restarts them; the graph is
-    the one captured first, and the tokens never change."""
-    engine = vismmoe.load(qwen_checkpoint, expert_budget=0.5, prefetch="auto", decode="static", device="cuda",
-                          dtype="bfloat16")
-    auto = engine.runtime.auto
-    assert auto.costs_from == "measured" and auto.params[ap.COPY_S] > 0 and auto.params[ap.PREDICT_S] > 0
-    auto.params[ap.WRONG_COST] = 0.0
-    auto.set_costs(1.0, 0.0, "test")  # prefetch always pays: every layer stays on
+def test_captured_steps_switch_without_recapture_and_skip_the_lookahead_once_every_layer_is_off(qwen_checkpoint):
+    """Under auto at 50% on a GPU: the first period (every layer off) replays the step without the lookahead,
+    the first decision's step and those after it (prefetch pays: layers on) the full one, and once every layer
+    is off again (prefetch never pays) only the decisions' steps are full; each of the two graphs is captured
+    once and replayed after (switching captures nothing), the device counter is the host's mirror, the tokens
+    are those of prefetch: false, and the second graph adds at most one segment to the shared graph pool."""
+    common = dict(expert_budget=0.5, decode="static", device="cuda", dtype="bfloat16")
     (image, prompt), = random_requests(1, seed=5)
-    first = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
-    (decoder,) = engine.decoders.held.values()
-    graph = decoder.graph
-    assert decoder.mode == "graph" and first.stats.prefetch_issued_bytes > 0
-    auto.set_costs(0.0, 1.0, "test")  # never pays: the next decision (within one period) switches every layer off
-    second = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
-    third = engine.generate(image=image, prompt=prompt, max_new_tokens=40, min_new_tokens=40)
-    assert decoder.graph is graph and second.token_ids == first.token_ids == third.token_ids
-    assert all(v < 1.0 for v in second.stats.prefetch_on[1:])  # off from its first decision on
-    assert third.stats.prefetch_issued_bytes == 0 and all(v == 0.0 for v in third.stats.prefetch_on[1:])
+    n = 40
+
+    def generate(engine):
+        return engine.generate(image=image, prompt=prompt, max_new_tokens=n, min_new_tokens=n)
+
+    want = generate(vismmoe.load(qwen_checkpoint, prefetch=False, **common)).token_ids
+    pools = {}
+    for lean in (False, True):
+        engine = vismmoe.load(qwen_checkpoint, prefetch="auto", **common)
+        engine.runtime.lean_steps = lean
+        auto = engine.runtime.auto
+        assert auto.costs_from == "measured" and auto.params[ap.COPY_S] > 0 and auto.params[ap.PREDICT_S] > 0
+        auto.params[ap.WRONG_COST] = 0.0
+        auto.set_costs(1.0, 0.0, "test")  # prefetch always pays: layers with misses come on at the first decision
+        first = generate(engine)
+        (decoder,) = engine.decoders.held.values()
+        assert decoder.mode == "graph" and first.token_ids == want
+        pools[lean] = _pool_bytes(engine.decoders.graph_pool)
+        if not lean:
+            assert list(decoder.graphs) == [True] and first.stats.step_variants == {}
+            continue
+        period = int(auto.params[ap.PERIOD_P])
+        kinds = first.stats.step_variants
+        assert kinds["no_lookahead"] >= period and kinds["full"] >= 1 and sum(kinds.values()) == n - 1
+        assert first.stats.prefetch_issued_bytes > 0 and set(decoder.graphs) == {True, False}
+        graphs, captures = dict(decoder.graphs), decoder.captures
+        assert captures == 2
+        auto.set_costs(0.0, 1.0, "test")  # never pays: the next decision switches every layer off
+        second = generate(engine)
+        start = auto.step
+        third = generate(engine)
+        due = sum(ap.falls_due(s, period) for s in range(start + 1, start + n))
+        assert third.stats.step_variants == {"full": due, "no_lookahead": n - 1 - due}
+        assert third.stats.prefetch_issued_bytes == 0 and second.stats.step_variants["no_lookahead"] > 0
+        assert decoder.captures == captures and decoder.graphs == graphs  # replayed, never captured again
+        assert engine.runtime.lookahead_choice.step == auto.step
+        assert second.token_ids == third.token_ids == want
+    assert 0 < pools[False] and pools[True] <= pools[False] + 2 * 2**20, pools

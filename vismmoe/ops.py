@@ -793,21 +793,24 @@ def compare_rotary_kernel(device: torch.device, seed: int = 0) -> bool:
 # -- prefetch: auto's per-step decision (kernels/prefetch_gate.py) ------------------------------------
 
 
-def prefetch_gate(state, step, params, pf, missed, true_pos, base, limits, kernel: bool | None = None) -> None:
+def prefetch_gate(state, step, params, pf, missed, true_pos, base, limits, kernel: bool | None = None,
+                  count=None) -> None:
     """One static decode step of `prefetch: auto` (offload/autoprefetch.py): step += 1, the per-layer decision
     where it falls due (from the residency's prefetch counters pf and decode misses, and the device ledger's
-    true positives [depth, L]), limits = base where on, else 0. One Triton launch on CUDA (once its one-time
-    check against the twin passed there); `kernel=True` forces it (tests run it under TRITON_INTERPRET=1), False the twin (`autoprefetch.tick_torch`)."""
+    true positives [depth, L]), limits = base where on, else 0, and `count` (int64, one element, or None) =
+    how many of the limits a lookahead acts on are on (`autoprefetch.limits_on`). One Triton launch on CUDA
+    (once its one-time check against the twin passed there); `kernel=True` forces it (tests run it under
+    TRITON_INTERPRET=1), False the twin (`autoprefetch.tick_torch`)."""
     if kernel is None:
         kernel = state.is_cuda and cache_kernel_available() and _gate_checked(state.device)
     if kernel:
         from .kernels import prefetch_gate as gate
 
-        gate.prefetch_gate(state, step, params, pf, missed, true_pos, base, limits)
+        gate.prefetch_gate(state, step, params, pf, missed, true_pos, base, limits, count)
         return
     from .offload.autoprefetch import tick_torch
 
-    tick_torch(state, step, params, pf, missed, true_pos, base, limits)
+    tick_torch(state, step, params, pf, missed, true_pos, base, limits, count)
 
 
 _GATE_CHECKED: dict = {}  # device -> the kernel matched its torch twin there
@@ -820,7 +823,8 @@ def _gate_checked(device: torch.device) -> bool:
 
 def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool = True) -> bool:
     """The gate (kernel, or the twin with kernel=False) against `autoprefetch.tick` (numba, the host path's
-    and the simulator's) over `steps` steps of random prefetch and miss counts: same state, same limits, exactly."""
+    and the simulator's) over `steps` steps of random prefetch and miss counts: same state, same limits, the
+    same count of limits on (`autoprefetch.limits_on`), exactly."""
     import numpy as np
 
     from .offload import autoprefetch as ap
@@ -839,6 +843,7 @@ def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool =
     dev_step = torch.zeros(1, dtype=torch.int64, device=device)
     dev_base = torch.from_numpy(base).to(device)
     limits = torch.empty_like(dev_base)
+    count = torch.full((1,), -1, dtype=torch.int64, device=device)
     for step in range(1, steps + 1):
         issued = gen.integers(0, 9, L)
         pf[0, :L] += issued
@@ -847,9 +852,9 @@ def compare_prefetch_gate(device, seed: int = 0, steps: int = 40, kernel: bool =
         true_pos += gen.integers(0, 3, (D, L))
         ap.tick(host, params, pf, missed, true_pos.sum(0), step)
         on_device = [torch.from_numpy(a).to(device) for a in (pf, missed, true_pos)]
-        prefetch_gate(dev_state, dev_step, dev_params, *on_device, dev_base, limits, kernel=kernel)
+        prefetch_gate(dev_state, dev_step, dev_params, *on_device, dev_base, limits, kernel=kernel, count=count)
         want = np.where(host[ap.ON][:, None] > 0.5, base, 0)
         if not (np.array_equal(dev_state.cpu().numpy(), host) and np.array_equal(limits.cpu().numpy(), want)
-                and int(dev_step.item()) == step):
+                and int(dev_step.item()) == step and int(count.item()) == ap.limits_on(want)):
             return False
     return True

@@ -9,8 +9,15 @@ static buffers:
 
 with the experts decided on the device (`DeviceResidency`) or read straight from a complete cache.
 The step also advances its own inputs (next token, positions, mask), so on CUDA it is captured once
-per cache length and each token is one graph replay plus one 8-byte readback of the token. On the CPU
-the same step runs eagerly (that is what the CPU tests compare with transformers).
+per cache length and each token is one graph replay plus one 16-byte readback: the token, and under
+`prefetch: auto` the count of prefetch limits on that the step's gate wrote. On the CPU the same step
+runs eagerly (that is what the CPU tests compare with transformers).
+
+Under `prefetch: auto` a decoder keeps two steps per cache length: the full one and one without the
+lookahead (offload/device_path.py), which would predict and copy nothing where every layer is off but
+still costs its launches. Each step the host picks one from what it already knows, the count read back
+with the last token and its mirror of the gate's step counter (autoprefetch.LookaheadChoice); both are
+captured in the same graph pool (one runs at a time), each once, and switching replays the other.
 
 KV cache length: a request reserves the next of 256, 512, 1024, ... positions above its prompt plus at
 most 256 new tokens (never past the model's context), and the cache doubles while decoding when the
@@ -62,15 +69,20 @@ class StaticDecoder:
         i64 = dict(dtype=torch.int64, device=self.device)
         self.eos_ids = torch.tensor(eos or [0], **i64)
         self.has_eos = bool(eos)
+        # What a step hands back, read in one transfer: [its token, the gate's count of limits on].
+        self.readback = torch.zeros(2, **i64)
         # Static inputs of one decode step; the step advances them itself.
-        self.token = torch.zeros((1, 1), **i64)
+        self.token = self.readback[:1].view(1, 1)
         self.kv_len = torch.zeros((), **i64)  # tokens already in the cache = position of this token
         self.min_left = torch.zeros((), **i64)  # steps during which EOS is suppressed (min_new_tokens)
         self.kv_index = torch.arange(self.max_cache_len, **i64)
         self.grown = 0  # how many times this decoder's cache has grown (tests and stats read it)
-        self._retired = None  # the last graph dropped, held until the next capture (see _retire_graph)
+        self._retired = ()  # the last graphs dropped, held until the next capture (see _retire_graph)
         self.positions = None  # [rows..., 1, 1] recorded from the prefill
-        self.graph = None
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by "runs the lookahead": at most both
+        self.captures = 0  # graphs captured so far (tests read it: switching steps captures nothing)
+        # The last request's decode steps of each kind under auto ("full", "no_lookahead"); {} otherwise.
+        self.steps: dict = {}
         self.graph_pool = graph_pool  # CUDA graph memory pool shared with the engine's other decoders
         self.capture_stream = capture_stream  # the engine's side stream for warm-up and capture (see _capture)
         self.mode = "graph" if graphs else "eager"
@@ -113,11 +125,12 @@ class StaticDecoder:
             tokens = self._decode(inputs, max_new_tokens, min_new_tokens, context, clock)
         finally:
             runtime.end_request()
-        return clock.finish(tokens, f"static-{self.mode}", runtime)
+        return clock.finish(tokens, f"static-{self.mode}", runtime, step_variants=self.steps)
 
     def _decode(self, inputs, max_new_tokens, min_new_tokens, context, clock) -> list[int]:
         runtime = self.runtime
         self.kv_cache.reset()
+        self.steps = {}
         recorded = {}
 
         def record_positions(module, args, kwargs):
@@ -142,13 +155,20 @@ class StaticDecoder:
             return tokens
         self._set_inputs(first, prompt_len, recorded.get("position_ids"), min_new_tokens - 1)
         runtime.begin_static()
+        choice = runtime.lookahead_choice  # None: one step, as captured
+        if choice is not None:
+            self.steps = {"full": 0, "no_lookahead": 0}
         try:
             for step in range(max_new_tokens - 1):
                 position = prompt_len + step  # where this step's token goes in the cache
                 if position >= self.max_cache_len:
                     self.grow(cache_length(position + 1, context))
-                self._run_step()
-                token = int(self.token)  # the one readback of the step
+                lookahead = choice is None or choice.lookahead()
+                self._run_step(lookahead)
+                token, limits_on = self.readback.tolist()  # the one readback of the step
+                if choice is not None:
+                    choice.read_back(limits_on)
+                    self.steps["full" if lookahead else "no_lookahead"] += 1
                 tokens.append(token)
                 if token in self.eos:
                     break
@@ -174,9 +194,9 @@ class StaticDecoder:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def _step(self) -> None:
-        """One decode step on the static buffers (no host sync; capturable)."""
-        self.runtime.begin_static_step()
+    def _step(self, lookahead: bool = True) -> None:
+        """One decode step on the static buffers (no host sync; capturable); `lookahead` False: without it."""
+        self.runtime.begin_static_step(self.readback[1:], lookahead)
         embeds = self.embed(self.token)
         keep = (self.kv_index <= self.kv_len).view(1, 1, 1, -1)
         if self.additive_mask:
@@ -197,25 +217,24 @@ class StaticDecoder:
         self.positions.add_(1)
         self.min_left.sub_(1).clamp_(min=0)
 
-    def _run_step(self) -> None:
+    def _run_step(self, lookahead: bool = True) -> None:
         if self.mode == "eager":
-            self._step()
-            return
-        if self.graph is None:
-            self._capture()
+            self._step(lookahead)
+        elif lookahead not in self.graphs:
+            self._capture(lookahead)
         else:
-            self.graph.replay()
+            self.graphs[lookahead].replay()
 
     def _retire_graph(self) -> None:
-        """Drop the captured step, but keep it alive until the next capture has begun: the graphs share
+        """Drop the captured steps, but keep them alive until the next capture has begun: the graphs share
         one memory pool, and torch cannot capture into a shared pool whose graphs are all gone while a
         block of it is still held (an internal assert in capture_begin, which also leaves the CUDA RNG
         in capture mode)."""
-        if self.graph is not None:
-            self._retired = self.graph
-        self.graph = None
+        if self.graphs:
+            self._retired = tuple(self.graphs.values())
+        self.graphs = {}
 
-    def _capture(self) -> None:
+    def _capture(self, lookahead: bool) -> None:
         """Take this step eagerly on a side stream (the warm-up CUDA graphs need: allocator, cuBLAS and
         Triton initialised), then capture the step on that same stream; the capture executes nothing, so
         later steps replay it. The side stream is the engine's one capture stream, the same for every
@@ -225,7 +244,7 @@ class StaticDecoder:
         side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(device=self.device)
         side.wait_stream(compute)
         with torch.cuda.stream(side):
-            self._step()
+            self._step(lookahead)
         compute.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -234,9 +253,11 @@ class StaticDecoder:
             # was current at the first capture, and a capture on another device's stream records nothing
             # (an empty graph, and replays that do nothing). The warm-up above ran on it and the capture
             # waits for nothing else: torch.cuda.graph synchronizes the device before it begins.
-            # One memory pool for every decoder's graphs (`graph_pool`): they never run concurrently.
+            # One memory pool for every decoder's graphs (`graph_pool`), both steps of a cache length among
+            # them: they never run concurrently, and nothing a step allocates outlives it (its results go to
+            # static buffers), so the second capture reuses the blocks the first freed.
             with torch.cuda.graph(graph, pool=self.graph_pool, stream=side):
-                self._step()
+                self._step(lookahead)
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep decoding eagerly, say why
             import warnings
 
@@ -247,16 +268,17 @@ class StaticDecoder:
                           stacklevel=3)
             self.mode = "eager"  # the next step builds its context afresh (begin_static_step)
             return
-        self.graph = graph
-        self._retired = None  # the new graph keeps the shared pool alive now
+        self.graphs[lookahead] = graph
+        self.captures += 1
+        self._retired = ()  # the new graph keeps the shared pool alive now
         # The warm-up step above already produced this step's token: the graph runs from the next one.
 
 
 class DecoderPool:
     """The static decoders an engine keeps, by KV cache length, most recently used last.
 
-    Each decoder holds a KV cache (and on a GPU a captured graph), so only the few most recently used
-    are kept. Their graphs share one CUDA graph memory pool: decoders run one at a time, so a graph's
+    Each decoder holds a KV cache (and on a GPU its captured graphs: one, or two under `prefetch: auto`),
+    so only the few most recently used are kept. Their graphs share one CUDA graph memory pool: decoders run one at a time, so a graph's
     scratch memory can serve the others' too. A pool belongs to one runtime (captured steps bake in its
     slot pool): the engine builds a new one with every runtime."""
 

@@ -29,6 +29,7 @@ class DecodeRun:
     prefill_bytes_h2d: int  # of the bytes copied, those before the first token
     cache: "CacheCounters"
     predictions: "PredictionCounters"
+    step_variants: dict = field(default_factory=dict)  # RequestStats.step_variants
 
 
 class RequestClock:
@@ -50,12 +51,13 @@ class RequestClock:
         counters = self.cache.counters
         self.prefill = (int(counters.misses.sum()), counters.bytes_h2d)
 
-    def finish(self, tokens: list[int], path: str, runtime) -> DecodeRun:
+    def finish(self, tokens: list[int], path: str, runtime, step_variants: dict | None = None) -> DecodeRun:
         self._sync()
         end = time.perf_counter()
         cache, predictions = runtime.request_counters()
         misses, bytes_h2d = self.prefill or (int(cache.misses.sum()), cache.bytes_h2d)
-        return DecodeRun(tokens, path, self.first_token_at or end, end, misses, bytes_h2d, cache, predictions)
+        return DecodeRun(tokens, path, self.first_token_at or end, end, misses, bytes_h2d, cache, predictions,
+                         dict(step_variants or {}))
 
 
 @dataclass
@@ -90,6 +92,9 @@ class RequestStats:
     prefetch_on: list | None = None
     # How the decode steps ran: "static-graph", "static-eager" or "generate" (see EngineConfig.decode).
     decode_path: str = "generate"
+    # `prefetch: auto` on the static path: decode steps taken as the full captured step ("full") and as the
+    # one without the lookahead ("no_lookahead": every layer off and no decision due); {} otherwise.
+    step_variants: dict = field(default_factory=dict)
     # Bytes by part (Engine._memory_parts, the planner's names: deploy/memory.py): non_expert_weights,
     # expert_cache, router_stack, device_state, kv_cache, activations_peak
     # (None on cpu) on the compute device; host_store (0 for mmap) and host_store_kind on the host.
@@ -154,6 +159,9 @@ class RequestStats:
         if self.prefetch_issued_bytes:
             rows.append(("prefetch issued / used / wasted", f"{_size(self.prefetch_issued_bytes)} / "
                          f"{_size(self.prefetch_used_bytes)} / {_size(self.prefetch_wasted_bytes)}"))
+        if self.step_variants:
+            rows.append(("decode steps full / no lookahead (auto)",
+                         f"{self.step_variants['full']} / {self.step_variants['no_lookahead']}"))
         if self.prefetch_on is not None and any(v is not None for v in self.prefetch_on):
             rows.append(("prefetch on (auto), per layer", " ".join(
                 f"L{i}:{v:.0%}" for i, v in enumerate(self.prefetch_on) if v is not None)))
@@ -206,7 +214,7 @@ def request_stats(run: DecodeRun, *, started_at: float, prompt_tokens: int, visu
         prefetch_recall=_rounded(p.recall()), prefetch_precision=_rounded(p.precision()), decode_path=run.path,
         misses_by_path_per_layer={"copy": (c.misses - c.zero_copy - c.cpu).tolist(), "zerocopy": c.zero_copy.tolist(),
                                   "cpu": c.cpu.tolist()},
-        prefetch_on=p.on_fraction,
+        prefetch_on=p.on_fraction, step_variants=dict(run.step_variants),
     )
 
 

@@ -23,7 +23,12 @@ the same names. Each part, and where its size comes from in the engine:
                       attention scores if sdpa falls back to its math kernel, the vision tower's patches)
   graph_pool          static decode's captured steps keep their intermediates in a private CUDA graph pool
                       that nothing else may use: one decode step's buffers (logits, the hidden states,
-                      attention over the cache), in 2 MiB segments, GRAPH_POOL_MIN at least
+                      attention over the cache), in 2 MiB segments, GRAPH_POOL_MIN at least. Every decoder's
+                      graphs share the one pool, under `prefetch: auto` two per cache length (the full step
+                      and the one without the lookahead): nothing a step allocates outlives it, so each
+                      capture reuses the blocks the earlier ones freed and the pool is the largest step's,
+                      not a sum (the GPU test in tests/test_autoprefetch.py bounds the second graph's
+                      growth of the pool to one segment)
   cublas_workspace    torch gives every (cuBLAS handle, stream) pair its own workspace from the caching
                       allocator (32 MiB on compute capability >= 9.0, 8.125 MiB before: torch's defaults
                       ":4096:8" and ":4096:2:16:8"). GEMMs run on the compute stream, and for every captured

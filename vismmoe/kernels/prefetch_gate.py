@@ -4,7 +4,8 @@ At the start of each captured decode step: step += 1; where a decision falls due
 rule (`offload.autoprefetch.fold`, the same source compiled by Triton) folds the period's prefetch
 counts, decode misses and true positives from the cache state's pf and misses counters and the
 prediction ledger's; then the prefetch limits the step's kernels read become base where the layer is
-on, 0 where it is off. One program over all layers (L <= MAX_LAYERS). Its torch twin is `offload.autoprefetch.tick_torch`; the op is `ops.prefetch_gate`.
+on, 0 where it is off, and (where given) the count of the limits a lookahead acts on that are on: the
+static decoder reads it back with the step's token to choose its next captured step. One program over all layers (L <= MAX_LAYERS). Its torch twin is `offload.autoprefetch.tick_torch`; the op is `ops.prefetch_gate`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ COPY_S, PREDICT_S, WRONG_COST, DECAY_P, PERIOD_P = (
 
 
 @triton.jit
-def _gate_kernel(state_p, step_p, params_p, pf_p, missed_p, true_p, base_p, limits_p, L, D, PF_STRIDE, TD,
-                 TRUE_STRIDE, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TD: tl.constexpr):
+def _gate_kernel(state_p, step_p, params_p, pf_p, missed_p, true_p, base_p, limits_p, count_p, L, D, PF_STRIDE, TD,
+                 TRUE_STRIDE, HAS_COUNT: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_TD: tl.constexpr):
     offs = tl.arange(0, BLOCK_L)
     in_l = offs < L
     step = tl.load(step_p) + 1
@@ -78,7 +80,11 @@ def _gate_kernel(state_p, step_p, params_p, pf_p, missed_p, true_p, base_p, limi
     cell = offs[:, None] * D + offs_d[None, :]
     in_c = in_l[:, None] & (offs_d[None, :] < D)
     base = tl.load(base_p + cell, mask=in_c, other=0)
-    tl.store(limits_p + cell, tl.where(on[:, None] > 0.5, base, 0), mask=in_c)
+    limits = tl.where(on[:, None] > 0.5, base, 0)
+    tl.store(limits_p + cell, limits, mask=in_c)
+    if HAS_COUNT:  # autoprefetch.limits_on: the cells a lookahead acts on (target layer > distance - 1)
+        acts = in_c & (limits > 0) & (offs[:, None] > offs_d[None, :])
+        tl.store(count_p, tl.sum(tl.sum(acts.to(tl.int64), axis=1), axis=0))
 
 
 def _next_pow2(n: int) -> int:
@@ -86,9 +92,10 @@ def _next_pow2(n: int) -> int:
 
 
 def prefetch_gate(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor,
-                  missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
+                  missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor,
+                  count: torch.Tensor | None = None) -> None:
     """See `offload.autoprefetch.tick_torch` (same arguments, same effect). All contiguous; pf [>= 2, P]
-    and true_pos [TD, L] with contiguous rows; missed [>= L]."""
+    and true_pos [TD, L] with contiguous rows; missed [>= L]; count: one int64 element, or None."""
     L, D = base.shape
     if L > MAX_LAYERS or state.shape != (ap.ROWS, L):
         raise ValueError(f"prefetch_gate wants state [{ap.ROWS}, L <= {MAX_LAYERS}] for base [L, D]; "
@@ -96,7 +103,7 @@ def prefetch_gate(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor,
     extra = {} if state.device.type != "cuda" else {"enable_fp_fusion": False}  # round as numpy and torch do
     if true_pos.shape[1] != L or true_pos.stride(1) != 1:
         raise ValueError(f"prefetch_gate wants true_pos [depth, {L}] with contiguous rows; got {tuple(true_pos.shape)}")
-    _gate_kernel[(1,)](state, step, params, pf, missed, true_pos, base, limits, L, D, pf.stride(0), true_pos.shape[0],
-                       true_pos.stride(0),
+    _gate_kernel[(1,)](state, step, params, pf, missed, true_pos, base, limits, step if count is None else count, L, D,
+                       pf.stride(0), true_pos.shape[0], true_pos.stride(0), HAS_COUNT=count is not None,
                        BLOCK_L=_next_pow2(max(L, 16)), BLOCK_D=_next_pow2(max(D, 1)),
                        BLOCK_TD=_next_pow2(max(true_pos.shape[0], 1)), num_warps=1, **extra)

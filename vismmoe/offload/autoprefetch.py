@@ -148,10 +148,27 @@ def tick(state, params, pf, missed, true_pos, step):
     return decided
 
 
+def falls_due(step: int, period: int) -> bool:
+    """Does a decision fall due at decode step `step` (1, 2, ...)? The rule of `tick`, `tick_torch` and the
+    gate kernel, for the host's mirror of the device counter (`LookaheadChoice`)."""
+    return step > 1 and (step - 1) % period == 0
+
+
+def limits_on(limits: np.ndarray) -> int:
+    """How many of the prefetch limits [L, depth] a lookahead can act on are on: cell [t, d - 1] (target layer t,
+    distance d) is predicted at layer t - d, so only cells with t >= d count. (Layer 0's own limit, which no
+    prediction targets, may be on under auto: its would-be misses are counted like any layer's.) The gate
+    writes the same count on the device (`tick_torch`'s `count`)."""
+    L, D = limits.shape
+    return int(((limits > 0) & (np.arange(L)[:, None] > np.arange(D)[None, :])).sum())
+
+
 def tick_torch(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf: torch.Tensor,
-               missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor) -> None:
+               missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor, limits: torch.Tensor,
+               count: torch.Tensor | None = None) -> None:
     """The static path's step, as fixed-shape torch ops (the twin of kernels/prefetch_gate.py): step += 1,
-    the same decision as `tick` where it falls due (device `step`), then limits = base where on, else 0.
+    the same decision as `tick` where it falls due (device `step`), then limits = base where on, else 0, and
+    count (int64, one element, or None) = `limits_on(limits)`.
     state [ROWS, L] float64, step int64 [1], params [5] float64, pf [>= 2, >= L] int64, missed [>= L] int64,
     true_pos [depth, L] int64 (the ledger's, per distance: summed here), base / limits int64 [L, depth]."""
     L = state.shape[1]
@@ -169,6 +186,9 @@ def tick_torch(state: torch.Tensor, step: torch.Tensor, params: torch.Tensor, pf
     state[rows] = torch.where(due, values, state[rows])
     state[ON_STEPS] += state[ON]
     limits.copy_(torch.where(state[ON].unsqueeze(1) > 0.5, base, torch.zeros_like(base)))
+    if count is not None:
+        rows, cols = torch.arange(L, device=limits.device), torch.arange(limits.shape[1], device=limits.device)
+        count.copy_(((limits > 0) & (rows[:, None] > cols[None, :])).sum().reshape(count.shape))
 
 
 class AutoPrefetch:
@@ -219,9 +239,11 @@ class AutoPrefetch:
     # -- static path ---------------------------------------------------------------------------------
 
     def to_device(self) -> None:
-        """The static path takes over (its pf, miss and ledger counters restart from zero at its start)."""
+        """The static path takes over (its pf, miss and ledger counters restart from zero at its start). The host's
+        params are the truth (the period the host mirrors in `LookaheadChoice` among them)."""
         self.state[LAST_USED] = self.state[LAST_ISSUED] = self.state[LAST_MISSED] = self.state[LAST_TRUE] = 0.0
         self.device_state.copy_(torch.from_numpy(self.state))
+        self.device_params.copy_(torch.from_numpy(self.params))
         self.device_step.fill_(self.step)
 
     def from_device(self, host_pf: np.ndarray, host_missed: np.ndarray, host_true: np.ndarray) -> None:
@@ -234,12 +256,14 @@ class AutoPrefetch:
         self.last_host_true = np.array(host_true, np.int64)
 
     def device_step_ops(self, pf: torch.Tensor, missed: torch.Tensor, true_pos: torch.Tensor, base: torch.Tensor,
-                        limits: torch.Tensor) -> None:
+                        limits: torch.Tensor, count: torch.Tensor | None = None) -> None:
         """Queued at the start of each static decode step (captured with it): pf and missed are the residency's
-        prefetch and miss counters, true_pos the device ledger's true positives [depth, L]."""
+        prefetch and miss counters, true_pos the device ledger's true positives [depth, L]; `count` (int64 [1]
+        or None) receives `limits_on` of the limits set (the decoder reads it back with the step's token)."""
         from .. import ops
 
-        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, missed, true_pos, base, limits)
+        ops.prefetch_gate(self.device_state, self.device_step, self.device_params, pf, missed, true_pos, base, limits,
+                          count=count)
 
     # -- stats ---------------------------------------------------------------------------------------
 
@@ -260,6 +284,34 @@ class AutoPrefetch:
         """What auto decided so far: the layers on now, and the measured or prior costs."""
         return dict(on_layers=[int(i) for i in np.flatnonzero(self.state[ON] > 0.5) if i > 0],
                     decode_steps=self.step, **self.costs)
+
+
+class LookaheadChoice:
+    """Which captured step a static decode step replays under auto: the full one, or the one without the
+    lookahead (no copy-stream fork, prediction, prefetch decisions, copy or join; the gate stays in it). A
+    step with every limit a lookahead can act on at 0 predicts and prefetches nothing (the prediction kernel
+    skips every router, each prefetch decision takes nothing, the ledger scores nothing for skipped
+    predictions), so it may drop the lookahead without changing any state; but the gate at its start may
+    switch layers on, and then that step's lookahead must run. So step t skips the lookahead only if the
+    limits of step t - 1 were all off (the count the gate wrote, read back with t - 1's token: no extra sync)
+    and no decision falls due at step t (the gate's step counter, mirrored here exactly: it starts where
+    `AutoPrefetch.to_device` sets the device's, and both add one per static step). The same decisions as a
+    single captured step, exactly (tests/test_autoprefetch.py)."""
+
+    def __init__(self, auto: AutoPrefetch, base: np.ndarray):
+        self.step = auto.step  # the device counter's value at to_device
+        self.period = int(auto.params[PERIOD_P])
+        # Before the first static step: the limits the host's state gives (the gate keeps them unless it decides).
+        self.limits_on = limits_on(np.where(auto.state[ON][:, None] > 0.5, base, 0))
+
+    def lookahead(self) -> bool:
+        """A static step starts (the gate will count it): must it run the lookahead?"""
+        self.step += 1
+        return self.limits_on > 0 or falls_due(self.step, self.period)
+
+    def read_back(self, limits_on: int) -> None:
+        """The count the step's gate wrote (read back with its token)."""
+        self.limits_on = limits_on
 
 
 def measure_costs(cache, lookahead, top_k: int, reps: int = 20) -> tuple[float, float]:

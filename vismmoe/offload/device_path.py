@@ -21,7 +21,9 @@ set only grows: a layer captured that way may switch between copy and zerocopy b
 
 A target layer whose prefetch limit is 0 (switched off, or off under `prefetch: auto`) is skipped by the
 prediction kernel (its ids are -1: no router read, nothing copied, nothing scored). Under auto, one
-launch at the start of each step (`ops.prefetch_gate`) decides the limits on the device.
+launch at the start of each step (`ops.prefetch_gate`) decides the limits on the device, and a step may
+be taken without the lookahead at all (`begin_step(lookahead=False)`: the decoder's second captured step,
+chosen by autoprefetch.LookaheadChoice where every limit is 0 and no decision falls due).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class DevicePath:
         self.lookahead = None  # RouterStack or LookaheadPredictor: predict_into(layer, hidden, out [D, k])
         self._hidden: dict = {}  # layer -> the decode token's state entering it (from the predict hook)
         self._predicted_at: set = set()  # layers whose lookahead ran in this step: later layers score it
+        self.lookahead_on = True  # this step runs the lookahead (begin_step)
         self._pending = None  # the state the copy stream may still read; joined before the next lookup
         self.host_layers = set()  # layers whose compute may read in-place misses from the slab
         self.auto = None  # autoprefetch.AutoPrefetch under `prefetch: auto`
@@ -83,16 +86,20 @@ class DevicePath:
         self.cache.collect_device_hits()
         return None
 
-    def begin_step(self) -> None:
+    def begin_step(self, limits_on: torch.Tensor | None = None, lookahead: bool = True) -> None:
+        """A static step starts. Under auto the gate runs first, writing its count of limits on into
+        `limits_on` (an int64 element of the decoder's readback buffer) where given. `lookahead`: False takes
+        the step without any lookahead launch (only ever where it would predict and copy nothing)."""
         self.ledger.begin_step()
         self._hidden.clear()
         self._predicted_at.clear()
+        self.lookahead_on = lookahead
         if self.residency is not None:
             self.residency.begin_step()
             if self.auto is not None:
                 st = self.residency.state
                 self.auto.device_step_ops(st.pf, st.misses, self.ledger.device_counts[0], self.auto_base,
-                                          self.residency.prefetch_limits)
+                                          self.residency.prefetch_limits, limits_on)
 
     def note_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """The state entering MoE layer `layer`, to predict the next layers from once `layer` has computed."""
@@ -129,7 +136,7 @@ class DevicePath:
             out = compute.run(module, hidden_states, top_k_weights, slot_ids, gate_up, down, host=host, install=install)
         else:
             out = compute.loop(module, hidden_states, top_k_index, top_k_weights, slot_ids, gate_up, down, host=host)
-        if hidden is not None and self.lookahead is not None and not cache.complete \
+        if hidden is not None and self.lookahead is not None and self.lookahead_on and not cache.complete \
                 and layer + 1 < cache.num_layers:
             # Forked after this layer's compute, as on the host path: this layer has read its slots, so
             # any slot not pinned may take a predicted expert.
@@ -143,11 +150,10 @@ class DevicePath:
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         # The limit of each (target layer + 1 + d, distance d + 1): 0 = skip that prediction.
+        # (No host-side skip where every gate is 0, on the CPU either: eager steps run what the captured step
+        # runs, so that the CPU tests see a full step with every limit 0 change nothing; under auto such steps
+        # skip the lookahead as a whole, begin_step(lookahead=False).)
         gate = torch.diagonal(self.residency.prefetch_limits[layer + 1: layer + 1 + depth, :depth])
-        if not self.cache.cuda and not bool((gate > 0).any()):  # eager on the CPU: a free look, skip it all
-            predicted.fill_(-1)
-            self._predicted_at.add(layer)
-            return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self.lookahead.predict_into(layer, hidden, predicted, gate)
             self.residency.prefetch(layer, predicted)

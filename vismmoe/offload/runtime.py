@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .autoprefetch import AutoPrefetch, measure_costs, prior_costs
+from .autoprefetch import AutoPrefetch, LookaheadChoice, measure_costs, prior_costs
 from .cache import ExpertCache
 from .compute import ExpertCompute
 from .context import Context
@@ -53,6 +53,10 @@ class OffloadRuntime:
         self.host = HostPath(cache, self.compute, self.ledger, self.context, self.active_limits, self.observers)
         self.device = DevicePath(cache, self.compute, self.ledger, self.context)
         self.static = False  # between begin_static and end_static: layers decide on the device
+        # Under auto on the static path: which captured step each decode step takes (begin_static), or None
+        # (one step: the lookahead in it, if any, always runs). `lean_steps` False keeps one step under auto too.
+        self.lookahead_choice: LookaheadChoice | None = None
+        self.lean_steps = True
         self.lookahead_kind = "none"  # static path's predictor: "stacked" (one launch), else why not
 
     # The expert compute's switches, settable here (tests and profiles flip them on a built runtime).
@@ -155,8 +159,11 @@ class OffloadRuntime:
     def begin_static(self) -> None:
         self.static = True
         self.device.begin()
+        self.lookahead_choice = None
         if self.device.auto is not None:  # after the residency's load (its prefetch counters restart)
             self.auto.to_device()
+            if self.lean_steps and self.device.lookahead is not None:
+                self.lookahead_choice = LookaheadChoice(self.auto, self.prefetch_limits)
 
     def end_static(self) -> None:
         self.static = False
@@ -168,11 +175,12 @@ class OffloadRuntime:
             self.auto.from_device(self.cache.state.pf, self.host.decode_calls[1], self.ledger.decode_true_pos)
             self.auto.apply(self.prefetch_limits, self.active_limits)
 
-    def begin_static_step(self) -> None:
+    def begin_static_step(self, limits_on: torch.Tensor | None = None, lookahead: bool = True) -> None:
         """A static decode step starts (on CUDA: once, at capture; its graph replays the device work).
-        Its context says "a decode step" (index 1): a captured step cannot count, and nothing reads it."""
+        Its context says "a decode step" (index 1): a captured step cannot count, and nothing reads it.
+        `limits_on`, `lookahead`: see DevicePath.begin_step."""
         self.context.set(1)
-        self.device.begin_step()
+        self.device.begin_step(limits_on, lookahead)
 
     # -- called from the model's forward -----------------------------------------------------------
 
