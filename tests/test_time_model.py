@@ -41,6 +41,11 @@ def test_a_static_miss_costs_its_link_time_and_the_partial_cache_its_per_layer_f
     probed = _with(base, offload_layer_ms=0.011, generate_offload_layer_ms=2.1)
     part = _times(info, probed, *args, False, 0.02, 3.0, 0.0, 0.0, 64)
     assert part["decode_overhead_ms"] == pytest.approx(full["decode_overhead_ms"] + L * 0.011)
+    # the prefill's one-at-a-time experts: the probed loop_expert_ms in place of the prior's
+    looped = _times(info, _with(base, loop_expert_ms=0.07), *args, False, 0.02, 0.0, 0.0, 0.0, 64, 120.0)
+    assert looped["ttft_loop_ms"] == pytest.approx(120.0 * 0.07)
+    assert _times(info, base, *args, False, 0.02, 0.0, 0.0, 0.0, 64, 120.0)["ttft_loop_ms"] == pytest.approx(
+        120.0 * ENGINE_PRIOR["loop_expert_ms"])
     # the generate path's partial-cache term is its own probed figure
     g_full = _times(info, probed, "bfloat16", "generate", True, 0.02, 0.0, 0.0, 0.0, 64)
     g_part = _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64)
@@ -74,8 +79,10 @@ class _FakeEngine:
     """What probe._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
     and misses per token are set per (budget, decode path)."""
 
+    LOOP_TTFT_S, LOOP_TOUCHED, LOOP_MISSES = 0.09, 40, 30  # a prefill looping its experts (top-k slots per layer)
+
     def __init__(self, times: dict, record_bytes: int):
-        self.times, self.config = times, dict(expert_budget=1.0, decode="auto")
+        self.times, self.config = times, dict(expert_budget=1.0, decode="auto", slot_plan="global")
         self.store = SimpleNamespace(pinned=True)
         self.device = SimpleNamespace(type="cuda")
         self.calls = []
@@ -92,7 +99,12 @@ class _FakeEngine:
         path = "generate" if decode == "generate" else "static-graph"
         stats = SimpleNamespace(ttft_s=0.05, inputs_s=0.02, decode_s=ms * (max_new_tokens - 1) / 1e3,
                                 new_tokens=max_new_tokens, decode_path=path, prefill_tokens=90,
-                                expert_misses=10 + round(misses * (max_new_tokens - 1)), prefill_misses=10)
+                                expert_misses=10 + round(misses * (max_new_tokens - 1)), prefill_misses=10,
+                                hits_per_layer=[5, 5], misses_per_layer=[5, 5 + round(misses * (max_new_tokens - 1))])
+        if self.config["slot_plan"] == "uniform":
+            assert max_new_tokens == 1 and not self.config["prefetch"]
+            stats.ttft_s, stats.prefill_misses = self.LOOP_TTFT_S, self.LOOP_MISSES
+            stats.hits_per_layer, stats.misses_per_layer = [4, 6], [15, 15]
         return SimpleNamespace(stats=stats)
 
 
@@ -113,9 +125,12 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
     assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
+    # the loop: (TTFT - inputs - the full budget's - prefill misses x a host-path copy) / experts touched
+    loop = (90.0 - 20.0 - (50.0 - 20.0) - 30 * host_copy) / 40
+    assert out["loop_expert_ms"][0] == pytest.approx(loop, rel=1e-6)
     slots = max(info.top_k, min(L * info.num_experts // 2, 1023))
     budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
-    assert budgets == [slots * record, slots * record]
+    assert budgets == [slots * record, slots * record, L * info.top_k * record]
     assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
     # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
     times[(False, "auto")] = (17.0, 3.0)

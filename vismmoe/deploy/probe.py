@@ -86,7 +86,7 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
 
 
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
-                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms")
+                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms", "loop_expert_ms")
 
 
 def _value(figures: dict, *names):
@@ -111,7 +111,10 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     warm-up and three timed requests on each path: offload_layer_ms / generate_offload_layer_ms = (that
     path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
     machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
-    launch and lookahead; the generate path's readback per layer, host decisions and copy issue)."""
+    launch and lookahead; the generate path's readback per layer, host decisions and copy issue).
+    Last, loop_expert_ms: one-token requests with top-k slots per layer (every prefill layer then computes
+    its experts one at a time, loaded in waves): (TTFT - input building - the full budget's - prefill
+    misses x one record's copy) / the experts the prefill touched."""
     import vismmoe
 
     from .model_info import model_info
@@ -131,7 +134,7 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
         if own:
             engine.close()
         else:  # the caller's engine goes back to what it was given as
-            engine.reconfigure(expert_budget=1.0, decode="auto")
+            engine.reconfigure(expert_budget=1.0, decode="auto", slot_plan="global")
 
 
 def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
@@ -147,18 +150,20 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     image = Image.fromarray((np.random.RandomState(0).rand(256, 256, 3) * 255).astype("uint8"))
     prompt = "Describe the image."
 
-    def measure(n, warmup=2):
+    def measure(n, warmup=2, tokens=new_tokens):
         for _ in range(warmup):  # JIT builds, the decode graph's capture, the cache's first loads
-            engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            engine.generate(image=image, prompt=prompt, max_new_tokens=tokens, min_new_tokens=tokens)
         stats = []
         for _ in range(n):
             gc.collect()
-            stats.append(engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens,
-                                         min_new_tokens=new_tokens).stats)
+            stats.append(engine.generate(image=image, prompt=prompt, max_new_tokens=tokens, min_new_tokens=tokens).stats)
         steps = [max(1, s.new_tokens - 1) for s in stats]
         each = [s.decode_s / k * 1e3 for s, k in zip(stats, steps)]
         misses = [(s.expert_misses - s.prefill_misses) / k for s, k in zip(stats, steps)]
         return dict(ttft=float(np.median([s.ttft_s for s in stats])) * 1e3, decode=float(np.median(each)),
+                    prefill_rest=float(np.median([(s.ttft_s - s.inputs_s) * 1e3 for s in stats])),
+                    prefill_misses=float(np.median([s.prefill_misses for s in stats])),
+                    touched=float(np.median([sum(s.hits_per_layer) + sum(s.misses_per_layer) for s in stats])),
                     path=stats[-1].decode_path, prompt_tokens=stats[-1].prefill_tokens,
                     each=", ".join(f"{v:.2f}" for v in each), inputs=float(np.median([s.inputs_s for s in stats])) * 1e3,
                     misses=float(np.median(misses)))
@@ -211,6 +216,19 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
                        f"{part['decode']:.3f} ms/token (median of {part['each']}) minus {base['decode']:.3f} at a full "
                        f"budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms per record copy, over {L} "
                        "MoE layers")
+    # The prefill's experts computed one at a time: a slot quota of top-k per layer makes every prefill layer
+    # touch more experts than its wave, so each distinct expert loads in waves of top-k and is computed alone
+    # (host_path.run_layer); one-token requests, so every expert counted (hits + misses) is the prefill's.
+    engine.reconfigure(expert_budget=L * info.top_k * record, slot_plan="uniform", decode="generate", prefetch=False)
+    one = measure(3, warmup=1, tokens=1)
+    base = full["prefill_rest"]
+    copy_ms = record / (links["generate"] * GB) * 1e3 if links["generate"] else 0.0
+    if one["touched"] > 0:
+        value = (one["prefill_rest"] - base - one["prefill_misses"] * copy_ms) / one["touched"]
+        out["loop_expert_ms"] = (max(0.001, value), f"{name}: prefill with {info.top_k} slots per layer (every layer "
+                                 f"loops) {one['prefill_rest']:.1f} ms of TTFT beyond input building, minus {base:.1f} "
+                                 f"at a full budget, minus {one['prefill_misses']:.0f} misses x {copy_ms:.4f} ms per "
+                                 f"record copy, over {one['touched']:.0f} experts computed one at a time")
     return out
 
 

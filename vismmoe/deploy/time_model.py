@@ -45,7 +45,7 @@ ENGINE_PRIOR = dict(
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
 ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms", "offload_layer_ms",
-                  "generate_offload_layer_ms")
+                  "generate_offload_layer_ms", "loop_expert_ms")
 # (and prefill_inputs_ms, the host's input building, which the probe measures apart from prefill_fixed_ms)
 # Back-compatible name: the figures above plus the prior.
 ENGINE = ENGINE_PRIOR
@@ -119,7 +119,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         else:
             overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
-        loop_ms = loop_experts * ENGINE_PRIOR["loop_expert_ms"]
+        loop_ms = loop_experts * fig("loop_expert_ms")
     miss = decode_misses * miss_ms
     unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
     flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
