@@ -148,3 +148,44 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
     assert "offload_layer_ms" not in out and "generate_offload_layer_ms" in out
     assert np.isfinite(out["generate_offload_layer_ms"][0])
+
+
+def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints, tmp_path, monkeypatch):
+    """eval/validate_plan.py records a model's trace and measures its engine times on one engine (one load
+    of the store): the trace is written, the measurement (stubbed here: its arithmetic is tested above, its
+    real run in test_deploy) gets the trace's engine, and the engine is set back to a full budget after."""
+    import importlib.util
+    from pathlib import Path
+
+    import vismmoe
+    from vismmoe.deploy import probe
+    from vismmoe.deploy.probe import with_engine_times
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("validate_plan", root / "eval" / "validate_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loads = []
+    real_load = vismmoe.load
+    monkeypatch.setattr(module.vismmoe, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    model = tiny_checkpoints["qwen3_vl_moe"]
+    machine = load_profile("rtx4090-24gb").to_dict()
+    machine["figures"]["prefill_fixed_ms"] = dict(value=999.0, source="measured", ref="another model")
+    seen = []
+
+    def measured(engine, info, dtype, figures, new_tokens):
+        seen.append(engine)
+        engine.reconfigure(expert_budget=0.5, decode="generate", slot_plan="uniform")  # as the probe leaves it
+        return {"offload_layer_ms": (0.02, "stub"), "loop_expert_ms": (0.1, "stub")}
+
+    monkeypatch.setattr(probe, "_measure_engine", measured)
+    got = {}
+    path = module.record_trace(model, module.requests("bench", 1, 0), 3, "cpu", tmp_path / "t.npz",
+                               then=lambda engine: got.update(here=with_engine_times(machine, model, 3, engine=engine)))
+    assert path.is_file() and len(loads) == 1 and loads[0]["store"] == "pinned" and len(seen) == 1
+    engine = seen[0]
+    assert engine.closed and engine.config.expert_budget == 1.0 and engine.config.decode == "auto"
+    assert engine.config.slot_plan == "global"
+    figures = got["here"]["figures"]
+    assert figures["offload_layer_ms"]["value"] == 0.02 and figures["loop_expert_ms"]["ref"] == "stub"
+    assert "prefill_fixed_ms" not in figures  # the other model's engine figure is dropped, not carried
