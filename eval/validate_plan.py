@@ -98,14 +98,18 @@ def bench_model(args, out, t0) -> Path:
     return bench_dir
 
 
-def record_trace(model_dir, reqs, new_tokens, device, path) -> Path:
-    engine = vismmoe.load(model_dir, expert_budget=1.0, device=device, dtype=_dtype(device))
+def record_trace(model_dir, reqs, new_tokens, device, path, then=None) -> Path:
+    """Record `reqs` as the model's routing trace at a full budget (pinned store); then `then(engine)` on the
+    same engine (the bench model's engine times: one load of its 14.5 GB store instead of two)."""
+    engine = vismmoe.load(model_dir, expert_budget=1.0, device=device, dtype=_dtype(device), store="pinned")
     try:
         engine.start_trace(Path(model_dir).name)
         for i, (image, prompt) in enumerate(reqs):
             engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             request_id=f"trace-{i}")
         engine.stop_trace(path)
+        if then is not None:
+            then(engine)
     finally:
         engine.close()
         del engine
@@ -189,7 +193,11 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / max(1, s.new_tokens - 1),
                 peak_gpu_bytes=s.peak_gpu_bytes or 0, decode_path=s.decode_path,
                 host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3,
-                accounted_bytes=(s.emulation or {}).get("accounted_bytes")))
+                accounted_bytes=(s.emulation or {}).get("accounted_bytes"),
+                # mmap stores: record reads, this host's time for them, the time added to reach the profile's
+                # disk, and the reads slower here than there (deploy/emulate.py pace_read)
+                **{k: (s.emulation or {})[k] for k in ("reads", "read_native_s", "read_paced_s", "reads_slower")
+                   if k in (s.emulation or {})}))
         phases["requests_s"] = time.perf_counter() - t
         ttft = _spread([r["ttft_ms"] for r in per_request])
         decode = _spread([r["decode_ms_per_token"] for r in per_request])
@@ -257,6 +265,8 @@ def main():
     out = output_dir(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
+    budget = lambda what: print(f"[time budget] {time.perf_counter() - t0:6.1f} s of --deadline-s {args.deadline_s:g} "  # noqa: E731
+                                f"(no new setting after it): {what}", flush=True)
 
     # The probe's compute figures (this machine's) are the same for any model: probe the first one.
     bundled_ok = (BUNDLED / "model.safetensors").is_file() and BUNDLED_TRACE.is_file()
@@ -264,6 +274,7 @@ def main():
     # on it below, after its trace has been recorded)
     first = BUNDLED if bundled_ok and "bundled" in args.models else bench_model(args, out, t0)
     machine = probe(first)
+    budget(f"probed this machine and {Path(first).name}'s engine times")
     report = dict(device=device_name(device), torch=torch.__version__,
                   probe=machine, probe_by_model={}, new_tokens=args.new_tokens, requests=args.requests,
                   warmup=args.warmup, rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0})
@@ -279,17 +290,28 @@ def main():
             model_dir, image_size = bench_model(args, out, t0), 256
             report["phases"]["bench_model_s"] = time.perf_counter() - t
             t = time.perf_counter()
+            timed = {}
+
+            def engine_times(engine, model_dir=model_dir):  # on the trace's engine: one load of the store
+                t_times = time.perf_counter()
+                timed["here"] = machine if Path(model_dir) == Path(first) else \
+                    with_engine_times(machine, model_dir, args.new_tokens, engine=engine)
+                timed["s"] = time.perf_counter() - t_times
+
             trace_path = record_trace(model_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
-                                      out / "bench_trace.npz")
-            report["phases"]["bench_trace_s"] = time.perf_counter() - t
+                                      out / "bench_trace.npz", then=engine_times)
+            here = timed["here"]
+            report["phases"]["bench_trace_s"] = time.perf_counter() - t - timed["s"]
+            report["phases"]["bench_engine_times_s"] = timed["s"]
+            budget(f"recorded the bench trace ({args.trace_requests} requests) and probed its engine times")
         else:
             model_dir, trace_path, image_size = BUNDLED, BUNDLED_TRACE, 64
+            # The engine's times are the model's (layers, shapes, processor): probed on each model, not
+            # carried from the first one to the next.
+            t = time.perf_counter()
+            here = machine if Path(model_dir) == Path(first) else with_engine_times(machine, model_dir, args.new_tokens)
+            report["phases"][f"{name}_engine_times_s"] = time.perf_counter() - t
         info, trace = model_info(model_dir), load_trace(trace_path)
-        # The engine's times are the model's (layers, shapes, processor): probed on each model, not carried
-        # from the first one to the next.
-        t = time.perf_counter()
-        here = machine if Path(model_dir) == Path(first) else with_engine_times(machine, model_dir)
-        report["phases"][f"{name}_engine_times_s"] = time.perf_counter() - t
         report["probe_by_model"][name] = here
         gpu_profile = parse_profile(here, f"probe with {name}'s engine times")
         reqs = requests(name, args.warmup + args.requests, 2)
@@ -347,6 +369,7 @@ def main():
             row["row_s"] = time.perf_counter() - t_row
             report["rows_b"].append(row)
             _save(out, report, t0)
+            budget(f"{name} / {profile_name} / {fraction}: {row['row_s']:.1f} s")
             print(json.dumps({k: v for k, v in row.items() if k not in ("planned", "traceback")}, default=str), flush=True)
     _save(out, report, t0)
     print(markdown(report))
@@ -380,6 +403,17 @@ def _range(m, key, digits) -> str:
 def _gc(m) -> str:
     reqs = m.get("requests") or []
     return f"{max(r['gc_ms'] for r in reqs):.1f}" if reqs else "-"
+
+
+def _reads(m) -> str:
+    """mmap rows: record reads per request (median), this host's ms per read, the reads slower here than on
+    the profile's disk (all timed requests)."""
+    reqs = [r for r in m.get("requests") or [] if "reads" in r]
+    if not reqs:
+        return "-"
+    n = sum(r["reads"] for r in reqs)
+    here = sum(r["read_native_s"] for r in reqs) * 1e3 / n if n else 0.0
+    return f"{np.median([r['reads'] for r in reqs]):.0f}, {here:.2f} ms, {sum(r['reads_slower'] for r in reqs)} slower"
 
 
 def _ratio(measured, predicted):
@@ -426,9 +460,9 @@ def markdown(report) -> str:
               "predicted compute + overhead replaced by the profile's, against the profile's own prediction.", "",
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
-              "| GC ms in timed requests (max) | TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) "
-              "| decode corrected | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| GC ms in timed requests (max) | mmap reads per request, here per read, slower than the profile "
+              "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | error: {r['error'][:300]} |")
@@ -445,7 +479,7 @@ def markdown(report) -> str:
             f"{(m.get('accounted_bytes') or 0) / 2**20:.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | {link} | "
             f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} {_range(m, 'ttft_spread', 1)} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
             f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} {_range(m, 'decode_spread', 2)} | "
-            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | "
+            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m)} | "
             f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
             f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
     lines += ["", "Where the run's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("phases", {}).items()),

@@ -202,13 +202,92 @@ def test_pacing_slows_host_path_copies_by_the_link_time(qwen_checkpoint):
     assert stats.expert_misses > 0 and len(asked) > 0
     assert sum(asked) == pytest.approx(stats.expert_misses * per_record, rel=1e-9)
     assert stats.emulation["host_paced_s"] == pytest.approx(sum(asked), abs=1e-6)
-    # A slower link (a Jetson's NVMe through mmap) asks for proportionally longer sleeps.
+    # A slower link (a Jetson's NVMe through mmap) asks for proportionally longer sleeps; with an mmap store
+    # the disk read is paced apart (pace_read), the wave's delay is the rest of the profile's miss time.
     jetson = engine.emulation.__class__(load_profile("jetson-orin-nano-8gb"), "mmap", engine.store.record_bytes,
                                         engine.device, sleep=asked.append)
     asked.clear()
     jetson.pace_host(3)
     want = _miss_ms(load_profile("jetson-orin-nano-8gb"), "mmap", engine.store.record_bytes, "generate") / 1e3
-    assert asked == [pytest.approx(3 * want)] and want > per_record
+    disk = engine.store.record_bytes / (load_profile("jetson-orin-nano-8gb")["disk_read_gbs"] * 1e9)
+    assert jetson.read_target_s() == pytest.approx(disk) and 0 < disk < want
+    assert asked == [pytest.approx(3 * (want - disk))] and want > per_record
+    engine.close()
+
+
+class _FakeClock:
+    """A clock that moves `tick` per reading and by what is slept: pace_read's waits without waiting."""
+
+    def __init__(self, tick: float = 1e-6):
+        self.now, self.tick, self.slept = 100.0, tick, []
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_mmap_reads_are_held_to_the_profiles_disk_time_by_wall_clock():
+    """pace_read: a read faster here than on the profile's disk (the page cache) is held until the profile's
+    time since it began (sleep, then spin the last SPIN_S); a read slower than that is not held, and counted."""
+    import torch
+
+    from vismmoe.deploy.emulate import Emulation
+    from vismmoe.deploy.profiles import load_profile
+
+    clock = _FakeClock()
+    record = 9_437_184  # a 9.4 MB bench record: 3.1 ms on the Jetson's NVMe
+    emu = Emulation(load_profile("jetson-orin-nano-8gb"), "mmap", record, torch.device("cpu"), sleep=clock.sleep,
+                    clock=clock)
+    target = emu.read_target_s()
+    assert target == pytest.approx(record / (load_profile("jetson-orin-nano-8gb")["disk_read_gbs"] * 1e9))
+    started = clock()
+    clock.now += 0.4e-3  # the read took 0.4 ms here (page cache)
+    emu.pace_read(started)
+    assert clock.now >= started + target and clock.now - (started + target) < 1e-5  # held to the disk's time
+    assert clock.slept == [pytest.approx(target - 0.4e-3 - 1e-6 - Emulation.SPIN_S)]
+    assert emu.read_paced_s == pytest.approx(target - 0.4e-3 - 1e-6) and emu.paced_s == emu.read_paced_s
+    assert (emu.reads, emu.reads_slower) == (1, 0)
+    started = clock()
+    clock.now += 2 * target  # a cold read slower than the profile's disk: nothing added, counted
+    emu.pace_read(started)
+    assert len(clock.slept) == 1 and emu.read_paced_s == pytest.approx(target - 0.4e-3 - 1e-6)
+    assert (emu.reads, emu.reads_slower) == (2, 1)
+    assert emu.read_native_s == pytest.approx(0.4e-3 + 1e-6 + 2 * target + 1e-6)
+    # a short wait (below SPIN_S) only spins
+    clock.slept.clear()
+    small = Emulation(load_profile("jetson-orin-nano-8gb"), "mmap", 98_304, torch.device("cpu"), sleep=clock.sleep,
+                      clock=clock)
+    started = clock()
+    small.pace_read(started)
+    assert clock.slept == [] and clock.now >= started + small.read_target_s()
+    # a store in memory has no disk to pace
+    assert Emulation(load_profile("rtx4090-24gb"), "pinned", record, torch.device("cpu")).read_target_s() == 0.0
+
+
+def test_mmap_store_reads_are_paced_in_a_request(qwen_checkpoint):
+    """An engine with an mmap store under emulation: every record the host reads for a miss goes through
+    pace_read (one read per copy), each held to the profile's disk time; the copy waves add the rest of the
+    profile's miss time; RequestStats.emulation reports the reads."""
+    from vismmoe.deploy.planner import _miss_ms
+    from vismmoe.deploy.profiles import load_profile
+
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.25, store="mmap", decode="generate",
+                          prefetch=False, emulate="jetson-orin-nano-8gb")
+    assert engine.store.read_pacer is engine.emulation
+    clock = _FakeClock()
+    engine.emulation.clock, engine.emulation.sleep = clock, clock.sleep
+    (image, prompt), = random_requests(1, seed=7)
+    stats = engine.generate(image=image, prompt=prompt, max_new_tokens=4).stats
+    e = stats.emulation
+    disk = engine.emulation.read_target_s()
+    miss = _miss_ms(load_profile("jetson-orin-nano-8gb"), "mmap", engine.store.record_bytes, "generate") / 1e3
+    assert stats.expert_misses > 0 and e["reads"] == stats.expert_misses and e["reads_slower"] == 0
+    assert e["read_native_s"] + e["read_paced_s"] == pytest.approx(e["reads"] * disk, abs=3e-6)  # (rounded to us)
+    assert e["host_paced_s"] == pytest.approx(e["read_paced_s"] + stats.expert_misses * (miss - disk), abs=3e-6)
     engine.close()
 
 
@@ -269,3 +348,30 @@ def test_pace_kernel_delay_scales_and_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert out[1].item() == 4 * 100_000
+
+
+@pytest.mark.gpu
+def test_mmap_reads_from_the_page_cache_take_the_profiles_disk_time_on_cuda(qwen_checkpoint):
+    """On CUDA with the real clock: an mmap store's records come from this host's page cache (read once
+    before), yet each read of a request lasts the profile's disk time at least; the copy calibration for
+    mmap times the staging copy alone (no read inside it)."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    engine = vismmoe.load(qwen_checkpoint, device="cuda", expert_budget=0.25, store="mmap", decode="generate",
+                          prefetch=False, emulate="jetson-orin-nano-8gb")
+    emu = engine.emulation
+    assert emu.native_s["host"] < emu.target_s("generate")
+    (image, prompt), = random_requests(1, seed=8)
+    engine.generate(image=image, prompt=prompt, max_new_tokens=4)  # the page cache holds the records now
+    start = time.perf_counter()
+    stats = engine.generate(image=image, prompt=prompt, max_new_tokens=4).stats
+    wall = time.perf_counter() - start
+    e = stats.emulation
+    assert e["reads"] > 0  # (a tiny record may read slower here than on the profile: reads_slower, not held)
+    assert e["read_native_s"] + e["read_paced_s"] >= 0.99 * e["reads"] * emu.read_target_s()
+    assert wall >= e["reads"] * emu.read_target_s()
+    engine.close()

@@ -140,6 +140,8 @@ class Engine:
         glue.install(self.model, self.layout)
         if self.emulation is not None:
             self.emulation.calibrate(self.store)  # this machine's copy times, before any copy is paced
+            if self.store.slab is None:  # mmap: every record read is held to the emulated disk's time
+                self.store.read_pacer = self.emulation
         self.generate_decoder = GenerateDecoder(self.model, self.image_token_id)
         self._build_runtime()
         self.pruner = None  # built on the first request that prunes: keep 1.0 leaves the model untouched

@@ -18,6 +18,13 @@ What is emulated:
     delay after each copy wave of (profile time - this machine's measured time) per record: a spin
     kernel on the copy's stream on CUDA (kernels/pace.py: device-side count, CUDA-graph capturable),
     time.sleep on the CPU.
+  * the disk, for an mmap store: the host reads a missed record synchronously (ExpertStore.record);
+    each read is timed by wall clock and held until the profile's disk time for a record has passed
+    (`pace_read`: record bytes / disk_read_gbs), whatever served it here. A read from this host's page
+    cache (which held the bench model's 14.5 GB store: session 5's mmap rows measured RAM, not NVMe) is
+    slowed to the profile's disk; a read slower than the profile's (a cold read from a slow disk) cannot
+    be sped up, and is counted (`reads_slower`). The copy that follows the read is paced as above, by
+    the rest of the profile's time per record (its pageable PCIe or DRAM copy).
 Not emulated: compute speed (this GPU's memory bandwidth, tensor throughput, kernel launches and the
 host CPU). `info()` says so, and eval/validate_plan.py corrects for it: it compares the measured times
 with the planner's prediction made for a hybrid profile (the emulated link and memory, this GPU's
@@ -49,8 +56,10 @@ def load_emulated_profile(value) -> DeviceProfile:
 
 
 class Emulation:
+    SPIN_S = 5e-4  # pace_read sleeps until this close to its deadline, then spins (time.sleep overshoots)
+
     def __init__(self, profile: DeviceProfile, store: str, record_bytes: int, device: torch.device,
-                 sleep=time.sleep):
+                 sleep=time.sleep, clock=time.perf_counter):
         self.profile = profile
         self.store = store
         self.record_bytes = record_bytes
@@ -58,6 +67,11 @@ class Emulation:
         self.usable_bytes = int((profile["memory_gb"] - profile["reserved_gb"]) * GB)
         self.shared_store = profile.unified and store != "mmap"  # the store lives in the same DRAM
         self.sleep = sleep
+        self.clock = clock
+        # mmap reads paced by wall clock (pace_read): count, this host's own time for them, the time added,
+        # and the reads that took longer here than the profile's disk does
+        self.reads, self.read_native_s, self.read_paced_s, self.reads_slower = 0, 0.0, 0.0, 0
+        self._reads_at_request = (0, 0.0, 0.0, 0)
         self.native_s = {"host": 0.0, "static": 0.0}  # this machine's time per record copy (measured on CUDA)
         self.iters_per_s = 0.0  # the spin kernel's rate on this GPU
         self.paced_s = 0.0  # delay added on the host path so far (device-decided waves count on the device)
@@ -152,14 +166,20 @@ class Emulation:
         self.check(parts, engine.layout_record_bytes, engine.layout.top_k,
                    f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
         self._paced_at_request = self.paced_s
+        self._reads_at_request = (self.reads, self.read_native_s, self.read_paced_s, self.reads_slower)
         return parts
 
     def request_report(self, parts: dict, peak_gpu_bytes) -> dict:
         """For RequestStats.emulation: what the emulated device would hold, against its usable memory."""
-        return dict(profile=self.profile.name, usable_bytes=self.usable_bytes, accounted_bytes=sum(parts.values()),
-                    parts=dict(parts), peak_gpu_bytes_here=peak_gpu_bytes,
-                    host_paced_s=round(self.paced_s - self._paced_at_request, 6),
-                    not_emulated="compute speed (this machine's)")
+        report = dict(profile=self.profile.name, usable_bytes=self.usable_bytes, accounted_bytes=sum(parts.values()),
+                      parts=dict(parts), peak_gpu_bytes_here=peak_gpu_bytes,
+                      host_paced_s=round(self.paced_s - self._paced_at_request, 6),
+                      not_emulated="compute speed (this machine's)")
+        if self.store == "mmap":  # this request's record reads: this host's own time, the time added, the too slow
+            n, native, paced, slower = self._reads_at_request
+            report.update(reads=self.reads - n, read_native_s=round(self.read_native_s - native, 6),
+                          read_paced_s=round(self.read_paced_s - paced, 6), reads_slower=self.reads_slower - slower)
+        return report
 
     def cap_allocator(self) -> None:
         """CUDA: the allocator may not hand out more than the usable share of this GPU (a backstop)."""
@@ -176,13 +196,39 @@ class Emulation:
 
     # -- the link --------------------------------------------------------------------------------------
     def target_s(self, path: str) -> float:
-        """Seconds one record's copy takes on the profile's link (the planner's miss time)."""
+        """Seconds one record's miss takes on the profile (the planner's miss time: for an mmap store the
+        disk read and the copy)."""
         from .planner import _miss_ms
 
         return _miss_ms(self.profile, self.store, self.record_bytes, path) / 1e3
 
+    def read_target_s(self) -> float:
+        """mmap store: seconds the profile's disk takes to read one record (the host's synchronous read,
+        paced by pace_read); 0 for a store in memory."""
+        return self.record_bytes / (self.profile["disk_read_gbs"] * GB) if self.store == "mmap" else 0.0
+
     def delay_s(self, path: str) -> float:
-        return max(0.0, self.target_s(path) - self.native_s[path])
+        """Delay per record after a copy wave: the profile's time per record beyond its disk read (paced
+        apart) and this machine's copy."""
+        return max(0.0, self.target_s(path) - self.read_target_s() - self.native_s[path])
+
+    def pace_read(self, started: float) -> None:
+        """After this host read one mmap record, from `started` (self.clock()) until now: hold until the
+        profile's disk time has passed since `started` (sleep, then spin the last SPIN_S)."""
+        deadline = started + self.read_target_s()
+        now = self.clock()
+        self.reads += 1
+        self.read_native_s += now - started
+        if now >= deadline:
+            self.reads_slower += now > deadline
+            return
+        rest = deadline - now
+        if rest > self.SPIN_S:
+            self.sleep(rest - self.SPIN_S)
+        while self.clock() < deadline:
+            pass
+        self.paced_s += rest
+        self.read_paced_s += rest
 
     def calibrate(self, store) -> None:
         """CUDA: time this machine's record copies (host memcpy; the device copy kernel) and the spin rate."""
@@ -193,8 +239,12 @@ class Emulation:
 
         self._scratch = torch.zeros(2, dtype=torch.float32, device=self.device)
         dst = torch.empty((8, store.record_numel), dtype=store.dtype, device=self.device)
-        self.native_s["host"] = _time_cuda(lambda: [dst[i].copy_(store.record(0, i % store.num_experts),
-                                                                  non_blocking=True) for i in range(8)]) / 8
+        if store.slab is not None:
+            self.native_s["host"] = _time_cuda(lambda: [dst[i].copy_(store.record(0, i % store.num_experts),
+                                                                      non_blocking=True) for i in range(8)]) / 8
+        else:  # mmap: the read is paced apart (pace_read); the copy is from a page-locked staging buffer
+            staging = torch.empty(store.record_numel, dtype=store.dtype, pin_memory=True)
+            self.native_s["host"] = _time_cuda(lambda: [dst[i].copy_(staging, non_blocking=True) for i in range(8)]) / 8
         if store.slab is not None and store.pinned and ops.device_copy_available(store.slab):
             rows = torch.arange(8, device=self.device) % len(store.slab_rows)
             fill = torch.arange(8, device=self.device)
@@ -234,9 +284,11 @@ class Emulation:
             profile=p.name, description=p.description, usable_bytes=self.usable_bytes,
             allocator_fraction=self.fraction, shared_store=self.shared_store,
             link_ms_per_expert={k: round(self.target_s(k) * 1e3, 4) for k in ("host", "static")},
+            disk_read_ms_per_expert=round(self.read_target_s() * 1e3, 4),
             native_ms_per_expert={k: round(v * 1e3, 4) for k, v in self.native_s.items()},
             emulated=["usable memory (load and per request; allocator cap on CUDA)",
-                      "host-to-device expert copy time (paced to the profile's link)"],
+                      "host-to-device expert copy time (paced to the profile's link)"]
+            + (["mmap record reads (each held to the profile's disk time by wall clock)"] if self.store == "mmap" else []),
             not_emulated=["compute speed: this GPU's memory bandwidth, tensor throughput and kernel launches",
                           "the host CPU", "the profile's memory bandwidth for non-expert weights"],
             correction="compare with the planner's prediction for the profile's link and this GPU's compute "

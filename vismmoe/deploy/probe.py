@@ -62,9 +62,7 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = T
     disk, how = _disk_gbs(model_dir)
     put("disk_read_gbs", disk, how)
     if model_dir is not None and engine:
-        bandwidth = figures.get("memory_bandwidth_gbs", figures.get("host_memcpy_gbs", {})).get("value")
-        tflops = figures.get("bf16_tflops", figures.get("cpu_tflops", {})).get("value")
-        for name, (value, how) in _engine_times(model_dir, "cuda" if cuda else "cpu", bandwidth, tflops).items():
+        for name, (value, how) in _engine_times(model_dir, "cuda" if cuda else "cpu", dict(figures)).items():
             put(name, value, how)
     name = "probe-" + (gpu_name or platform.node() or "cpu").lower().replace(" ", "-")
     return {"name": name, "description": f"measured by `vismmoe probe` on {platform.node()} at "
@@ -72,97 +70,173 @@ def probe(model_dir=None, copy_mib: int = 64, repeats: int = 5, engine: bool = T
             "gpu_name": gpu_name, "compute_capability": cc, "figures": figures}
 
 
-def with_engine_times(machine: dict, model_dir, new_tokens: int = 16) -> dict:
+def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=None) -> dict:
     """`machine` (a probe() mapping) with the engine's times measured on `model_dir` in place of any it
     holds: they are the model's (its layers, shapes and processor), not the machine's, so a profile
     probed on one model must not time another (an H200 probe on the 4-layer easy-VQA model predicted the
-    12-layer bench model's TTFT overhead at 136 ms where its whole TTFT measured 55-64 ms at a full budget)."""
+    12-layer bench model's TTFT overhead at 136 ms where its whole TTFT measured 55-64 ms at a full budget).
+    `engine`: an engine already loaded on `model_dir` at a full budget with a pinned store (reconfigured
+    in place and left open; eval/validate_plan.py reuses the one that recorded the trace)."""
     figures = {k: v for k, v in machine["figures"].items() if k not in ENGINE_TIME_FIGURES}
-    bandwidth = figures.get("memory_bandwidth_gbs", figures.get("host_memcpy_gbs", {})).get("value")
-    tflops = figures.get("bf16_tflops", figures.get("cpu_tflops", {})).get("value")
     device = "cuda" if machine["kind"] != "cpu" and torch.cuda.is_available() else "cpu"
-    for name, (value, how) in _engine_times(model_dir, device, bandwidth, tflops, new_tokens).items():
+    for name, (value, how) in _engine_times(model_dir, device, figures, new_tokens, engine).items():
         if value is not None and value > 0:
             figures[name] = {"value": round(float(value), 4), "source": "measured", "ref": how}
     return dict(machine, figures=figures)
 
 
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
-                       "prefill_inputs_ms")
+                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms", "loop_expert_ms")
 
 
-def _engine_times(model_dir, device: str, bandwidth_gbs, tflops=None, new_tokens: int = 16) -> dict:
+def _value(figures: dict, *names):
+    for name in names:
+        if name in figures:
+            return figures[name]["value"]
+    return None
+
+
+def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, engine=None) -> dict:
     """{figure: (ms, how)}: the model served with every expert resident (skipped if it does not fit free
     memory), two warm-up requests (JIT builds, the decode graph's capture), then the median of three, each
     after a gc.collect() (a collection inside one request was a suspect of a single-request figure
     3.6x off: generate_layer_ms 13.7 ms on an H200 where the same model's generate rows ran at 3-4 ms
     per layer; every request's time is in the figure's ref): decode_layer_ms =
-    (static decode ms/token - the bytes a token reads at `bandwidth_gbs`) / MoE layers; prefill_inputs_ms =
-    the host's input building inside TTFT (RequestStats.inputs_s); TTFT minus that and its
-    FLOPs (at `tflops` x the prior's efficiency) split into prefill_fixed_ms and prefill_layer_ms in the prior's proportion (one model has one
-    layer count, so the two cannot be told apart on it); generate_layer_ms = transformers' generate
-    ms/token / MoE layers."""
-    import numpy as np
-    from PIL import Image
-
+    (static decode ms/token - the bytes a token reads at the machine's memory bandwidth) / MoE layers;
+    prefill_inputs_ms = the host's input building inside TTFT (RequestStats.inputs_s); TTFT minus that and
+    its FLOPs (at the machine's tflops x the prior's efficiency) split into prefill_fixed_ms and
+    prefill_layer_ms in the prior's proportion (one model has one layer count, so the two cannot be told
+    apart on it); generate_layer_ms = transformers' generate ms/token / MoE layers.
+    Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit), one
+    warm-up and three timed requests on each path: offload_layer_ms / generate_offload_layer_ms = (that
+    path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
+    machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
+    launch and lookahead; the generate path's readback per layer, host decisions and copy issue).
+    Last, loop_expert_ms: one-token requests with top-k slots per layer (every prefill layer then computes
+    its experts one at a time, loaded in waves): (TTFT - input building - the full budget's - prefill
+    misses x one record's copy) / the experts the prefill touched."""
     import vismmoe
 
-    from .model_info import DTYPE_BYTES, model_info
-    from .planner import ENGINE_PRIOR
+    from .model_info import model_info
 
     info = model_info(model_dir)
     dtype = "bfloat16" if device == "cuda" else "float32"
-    need = (info.total_expert_bytes(dtype) + info.non_expert_bytes(dtype)) * 1.2
-    if device == "cuda" and need > torch.cuda.mem_get_info(0)[0]:
-        return {}
-    engine = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=1.0, store="memory")
+    own = engine is None
+    if own:
+        need = (info.total_expert_bytes(dtype) + info.non_expert_bytes(dtype)) * 1.2
+        if device == "cuda" and need > torch.cuda.mem_get_info(0)[0]:
+            return {}
+        # A pinned store: the partial-budget static decode copies misses from the page-locked slab.
+        engine = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=1.0, store="pinned", prefetch=True)
     try:
-        image = Image.fromarray((np.random.RandomState(0).rand(256, 256, 3) * 255).astype("uint8"))
-        prompt = "Describe the image."
-
-        def measure(n, warmup=2):
-            import gc
-
-            for _ in range(warmup):  # JIT builds, the decode graph's capture
-                engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            stats = []
-            for _ in range(n):
-                gc.collect()
-                stats.append(engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens,
-                                             min_new_tokens=new_tokens).stats)
-            each = [s.decode_s / max(1, s.new_tokens - 1) * 1e3 for s in stats]
-            return (float(np.median([s.ttft_s for s in stats])) * 1e3, float(np.median(each)),
-                    stats[-1].decode_path, stats[-1].prefill_tokens, ", ".join(f"{v:.2f}" for v in each),
-                    float(np.median([s.inputs_s for s in stats])) * 1e3)
-
-        L, b = info.num_moe_layers, DTYPE_BYTES[dtype]
-        ttft, decode, path, prompt_tokens, _, inputs = measure(3)
-        out = {}
-        decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
-        bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth_gbs * GB) * 1e3 if bandwidth_gbs else 0
-        if path.startswith("static"):
-            out["decode_layer_ms"] = (max(0.001, (decode - bytes_ms) / L),
-                                      f"{info.name}: {path} decode {decode:.3f} ms/token, every expert resident, minus "
-                                      f"{bytes_ms:.3f} ms of bytes, over {L} MoE layers")
-        fixed, layer = ENGINE_PRIOR["prefill_fixed_ms"], ENGINE_PRIOR["prefill_layer_ms"]
-        share = fixed / (fixed + L * layer)
-        flops = 2 * prompt_tokens * (decoder / b + L * info.top_k * info.record_numel) \
-            + 2 * info.vision_numel * prompt_tokens * info.merge_size ** 2
-        compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
-        rest = max(0.001, ttft - inputs - compute)
-        how = (f"{info.name}: TTFT {ttft:.1f} ms for {prompt_tokens} prompt tokens minus {inputs:.1f} ms of host "
-               f"input building and {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion at {L} layers")
-        out["prefill_inputs_ms"] = (max(0.001, inputs), f"{info.name}: host-side input building inside TTFT "
-                                    "(RequestStats.inputs_s: the processor), median of 3 requests")
-        out["prefill_fixed_ms"] = (rest * share, how)
-        out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
-        engine.reconfigure(decode="generate")
-        _, decode_g, _, _, each, _ = measure(3)
-        out["generate_layer_ms"] = (decode_g / L, f"{info.name}: transformers' generate {decode_g:.2f} ms/token (median "
-                                    f"of {each} ms/token) over {L} MoE layers")
-        return out
+        return _measure_engine(engine, info, dtype, figures, new_tokens)
     finally:
-        engine.close()
+        if own:
+            engine.close()
+        else:  # the caller's engine goes back to what it was given as
+            engine.reconfigure(expert_budget=1.0, decode="auto", slot_plan="global")
+
+
+def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
+    import gc
+
+    import numpy as np
+    from PIL import Image
+
+    from ..ops import MAX_GROUPS
+    from .model_info import DTYPE_BYTES
+    from .planner import ENGINE_PRIOR
+
+    image = Image.fromarray((np.random.RandomState(0).rand(256, 256, 3) * 255).astype("uint8"))
+    prompt = "Describe the image."
+
+    inputs_all = []  # every timed request's input building: its figure is their median (it is the host's, any budget)
+
+    def measure(n, warmup=2, tokens=new_tokens):
+        for _ in range(warmup):  # JIT builds, the decode graph's capture, the cache's first loads
+            engine.generate(image=image, prompt=prompt, max_new_tokens=tokens, min_new_tokens=tokens)
+        stats = []
+        for _ in range(n):
+            gc.collect()
+            stats.append(engine.generate(image=image, prompt=prompt, max_new_tokens=tokens, min_new_tokens=tokens).stats)
+        inputs_all.extend(s.inputs_s * 1e3 for s in stats)
+        steps = [max(1, s.new_tokens - 1) for s in stats]
+        each = [s.decode_s / k * 1e3 for s, k in zip(stats, steps)]
+        misses = [(s.expert_misses - s.prefill_misses) / k for s, k in zip(stats, steps)]
+        return dict(ttft=float(np.median([s.ttft_s for s in stats])) * 1e3, decode=float(np.median(each)),
+                    prefill_rest=float(np.median([(s.ttft_s - s.inputs_s) * 1e3 for s in stats])),
+                    prefill_misses=float(np.median([s.prefill_misses for s in stats])),
+                    touched=float(np.median([sum(s.hits_per_layer) + sum(s.misses_per_layer) for s in stats])),
+                    path=stats[-1].decode_path, prompt_tokens=stats[-1].prefill_tokens,
+                    each=", ".join(f"{v:.2f}" for v in each), inputs=float(np.median([s.inputs_s for s in stats])) * 1e3,
+                    misses=float(np.median(misses)))
+
+    L, b, name = info.num_moe_layers, DTYPE_BYTES[dtype], info.name
+    bandwidth = _value(figures, "memory_bandwidth_gbs", "host_memcpy_gbs")
+    tflops = _value(figures, "bf16_tflops", "cpu_tflops")
+    full = measure(3)
+    out = {}
+    decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
+    bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth * GB) * 1e3 if bandwidth else 0
+    if full["path"].startswith("static"):
+        out["decode_layer_ms"] = (max(0.001, (full["decode"] - bytes_ms) / L),
+                                  f"{name}: {full['path']} decode {full['decode']:.3f} ms/token, every expert resident, minus "
+                                  f"{bytes_ms:.3f} ms of bytes, over {L} MoE layers")
+    fixed, layer = ENGINE_PRIOR["prefill_fixed_ms"], ENGINE_PRIOR["prefill_layer_ms"]
+    share = fixed / (fixed + L * layer)
+    flops = 2 * full["prompt_tokens"] * (decoder / b + L * info.top_k * info.record_numel) \
+        + 2 * info.vision_numel * full["prompt_tokens"] * info.merge_size ** 2
+    compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
+    rest = max(0.001, full["ttft"] - full["inputs"] - compute)
+    how = (f"{name}: TTFT {full['ttft']:.1f} ms for {full['prompt_tokens']} prompt tokens minus {full['inputs']:.1f} ms "
+           f"of host input building and {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion "
+           f"at {L} layers")
+    inputs_figure = lambda: (max(0.001, float(np.median(inputs_all))), f"{name}: host-side input building inside "  # noqa: E731
+                             f"TTFT (RequestStats.inputs_s: the processor), median of the probe's {len(inputs_all)} "
+                             "timed requests")
+    out["prefill_inputs_ms"] = inputs_figure()
+    out["prefill_fixed_ms"] = (rest * share, how)
+    out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
+    engine.reconfigure(decode="generate")
+    gen = measure(3)
+    out["generate_layer_ms"] = (gen["decode"] / L, f"{name}: transformers' generate {gen['decode']:.2f} ms/token (median "
+                                f"of {gen['each']} ms/token) over {L} MoE layers")
+    # A partial budget: the cache's own per-layer work on each decode path, the misses' copies taken out.
+    total = L * info.num_experts
+    slots = max(info.top_k, min(total // 2, MAX_GROUPS))
+    out["prefill_inputs_ms"] = inputs_figure()
+    if slots >= total or not engine.store.pinned and engine.device.type == "cuda":
+        return out
+    record = info.expert_bytes(dtype)
+    links = dict(static=_value(figures, "copy_kernel_gbs", "h2d_pinned_gbs", "host_memcpy_gbs"),
+                 generate=_value(figures, "h2d_pinned_gbs", "host_memcpy_gbs"))
+    for path, base, figure in (("auto", full, "offload_layer_ms"), ("generate", gen, "generate_offload_layer_ms")):
+        engine.reconfigure(expert_budget=slots * record, decode=path, prefetch=True)
+        part = measure(3, warmup=1)
+        if path == "auto" and not (part["path"].startswith("static") and full["path"].startswith("static")):
+            continue  # static decode did not run at both budgets here: nothing to compare
+        gbs = links["static" if path == "auto" else "generate"]
+        copy_ms = record / (gbs * GB) * 1e3 if gbs else 0.0
+        value = (part["decode"] - base["decode"] - part["misses"] * copy_ms) / L
+        out[figure] = (max(0.001, value), f"{name}: {part['path']} decode at {slots} of {total} expert slots "
+                       f"{part['decode']:.3f} ms/token (median of {part['each']}) minus {base['decode']:.3f} at a full "
+                       f"budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms per record copy, over {L} "
+                       "MoE layers")
+    # The prefill's experts computed one at a time: a slot quota of top-k per layer makes every prefill layer
+    # touch more experts than its wave, so each distinct expert loads in waves of top-k and is computed alone
+    # (host_path.run_layer); one-token requests, so every expert counted (hits + misses) is the prefill's.
+    engine.reconfigure(expert_budget=L * info.top_k * record, slot_plan="uniform", decode="generate", prefetch=False)
+    one = measure(3, warmup=1, tokens=1)
+    base = full["prefill_rest"]
+    copy_ms = record / (links["generate"] * GB) * 1e3 if links["generate"] else 0.0
+    if one["touched"] > 0:
+        value = (one["prefill_rest"] - base - one["prefill_misses"] * copy_ms) / one["touched"]
+        out["loop_expert_ms"] = (max(0.001, value), f"{name}: prefill with {info.top_k} slots per layer (every layer "
+                                 f"loops) {one['prefill_rest']:.1f} ms of TTFT beyond input building, minus {base:.1f} "
+                                 f"at a full budget, minus {one['prefill_misses']:.0f} misses x {copy_ms:.4f} ms per "
+                                 f"record copy, over {one['touched']:.0f} experts computed one at a time")
+    out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
+    return out
 
 
 def _shape(model_dir):

@@ -47,6 +47,9 @@ FIGURES = {
     "prefill_fixed_ms": ("engine", False, False, False),  # TTFT's fixed part: processor, vision launch, first sample
     "prefill_layer_ms": ("engine", False, False, False),  # TTFT per MoE layer (host-decided prefill)
     "prefill_inputs_ms": ("engine", False, False, False),  # TTFT's host input building (processor), for the probed model
+    "offload_layer_ms": ("engine", False, False, False),  # static decode below a full budget, per MoE layer, beyond misses
+    "generate_offload_layer_ms": ("engine", False, False, False),  # generate below a full budget, per MoE layer, beyond misses
+    "loop_expert_ms": ("engine", False, False, False),  # a prefill expert computed one at a time (more experts than its wave)
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
 KINDS = ("discrete", "unified", "cpu")

@@ -2,8 +2,13 @@
 
 Per decode token: the bytes a token reads at the memory bandwidth + the engine's time per MoE layer
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
-the cache is partial + misses x (time per miss on the link + the miss's own overhead) + whatever
-prefetch copies do not hide under the step. TTFT: a fixed part (processor, vision launch, first
+the cache is partial (offload_layer_ms, generate_offload_layer_ms: the probe measures both at a partial
+budget) + misses x time per miss on the link + whatever prefetch copies do not hide under the step. On
+the static path a miss costs its copy and nothing else: the decision kernel, the copy launch and its
+pacing run in every layer of a captured step whether the layer misses or not (they are the per-layer
+term), and the copy kernel moves a layer's records in one launch (session 5's profile_static on an
+H200, bench model: 1.433 ms/token at a full budget, 1.506 at 50% with no misses, 1.755 at 25% with 1.16
+misses x 0.197 ms per 9.4 MB record: 1.433 + 0.073 + 0.228 = 1.734, 1% short). TTFT: a fixed part (processor, vision launch, first
 sample; with a probed profile the host's input building is its own term, prefill_inputs_ms) + time per
 layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the prefill's misses x time
 per miss + the experts a prefill layer computes one at a time (when it touches more experts than its
@@ -21,7 +26,7 @@ from .profiles import DeviceProfile
 GB = 1e9
 
 # The engine's own times, per profile figure (profiles.FIGURES; `vismmoe probe --model` measures the
-# first four), and the prior used where a profile has no such figure. Fitted on an H200 host (torch
+# ENGINE_FIGURES), and the prior used where a profile has no such figure. Fitted on an H200 host (torch
 # 2.11, transformers 5.17) to eval/results/profile_static_h200_final.json and the planner-validation
 # rows of eval/results/validate_plan_emulated/ (eval/check_time_model.py recomputes those predictions):
 ENGINE_PRIOR = dict(
@@ -32,13 +37,15 @@ ENGINE_PRIOR = dict(
     prefill_layer_ms=3.0,  # ... the host-decided prefill per MoE layer (one readback and sync each)
     offload_layer_ms=0.033,  # static decode below a full budget, per layer: profile_static 0.5 vs 1.0 (2.20 - 1.80) / 12
     generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
-    miss_overhead_ms=0.05,  # per missed expert beyond its link time: easy-VQA static rows at 25%
+    # (no per-miss overhead on the static path: see the module docstring; the prior's 0.05 ms per miss, fitted
+    # on older easy-VQA rows, predicted 0.60 ms/token where sessions 5 and 6 measured 0.39-0.41 at 25%)
     loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
     #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
     copy_overhead_ms=0.007,  # per copy, where the profile has no copy_latency_ms (research/offload.md)
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
-ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms")
+ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms", "offload_layer_ms",
+                  "generate_offload_layer_ms", "loop_expert_ms")
 # (and prefill_inputs_ms, the host's input building, which the probe measures apart from prefill_fixed_ms)
 # Back-compatible name: the figures above plus the prior.
 ENGINE = ENGINE_PRIOR
@@ -99,7 +106,6 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     decoder_bytes = (model.non_expert_numel - model.vision_numel - model.vocab_size * model.hidden_size) * b
     active = decoder_bytes + L * k * model.expert_bytes(dtype)
     fig = lambda name: engine_figure(profile, name)  # noqa: E731
-    miss_each = miss_ms
     if profile.kind == "cpu":
         per_expert = profile.get("cpu_expert_decode_ms", 0.05)
         compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
@@ -109,13 +115,12 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     else:
         compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
         if path == "static":
-            overhead = L * fig("decode_layer_ms") + (0.0 if complete else L * ENGINE_PRIOR["offload_layer_ms"])
-            miss_each = miss_ms + ENGINE_PRIOR["miss_overhead_ms"]
+            overhead = L * (fig("decode_layer_ms") + (0.0 if complete else fig("offload_layer_ms")))
         else:
-            overhead = L * (fig("generate_layer_ms") + (0.0 if complete else ENGINE_PRIOR["generate_offload_layer_ms"]))
+            overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
-        loop_ms = loop_experts * ENGINE_PRIOR["loop_expert_ms"]
-    miss = decode_misses * miss_each
+        loop_ms = loop_experts * fig("loop_expert_ms")
+    miss = decode_misses * miss_ms
     unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
     flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
     ttft_compute = flops / (tflops * 1e12) * 1e3

@@ -60,6 +60,8 @@ class ExpertStore:
         self.pinned = False
         self._handles: dict[str, object] = {}
         self._read_lock = threading.Lock()  # mmap reads: the CPU miss path's worker reads beside the host path
+        # mmap reads under emulation (deploy/emulate.py): each read is timed and held to the emulated disk's time
+        self.read_pacer = None
         self._sources = _index_checkpoint(layout, files)
         if mode == "mmap":
             self.slab = None
@@ -101,8 +103,12 @@ class ExpertStore:
             return self.slab[layer, expert]
         if staging is None:
             staging = torch.empty(self.record_numel, dtype=self.dtype)
-        with self._read_lock:
+        pacer = self.read_pacer
+        with self._read_lock:  # (held while paced: reads from two threads share one emulated disk)
+            started = pacer.clock() if pacer is not None else 0.0
             self._read_into(layer, expert, staging)
+            if pacer is not None:
+                pacer.pace_read(started)
         return staging
 
     def split(self, record: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

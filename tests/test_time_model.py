@@ -1,0 +1,191 @@
+"""The planner's time model (deploy/time_model.py), its probed engine figures (deploy/probe.py) and the
+steady state its trace replays count (deploy/planner._Simulator)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vismmoe.deploy.model_info import model_info
+from vismmoe.deploy.profiles import load_profile, parse_profile
+from vismmoe.deploy.time_model import ENGINE_PRIOR, _times
+
+
+def _with(profile, **values) -> "object":
+    data = profile.to_dict()
+    for name, value in values.items():
+        data["figures"][name] = dict(value=value, source="measured", ref="test")
+    return parse_profile(data, "test")
+
+
+@pytest.fixture(scope="module")
+def info(tiny_checkpoints):
+    return model_info(tiny_checkpoints["qwen3_vl_moe"])
+
+
+def test_a_static_miss_costs_its_link_time_and_the_partial_cache_its_per_layer_figure(info):
+    """Static decode below a full budget = the full-budget step + L x offload_layer_ms + misses x the link's
+    time per record: nothing per miss beyond the copy (the captured step runs its decision and copy launch
+    in every layer whatever it misses). The probed figure replaces the prior."""
+    L = info.num_moe_layers
+    base = load_profile("rtx4090-24gb")
+    args = ("bfloat16", "static")
+    full = _times(info, base, *args, True, 0.02, 0.0, 0.0, 0.0, 64)
+    for misses in (0.0, 1.5, 7.0):
+        part = _times(info, base, *args, False, 0.02, misses, 0.0, 0.0, 64)
+        assert part["decode_ms_per_token"] == pytest.approx(
+            full["decode_ms_per_token"] + L * ENGINE_PRIOR["offload_layer_ms"] + misses * 0.02)
+        assert part["decode_miss_ms"] == pytest.approx(misses * 0.02)
+    probed = _with(base, offload_layer_ms=0.011, generate_offload_layer_ms=2.1)
+    part = _times(info, probed, *args, False, 0.02, 3.0, 0.0, 0.0, 64)
+    assert part["decode_overhead_ms"] == pytest.approx(full["decode_overhead_ms"] + L * 0.011)
+    # the prefill's one-at-a-time experts: the probed loop_expert_ms in place of the prior's
+    looped = _times(info, _with(base, loop_expert_ms=0.07), *args, False, 0.02, 0.0, 0.0, 0.0, 64, 120.0)
+    assert looped["ttft_loop_ms"] == pytest.approx(120.0 * 0.07)
+    assert _times(info, base, *args, False, 0.02, 0.0, 0.0, 0.0, 64, 120.0)["ttft_loop_ms"] == pytest.approx(
+        120.0 * ENGINE_PRIOR["loop_expert_ms"])
+    # the generate path's partial-cache term is its own probed figure
+    g_full = _times(info, probed, "bfloat16", "generate", True, 0.02, 0.0, 0.0, 0.0, 64)
+    g_part = _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64)
+    assert g_part["decode_ms_per_token"] == pytest.approx(g_full["decode_ms_per_token"] + L * 2.1 + 3.0 * 0.02)
+
+
+def test_planner_replays_count_the_steady_state_not_the_first_request():
+    """The planner's replay leaves out the trace's first request (it fills an empty cache): the prefill
+    misses per request are simulate(measure_from=1)'s over the other requests, fewer than with the cold
+    start counted, and the decode misses per token are those requests' too."""
+    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.offload.simulate import simulate
+    from vismmoe.offload.trace import synthetic_trace
+
+    trace = synthetic_trace(num_requests=6, num_layers=3, num_experts=16, top_k=2, visual_tokens=30, seed=3)
+    sim = _Simulator(trace, SimpleNamespace(num_moe_layers=3))
+    got = sim.run("lru", 24, "none")
+    warm = simulate(trace, "lru", 24, "none", measure_from=1)
+    cold = simulate(trace, "lru", 24, "none")
+    decode_steps = int(((trace.group_step > 0) & (trace.group_request >= 1)).sum()) // 3
+    assert got["prefill_misses"] == pytest.approx((warm.misses - warm.decode_misses) / 5)
+    assert got["decode_misses_per_token"] == pytest.approx(warm.decode_misses / decode_steps)
+    assert got["prefill_misses"] < (cold.misses - cold.decode_misses) / 6
+    # a one-request trace has no steady state to count: its one request is counted
+    one = _Simulator(trace.requests(0, 1), SimpleNamespace(num_moe_layers=3)).run("lru", 24, "none")
+    first = simulate(trace.requests(0, 1), "lru", 24, "none")
+    assert one["prefill_misses"] == pytest.approx(first.misses - first.decode_misses)
+
+
+class _FakeEngine:
+    """What probe._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
+    and misses per token are set per (budget, decode path)."""
+
+    LOOP_TTFT_S, LOOP_TOUCHED, LOOP_MISSES = 0.09, 40, 30  # a prefill looping its experts (top-k slots per layer)
+
+    def __init__(self, times: dict, record_bytes: int):
+        self.times, self.config = times, dict(expert_budget=1.0, decode="auto", slot_plan="global")
+        self.store = SimpleNamespace(pinned=True)
+        self.device = SimpleNamespace(type="cuda")
+        self.calls = []
+        self.record_bytes = record_bytes
+
+    def reconfigure(self, **kw):
+        self.calls.append(kw)
+        self.config.update(kw)
+
+    def generate(self, image=None, prompt="", max_new_tokens=16, min_new_tokens=16):
+        full = self.config["expert_budget"] == 1.0
+        decode = self.config["decode"]
+        ms, misses = self.times[(full, decode)]
+        path = "generate" if decode == "generate" else "static-graph"
+        stats = SimpleNamespace(ttft_s=0.05, inputs_s=0.02, decode_s=ms * (max_new_tokens - 1) / 1e3,
+                                new_tokens=max_new_tokens, decode_path=path, prefill_tokens=90,
+                                expert_misses=10 + round(misses * (max_new_tokens - 1)), prefill_misses=10,
+                                hits_per_layer=[5, 5], misses_per_layer=[5, 5 + round(misses * (max_new_tokens - 1))])
+        if self.config["slot_plan"] == "uniform":
+            assert max_new_tokens == 1 and not self.config["prefetch"]
+            stats.ttft_s, stats.prefill_misses = self.LOOP_TTFT_S, self.LOOP_MISSES
+            stats.hits_per_layer, stats.misses_per_layer = [4, 6], [15, 15]
+        return SimpleNamespace(stats=stats)
+
+
+def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
+    """offload_layer_ms and generate_offload_layer_ms = (the path's ms/token at a partial budget - at a full
+    budget - decode misses per token x one record at the machine's link) / MoE layers, each path with its
+    link (the static path's copy kernel, the generate path's pinned DMA)."""
+    from vismmoe.deploy.probe import _measure_engine
+
+    L, record = info.num_moe_layers, info.expert_bytes("bfloat16")
+    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0),
+             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0)}
+    engine = _FakeEngine(times, record)
+    figures = {name: dict(value=v, source="measured", ref="") for name, v in
+               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
+    static_copy, host_copy = record / 50e9 * 1e3, record / 25e9 * 1e3
+    assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
+    assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
+    assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "15 timed requests" in out["prefill_inputs_ms"][1]
+    # the loop: (TTFT - inputs - the full budget's - prefill misses x a host-path copy) / experts touched
+    loop = (90.0 - 20.0 - (50.0 - 20.0) - 30 * host_copy) / 40
+    assert out["loop_expert_ms"][0] == pytest.approx(loop, rel=1e-6)
+    slots = max(info.top_k, min(L * info.num_experts // 2, 1023))
+    budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
+    assert budgets == [slots * record, slots * record, L * info.top_k * record]
+    assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
+    # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
+    times[(False, "auto")] = (17.0, 3.0)
+    engine = _FakeEngine(dict(times), record)
+    original = engine.generate
+
+    def generate_only(**kw):
+        result = original(**kw)
+        if engine.config["expert_budget"] != 1.0:
+            result.stats.decode_path = "generate"
+        return result
+
+    engine.generate = generate_only
+    out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
+    assert "offload_layer_ms" not in out and "generate_offload_layer_ms" in out
+    assert np.isfinite(out["generate_offload_layer_ms"][0])
+
+
+def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints, tmp_path, monkeypatch):
+    """eval/validate_plan.py records a model's trace and measures its engine times on one engine (one load
+    of the store): the trace is written, the measurement (stubbed here: its arithmetic is tested above, its
+    real run in test_deploy) gets the trace's engine, and the engine is set back to a full budget after."""
+    import importlib.util
+    from pathlib import Path
+
+    import vismmoe
+    from vismmoe.deploy import probe
+    from vismmoe.deploy.probe import with_engine_times
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("validate_plan", root / "eval" / "validate_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loads = []
+    real_load = vismmoe.load
+    monkeypatch.setattr(module.vismmoe, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    model = tiny_checkpoints["qwen3_vl_moe"]
+    machine = load_profile("rtx4090-24gb").to_dict()
+    machine["figures"]["prefill_fixed_ms"] = dict(value=999.0, source="measured", ref="another model")
+    seen = []
+
+    def measured(engine, info, dtype, figures, new_tokens):
+        seen.append(engine)
+        engine.reconfigure(expert_budget=0.5, decode="generate", slot_plan="uniform")  # as the probe leaves it
+        return {"offload_layer_ms": (0.02, "stub"), "loop_expert_ms": (0.1, "stub")}
+
+    monkeypatch.setattr(probe, "_measure_engine", measured)
+    got = {}
+    path = module.record_trace(model, module.requests("bench", 1, 0), 3, "cpu", tmp_path / "t.npz",
+                               then=lambda engine: got.update(here=with_engine_times(machine, model, 3, engine=engine)))
+    assert path.is_file() and len(loads) == 1 and loads[0]["store"] == "pinned" and len(seen) == 1
+    engine = seen[0]
+    assert engine.closed and engine.config.expert_budget == 1.0 and engine.config.decode == "auto"
+    assert engine.config.slot_plan == "global"
+    figures = got["here"]["figures"]
+    assert figures["offload_layer_ms"]["value"] == 0.02 and figures["loop_expert_ms"]["ref"] == "stub"
+    assert "prefill_fixed_ms" not in figures  # the other model's engine figure is dropped, not carried
