@@ -227,6 +227,7 @@ def huge_page_tensor(shape, dtype) -> torch.Tensor:
     a slab registers every page. Where THP is off, or not Linux, this is ordinary memory."""
     import ctypes
     import mmap
+    import sys
 
     numel = 1
     for n in shape:
@@ -238,11 +239,12 @@ def huge_page_tensor(shape, dtype) -> torch.Tensor:
     view = ctypes.c_char.from_buffer(area)
     base = ctypes.addressof(view)
     offset = (-base) % _HUGE_PAGE
-    try:
-        libc = ctypes.CDLL(None)
-        libc.madvise(ctypes.c_void_p(base + offset), ctypes.c_size_t(size), ctypes.c_int(_MADV_HUGEPAGE))
-    except (OSError, AttributeError):  # no madvise here: ordinary pages
-        pass
+    if sys.platform.startswith("linux"):  # MADV_HUGEPAGE's value is Linux's
+        try:
+            libc = ctypes.CDLL(None)
+            libc.madvise(ctypes.c_void_p(base + offset), ctypes.c_size_t(size), ctypes.c_int(_MADV_HUGEPAGE))
+        except (OSError, AttributeError):  # no madvise here: ordinary pages
+            pass
     del view  # the tensor keeps the mapping alive (torch.frombuffer holds it)
     flat = torch.frombuffer(area, dtype=torch.uint8)[offset: offset + size]
     return flat.view(dtype).view(shape)
