@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
             row["cold_us"] = time_copies(slab, pool, cold, device)
             row["cold_again_us"] = time_copies(slab, pool, cold, device)
             ref = slab[cold[-1]].clone()
-            ok = torch.equal(pool[0].cpu(), ref)
+            ok = torch.equal(pool[0].cpu().view(torch.int16), ref.view(torch.int16))  # bits: random bits hold NaNs
             row["copy_correct"] = ok
             _unpin(slab, device)
         result["slabs"][kind] = row

@@ -558,15 +558,21 @@ def _compare_fused_moe(device: torch.device, seed: int = 0) -> bool:
             host_gu, host_dn = host_gu.pin_memory(), host_dn.pin_memory()
         pool_gu = torch.cat([gate_up, torch.zeros_like(gate_up[:k])]).to(device)
         pool_dn = torch.cat([down, torch.zeros_like(down[:k])]).to(device)
+        # Token 0's even pairs install (the others read their pool slots), so a store that leaked past its
+        # pair would show in the pool's first S slots or in the slots not installed.
         ids = slots.clone()
-        ids[0] = torch.arange(S, S + k)
+        even = torch.arange(0, k, 2)
+        ids[0, even] = S + even
         fill = torch.full_like(slots, -1)
-        fill[0] = ids[0]
+        fill[0, even] = ids[0, even]
         got = fused_moe.fused_moe_decode(*(t.to(device) for t in (x, w, ids)), pool_gu, pool_dn, transposed,
                                          host_gate_up=host_gu, host_down=host_dn,
                                          install=(fill.to(device), slots.to(device)))
-        if not (torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4) and torch.equal(pool_gu[S:].cpu(), gate_up[slots[0]])
-                and torch.equal(pool_dn[S:].cpu(), down[slots[0]])):
+        want_gu = torch.cat([gate_up, torch.zeros_like(gate_up[:k])])
+        want_dn = torch.cat([down, torch.zeros_like(down[:k])])
+        want_gu[S + even], want_dn[S + even] = gate_up[slots[0, even]], down[slots[0, even]]
+        if not (torch.allclose(got.cpu(), ref, atol=1e-4, rtol=1e-4) and torch.equal(pool_gu.cpu(), want_gu)
+                and torch.equal(pool_dn.cpu(), want_dn)):
             return False
     return True
 

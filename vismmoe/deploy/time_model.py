@@ -4,9 +4,10 @@ Per decode token: the bytes a token reads at the memory bandwidth + the engine's
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
 the cache is partial (offload_layer_ms, generate_offload_layer_ms: the probe measures both at a partial
 budget) + misses x time per miss on the link + whatever prefetch copies do not hide under the step. On
-the static path a miss costs its copy and nothing else: the decision kernel, the copy launch and its
-pacing run in every layer of a captured step whether the layer misses or not (they are the per-layer
-term), and the copy kernel moves a layer's records in one launch (session 5's profile_static on an
+the static path a miss costs its copy and nothing else: the decision kernel and the pacing run in every
+layer of a captured step whether the layer misses or not (they are the per-layer term), and a layer's
+records move in the decode kernel that installs them (the copy kernel's one launch before session 6;
+session 5's profile_static on an
 H200, bench model: 1.433 ms/token at a full budget, 1.506 at 50% with no misses, 1.755 at 25% with 1.16
 misses x 0.197 ms per 9.4 MB record: 1.433 + 0.073 + 0.228 = 1.734, 1% short). TTFT: a fixed part (processor, vision launch, first
 sample; with a probed profile the host's input building is its own term, prefill_inputs_ms) + time per

@@ -268,6 +268,8 @@ def fused_moe_decode(hidden, top_k_weights, slot_ids, gate_up, down, is_transpos
     if slots.numel() == 0:
         return out.zero_()
     if install is not None:
+        if host_gate_up is None or host_down is None:  # the installs read the host rows: without them, stale slots
+            raise ValueError("fused_moe_decode: install needs host_gate_up and host_down (the slab's views)")
         install = tuple(t.reshape(-1).contiguous() for t in install)
     ctx = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with ctx:  # Triton launches on the current device: make it the pool's
