@@ -55,6 +55,13 @@ step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log 
     echo "=== $name rc=$rc wall=$(( $(date +%s) - t0 ))s"
 }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
+# The 12-layer bench model, built on the CPU in the background (start_build [ARGS]: full_size_checkpoint(12,
+# ARGS); without ARGS, in its default place); wait_build blocks until it is there.
+start_build() {
+    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12${1:+, $1})" > "$WORK/build.log" 2>&1
+      echo "build rc=$?" >> "$WORK/build.log" ) &
+}
+wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
 train_scene_model() {  # on GPU 0, TRAIN_S seconds; the checkpoint (36.6 MB float32) comes back in 15 MB
     # pieces (the tool returns files of up to 16 MiB): `cat scene_model.tgz.part-* | tar -xz`
     CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
@@ -68,8 +75,7 @@ if [ "$PHASE" = train ]; then
     train_pid=$!
     export CUDA_VISIBLE_DEVICES=1
     # The 12-layer bench model (~14 GB, CPU-bound) builds while GPU 1 tunes and tests the kernels.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
-        > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build "'$WORK', image_size=896"
     build_pid=$!
     {
         step tune_fused_moe 150 python3 eval/bench_fused_moe.py --out "$WORK/fused_moe" --tokens 1,4,16 --tune
@@ -91,8 +97,7 @@ elif [ "$PHASE" = check ]; then
     train_scene_model &
     train_pid=$!
     # One 12-layer bench model (built on the CPU) for gpu_check, profile_static and bench_offload.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build
     build_pid=$!
     {
         step multi_gpu 120 python3 -m pytest -q -o faulthandler_timeout=60 tests/test_multi_gpu.py
@@ -113,8 +118,7 @@ elif [ "$PHASE" = check ]; then
     tar -C "$WORK" -czf "$OUT/easyvqa_keep.tgz" easyvqa_keep 2>/dev/null
 elif [ "$PHASE" = validate ]; then
     SWEEP_DIR=${SWEEP_DIR:-gpu_runs/scene_pruning}
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build
     build_pid=$!
     step multi_gpu 150 python3 -m pytest -q -o faulthandler_timeout=90 tests/test_multi_gpu.py > "$OUT/multi_gpu.log" 2>&1
     ( export CUDA_VISIBLE_DEVICES=0; step scene_sweep "$(left 25)" torchrun --nproc-per-node "${RANKS:-6}" \
@@ -132,13 +136,12 @@ elif [ "$PHASE" = validate ]; then
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check 2>/dev/null
     tar -czf "$OUT/sweep.tgz" "$SWEEP_DIR" 2>/dev/null
 elif [ "$PHASE" = final ]; then
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12)" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build
     build_pid=$!
     (
         export CUDA_VISIBLE_DEVICES=0
         # (the build is the parent shell's child: wait for its log line instead)
-        until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -2 "$WORK/build.log"
+        wait_build
         step profile_static 150 python3 eval/profile_static.py --out "$WORK/profile_static" --layers 12
         step gpu_check 150 python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3
         step miss_paths 60 python3 eval/bench_miss_paths.py --out "$WORK/miss_paths"
@@ -157,8 +160,7 @@ elif [ "$PHASE" = final ]; then
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static gpu_check miss_paths \
         probe_vs_bench extra 2>/dev/null
 elif [ "$PHASE" = one ]; then
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK', image_size=896)" \
-        > "$WORK/build.log" 2>&1; echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build "'$WORK', image_size=896"
     build_pid=$!
     {
         step pytest 200 python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_route_predict.py \
@@ -174,13 +176,12 @@ elif [ "$PHASE" = one ]; then
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' profile_static profile_kernels bench_pruning \
         extra 2>/dev/null
 elif [ "$PHASE" = final2 ]; then
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build "'$WORK'"
     mkdir -p "$WORK/extra0" "$WORK/extra1"
     (
         export CUDA_VISIBLE_DEVICES=0
         step pytest "${PYTEST_S:-170}" python3 -m pytest -q -o faulthandler_timeout=90 ${TESTS:-tests/test_router_kernel.py tests/test_rotary.py}
-        until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -2 "$WORK/build.log"
+        wait_build
         step profile_static "${PROFILE_S:-100}" python3 eval/profile_static.py --out "$WORK/profile_static" --checkpoint "$WORK/vismmoe-fullsize-12"
         [ -n "${GPU0_EXTRA:-}" ] && step extra0 "$(left 15)" bash -c "$GPU0_EXTRA"
     ) > "$OUT/gpu0.log" 2>&1 &
@@ -189,7 +190,7 @@ elif [ "$PHASE" = final2 ]; then
         export CUDA_VISIBLE_DEVICES=1
         [ -z "${SKIP_GPU_CHECK:-}" ] && step gpu_check_quick "${GPU_CHECK_S:-150}" python3 eval/gpu_check.py --out "$WORK/gpu_check" --layers 4 --requests 3 --quick
         [ -z "${SKIP_BUILD_TIMES:-}" ] && step build_times "${BUILD_S:-60}" python3 eval/kernel_build_times.py --out "$WORK/build_times"
-        until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
+        wait_build
         [ -n "${GPU1_EXTRA:-}" ] && step extra1 "$(left 15)" bash -c "$GPU1_EXTRA"
     } > "$OUT/gpu1.log" 2>&1
     wait $gpu0_pid
@@ -200,9 +201,7 @@ elif [ "$PHASE" = final3 ]; then
     # full_size_checkpoint builds it by default. GPU 0: GPU tests, prefetch: auto live, the miss-path
     # table's minimum-budget rows; GPU 1: the auto-prefetch/gate tests while the model builds, then the
     # planner's predictions under emulation and memory by part.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
-    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    start_build "'$WORK'"
     (
         export CUDA_VISIBLE_DEVICES=0
         step pytest 150 python3 -m pytest -q --tb=short -o faulthandler_timeout=90 -m gpu tests/test_static_decode.py \
@@ -226,12 +225,11 @@ elif [ "$PHASE" = final3 ]; then
 elif [ "$PHASE" = last ]; then
     # A short call (WORK=/tmp): the fixed GPU tests on GPU 0 while the bench model builds, then the miss-path
     # table's 12 GB/s minimum-budget cells (auto's CPU margin) on GPU 1.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
+    start_build "'$WORK'"
     ( CUDA_VISIBLE_DEVICES=0 step pytest 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 \
         tests/test_static_decode.py::test_captures_run_on_the_engines_one_stream \
         tests/test_autoprefetch.py::test_captured_graph_follows_the_device_decision_without_recapture ) > "$OUT/gpu0.log" 2>&1 &
-    until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done
+    wait_build
     CUDA_VISIBLE_DEVICES=1 step miss_table "$(left 5)" python3 eval/bench_miss_paths.py --engine --budgets min \
         --throttled-only --paths copy zerocopy auto --out "$WORK/miss_table" > "$OUT/gpu1.log" 2>&1
     wait
@@ -241,9 +239,7 @@ elif [ "$PHASE" = s6a ]; then
     # then the miss-path table's 12 GB/s minimum-budget cells (auto's CPU margin), then memory by part for
     # the bench model on the RTX 4090 profile. GPU 1: the planner's predictions out of sample (the probe
     # measures each model's own engine times).
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
-    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    start_build "'$WORK'"
     (
         export CUDA_VISIBLE_DEVICES=0
         step pytest 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=60 \
@@ -269,9 +265,7 @@ elif [ "$PHASE" = s6b ]; then
     # kernel's tests (install bit for bit against copy_records + compute), the miss micro-benchmark (copy,
     # install, zero-copy), then profile_static (25%/50% with installs against the copy launch). GPU 1: the
     # miss-path table at the minimum budget (native and 12 GB/s), then the static path's GPU tests.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
-    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    start_build "'$WORK'"
     (
         export CUDA_VISIBLE_DEVICES=0
         step pytest_fused "${PYTEST_S:-120}" python3 -m pytest -q --tb=short -o faulthandler_timeout=100 tests/test_fused_moe.py
@@ -295,9 +289,7 @@ elif [ "$PHASE" = s6c ]; then
     # Session 6, last call (kind nvidia-h200-x2, WORK=/tmp). GPU 0: the install kernel's tests and micro-
     # benchmark, host pages, profile_static, then prefetch: auto live. GPU 1: the planner out of sample,
     # then the GPU tests of the two captured steps under auto and the static path.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
-    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    start_build "'$WORK'"
     (
         export CUDA_VISIBLE_DEVICES=0
         step pytest_fused 100 python3 -m pytest -q --tb=short -o faulthandler_timeout=90 tests/test_fused_moe.py \
@@ -328,9 +320,7 @@ elif [ "$PHASE" = quiet ]; then
     # ran it beside another GPU's jobs, and the bench processor's input building measured 41.7 ms in the probe
     # against 3.7-25 ms in the rows), then profile_static with the 100% and 25% steps taken alternately
     # (issue 12's 25% target), then the GPU test fixed after that call.
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK')" > "$WORK/build.log" 2>&1
-      echo "build rc=$?" >> "$WORK/build.log" ) &
-    wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+    start_build "'$WORK'"
     {
         wait_build
         step validate_plan "${VALIDATE_S:-330}" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
