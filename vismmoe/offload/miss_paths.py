@@ -193,16 +193,10 @@ def measure_figures(store, cache, compute, emulation=None, repeats: int = 3, ins
     else:
         source["copy_s"] = "as host_copy_s (no device copy kernel here)"
     if emulation is not None:  # the emulated link: copies and in-place reads are paced alike
-        native = getattr(emulation, "native_s", {})
-        if "static" in native:  # pacing adds (profile time - this machine's copy time) per record to either
-            delay = emulation.delay_s("static")
-            copy_s += delay
-            if np.isfinite(zero_copy_s):
-                zero_copy_s += delay
-        else:
-            copy_s = max(copy_s, emulation.target_s("static"))
-            if np.isfinite(zero_copy_s):
-                zero_copy_s = max(zero_copy_s, emulation.target_s("static"))
+        delay = emulation.delay_s("static")  # what pacing adds per record: profile time - this machine's copy
+        copy_s += delay
+        if np.isfinite(zero_copy_s):
+            zero_copy_s += delay
         host_copy_s = max(host_copy_s, emulation.target_s("host"))
         source["emulated"] = f"link figures paced to the emulated {emulation.profile.name}'s"
     source["host_layer_s"] = "prior: BENCHMARKS.md (H100, generate vs static step, 2.13 ms per layer call)"

@@ -13,6 +13,7 @@ Checkpoint layouts accepted (detected per key and by shape):
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import weakref
@@ -229,10 +230,7 @@ def huge_page_tensor(shape, dtype) -> torch.Tensor:
     import mmap
     import sys
 
-    numel = 1
-    for n in shape:
-        numel *= n
-    size = numel * torch.empty((), dtype=dtype).element_size()
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if size < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(shape, dtype=dtype)
     area = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
