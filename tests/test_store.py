@@ -120,3 +120,15 @@ def test_huge_page_tensor_is_aligned_contiguous_and_outlives_its_mapping():
     assert torch.equal(slab[2, 3], torch.full((1 << 19,), 11.0, dtype=torch.bfloat16))
     small = huge_page_tensor((2, 3), torch.float32)  # below one huge page: ordinary memory
     assert small.shape == (2, 3)
+
+
+def test_engine_slab_is_the_huge_page_allocation():
+    """README: the `pinned` / `memory` slabs ask for 2 MiB pages: the bundled model's 12 MiB slab (the default
+    store) sits on a 2 MiB-aligned anonymous mapping, the huge_page_tensor allocation."""
+    from pathlib import Path
+
+    bundled = Path(__file__).resolve().parents[1] / "models" / "easyvqa-qwen3vlmoe"
+    engine = vismmoe.load(bundled)
+    slab = engine.store.slab
+    assert slab.numel() * slab.element_size() >= 2 << 20
+    assert slab.data_ptr() % (2 << 20) == 0
