@@ -30,6 +30,9 @@
 #                 (the default engine's tokens against transformers), kernel_build_times, then GPU1_EXTRA.
 #                 Extras write under $WORK/extra0 and $WORK/extra1 (and find the bench model at $WORK/vismmoe-fullsize-12).
 #   PHASE=s6a|s6b|s6c  session 6's three calls (kind nvidia-h200-x2); see their branches below.
+#   PHASE=s7a     one GPU (kind nvidia-h200): the bench model built on the GPU; profile_inputs on the bundled
+#                 and bench models (the bimodal input building), profile_static --interleaved-only (issue 12's
+#                 25% target), then the fused-kernel GPU tests (the self-check and install checks of session 6).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -55,10 +58,14 @@ step() {  # step NAME LIMIT_S COMMAND...: run with min(LIMIT_S, time left), log 
     echo "=== $name rc=$rc wall=$(( $(date +%s) - t0 ))s"
 }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
-# The 12-layer bench model, built on the CPU in the background (start_build [ARGS]: full_size_checkpoint(12,
-# ARGS); without ARGS, in its default place); wait_build blocks until it is there.
+# The 12-layer bench model, built in the background (start_build [ARGS]: full_size_checkpoint(12, ARGS); without
+# ARGS, in its default place); on the CPU (minutes) unless BUILD_DEVICE=cuda (seconds of GPU time, and the
+# random weights differ from a CPU build's); wait_build blocks until it is there.
 start_build() {
-    ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12${1:+, $1})" > "$WORK/build.log" 2>&1
+    ( for d in ${BUILD_DEVICE:-} cpu; do  # (a failed GPU build falls back to the CPU's)
+          python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12${1:+, $1}, device='$d')" \
+              >> "$WORK/build.log" 2>&1 && break
+      done
       echo "build rc=$?" >> "$WORK/build.log" ) &
 }
 wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
@@ -330,6 +337,19 @@ elif [ "$PHASE" = quiet ]; then
         step pytest_gpu "$(left 5)" python3 -m pytest -q --tb=short -m gpu tests/test_emulate.py
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.safetensors' validate_plan profile_static 2>/dev/null
+elif [ "$PHASE" = s7a ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        step inputs_bundled 100 python3 eval/profile_inputs.py --out "$WORK/inputs_bundled" \
+            --model models/easyvqa-qwen3vlmoe --requests 30 --emulate rtx4090-24gb
+        wait_build
+        step inputs_bench 100 python3 eval/profile_inputs.py --out "$WORK/inputs_bench" \
+            --model "$WORK/vismmoe-fullsize-12" --requests 20
+        step interleaved 170 python3 eval/profile_static.py --out "$WORK/profile_static" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3 --interleaved "${ROUNDS:-5}" --interleaved-only
+        step pytest_gpu "$(left 10)" python3 -m pytest -q --tb=short -m gpu tests/test_fused_moe.py
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" inputs_bundled inputs_bench profile_static 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked

@@ -237,8 +237,12 @@ def build_checkpoint(
     image_size: int = 96,
     init_std: float | None = None,
     router_std: float | None = None,
+    device: str = "cpu",
 ):
     """Write a random checkpoint of `family` to `out_dir`; returns the in-memory model.
+
+    `device`: where the random init runs ("cuda": seconds instead of minutes for a full-size model; the
+    weights differ from a CPU build's, drawn from the same distributions).
 
     `init_std` overrides the initializer range of all weights and `router_std` that of the routers
     (default: init_std). Random routers at the default 0.02 are nearly uniform, with near-tied top-k
@@ -260,7 +264,8 @@ def build_checkpoint(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))  # build directly in the target dtype: no float32 copy
     try:
-        model = model_cls(cfg).eval()
+        with torch.device(device):
+            model = model_cls(cfg).eval()
     finally:
         torch.set_default_dtype(previous)
     router_std = router_std if router_std is not None else init_std
@@ -319,19 +324,19 @@ def full_size_description(num_layers: int, out_dir, image_size: int = 256) -> Pa
     return out
 
 
-def full_size_checkpoint(num_layers: int, root=None, image_size: int = 256) -> Path:
+def full_size_checkpoint(num_layers: int, root=None, image_size: int = 256, device: str = "cpu") -> Path:
     """A bf16 random Qwen3-VL-MoE with Qwen3-VL-30B-A3B-sized experts and `num_layers` layers, built once.
 
     Building writes ~1.2 GB per layer from random init, minutes at 12 layers; so another `image_size`
     (the processor's pixel cap, the only file that differs) is a sibling directory whose other files
-    are links to the first build's."""
+    are links to the first build's. `device="cuda"` runs the random init on the GPU (see build_checkpoint)."""
     import tempfile
 
     root = Path(root or tempfile.gettempdir())
     path = root / f"vismmoe-fullsize-{num_layers}"
     if not (path / "config.json").exists():
         build_checkpoint("qwen3_vl_moe", path, shape=TextShape(num_hidden_layers=num_layers, **QWEN3_VL_30B_A3B_TEXT),
-                         dtype="bfloat16", router_std=0.05, image_size=256)
+                         dtype="bfloat16", router_std=0.05, image_size=256, device=device)
     if image_size == 256:
         return path
     variant = root / f"vismmoe-fullsize-{num_layers}-{image_size}px"
