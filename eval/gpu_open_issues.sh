@@ -33,6 +33,9 @@
 #   PHASE=s7a     one GPU (kind nvidia-h200): the bench model built on the GPU; profile_inputs on the bundled
 #                 and bench models (the bimodal input building), profile_static --interleaved-only (issue 12's
 #                 25% target), then the fused-kernel GPU tests (the self-check and install checks of session 6).
+#   PHASE=s7b     one GPU: the bench model built on the GPU, the planner's validation alone on the host (input
+#                 building with one intra-op thread since session 7), then tests/test_fused_moe.py and
+#                 tests/test_input_threads.py on the GPU.
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -350,6 +353,15 @@ elif [ "$PHASE" = s7a ]; then
         step pytest_gpu "$(left 10)" python3 -m pytest -q --tb=short -m gpu tests/test_fused_moe.py
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" inputs_bundled inputs_bench profile_static 2>/dev/null
+elif [ "$PHASE" = s7b ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        wait_build
+        step validate_plan "${VALIDATE_S:-330}" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(( ${VALIDATE_S:-330} - 30 ))"
+        step pytest_gpu "$(left 5)" python3 -m pytest -q --tb=short tests/test_fused_moe.py tests/test_input_threads.py
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked

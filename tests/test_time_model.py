@@ -125,7 +125,7 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
     assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
-    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "15 timed requests" in out["prefill_inputs_ms"][1]
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "17 timed requests" in out["prefill_inputs_ms"][1]
     # the loop: (TTFT - inputs - the full budget's - prefill misses x a host-path copy) / experts touched
     loop = (90.0 - 20.0 - (50.0 - 20.0) - 30 * host_copy) / 40
     assert out["loop_expert_ms"][0] == pytest.approx(loop, rel=1e-6)

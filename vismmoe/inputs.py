@@ -7,6 +7,7 @@ import json
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -187,8 +188,39 @@ def check_prompt(prompt, placeholders=()) -> None:
                              "image with image=")
 
 
+# The processor's tensor work (rescale, normalize, patchify: 0.2 M values for a 256-px image) runs with one
+# intra-op thread. Split over all of them, one late thread holds up each small op: on the H200 machine
+# (16 threads) 2 of 30 (easy-VQA model) and 4 of 20 (bench model) processor calls in a row took 20-27 ms
+# instead of 4, 6-7 ms in each of sub, div_ and reshape, and so did up to 7 of 8 requests of a planner
+# validation row; with one thread 0 of 50 requests stalled, at a median cost of +0.5 ms
+# (eval/profile_inputs.py; BENCHMARKS.md, "Input building").
+INPUT_THREADS = 1
+
+
+@contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op thread count lowered to `n` inside the block (never raised), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before <= n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_inputs(processor, image, prompt: str):
-    """Render the chat template and run the processor; returns a BatchFeature of tensors."""
+    """Render the chat template and run the processor (with INPUT_THREADS intra-op threads); returns a
+    BatchFeature of tensors."""
+    with intra_op_threads(INPUT_THREADS):
+        return _build_inputs(processor, image, prompt)
+
+
+def _build_inputs(processor, image, prompt: str):
     check_prompt(prompt)
     tokenizer = getattr(processor, "tokenizer", processor)
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]

@@ -98,7 +98,7 @@ def _value(figures: dict, *names):
 
 def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, engine=None) -> dict:
     """{figure: (ms, how)}: the model served with every expert resident (skipped if it does not fit free
-    memory), two warm-up requests (JIT builds, the decode graph's capture), then the median of three, each
+    memory), two warm-up requests (JIT builds, the decode graph's capture), then the median of five, each
     after a gc.collect() (a collection inside one request was a suspect of a single-request figure
     3.6x off: generate_layer_ms 13.7 ms on an H200 where the same model's generate rows ran at 3-4 ms
     per layer; every request's time is in the figure's ref): decode_layer_ms =
@@ -174,7 +174,7 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     L, b, name = info.num_moe_layers, DTYPE_BYTES[dtype], info.name
     bandwidth = _value(figures, "memory_bandwidth_gbs", "host_memcpy_gbs")
     tflops = _value(figures, "bf16_tflops", "cpu_tflops")
-    full = measure(3)
+    full = measure(5)  # (the TTFT figures come from these: five, as one stalled request moved a median of three)
     out = {}
     decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
     bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth * GB) * 1e3 if bandwidth else 0
