@@ -297,13 +297,14 @@ def test_zero_copy_switch_captures_again_on_the_gpu_only_without_installs(qwen_c
             dropped = _auto_moves_every_layer_to_zero_copy(engine, monkeypatch)
         first = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
         decoder, = engine.decoders.held.values()
-        assert decoder.mode == "graph" and decoder.captures == 1
+        captured = decoder.captures
+        assert decoder.mode == "graph" and captured >= 1
         second = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
-        assert engine.decoders.held == {decoder.max_cache_len: decoder}
+        assert engine.decoders.held == {decoder.max_cache_len: decoder}  # the same decoder, its cache long enough
         tokens[path] = (first.token_ids, second.token_ids)
     assert second.stats.miss_paths == ["zerocopy"] * len(engine.layout.layers)
     assert second.stats.misses_by_path["zerocopy"] > 0
-    assert decoder.captures == (1 if install else 2) and dropped == ([] if install else [1])
+    assert decoder.captures - captured == (0 if install else 1) and dropped == ([] if install else [1])
     assert tokens["auto"] == tokens["copy"]
 
 
