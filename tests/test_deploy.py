@@ -134,6 +134,36 @@ def test_miss_time_is_record_bytes_over_the_link_plus_the_probed_copy_latency():
             record / (probed["h2d_pinned_gbs"] * 1e9) * 1e3 + 0.02)
 
 
+def test_miss_time_per_store_costs_only_the_tiers_the_store_has():
+    """pinned: the pinned link (the copy kernel on the static path); memory (a pageable slab, no disk): the
+    pageable link on either path; mmap: the disk read, then the pageable copy. On a unified-memory device
+    every slab store (pinned or memory) is a DRAM copy and only mmap reads the disk. An unknown store is
+    refused rather than costed as one of them."""
+    from vismmoe.deploy.time_model import _miss_ms
+
+    GBs = 1e9
+    data = load_profile("rtx4090-24gb").to_dict()
+    data["figures"]["copy_kernel_gbs"] = dict(value=48.0, source="measured", ref="test")
+    data["figures"]["copy_latency_ms"] = dict(value=0.02, source="measured", ref="test")
+    gpu = parse_profile(data, "test")
+    jetson = load_profile("jetson-orin-nano-8gb")
+    for record in (98_304, 9_437_184):
+        for path in ("static", "host", "generate"):
+            pinned = record / ((48.0 if path == "static" else gpu["h2d_pinned_gbs"]) * GBs)
+            assert _miss_ms(gpu, "pinned", record, path) == pytest.approx(pinned * 1e3 + 0.02)
+            assert _miss_ms(gpu, "memory", record, path) == pytest.approx(
+                record / (gpu["h2d_pageable_gbs"] * GBs) * 1e3 + 0.02)
+            assert _miss_ms(gpu, "mmap", record, path) == pytest.approx(
+                (record / (gpu["disk_read_gbs"] * GBs) + record / (gpu["h2d_pageable_gbs"] * GBs)) * 1e3 + 0.02)
+            dram = record / (jetson["memory_bandwidth_gbs"] * GBs) * 1e3 + 0.007
+            assert _miss_ms(jetson, "memory", record, path) == pytest.approx(dram)
+            assert _miss_ms(jetson, "pinned", record, path) == pytest.approx(dram)
+            assert _miss_ms(jetson, "mmap", record, path) == pytest.approx(
+                dram + record / (jetson["disk_read_gbs"] * GBs) * 1e3)
+    with pytest.raises(ConfigError, match="store must be one of"):
+        _miss_ms(gpu, "nvme", 98_304, "static")
+
+
 def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qwen_checkpoint):
     """with_engine_times replaces the engine figures of a profile probed on one model by those measured on
     another (a stale figure must not survive), and the host's input building is its own figure and TTFT

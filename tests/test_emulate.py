@@ -215,6 +215,35 @@ def test_pacing_slows_host_path_copies_by_the_link_time(qwen_checkpoint):
     engine.close()
 
 
+def test_a_pageable_memory_store_is_paced_at_the_pageable_link_without_a_disk_read(qwen_checkpoint):
+    """store: memory is a pageable slab in host RAM: under a discrete profile each miss is paced to the record's
+    bytes at h2d_pageable_gbs plus one copy's fixed cost, on either path, and no disk read is paced (there
+    is none: no pace_read, no disk time in the link's delay); engine.info() says so."""
+    from vismmoe.deploy.profiles import load_profile
+    from vismmoe.deploy.time_model import ENGINE_PRIOR
+
+    profile = load_profile("rtx4060-laptop-8gb")
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.25, store="memory", decode="generate",
+                          prefetch=False, emulate="rtx4060-laptop-8gb")
+    rb = engine.store.record_bytes
+    per_record = rb / (profile["h2d_pageable_gbs"] * 1e9) + profile.get(
+        "copy_latency_ms", ENGINE_PRIOR["copy_overhead_ms"]) / 1e3
+    emu = engine.emulation
+    assert engine.store.read_pacer is None and emu.read_target_s() == 0.0
+    assert emu.target_s("host") == pytest.approx(per_record) and emu.target_s("static") == pytest.approx(per_record)
+    info = engine.info().emulation
+    assert info["disk_read_ms_per_expert"] == 0.0
+    assert info["link_ms_per_expert"] == {k: round(per_record * 1e3, 4) for k in ("host", "static")}
+    assert not any("mmap" in x for x in info["emulated"])
+    asked = []
+    emu.sleep = asked.append
+    (image, prompt), = random_requests(1, seed=5)
+    stats = engine.generate(image=image, prompt=prompt, max_new_tokens=4).stats
+    assert stats.expert_misses > 0 and "reads" not in stats.emulation
+    assert sum(asked) == pytest.approx(stats.expert_misses * per_record, rel=1e-9)
+    engine.close()
+
+
 class _FakeClock:
     """A clock that moves `tick` per reading and by what is slept: pace_read's waits without waiting."""
 

@@ -226,6 +226,88 @@ def test_switching_a_layer_that_reads_host_rows_needs_no_new_capture(qwen_checkp
     assert a.token_ids == b.token_ids and a.stats.misses_by_path["zerocopy"] > 0
 
 
+def _auto_moves_every_layer_to_zero_copy(engine, monkeypatch):
+    """Before the engine's next request that follows decode steps, auto chooses zerocopy for every layer
+    (the engine's own path: MissPathControl.before_request, then drop_graphs where it returns True).
+    Returns the list that counts drop_graphs calls."""
+    L = len(engine.layout.layers)
+    assert engine.miss.names() == ["copy"] * L and engine.runtime.device.host_layers == set()
+    engine.miss.figures = figures()  # auto re-decides only with figures (a GPU's are measured at load)
+    monkeypatch.setattr(engine.miss, "_decide", lambda current: setattr(engine.miss, "paths", np.full(L, ZEROCOPY)))
+    dropped, drop = [], engine.decoders.drop_graphs
+    monkeypatch.setattr(engine.decoders, "drop_graphs", lambda: (dropped.append(1), drop()))
+    return dropped
+
+
+@pytest.mark.parametrize("install", [True, False])
+def test_a_layer_joining_zero_copy_is_captured_again_only_where_its_step_changes(qwen_checkpoint, monkeypatch,
+                                                                                 install):
+    """A captured static step bakes in, per layer, whether the decode op is handed the host slab's views
+    (and an install list). With the fused kernel installing copied misses (DevicePath.install_misses, the
+    default) every layer is handed them already, copy or zerocopy: moving layers copy -> zerocopy changes
+    nothing a step launches, so set_miss_paths asks for no new capture (the engine drops no graphs). With
+    installs off, a layer joining zerocopy is newly handed the views: the graphs are captured again. On the
+    CPU the static steps run eagerly through the fused op's twin: the calls the steps make are compared."""
+    from vismmoe import ops
+
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget="min", decode="static", miss_path="auto",
+                          prefetch=False)
+    runtime, L = engine.runtime, len(engine.layout.layers)
+    runtime.fused_decode = True  # decode steps through ops.fused_moe_decode (its torch twin), as on a GPU
+    runtime.device.install_misses = install
+    dropped = _auto_moves_every_layer_to_zero_copy(engine, monkeypatch)
+    calls, fused = [], ops.fused_moe_decode
+
+    def recorded(*args, host_gate_up=None, install=None, **kwargs):
+        if runtime.static:  # a static step's layer call: what its capture would bake in
+            calls.append((host_gate_up is not None, install is not None))
+        return fused(*args, host_gate_up=host_gate_up, install=install, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_moe_decode", recorded)
+    (image, prompt), = random_requests(1, seed=38)
+    first = engine.generate(image=image, prompt=prompt, max_new_tokens=5, min_new_tokens=5)
+    before, calls[:] = list(calls), []
+    second = engine.generate(image=image, prompt=prompt, max_new_tokens=5, min_new_tokens=5)
+    assert first.stats.decode_path.startswith("static") and second.stats.decode_path == first.stats.decode_path
+    assert len(before) == len(calls) > 0
+    assert second.stats.miss_paths == ["zerocopy"] * L and second.stats.misses_by_path["zerocopy"] > 0
+    assert runtime.device.host_layers == set(range(L))  # kept either way (a non-installing step reads it)
+    assert second.token_ids == first.token_ids
+    if install:
+        assert set(before) == set(calls) == {(True, True)} and dropped == []
+    else:
+        assert set(before) == {(False, False)} and set(calls) == {(True, False)} and dropped == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("install", [True, False])
+def test_zero_copy_switch_captures_again_on_the_gpu_only_without_installs(qwen_checkpoint, monkeypatch, install):
+    """The captured CUDA graphs themselves: auto moving every layer copy -> zerocopy between two requests
+    captures nothing more where the fused kernel installs copied misses (the graph captured with every
+    layer on copy serves the in-place reads: misses read in place, the copy engine's tokens), and captures
+    once more where it does not."""
+    (image, prompt), = random_requests(1, seed=39)
+    tokens = {}
+    for path in ("copy", "auto"):
+        engine = vismmoe.load(qwen_checkpoint, device="cuda", dtype="bfloat16", expert_budget=0.3, decode="static",
+                              miss_path=path, prefetch=False)
+        engine.runtime.device.install_misses = install  # before anything is captured
+        if path == "auto":
+            dropped = _auto_moves_every_layer_to_zero_copy(engine, monkeypatch)
+        first = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        decoder, = engine.decoders.held.values()
+        captured = decoder.captures
+        assert decoder.mode == "graph" and captured >= 1
+        second = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6)
+        assert engine.decoders.held == {decoder.max_cache_len: decoder}  # the same decoder, its cache long enough
+        tokens[path] = (first.token_ids, second.token_ids)
+    assert second.stats.miss_paths == ["zerocopy"] * len(engine.layout.layers)
+    assert second.stats.misses_by_path["zerocopy"] > 0
+    assert decoder.captures - captured == (0 if install else 1) and dropped == ([] if install else [1])
+    assert tokens["auto"] == tokens["copy"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_zero_copy_on_the_gpu_equals_copy(qwen_checkpoint):

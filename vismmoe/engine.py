@@ -342,7 +342,7 @@ class Engine:
                 inputs, self.last_pruning = pruning
                 input_ids = inputs["input_ids"]
 
-        if self.miss.before_request():  # auto moved a layer to zero-copy: captured steps are captured again
+        if self.miss.before_request():  # auto moved a layer to zero-copy whose captured steps read no host rows
             self.decoders.drop_graphs()
         static_reason = self._static_unavailable(generation_kwargs)
         decoder = None

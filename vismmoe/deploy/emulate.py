@@ -14,7 +14,8 @@ What is emulated:
     to lower. On CUDA, torch.cuda.set_per_process_memory_fraction is set to the usable share as a
     backstop (memory torch's allocator sees; the CUDA context is outside it, as reserved_gb is).
   * the host link: each expert copy is slowed to the time the planner predicts for the profile's link
-    (pinned / pageable PCIe, the device copy kernel, or NVMe + DRAM on a unified-memory Jetson), by a
+    for the store (time_model._miss_ms: pinned PCIe or the device copy kernel for `pinned`, pageable PCIe
+    for `memory`, which has no disk read; NVMe + pageable PCIe for `mmap`; DRAM on a Jetson), by a
     delay after each copy wave of (profile time - this machine's measured time) per record: a spin
     kernel on the copy's stream on CUDA (kernels/pace.py: device-side count, CUDA-graph capturable),
     time.sleep on the CPU.
@@ -197,7 +198,7 @@ class Emulation:
     # -- the link --------------------------------------------------------------------------------------
     def target_s(self, path: str) -> float:
         """Seconds one record's miss takes on the profile (the planner's miss time: for an mmap store the
-        disk read and the copy)."""
+        disk read and the copy; for a pinned or memory slab the copy alone)."""
         from .planner import _miss_ms
 
         return _miss_ms(self.profile, self.store, self.record_bytes, path) / 1e3

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
 
@@ -67,15 +68,24 @@ def _engine_note(profile: DeviceProfile) -> str:
 
 
 def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
+    """One record's miss on `profile` from `store` (config._STORES), in ms: only the tiers that store has.
+    Discrete GPU: pinned = the pinned link (the device copy kernel on the static path); memory = a pageable
+    slab in host RAM, the pageable link; mmap = the disk read (page cache misses), then a pageable copy.
+    Unified memory: a slab (pinned or memory) is a DRAM copy; mmap adds the disk read."""
+    from ..config import _STORES
+
+    if store not in _STORES:
+        raise ConfigError(f"store must be one of {_STORES}, got {store!r}")
     if profile.kind == "discrete":
         if store == "pinned":
             link = profile.get("copy_kernel_gbs", profile["h2d_pinned_gbs"]) if path == "static" else profile["h2d_pinned_gbs"]
             t = B / (link * GB)
-        else:  # mmap: read the record from disk (page cache misses), then a pageable copy
-            t = B / (profile["disk_read_gbs"] * GB) + B / (profile["h2d_pageable_gbs"] * GB)
+        else:
+            t = B / (profile["h2d_pageable_gbs"] * GB)
     else:
-        bw = profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")
-        t = B / (bw * GB) if store == "memory" else B / (profile["disk_read_gbs"] * GB) + B / (bw * GB)
+        t = B / ((profile.get("memory_bandwidth_gbs") or profile.get("host_memcpy_gbs")) * GB)
+    if store == "mmap":
+        t += B / (profile["disk_read_gbs"] * GB)
     # A record costs its bytes at the link's rate plus one copy's fixed cost: the probe measures both apart
     # (copy_kernel_gbs on 8 MiB records, copy_latency_ms on a 16 KiB one), so one probe serves any record size.
     return t * 1e3 + profile.get("copy_latency_ms", ENGINE_PRIOR["copy_overhead_ms"])

@@ -17,7 +17,9 @@ layer l + 1's lookup. So the only prefetch work on the compute stream's path is 
 Zero-copy (offload/miss_paths.py): layers in `host_layers` compute with the slab's views beside the slot
 pool, so that the misses their decision serves in place (slot id -r-1) are read from host row r. The
 set only grows: a layer captured that way may switch between copy and zerocopy by its device scalar
-(`DeviceResidency.miss_modes`) with no new capture; a layer added to it needs one (`Runtime.set_miss_paths`).
+(`DeviceResidency.miss_modes`) with no new capture. Where the fused decode kernel installs copied misses
+(`installs`, the default), every layer of a step already computes with the slab's views, so a layer
+joining `host_layers` changes nothing captured; otherwise it needs a new capture (`Runtime.set_miss_paths`).
 
 A target layer whose prefetch limit is 0 (switched off, or off under `prefetch: auto`) is skipped by the
 prediction kernel (its ids are -1: no router read, nothing copied, nothing scored). Under auto, one
@@ -58,8 +60,15 @@ class DevicePath:
         self.auto_base = None  # its device copy of the configured limits [L, depth]
         # Copied misses are installed by the fused decode kernel as it reads them from the slab (one launch
         # per layer fewer than the copy kernel, and the layer's compute starts without waiting for it);
-        # False: the copy kernel, then the compute (eval/profile_static.py times both).
+        # False: the copy kernel, then the compute (eval/profile_static.py times both). A captured step bakes
+        # it in: set it before the step is captured (a new runtime).
         self.install_misses = True
+
+    def installs(self, num_tokens: int) -> bool:
+        """Does a static step of `num_tokens` tokens have the fused decode kernel install its copied misses?
+        Such a step hands the kernel the slab's views in every layer (the install reads host rows), whether
+        the layer's misses are copied or read in place: `host_layers` then changes nothing it runs."""
+        return self.install_misses and self.compute.fused_for(num_tokens)
 
     def use_residency(self, top_k: int, depth: int, prefetch_limits, lookahead=None, zero_copy: bool = False) -> None:
         self.residency = DeviceResidency(self.cache, top_k, depth, zero_copy)
@@ -124,7 +133,7 @@ class DevicePath:
             while n_dist < self.ledger.depth and layer - 1 - n_dist in self._predicted_at:
                 n_dist += 1
             score = self.ledger.scoring(n_dist) if n_dist else None
-            if self.install_misses and compute.fused_for(hidden_states.shape[0]):
+            if self.installs(hidden_states.shape[0]):
                 slot_ids, install = self.residency.demand(layer, experts, score, install=True)
                 slot_ids = slot_ids.view_as(top_k_index)
             else:

@@ -367,7 +367,8 @@ class MissPathControl:
 
     def before_request(self) -> bool:
         """Auto: fold in the decode misses seen since the last call and choose again. Returns True when the
-        static path's captured steps must be captured again (a layer newly reads host rows)."""
+        static path's captured steps must be captured again (a layer newly reads host rows, where the
+        steps did not hand every layer the slab already: Runtime.set_miss_paths)."""
         if self.figures is None:
             return False
         calls = self.runtime.host.decode_calls

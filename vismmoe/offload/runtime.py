@@ -97,8 +97,9 @@ class OffloadRuntime:
         """Set each layer's miss path (codes: copy, zerocopy, cpu) for the next decode steps, in place: the
         host path reads them per layer call, the static path through a device scalar per layer. Returns
         True when captured static steps must be captured again: a layer newly computes with the host slab's
-        views (which a captured step bakes in); a switch between copy and zerocopy of a layer that already
-        does needs nothing."""
+        views (which a captured step bakes in). A switch between copy and zerocopy of a layer that already
+        does needs nothing, and where the fused decode kernel installs copied misses (DevicePath.installs:
+        static steps have one token) every layer already does, so no switch needs a new capture."""
         paths = np.asarray(paths, np.int64)
         self.host.miss_paths[:] = paths
         residency = self.residency
@@ -107,8 +108,8 @@ class OffloadRuntime:
         zero_copy = paths == miss_paths.ZEROCOPY
         residency.set_miss_modes(zero_copy)
         new = set(np.flatnonzero(zero_copy).tolist()) - self.device.host_layers
-        self.device.host_layers |= new
-        return bool(new)
+        self.device.host_layers |= new  # kept either way: a runtime whose steps do not install reads it
+        return bool(new) and not self.device.installs(1)
 
     def set_prefetch(self, limit: int | None = None, depth: int | None = None, layers=None) -> None:
         """Change prefetching without rebuilding anything: `limit` copies per call (0 = off) for the
