@@ -95,6 +95,10 @@ def validate_rows(report, infos, distinct, source="validate_plan (emulated)", dr
                          path=m["decode_path"], ttft_meas=m["ttft_ms"], ttft_new=new["ttft_ms"], ttft_old=old["ttft_ms"],
                          decode_meas=m["decode_ms_per_token"], decode_new=new["decode_ms_per_token"],
                          decode_old=old["decode_ms_per_token"], ttft_miss_new=new["ttft_miss_ms"],
+                         # the prefill's misses and one-by-one experts: added before session 7, the longer of
+                         # the link's and the host's chains since
+                         ttft_prefill_old=old["ttft_miss_ms"] + old.get("ttft_loop_ms", 0.0),
+                         ttft_prefill_new=max(new["ttft_miss_ms"], new["ttft_host_ms"]),
                          inputs_ms=_median(m, "inputs_ms"), host_paced_ms=_median(m, "host_paced_ms"),
                          decode_misses=p["decode_misses_per_token"], complete=complete))
     return rows

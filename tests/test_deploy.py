@@ -176,7 +176,7 @@ def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qw
     data = with_engine_times(machine, qwen_checkpoint, new_tokens=3)
     figures = data["figures"]
     assert {"prefill_inputs_ms", "prefill_fixed_ms", "prefill_layer_ms", "generate_layer_ms", "offload_layer_ms",
-            "generate_offload_layer_ms", "loop_expert_ms"} <= set(figures)  # (the last three at partial budgets)
+            "generate_offload_layer_ms", "loop_expert_ms", "prefill_miss_host_ms"} <= set(figures)  # (the last four at partial budgets)
     assert set(ENGINE_TIME_FIGURES) >= {k for k in figures if k.startswith(("prefill_", "decode_layer", "generate_"))}
     assert figures["prefill_fixed_ms"]["value"] != 999.0 and "qwen" in figures["prefill_fixed_ms"]["ref"].lower()
     assert figures["h2d_pinned_gbs"] == machine["figures"]["h2d_pinned_gbs"]  # the machine's figures stay
@@ -393,7 +393,12 @@ def test_time_model_recomputed_on_the_recorded_gpu_runs():
     for a in five + six:
         removed = 0.05 * a["decode_misses"] if a["path"].startswith("static") and not a["complete"] else 0.0
         changed += removed > 0
-        assert a["ttft_new"] == pytest.approx(a["ttft_old"], rel=5e-3)
+        # TTFT: all but the prefill's misses and one-by-one experts reproduce (session 7 changed those: the
+        # longer of the link's chain and the host's, where the two were added)
+        rest_new, rest_old = a["ttft_new"] - a["ttft_prefill_new"], a["ttft_old"] - a["ttft_prefill_old"]
+        assert rest_new == pytest.approx(rest_old, rel=5e-3, abs=0.05)
+        if a["complete"]:
+            assert a["ttft_new"] == pytest.approx(a["ttft_old"], rel=5e-3)
         assert a["decode_new"] == pytest.approx(a["decode_old"] - removed, rel=5e-3)
     assert changed == 10  # partial static rows: session 5 bundled x 3 + bench x 3 (3060 at 1.0 holds 1,023 of 1,536); session 6 bundled x 3 + bench x 1
     for a, b in zip(five, fixed):

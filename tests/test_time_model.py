@@ -79,7 +79,10 @@ class _FakeEngine:
     """What probe._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
     and misses per token are set per (budget, decode path)."""
 
-    LOOP_TTFT_S, LOOP_TOUCHED, LOOP_MISSES = 0.09, 40, 30  # a prefill looping its experts (top-k slots per layer)
+    # The prefill-only settings where every layer loops: the host's work per expert and per miss (ms), and the
+    # experts and misses per layer of A (top-k slots per layer: all miss) and B (distinct - 1 slots: few miss).
+    EXPERT_MS, MISS_MS = 0.1, 0.5
+    A_TOUCHED, A_MISSES, B_MISSES = [20, 20], [20, 20], [2, 2]
 
     def __init__(self, times: dict, record_bytes: int):
         self.times, self.config = times, dict(expert_budget=1.0, decode="auto", slot_plan="global")
@@ -101,10 +104,16 @@ class _FakeEngine:
                                 new_tokens=max_new_tokens, decode_path=path, prefill_tokens=90,
                                 expert_misses=10 + round(misses * (max_new_tokens - 1)), prefill_misses=10,
                                 hits_per_layer=[5, 5], misses_per_layer=[5, 5 + round(misses * (max_new_tokens - 1))])
-        if self.config["slot_plan"] == "uniform":
+        if self.config["slot_plan"] != "global":
             assert max_new_tokens == 1 and not self.config["prefetch"]
-            stats.ttft_s, stats.prefill_misses = self.LOOP_TTFT_S, self.LOOP_MISSES
-            stats.hits_per_layer, stats.misses_per_layer = [4, 6], [15, 15]
+            misses = self.A_MISSES if self.config["slot_plan"] == "uniform" else self.B_MISSES
+            if self.config["slot_plan"] != "uniform":  # B: one slot fewer than each layer's distinct experts
+                assert self.config["slot_plan"] == [t - 1 for t in self.A_TOUCHED]
+                assert self.config["expert_budget"] == sum(self.config["slot_plan"]) * self.record_bytes
+            host_ms = sum(self.A_TOUCHED) * self.EXPERT_MS + sum(misses) * self.MISS_MS
+            stats.ttft_s, stats.prefill_misses = 0.05 + host_ms / 1e3, sum(misses)
+            stats.hits_per_layer = [t - m for t, m in zip(self.A_TOUCHED, misses)]
+            stats.misses_per_layer = list(misses)
         return SimpleNamespace(stats=stats)
 
 
@@ -125,13 +134,14 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
     assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
-    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "17 timed requests" in out["prefill_inputs_ms"][1]
-    # the loop: (TTFT - inputs - the full budget's - prefill misses x a host-path copy) / experts touched
-    loop = (90.0 - 20.0 - (50.0 - 20.0) - 30 * host_copy) / 40
-    assert out["loop_expert_ms"][0] == pytest.approx(loop, rel=1e-6)
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "20 timed requests" in out["prefill_inputs_ms"][1]
+    # the prefill's host work, split between per expert computed one by one and per miss by the two settings
+    assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
+    assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
     slots = max(info.top_k, min(L * info.num_experts // 2, 1023))
     budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
-    assert budgets == [slots * record, slots * record, L * info.top_k * record]
+    b_slots = sum(_FakeEngine.A_TOUCHED) - len(_FakeEngine.A_TOUCHED)
+    assert budgets == [slots * record, slots * record, L * info.top_k * record, b_slots * record]
     assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
     # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
     times[(False, "auto")] = (17.0, 3.0)
@@ -189,3 +199,19 @@ def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints
     figures = got["here"]["figures"]
     assert figures["offload_layer_ms"]["value"] == 0.02 and figures["loop_expert_ms"]["ref"] == "stub"
     assert "prefill_fixed_ms" not in figures  # the other model's engine figure is dropped, not carried
+
+
+def test_prefill_misses_cost_the_longer_of_the_link_and_the_hosts_work(info):
+    """TTFT's prefill part: misses x the link's time per miss, or the host's work beside those copies
+    (misses x prefill_miss_host_ms + experts computed one by one x loop_expert_ms), whichever is longer."""
+    profile = _with(load_profile("rtx4090-24gb"), loop_expert_ms=0.1, prefill_miss_host_ms=0.4)
+    args = ("bfloat16", "static", False)
+    none = _times(info, profile, *args, 0.02, 0.0, 0.0, 0.0, 64)
+    # a slow link: 100 misses x 3 ms on the link against 100 x 0.4 + 50 x 0.1 of host work
+    slow = _times(info, profile, *args, 3.0, 0.0, 100.0, 0.0, 64, 50.0)
+    assert slow["ttft_miss_ms"] == pytest.approx(300.0) and slow["ttft_host_ms"] == pytest.approx(45.0)
+    assert slow["ttft_ms"] == pytest.approx(none["ttft_ms"] + 300.0)
+    # a fast link: the host's work is the longer chain
+    fast = _times(info, profile, *args, 0.05, 0.0, 100.0, 0.0, 64, 50.0)
+    assert fast["ttft_ms"] == pytest.approx(none["ttft_ms"] + 45.0)
+    assert fast["ttft_loop_ms"] == pytest.approx(5.0) and fast["ttft_miss_host_ms"] == pytest.approx(40.0)

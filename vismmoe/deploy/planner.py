@@ -127,9 +127,11 @@ class Plan:
             + f" = {_gb(m['gpu_total'])} of {_gb(self.usable_gpu_bytes)}; host store {_gb(m['host_store'])}",
             f"predicted TTFT {p['ttft_ms']:.1f} ms = "
             + (f"host inputs {p['ttft_inputs_ms']:.1f} + " if p.get("ttft_inputs_ms") else "")
-            + f"fixed+layers {p['ttft_overhead_ms'] - p['ttft_loop_ms'] - p.get('ttft_inputs_ms', 0.0):.1f} + "
-            f"{p['prefill_loop_experts']:.0f} experts one by one {p['ttft_loop_ms']:.1f} + compute "
-            f"{p['ttft_compute_ms']:.1f} + {p['prefill_misses']:.0f} misses {p['ttft_miss_ms']:.1f}",
+            + f"fixed+layers {p['ttft_overhead_ms'] - p.get('ttft_inputs_ms', 0.0):.1f} + compute "
+            f"{p['ttft_compute_ms']:.1f} + the longer of {p['prefill_misses']:.0f} misses on the link "
+            f"{p['ttft_miss_ms']:.1f} and the host's work beside them {p.get('ttft_host_ms', 0.0):.1f} (per miss "
+            f"{p.get('ttft_miss_host_ms', 0.0):.1f}, {p['prefill_loop_experts']:.0f} experts one by one "
+            f"{p['ttft_loop_ms']:.1f})",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
             f"engine overhead {p['decode_overhead_ms']:.2f} + {p['decode_misses_per_token']:.2f} misses "
             f"{p['decode_miss_ms']:.2f} + unhidden prefetch {p['decode_prefetch_ms']:.2f}",

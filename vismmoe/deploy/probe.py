@@ -86,7 +86,8 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
 
 
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
-                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms", "loop_expert_ms")
+                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms", "loop_expert_ms",
+                       "prefill_miss_host_ms")
 
 
 def _value(figures: dict, *names):
@@ -112,9 +113,8 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
     machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
     launch and lookahead; the generate path's readback per layer, host decisions and copy issue).
-    Last, loop_expert_ms: one-token requests with top-k slots per layer (every prefill layer then computes
-    its experts one at a time, loaded in waves): (TTFT - input building - the full budget's - prefill
-    misses x one record's copy) / the experts the prefill touched."""
+    Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
+    its experts one at a time (_prefill_host_figures)."""
     import vismmoe
 
     from .model_info import model_info
@@ -167,6 +167,7 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
                     prefill_rest=float(np.median([(s.ttft_s - s.inputs_s) * 1e3 for s in stats])),
                     prefill_misses=float(np.median([s.prefill_misses for s in stats])),
                     touched=float(np.median([sum(s.hits_per_layer) + sum(s.misses_per_layer) for s in stats])),
+                    touched_per_layer=np.median([np.add(s.hits_per_layer, s.misses_per_layer) for s in stats], axis=0),
                     path=stats[-1].decode_path, prompt_tokens=stats[-1].prefill_tokens,
                     each=", ".join(f"{v:.2f}" for v in each), inputs=float(np.median([s.inputs_s for s in stats])) * 1e3,
                     misses=float(np.median(misses)))
@@ -222,21 +223,50 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
                        f"{part['decode']:.3f} ms/token (median of {part['each']}) minus {base['decode']:.3f} at a full "
                        f"budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms per record copy, over {L} "
                        "MoE layers")
-    # The prefill's experts computed one at a time: a slot quota of top-k per layer makes every prefill layer
-    # touch more experts than its wave, so each distinct expert loads in waves of top-k and is computed alone
-    # (host_path.run_layer); one-token requests, so every expert counted (hits + misses) is the prefill's.
-    engine.reconfigure(expert_budget=L * info.top_k * record, slot_plan="uniform", decode="generate", prefetch=False)
-    one = measure(3, warmup=1, tokens=1)
-    base = full["prefill_rest"]
-    copy_ms = record / (links["generate"] * GB) * 1e3 if links["generate"] else 0.0
-    if one["touched"] > 0:
-        value = (one["prefill_rest"] - base - one["prefill_misses"] * copy_ms) / one["touched"]
-        out["loop_expert_ms"] = (max(0.001, value), f"{name}: prefill with {info.top_k} slots per layer (every layer "
-                                 f"loops) {one['prefill_rest']:.1f} ms of TTFT beyond input building, minus {base:.1f} "
-                                 f"at a full budget, minus {one['prefill_misses']:.0f} misses x {copy_ms:.4f} ms per "
-                                 f"record copy, over {one['touched']:.0f} experts computed one at a time")
+    out.update(_prefill_host_figures(engine, info, measure, full["prefill_rest"], record, links["generate"]))
     out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
     return out
+
+
+def _prefill_host_figures(engine, info, measure, base: float, record: int, link_gbs) -> dict:
+    """loop_expert_ms and prefill_miss_host_ms: the host's work per expert computed one at a time and per
+    prefill miss, from two prefill-only (one-token) settings where every layer loops (touches more experts
+    than its wave): A, top-k slots per layer, where every expert is a miss; B, one slot fewer than the
+    layer's distinct experts (read from A), where most of them hit. Each setting's time beyond the full
+    budget's is the longer of its misses' copies on the link and the host's work (time_model); the host's
+    is the longer in both on an H200 (A: 404 misses, 167 ms against 70 of copies), so A gives
+    expert + miss time per expert and B, with the same experts and few misses, splits the two."""
+    import numpy as np
+
+    L, k, name = info.num_moe_layers, info.top_k, info.name
+    copy_ms = record / (link_gbs * GB) * 1e3 if link_gbs else 0.0
+    engine.reconfigure(expert_budget=L * k * record, slot_plan="uniform", decode="generate", prefetch=False)
+    a = measure(3, warmup=1, tokens=1)
+    distinct = np.rint(a["touched_per_layer"]).astype(int)
+    looped = distinct > k
+    if not looped.any():
+        return {}
+    host_a = max(a["prefill_rest"] - base, a["prefill_misses"] * copy_ms)  # (the host's chain, or the link's)
+    per_a = host_a / a["touched"]  # (every expert of A is a miss: per expert = expert + miss time)
+    how_a = (f"A: {k} slots per layer, {a['prefill_rest']:.1f} ms of TTFT beyond input building minus {base:.1f} at a "
+             f"full budget, {a['touched']:.0f} experts, {a['prefill_misses']:.0f} misses ({a['prefill_misses'] * copy_ms:.1f} ms "
+             "of copies)")
+    quotas = np.where(looped, np.maximum(k, distinct - 1), np.maximum(k, distinct))
+    engine.reconfigure(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist())
+    b = measure(3, warmup=2, tokens=1)
+    host_b = max(0.0, b["prefill_rest"] - base)
+    how_b = (f"B: quotas of distinct - 1 {quotas.tolist()}, {b['prefill_rest']:.1f} ms beyond input building, "
+             f"{b['touched']:.0f} experts, {b['prefill_misses']:.0f} misses")
+    # host_b = touched_b x expert + misses_b x miss, and per_a = expert + miss
+    misses_b, touched_b = b["prefill_misses"], b["touched"]
+    if touched_b > misses_b:
+        expert = (host_b - misses_b * per_a) / (touched_b - misses_b)
+    else:
+        expert = per_a / 2
+    expert = min(max(0.001, expert), per_a)
+    miss = max(0.001, per_a - expert)
+    return {"loop_expert_ms": (expert, f"{name}: prefill host work per expert computed one at a time; {how_a}; {how_b}"),
+            "prefill_miss_host_ms": (miss, f"{name}: prefill host work per miss beside its copy; {how_a}; {how_b}")}
 
 
 def _shape(model_dir):

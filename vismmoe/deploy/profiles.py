@@ -50,6 +50,7 @@ FIGURES = {
     "offload_layer_ms": ("engine", False, False, False),  # static decode below a full budget, per MoE layer, beyond misses
     "generate_offload_layer_ms": ("engine", False, False, False),  # generate below a full budget, per MoE layer, beyond misses
     "loop_expert_ms": ("engine", False, False, False),  # a prefill expert computed one at a time (more experts than its wave)
+    "prefill_miss_host_ms": ("engine", False, False, False),  # the host's work per prefill miss (beside its copy)
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
 KINDS = ("discrete", "unified", "cpu")

@@ -11,9 +11,10 @@ session 5's profile_static on an
 H200, bench model: 1.433 ms/token at a full budget, 1.506 at 50% with no misses, 1.755 at 25% with 1.16
 misses x 0.197 ms per 9.4 MB record: 1.433 + 0.073 + 0.228 = 1.734, 1% short). TTFT: a fixed part (processor, vision launch, first
 sample; with a probed profile the host's input building is its own term, prefill_inputs_ms) + time per
-layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the prefill's misses x time
-per miss + the experts a prefill layer computes one at a time (when it touches more experts than its
-wave: its quota, or all slots). The engine's times are profile figures
+layer + FLOPs at ENGINE_PRIOR["prefill_efficiency"] of the dense bf16 peak + the longer of two chains that
+overlap: the prefill's misses x time per miss on the link, and the host's work beside them (per miss,
+prefill_miss_host_ms; per expert a prefill layer computes one at a time when it touches more experts than
+its wave, its quota or all slots, loop_expert_ms). The engine's times are profile figures
 (ENGINE_FIGURES: `vismmoe probe --model` measures them on the spot) or the prior ENGINE_PRIOR.
 """
 
@@ -41,13 +42,20 @@ ENGINE_PRIOR = dict(
     generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
     # (no per-miss overhead on the static path: see the module docstring; the prior's 0.05 ms per miss, fitted
     # on older easy-VQA rows, predicted 0.60 ms/token where sessions 5 and 6 measured 0.39-0.41 at 25%)
-    loop_expert_ms=0.55,  # a prefill layer with more distinct experts than its wave computes them one by one
-    #                       (and loads them in waves): easy-VQA at 25% with quotas [10, 2, 2, 2], TTFT 71-104 ms
+    # The prefill's host work beside its copies: an expert computed one at a time (a layer touching more
+    # experts than its wave) costs the host ~0.06-0.08 ms of launches, a prefill miss more (the decision, the
+    # copy's issue, the waves' events); the copies run on the link meanwhile, so a prefill's misses cost the
+    # longer of the two chains. Bench model (session 7, H200, probe and 25% validation rows of two runs): per
+    # miss 0.27-0.33 ms; the easy-VQA 25% rows of validate_plan.json (waves of 2 experts) need ~0.55; the
+    # prior takes 0.5. (The one figure before, 0.55 ms per looped expert added to the copies, predicted the
+    # bench model's 25% rows at 181 ms where they measured 117-121.)
+    loop_expert_ms=0.07,
+    prefill_miss_host_ms=0.5,
     copy_overhead_ms=0.007,  # per copy, where the profile has no copy_latency_ms (research/offload.md)
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
 ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms", "offload_layer_ms",
-                  "generate_offload_layer_ms", "loop_expert_ms")
+                  "generate_offload_layer_ms", "loop_expert_ms", "prefill_miss_host_ms")
 # (and prefill_inputs_ms, the host's input building, which the probe measures apart from prefill_fixed_ms)
 # Back-compatible name: the figures above plus the prior.
 ENGINE = ENGINE_PRIOR
@@ -122,7 +130,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
         overhead = L * fig("generate_layer_ms")
         tflops = profile.get("cpu_tflops", 0.05) * ENGINE_PRIOR["prefill_efficiency"]
-        loop_ms = 0.0  # on the CPU every prefill runs expert by expert: in the FLOPs term
+        loop_ms = miss_host_ms = 0.0  # on the CPU every prefill runs expert by expert: in the FLOPs term
     else:
         compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
         if path == "static":
@@ -131,6 +139,7 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
             overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
         loop_ms = loop_experts * fig("loop_expert_ms")
+        miss_host_ms = prefill_misses * fig("prefill_miss_host_ms")
     miss = decode_misses * miss_ms
     unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
     flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
@@ -138,11 +147,15 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     # Host-side input building (the processor: image resize and patching, tokenizing) is its own probed
     # figure, measured for the model at hand; the prior's prefill_fixed_ms includes it (no separate prior).
     inputs_ms = profile.get("prefill_inputs_ms", 0.0) if profile.has("prefill_fixed_ms") else 0.0
-    ttft_overhead = inputs_ms + fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") + loop_ms
+    ttft_overhead = inputs_ms + fig("prefill_fixed_ms") + L * fig("prefill_layer_ms")
+    # The prefill's misses: their copies on the link, and beside them the host's work (each miss's decision
+    # and copy issue, the experts computed one by one); the host runs ahead of the copies, so the longer chain counts.
     ttft_miss = prefill_misses * miss_ms
+    ttft_host = loop_ms + miss_host_ms
     return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
                 decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
                 decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms,
-                ttft_ms=ttft_overhead + ttft_compute + ttft_miss, ttft_overhead_ms=ttft_overhead, ttft_inputs_ms=inputs_ms,
-                ttft_loop_ms=loop_ms, prefill_loop_experts=loop_experts, ttft_compute_ms=ttft_compute,
+                ttft_ms=ttft_overhead + ttft_compute + max(ttft_miss, ttft_host), ttft_overhead_ms=ttft_overhead,
+                ttft_inputs_ms=inputs_ms, ttft_loop_ms=loop_ms, ttft_miss_host_ms=miss_host_ms, ttft_host_ms=ttft_host,
+                prefill_loop_experts=loop_experts, ttft_compute_ms=ttft_compute,
                 ttft_miss_ms=ttft_miss, prefill_misses=prefill_misses, prompt_tokens=prompt)
