@@ -36,6 +36,8 @@
 #   PHASE=s7b     one GPU: the bench model built on the GPU, the planner's validation alone on the host (input
 #                 building with one intra-op thread since session 7), then tests/test_fused_moe.py and
 #                 tests/test_input_threads.py on the GPU.
+#   PHASE=s7c     one GPU: the bench model built on the GPU while the zero-copy recapture GPU tests run, then
+#                 the planner's validation with the rest of BUDGET_S (the prefill's host figures probed).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -360,6 +362,16 @@ elif [ "$PHASE" = s7b ]; then
         step validate_plan "${VALIDATE_S:-330}" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
             --models bundled bench --deadline-s "$(( ${VALIDATE_S:-330} - 30 ))"
         step pytest_gpu "$(left 5)" python3 -m pytest -q --tb=short tests/test_fused_moe.py tests/test_input_threads.py
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
+elif [ "$PHASE" = s7c ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        step pytest_gpu 90 python3 -m pytest -q --tb=short -m gpu tests/test_miss_paths.py \
+            -k "switch_captures_again_on_the_gpu or zero_copy_on_the_gpu"
+        wait_build
+        step validate_plan "$(left 10)" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
