@@ -192,7 +192,7 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                 new_tokens=s.new_tokens, hit_rate=s.hit_rate, prefill_misses=s.prefill_misses,
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / max(1, s.new_tokens - 1),
                 peak_gpu_bytes=s.peak_gpu_bytes or 0, decode_path=s.decode_path,
-                host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3,
+                host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3, waves=s.waves,
                 accounted_bytes=(s.emulation or {}).get("accounted_bytes"),
                 # mmap stores: record reads, this host's time for them, the time added to reach the profile's
                 # disk, and the reads slower here than there (deploy/emulate.py pace_read)
