@@ -189,3 +189,34 @@ def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints
     figures = got["here"]["figures"]
     assert figures["offload_layer_ms"]["value"] == 0.02 and figures["loop_expert_ms"]["ref"] == "stub"
     assert "prefill_fixed_ms" not in figures  # the other model's engine figure is dropped, not carried
+
+
+def test_an_mmap_prefetch_copy_pays_its_disk_read_in_full(info):
+    """With an mmap store the host reads a prefetched record synchronously before queueing its copy
+    (ExpertStore.record), as it does for a miss: each prefetch copy adds its disk read to the decode step,
+    and only its copy may hide under the step's compute. A pinned store's prefetch copies hide as before.
+    The emulation holds each read to the same time (Emulation.read_target_s)."""
+    import torch
+
+    from vismmoe.deploy.emulate import Emulation
+    from vismmoe.deploy.time_model import _miss_ms, read_ms
+
+    B = info.expert_bytes("bfloat16")
+    jetson, rtx = load_profile("jetson-orin-nano-8gb"), load_profile("rtx4090-24gb")
+    assert read_ms(rtx, "pinned", B) == 0.0 and read_ms(jetson, "memory", B) == 0.0
+    disk = read_ms(jetson, "mmap", B)
+    assert disk == pytest.approx(B / (jetson["disk_read_gbs"] * 1e9) * 1e3)
+    assert Emulation(jetson, "mmap", B, torch.device("cpu")).read_target_s() == pytest.approx(disk / 1e3)
+    miss = _miss_ms(jetson, "mmap", B, "generate")
+    args = (info, jetson, "bfloat16", "generate", False, miss, 0.1, 5.0)
+    none = _times(*args, 0.0, 64, read_ms=disk)
+    two = _times(*args, 2.0, 64, read_ms=disk)
+    assert two["decode_prefetch_read_ms"] == pytest.approx(2 * disk)
+    hidden = none["decode_compute_ms"] + none["decode_overhead_ms"]
+    assert two["decode_ms_per_token"] - none["decode_ms_per_token"] == pytest.approx(
+        2 * disk + max(0.0, 2 * (miss - disk) - hidden))
+    assert two["ttft_ms"] == none["ttft_ms"]  # the engine prefetches in decode steps only
+    # a store in memory: the same copies hide under compute (read_ms 0, the default)
+    p_miss = _miss_ms(rtx, "pinned", B, "generate")
+    pinned = [_times(info, rtx, "bfloat16", "generate", False, p_miss, 0.1, 5.0, c, 64) for c in (0.0, 2.0)]
+    assert pinned[1]["decode_ms_per_token"] == pinned[0]["decode_ms_per_token"]
