@@ -360,7 +360,8 @@ class _Simulator:
     10-40 after its warm-ups (session 6); a long trace (the bundled model's 9,673 requests) hardly moves."""
 
     def __init__(self, trace, model: ModelInfo):
-        self.trace, self.model = trace, model
+        # replayed as the planned engine prefetches: in decode steps only (it writes no prefetch_prefill)
+        self.trace, self.model = trace.decode_predictions_only(), model
         L = trace.meta.num_layers
         self.measure_from = 1 if trace.num_requests > 1 else 0
         self.counted_requests = trace.num_requests - self.measure_from
