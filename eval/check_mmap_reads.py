@@ -11,7 +11,8 @@ tests/test_emulate.py checks that split on CPU), against the counts the run's pl
     `reads_slower`), per request, and its prefill share (prefill reads / reads, the reads' times being
     alike): the TTFT without it, against the prediction.
 
-    python eval/check_mmap_reads.py [--report PATH] [--out DIR]
+    python eval/check_mmap_reads.py [--report PATH] [--out DIR]   (default: session 7's run with one input thread,
+    eval/results/validate_plan_emulated/session7_threads, on main)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vismmoe.deploy.model_info import model_info  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.deploy.time_model import _times, read_ms  # noqa: E402
 
-REPORT = REPO / "eval" / "results" / "validate_plan_emulated" / "session7_s7b" / "validate_plan.json"
+REPORT = REPO / "eval" / "results" / "validate_plan_emulated" / "session7_threads" / "validate_plan.json"
 BUNDLED = REPO / "models" / "easyvqa-qwen3vlmoe"
 
 
@@ -110,10 +111,12 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     found = rows(json.loads(Path(args.report).read_text()))
-    text = markdown(found, Path(args.report).relative_to(REPO) if Path(args.report).is_relative_to(REPO) else args.report)
+    path = Path(args.report).resolve()
+    source = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    text = markdown(found, source)
     print(text)
     if args.out:
-        write_report(Path(args.out), "check_mmap_reads", dict(report=str(args.report), rows=found), text)
+        write_report(Path(args.out), "check_mmap_reads", dict(report=str(source), rows=found), text)
 
 
 if __name__ == "__main__":
