@@ -46,7 +46,8 @@ from eval.common import REPO  # noqa: E402
 
 from vismmoe.deploy.model_info import model_info  # noqa: E402
 from vismmoe.deploy.planner import _Simulator, _times, loop_experts, prior_prefill_distinct  # noqa: E402
-from vismmoe.deploy.profiles import parse_profile  # noqa: E402
+from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
+from vismmoe.deploy.time_model import read_ms  # noqa: E402
 
 VALIDATE = REPO / "eval" / "results" / "validate_plan_emulated" / "validate_plan.json"
 SESSION4 = REPO / "eval" / "results" / "validate_plan_emulated" / "session4" / "validate_plan.json"
@@ -87,8 +88,11 @@ def validate_rows(report, infos, distinct, source="validate_plan (emulated)", dr
         slots, complete = plan["expert_slots"], plan["expert_slots"] >= plan["expert_slots_total"]
         loop = p["prefill_loop_experts"] if recorded_loop else \
             loop_experts(distinct[r["model"]], slots, plan.get("slot_plan"), info)
+        # (an mmap store's prefetch copies pay their disk read: the copies are the run's replay's, which until
+        # session 7 scaled them by the decode share of misses; eval/check_mmap_reads.py uses the measured ones)
+        disk = read_ms(load_profile(r["profile"]), r["engine"]["store"], info.expert_bytes("bfloat16"))
         new = _times(info, here, "bfloat16", plan["decode_path"], complete, p["miss_ms"], p["decode_misses_per_token"],
-                     p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop)
+                     p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop, disk)
         old = r["emulated_prediction"]
         m = r["measured"]
         rows.append(dict(source=source, model=r["model"], profile=r["profile"], budget=r["fraction"],

@@ -128,11 +128,7 @@ def simulated(args, record_bytes: int | None, costs: dict | None) -> list[dict]:
 
 def _decode_predictions_only(trace):
     """Drop the prefill's predictions: the engine predicts in decode steps only (prefetch_prefill: false)."""
-    keep = np.repeat(trace.group_step > 0, np.diff(trace.predicted_offsets))
-    sizes = np.diff(trace.predicted_offsets) * (trace.group_step > 0)
-    trace.predicted = trace.predicted[keep]
-    trace.predicted_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return trace
+    return trace.decode_predictions_only()
 
 
 def bench_proxy(record_bytes: int, costs: dict | None, false_ms: dict, layers: int) -> list[dict]:

@@ -146,6 +146,20 @@ def _spread(values) -> dict:
                 rel_spread=float((v.max() - v.min()) / med) if med else 0.0, iqr=float(q3 - q1))
 
 
+def read_through(model_dir, chunk: int = 64 * 2**20) -> int:
+    """Read the checkpoint's safetensors files once (into the page cache); returns the bytes read. Before an
+    mmap row: emulation holds each record read to the profile's disk time, but cannot speed up a read that
+    is slower here. Session 7's first mmap rows read cold (bench Jetson row: 5.6 ms per 9.4 MB record here
+    against the profile's 3.15 ms, 18 of 41 reads a request slower; the last mmap row, warm: 0.37 ms), which
+    put ~60 ms on the TTFT that no device setting explains."""
+    done, buf = 0, bytearray(chunk)
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                done += n
+    return done
+
+
 def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: int = 2,
             collect_before: bool = True) -> dict:
     """Load the planned config, `warmup` requests (JIT builds, the decode graph's capture, the allocator's
@@ -159,6 +173,10 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
 
     config = dict(engine_config, device=device)
     phases = {}
+    if config.get("store") == "mmap" and config.get("emulate"):
+        t = time.perf_counter()
+        phases["page_cache_bytes"] = read_through(model_dir)
+        phases["page_cache_s"] = time.perf_counter() - t
     t = time.perf_counter()
     free_memory()
     leftover = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -191,6 +209,9 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                 gc_ms=clock.seconds * 1e3, gc_collections=list(clock.collections), prompt_tokens=s.prefill_tokens,
                 new_tokens=s.new_tokens, hit_rate=s.hit_rate, prefill_misses=s.prefill_misses,
                 decode_misses_per_token=(s.expert_misses - s.prefill_misses) / max(1, s.new_tokens - 1),
+                # prefetch copies (the engine's default prefetches in decode steps only): with an mmap store
+                # each reads its record on the host as a miss does (reads = misses + these)
+                decode_prefetch_per_token=s.prefetch_issued_bytes / engine.store.record_bytes / max(1, s.new_tokens - 1),
                 peak_gpu_bytes=s.peak_gpu_bytes or 0, decode_path=s.decode_path,
                 host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3, waves=s.waves,
                 accounted_bytes=(s.emulation or {}).get("accounted_bytes"),
@@ -210,6 +231,7 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                     leftover_before_load=leftover,
                     prefill_misses=float(np.median([r["prefill_misses"] for r in per_request])),
                     decode_misses_per_token=float(np.median([r["decode_misses_per_token"] for r in per_request])),
+                    decode_prefetch_per_token=float(np.median([r["decode_prefetch_per_token"] for r in per_request])),
                     prompt_tokens=last["prompt_tokens"], accounted_bytes=max((r["accounted_bytes"] or 0) for r in per_request) or None,
                     warmup=[dict(ttft_ms=w.ttft_s * 1e3, decode_ms_per_token=w.decode_s * 1e3 / max(1, w.new_tokens - 1))
                             for w in warm],
@@ -388,7 +410,7 @@ def emulated_prediction(plan, info, here) -> dict:
     complete = c.budget_slots >= info.num_moe_layers * info.num_experts
     h = _times(info, here, plan.dtype, c.decode_path, complete, c.miss_ms, p["decode_misses_per_token"],
                p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"],
-               p.get("prefill_loop_experts", 0.0))
+               p.get("prefill_loop_experts", 0.0), p.get("read_ms", 0.0))
     return dict(h, decode_correction_ms=(p["decode_compute_ms"] + p["decode_overhead_ms"])
                 - (h["decode_compute_ms"] + h["decode_overhead_ms"]),
                 ttft_correction_ms=(p["ttft_compute_ms"] + p["ttft_overhead_ms"])
@@ -405,15 +427,19 @@ def _gc(m) -> str:
     return f"{max(r['gc_ms'] for r in reqs):.1f}" if reqs else "-"
 
 
-def _reads(m) -> str:
-    """mmap rows: record reads per request (median), this host's ms per read, the reads slower here than on
-    the profile's disk (all timed requests)."""
+def _reads(m, p) -> str:
+    """mmap rows: record reads per request (median) and the planner's (prefill misses + decode steps x (misses +
+    prefetch copies), each read charged its disk time), this host's ms per read, the reads slower here than
+    on the profile's disk (all timed requests: each adds what it took beyond the profile's time)."""
     reqs = [r for r in m.get("requests") or [] if "reads" in r]
     if not reqs:
         return "-"
     n = sum(r["reads"] for r in reqs)
     here = sum(r["read_native_s"] for r in reqs) * 1e3 / n if n else 0.0
-    return f"{np.median([r['reads'] for r in reqs]):.0f}, {here:.2f} ms, {sum(r['reads_slower'] for r in reqs)} slower"
+    steps = max(1, reqs[-1]["new_tokens"] - 1)
+    pred = p["prefill_misses"] + steps * (p["decode_misses_per_token"] + p.get("decode_prefetch_copies", 0.0))
+    return (f"{np.median([r['reads'] for r in reqs]):.0f} (pred {pred:.0f}), {here:.2f} ms, "
+            f"{sum(r['reads_slower'] for r in reqs)} slower")
 
 
 def _ratio(measured, predicted):
@@ -460,7 +486,7 @@ def markdown(report) -> str:
               "predicted compute + overhead replaced by the profile's, against the profile's own prediction.", "",
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
-              "| GC ms in timed requests (max) | mmap reads per request, here per read, slower than the profile "
+              "| GC ms in timed requests (max) | mmap reads per request (pred), here per read, slower than the profile "
               "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
@@ -479,17 +505,17 @@ def markdown(report) -> str:
             f"{(m.get('accounted_bytes') or 0) / 2**20:.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | {link} | "
             f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} {_range(m, 'ttft_spread', 1)} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
             f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} {_range(m, 'decode_spread', 2)} | "
-            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m)} | "
+            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m, p)} | "
             f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
             f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
     lines += ["", "Where the run's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("phases", {}).items()),
-              "", "| model | profile | budget | plan | free | load | warm-up | timed requests | close | row |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "", "| model | profile | budget | plan | page cache (mmap) | free | load | warm-up | timed requests | close | row |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         ph = (r.get("measured") or {}).get("phases", {})
         cell = lambda k: f"{ph[k]:.1f}" if k in ph else "-"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | {r.get('plan_s', 0):.1f} | {cell('free_s')} | "
-                     f"{cell('load_s')} | {cell('warmup_s')} | {cell('requests_s')} | {cell('close_s')} | "
+        lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | {r.get('plan_s', 0):.1f} | {cell('page_cache_s')} | "
+                     f"{cell('free_s')} | {cell('load_s')} | {cell('warmup_s')} | {cell('requests_s')} | {cell('close_s')} | "
                      f"{r.get('row_s', 0):.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -407,3 +407,47 @@ def test_mmap_reads_from_the_page_cache_take_the_profiles_disk_time_on_cuda(qwen
     assert e["read_native_s"] + e["read_paced_s"] >= 0.99 * e["reads"] * emu.read_target_s()
     assert wall >= e["reads"] * emu.read_target_s()
     engine.close()
+
+
+def test_mmap_reads_are_the_misses_and_the_decode_steps_prefetch_copies(qwen_checkpoint, tmp_path):
+    """Why an mmap row reads more records than it misses: every prefetch copy reads its record on the host
+    too (ExpertCache._copy -> ExpertStore.record, synchronously, paced to the profile's disk), and the engine
+    prefetches in decode steps only (prefetch_prefill off): a prefill reads exactly its misses, a decode
+    step its misses and its prefetch copies. The planner's replay of the engine's own trace counts those
+    copies per decode token as the engine made them (it once scaled them by the decode steps' share of all
+    misses: 0.025 copies per token predicted on the bench model where 1.0 were read, session 7)."""
+    from vismmoe.deploy.model_info import model_info
+    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.offload.trace import load_trace
+
+    engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.5, store="mmap", decode="generate",
+                          prefetch=True, emulate="jetson-orin-nano-8gb")
+    clock = _FakeClock()
+    engine.emulation.clock, engine.emulation.sleep = clock, clock.sleep
+    phase_reads = {0: 0, 1: 0}
+    pace_read = engine.emulation.pace_read
+
+    def counted(started):  # the step each read belongs to: 0 the prefill, 1 a decode step
+        phase_reads[min(1, engine.runtime.context.get().index)] += 1
+        pace_read(started)
+
+    engine.emulation.pace_read = counted
+    rb = engine.store.record_bytes
+    engine.start_trace("tiny")
+    per_request = []
+    for i, (image, prompt) in enumerate(random_requests(5, seed=11)):
+        phase_reads.update({0: 0, 1: 0})
+        s = engine.generate(image=image, prompt=prompt, max_new_tokens=6, min_new_tokens=6, request_id=f"q{i}").stats
+        copies = s.prefetch_issued_bytes // rb
+        assert s.emulation["reads"] == s.expert_misses + copies
+        assert phase_reads == {0: s.prefill_misses, 1: s.expert_misses - s.prefill_misses + copies}
+        per_request.append((s.expert_misses - s.prefill_misses, copies, s.new_tokens - 1))
+    engine.stop_trace(tmp_path / "trace.npz")
+    slots = engine.num_slots
+    engine.close()
+    later = per_request[1:]  # the planner counts the steady state: the trace's first request is left out
+    steps = sum(n for _, _, n in later)
+    assert sum(c for _, c, _ in later) > 0, "no prefetch copies: the test would not tell"
+    got = _Simulator(load_trace(tmp_path / "trace.npz"), model_info(qwen_checkpoint)).run("lru", slots, "trace")
+    assert got["decode_misses_per_token"] == pytest.approx(sum(m for m, _, _ in later) / steps)
+    assert got["decode_prefetch_per_token"] == pytest.approx(sum(c for _, c, _ in later) / steps)

@@ -201,6 +201,79 @@ def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints
     assert "prefill_fixed_ms" not in figures  # the other model's engine figure is dropped, not carried
 
 
+def test_an_mmap_prefetch_copy_pays_its_disk_read_in_full(info):
+    """With an mmap store the host reads a prefetched record synchronously before queueing its copy
+    (ExpertStore.record), as it does for a miss: each prefetch copy adds its disk read to the decode step,
+    and only its copy may hide under the step's compute. A pinned store's prefetch copies hide as before.
+    The emulation holds each read to the same time (Emulation.read_target_s)."""
+    import torch
+
+    from vismmoe.deploy.emulate import Emulation
+    from vismmoe.deploy.time_model import _miss_ms, read_ms
+
+    B = info.expert_bytes("bfloat16")
+    jetson, rtx = load_profile("jetson-orin-nano-8gb"), load_profile("rtx4090-24gb")
+    assert read_ms(rtx, "pinned", B) == 0.0 and read_ms(jetson, "memory", B) == 0.0
+    disk = read_ms(jetson, "mmap", B)
+    assert disk == pytest.approx(B / (jetson["disk_read_gbs"] * 1e9) * 1e3)
+    assert Emulation(jetson, "mmap", B, torch.device("cpu")).read_target_s() == pytest.approx(disk / 1e3)
+    miss = _miss_ms(jetson, "mmap", B, "generate")
+    args = (info, jetson, "bfloat16", "generate", False, miss, 0.1, 5.0)
+    none = _times(*args, 0.0, 64, read_ms=disk)
+    two = _times(*args, 2.0, 64, read_ms=disk)
+    assert two["decode_prefetch_read_ms"] == pytest.approx(2 * disk)
+    hidden = none["decode_compute_ms"] + none["decode_overhead_ms"]
+    assert two["decode_ms_per_token"] - none["decode_ms_per_token"] == pytest.approx(
+        2 * disk + max(0.0, 2 * (miss - disk) - hidden))
+    assert two["ttft_ms"] == none["ttft_ms"]  # the engine prefetches in decode steps only
+    # a store in memory: the same copies hide under compute (read_ms 0, the default)
+    p_miss = _miss_ms(rtx, "pinned", B, "generate")
+    pinned = [_times(info, rtx, "bfloat16", "generate", False, p_miss, 0.1, 5.0, c, 64) for c in (0.0, 2.0)]
+    assert pinned[1]["decode_ms_per_token"] == pinned[0]["decode_ms_per_token"]
+
+
+def test_the_planner_weighs_an_mmap_prefetch_copy_at_its_disk_read(tmp_path):
+    """Prefetch on or off is chosen per store: with a pinned store a prefetch copy hides under compute (a
+    quarter of a miss: it takes the link and a slot), with an mmap store it costs its disk read, nearly a
+    whole miss. On bench-size records (9.4 MB) and a trace whose predictions save fewer misses than they
+    copy, pinned keeps prefetch on and mmap turns it off; each choice is the fastest the time model
+    predicts among the (policy, prefetch) settings, and its prefetch copies are the replay's decode-step
+    copies."""
+    from vismmoe.deploy.planner import POLICIES_WITH_DEVICE_TWIN, _evaluate, _Simulator
+    from vismmoe.deploy.time_model import _miss_ms, read_ms
+    from vismmoe.offload.trace import synthetic_trace
+    from vismmoe.testing.tiny_models import QWEN3_VL_30B_A3B_TEXT, TextShape, family_parts
+
+    cfg = family_parts("qwen3_vl_moe", TextShape(num_hidden_layers=2, **QWEN3_VL_30B_A3B_TEXT), 256)[0]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(str(tmp_path))
+    model = model_info(tmp_path)  # sizes from the config: 2 MoE layers of 128 experts, 9.4 MB records
+    trace = synthetic_trace(num_requests=6, num_layers=2, num_experts=128, top_k=8, predict_accuracy=0.8, seed=1,
+                            visual_tokens=30, text_tokens=8, decode_steps=16)
+    sim = _Simulator(trace, model)
+    slots, B = 2 * 128 // 3, model.expert_bytes("bfloat16")
+    chosen = {}
+    for profile_name, store in (("rtx4060-laptop-8gb", "pinned"), ("rtx4060-laptop-8gb", "mmap"),
+                                ("jetson-orin-nano-8gb", "mmap")):
+        profile = load_profile(profile_name)
+        cand = _evaluate(model, profile, "bfloat16", store, slots, {}, sim, 64)
+        chosen[profile_name, store] = cand.prefetch
+        r = sim.run(cand.policy, slots, "trace" if cand.prefetch else "none")
+        assert cand.predicted["decode_prefetch_copies"] == pytest.approx(r["decode_prefetch_per_token"] if cand.prefetch else 0.0)
+        miss, disk = _miss_ms(profile, store, B, "generate"), read_ms(profile, store, B)
+        options = []
+        for policy in POLICIES_WITH_DEVICE_TWIN:
+            for prefetch in (False, True):
+                o = sim.run(policy, slots, "trace" if prefetch else "none")
+                options.append(_times(model, profile, "bfloat16", "generate", False, miss, o["decode_misses_per_token"],
+                                      o["prefill_misses"], o["decode_prefetch_per_token"] if prefetch else 0.0, 64,
+                                      read_ms=disk)["decode_ms_per_token"])
+        if store == "mmap":
+            assert cand.predicted["decode_ms_per_token"] == pytest.approx(min(options))
+    assert chosen == {("rtx4060-laptop-8gb", "pinned"): True, ("rtx4060-laptop-8gb", "mmap"): False,
+                      ("jetson-orin-nano-8gb", "mmap"): False}
+
+
 def test_prefill_misses_cost_the_longer_of_the_link_and_the_hosts_work(info):
     """TTFT's prefill part: misses x the link's time per miss, or the host's work beside those copies
     (misses x prefill_miss_host_ms + experts computed one by one x loop_expert_ms), whichever is longer."""

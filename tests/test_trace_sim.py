@@ -225,3 +225,23 @@ def test_measure_from_counts_only_the_later_requests(trace, mode):
         assert 0 < later.predictions < whole.predictions
     with pytest.raises(ValueError, match="measure_from"):
         simulate(trace, "lru", 24, mode, measure_from=trace.num_requests)
+
+
+def test_prefetch_copies_are_counted_by_phase_and_the_prefill_predictions_can_be_dropped(trace):
+    """simulate counts the decode steps' prefetch copies apart (decode_prefetch_issued); a synthetic trace
+    predicts in the prefill too, and decode_predictions_only() keeps the decode steps' predictions alone
+    (what an engine with prefetch_prefill off prefetches from): its replay copies in decode steps only.
+    (tests/test_emulate.py checks the decode count against the engine's own copies.)"""
+    sizes = np.diff(trace.predicted_offsets)
+    assert sizes[trace.group_step == 0].sum() > 0  # the synthetic trace predicts in prefills
+    decode = trace.decode_predictions_only()
+    d_sizes = np.diff(decode.predicted_offsets)
+    assert d_sizes[decode.group_step == 0].sum() == 0
+    assert np.array_equal(d_sizes[decode.group_step > 0], sizes[trace.group_step > 0])
+    for g in np.flatnonzero(trace.group_step > 0)[:50]:
+        assert np.array_equal(decode.group(g).predicted, trace.group(g).predicted)
+    assert decode.decode_predictions_only() is decode
+    both, only = simulate(trace, "lru", 24, "trace"), simulate(decode, "lru", 24, "trace")
+    assert 0 < both.decode_prefetch_issued < both.prefetch_issued.sum()
+    assert only.decode_prefetch_issued == only.prefetch_issued.sum() > 0
+    assert only.to_dict()["decode_prefetch_issued"] == only.decode_prefetch_issued

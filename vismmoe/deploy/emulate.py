@@ -205,8 +205,11 @@ class Emulation:
 
     def read_target_s(self) -> float:
         """mmap store: seconds the profile's disk takes to read one record (the host's synchronous read,
-        paced by pace_read); 0 for a store in memory."""
-        return self.record_bytes / (self.profile["disk_read_gbs"] * GB) if self.store == "mmap" else 0.0
+        paced by pace_read); 0 for a store in memory. The planner's figure (time_model.read_ms): it charges
+        it to every record read, a prefetch copy's too."""
+        from .time_model import read_ms
+
+        return read_ms(self.profile, self.store, self.record_bytes) / 1e3
 
     def delay_s(self, path: str) -> float:
         """Delay per record after a copy wave: the profile's time per record beyond its disk read (paced

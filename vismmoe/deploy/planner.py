@@ -38,7 +38,7 @@ from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
 from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
-                         engine_figure, loop_experts, prior_prefill_distinct)
+                         engine_figure, loop_experts, prior_prefill_distinct, read_ms)
 
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
@@ -134,7 +134,8 @@ class Plan:
             f"{p['ttft_loop_ms']:.1f})",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
             f"engine overhead {p['decode_overhead_ms']:.2f} + {p['decode_misses_per_token']:.2f} misses "
-            f"{p['decode_miss_ms']:.2f} + unhidden prefetch {p['decode_prefetch_ms']:.2f}",
+            f"{p['decode_miss_ms']:.2f} + {p['decode_prefetch_copies']:.2f} prefetch copies "
+            f"{p['decode_prefetch_ms']:.2f} (their disk reads and the copies compute does not hide)",
             f"slot plan: {self.slot_plan_note}",
         ]
 
@@ -302,6 +303,7 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
     path = _path(store, slots, model)
     B = model.expert_bytes(dtype)
     miss_ms = _miss_ms(profile, store, B, path)
+    read = read_ms(profile, store, B)  # an mmap store's disk read: a prefetch copy cannot hide it
     cand = Candidate(store, slots, path, miss_ms, memory)
     L, E, k = model.num_moe_layers, model.num_experts, model.top_k
     distinct = sim.prefill_distinct if sim is not None else prior_prefill_distinct(model, prompt)
@@ -313,7 +315,10 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
         for policy in POLICIES_WITH_DEVICE_TWIN:
             for prefetch in ((False, True) if sim.trace.has_predictions else (False,)):
                 r = sim.run(policy, slots, "trace" if prefetch else "none")
-                key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * 0.25, r["prefill_misses"])
+                # a prefetch copy weighs a quarter of a miss (it takes the link and a slot, hidden under
+                # compute), or with an mmap store its disk read's share of a miss (read synchronously)
+                weight = max(0.25, read / miss_ms)
+                key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * weight, r["prefill_misses"])
                 if best is None or key < best[0]:
                     best = (key, policy, prefetch, r)
         _, cand.policy, cand.prefetch, r = best
@@ -328,7 +333,7 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
         cand.hit_rates = dict(global_pool_prior=h)
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
                             prefetch_copies if cand.prefetch else 0.0, prompt,
-                            loop_experts(distinct, slots, None, model))
+                            loop_experts(distinct, slots, None, model), read)
     return cand
 
 
@@ -357,7 +362,8 @@ class _Simulator:
     10-40 after its warm-ups (session 6); a long trace (the bundled model's 9,673 requests) hardly moves."""
 
     def __init__(self, trace, model: ModelInfo):
-        self.trace, self.model = trace, model
+        # replayed as the planned engine prefetches: in decode steps only (it writes no prefetch_prefill)
+        self.trace, self.model = trace.decode_predictions_only(), model
         L = trace.meta.num_layers
         self.measure_from = 1 if trace.num_requests > 1 else 0
         self.counted_requests = trace.num_requests - self.measure_from
@@ -378,11 +384,10 @@ class _Simulator:
         key = (policy, slots, prefetch, None if plan is None else tuple(plan.quota))
         if key not in self._memo:
             r = simulate(self.trace, policy, slots, prefetch, slot_plan=plan, measure_from=self.measure_from)
-            pf_decode = float(r.prefetch_issued.sum()) * r.decode_misses / max(1, r.misses)  # decode share
             self._memo[key] = dict(
                 decode_misses_per_token=r.decode_misses / self.decode_tokens,
                 prefill_misses=(r.misses - r.decode_misses) / self.counted_requests,
-                decode_prefetch_per_token=pf_decode / self.decode_tokens, hit_rate=r.hit_rate,
+                decode_prefetch_per_token=r.decode_prefetch_issued / self.decode_tokens, hit_rate=r.hit_rate,
                 decode_hit_rate=r.decode_hit_rate, misses_per_layer=r.misses_per_layer, misses=r.misses)
         return self._memo[key]
 
@@ -449,7 +454,8 @@ def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt)
     chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
                               planned["decode_misses_per_token"], planned["prefill_misses"],
                               planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
-                              loop_experts(sim.prefill_distinct, S, quotas, model))
+                              loop_experts(sim.prefill_distinct, S, quotas, model),
+                              read_ms(profile, chosen.store, model.expert_bytes(dtype)))
     return quotas.tolist(), f"per-layer plan: {rates}"
 
 

@@ -3,7 +3,8 @@
 Per decode token: the bytes a token reads at the memory bandwidth + the engine's time per MoE layer
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
 the cache is partial (offload_layer_ms, generate_offload_layer_ms: the probe measures both at a partial
-budget) + misses x time per miss on the link + whatever prefetch copies do not hide under the step. On
+budget) + misses x time per miss on the link + whatever prefetch copies do not hide under the step (with
+an mmap store, each prefetch copy's disk read in full: see read_ms). On
 the static path a miss costs its copy and nothing else: the decision kernel and the pacing run in every
 layer of a captured step whether the layer misses or not (they are the per-layer term), and a layer's
 records move in the decode kernel that installs them (the copy kernel's one launch before session 6;
@@ -99,6 +100,13 @@ def _miss_ms(profile: DeviceProfile, store: str, B: int, path: str) -> float:
     return t * 1e3 + profile.get("copy_latency_ms", ENGINE_PRIOR["copy_overhead_ms"])
 
 
+def read_ms(profile: DeviceProfile, store: str, B: int) -> float:
+    """ms the host is held reading one record of `B` bytes before its copy can be queued: an mmap store's
+    disk read (ExpertStore.record reads the record synchronously, on the thread that drives the layers, for
+    a demand miss and for a prefetch alike); 0 for a store in memory. A miss's time (_miss_ms) includes it."""
+    return B / (profile["disk_read_gbs"] * GB) * 1e3 if store == "mmap" else 0.0
+
+
 def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
     """Distinct experts a prefill of `prompt` tokens touches per layer under uniform independent routing."""
     E, k = model.num_experts, model.top_k
@@ -119,8 +127,10 @@ def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> 
 
 
 def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt,
-           loop_experts: float = 0.0):
-    """Predicted times (ms) and their breakdown; engine times from `profile` (probed) or ENGINE_PRIOR."""
+           loop_experts: float = 0.0, read_ms: float = 0.0):
+    """Predicted times (ms) and their breakdown; engine times from `profile` (probed) or ENGINE_PRIOR.
+    read_ms (time_model.read_ms): of a copy's miss_ms, the host's synchronous read (an mmap store's disk):
+    a prefetch copy pays it in full; only the rest of its time may hide under the step's compute."""
     L, k, b = model.num_moe_layers, model.top_k, DTYPE_BYTES[dtype]
     decoder_bytes = (model.non_expert_numel - model.vision_numel - model.vocab_size * model.hidden_size) * b
     active = decoder_bytes + L * k * model.expert_bytes(dtype)
@@ -141,7 +151,8 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         loop_ms = loop_experts * fig("loop_expert_ms")
         miss_host_ms = prefill_misses * fig("prefill_miss_host_ms")
     miss = decode_misses * miss_ms
-    unhidden = max(0.0, prefetch_copies * miss_ms - (compute + overhead))
+    prefetch_read = prefetch_copies * read_ms
+    unhidden = max(0.0, prefetch_copies * (miss_ms - read_ms) - (compute + overhead))
     flops = 2 * prompt * (active / b) + 2 * model.vision_numel * prompt * model.merge_size ** 2
     ttft_compute = flops / (tflops * 1e12) * 1e3
     # Host-side input building (the processor: image resize and patching, tokenizing) is its own probed
@@ -151,9 +162,11 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     # The prefill's misses: their copies on the link, and beside them the host's work (each miss's decision
     # and copy issue, the experts computed one by one); the host runs ahead of the copies, so the longer chain counts.
     ttft_miss = prefill_misses * miss_ms
-    ttft_host = loop_ms + miss_host_ms
-    return dict(decode_ms_per_token=compute + overhead + miss + unhidden, decode_compute_ms=compute,
-                decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=unhidden,
+    # (an mmap store's reads are the host's own work: it reads each missed record before issuing its copy)
+    ttft_host = loop_ms + miss_host_ms + prefill_misses * read_ms
+    return dict(decode_ms_per_token=compute + overhead + miss + prefetch_read + unhidden, decode_compute_ms=compute,
+                decode_overhead_ms=overhead, decode_miss_ms=miss, decode_prefetch_ms=prefetch_read + unhidden,
+                decode_prefetch_read_ms=prefetch_read, read_ms=read_ms,
                 decode_misses_per_token=decode_misses, decode_prefetch_copies=prefetch_copies, miss_ms=miss_ms,
                 ttft_ms=ttft_overhead + ttft_compute + max(ttft_miss, ttft_host), ttft_overhead_ms=ttft_overhead,
                 ttft_inputs_ms=inputs_ms, ttft_loop_ms=loop_ms, ttft_miss_host_ms=miss_host_ms, ttft_host_ms=ttft_host,

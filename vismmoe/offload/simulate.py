@@ -60,6 +60,9 @@ class SimResult:
     predict_s: float = autoprefetch.PREDICT_S_PRIOR
     prefetch_on: list | None = None  # auto: per layer, the share of decode steps its prefetch was on
     auto_state: np.ndarray | None = None  # auto: the controller's state at the end (autoprefetch.ROWS x L)
+    # of prefetch_issued, the copies made in decode steps (a trace's prefill has predictions only when
+    # recorded with prefetch_prefill: the engine's default prefetches in decode steps alone)
+    decode_prefetch_issued: int = 0
 
     @property
     def decode_overhead_s(self) -> float:
@@ -118,7 +121,7 @@ class SimResult:
             demand_link_time_s=self.demand_link_time_s, hits_per_layer=self.hits_per_layer.tolist(),
             misses_per_layer=self.misses_per_layer.tolist(), prefetch_issued=int(self.prefetch_issued.sum()),
             prefetch_used=int(self.prefetch_used.sum()), prefetch_wasted=int(self.prefetch_wasted.sum()),
-            waves=self.waves, seconds=self.seconds, predictions=self.predictions,
+            decode_prefetch_issued=self.decode_prefetch_issued, waves=self.waves, seconds=self.seconds, predictions=self.predictions,
             decode_overhead_s=self.decode_overhead_s, prefetch_on=self.prefetch_on, **self.extra,
         )
 
@@ -152,13 +155,13 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     record = int(expert_bytes if expert_bytes is not None else meta.expert_bytes)
     auto_params = autoprefetch.new_params(record / (link_gbps * 1e9) + copy_overhead_s, predict_s)
     auto_state = autoprefetch.new_state(meta.num_layers if mode == "auto" else 0)
-    counts = np.zeros(2, np.int64)  # decode steps, predictions
+    counts = np.zeros(3, np.int64)  # decode steps, predictions, decode steps' prefetch copies
     true_pos = np.zeros(meta.num_layers, np.int64)  # decode steps' predicted experts that were then needed
     if not 0 <= measure_from < max(1, trace.num_requests):
         raise ValueError(f"measure_from must be a request index below {trace.num_requests}, got {measure_from}")
     # What was counted before request `measure_from`: hits, misses [2, L] each, pf [3, L], counts, on-steps.
     before = (np.zeros_like(hits), np.zeros_like(misses), np.zeros((3, meta.num_layers), np.int64),
-              np.zeros(2, np.int64), np.zeros(auto_state.shape[1]))
+              np.zeros(3, np.int64), np.zeros(auto_state.shape[1]))
     waves = _replay(state, trace.group_request, trace.group_step, trace.group_layer, demand.offsets,
                     demand.experts.astype(np.int64), demand.n_visual.astype(np.int64), demand.n_text.astype(np.int64),
                     pred_offsets, pred_experts.astype(np.int64), limit, quota, *scratch, hits, misses, tables,
@@ -170,7 +173,7 @@ def simulate(trace: Trace, policy: str = "lru", budget_slots: int = 8, prefetch=
     auto_state[autoprefetch.ON_STEPS] -= before[4]
     seconds = time.perf_counter() - start
     result = _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
-                     copy_overhead_s, seconds)
+                     copy_overhead_s, seconds, int(counts[2]))
     result.predictions, result.predict_s = int(counts[1]), predict_s
     if mode == "auto":
         result.auto_state = auto_state
@@ -253,14 +256,14 @@ def _predictions(trace: Trace, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, expert_bytes, link_gbps,
-            copy_overhead_s, seconds) -> SimResult:
+            copy_overhead_s, seconds, decode_prefetch_issued) -> SimResult:
     return SimResult(
         policy=policy, budget_slots=budget_slots, prefetch=mode,
         slot_plan="global" if plan is None else ",".join(map(str, plan.quota)),
         hits_per_layer=hits.sum(0), misses_per_layer=misses.sum(0),
         decode_hits=int(hits[1].sum()), decode_misses=int(misses[1].sum()),
-        prefetch_issued=pf[0].copy(), prefetch_used=pf[1].copy(), prefetch_wasted=pf[2].copy(), waves=int(waves),
-        expert_bytes=int(expert_bytes if expert_bytes is not None else trace.meta.expert_bytes),
+        prefetch_issued=pf[0].copy(), prefetch_used=pf[1].copy(), prefetch_wasted=pf[2].copy(),
+        decode_prefetch_issued=decode_prefetch_issued, waves=int(waves), expert_bytes=int(expert_bytes if expert_bytes is not None else trace.meta.expert_bytes),
         link_gbps=link_gbps, copy_overhead_s=copy_overhead_s, seconds=seconds,
     )
 
@@ -274,9 +277,10 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
     """Drive the core over the trace; hits / misses [2, L] by phase (prefill, decode). With `tables`
     [G, L, E] (else empty), the slot table after every group and its misses are recorded too. With
     `auto_state` [ROWS, L] (else [ROWS, 0]), prefetch: auto decides at every decode step, as the engine
-    does, from the replayed cache's counters. counts: (decode steps, predictions) are added up. At the start
-    of request `measure_from` the counts so far are copied into hits0, misses0, pf0, counts0 and on0 (auto's
-    ON_STEPS row). Returns the number of layer calls that needed several waves."""
+    does, from the replayed cache's counters. counts: (decode steps, predictions, decode steps' prefetch
+    copies) are added up. At the start of request `measure_from` the counts so far are copied into hits0,
+    misses0, pf0, counts0 and on0 (auto's ON_STEPS row). Returns the number of layer calls that needed
+    several waves."""
     record = tables.shape[0] > 0
     num_slots = st.owner.shape[0]
     waves = 0
@@ -300,7 +304,7 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
                         pf0[row, layer_] = st.pf[row, layer_]
                 for layer_ in range(on0.shape[0]):
                     on0[layer_] = auto_state[autoprefetch.ON_STEPS, layer_]
-                counts0[0], counts0[1] = counts[0], counts[1]
+                counts0[0], counts0[1], counts0[2] = counts[0], counts[1], counts[2]
         if group_step[g] != step:
             step = group_step[g]
             core.begin_step(st)
@@ -311,8 +315,9 @@ def _replay(st, group_request, group_step, group_layer, set_offsets, set_experts
         if use_prefetch and pred_offsets[g + 1] > pred_offsets[g] and \
                 (not auto or auto_state[autoprefetch.ON, layer] > 0.5):
             counts[1] += phase
-            core.prefetch(st, layer, pred_experts[pred_offsets[g]:pred_offsets[g + 1]], layer - 1, prefetch_limit,
-                          quota, fill)
+            issued = core.prefetch(st, layer, pred_experts[pred_offsets[g]:pred_offsets[g + 1]], layer - 1,
+                                   prefetch_limit, quota, fill)
+            counts[2] += phase * issued
             if phase == 1:  # the ledger's true positives: predicted experts the layer call then needed
                 i, j = pred_offsets[g], set_offsets[g]
                 while i < pred_offsets[g + 1] and j < set_offsets[g + 1]:

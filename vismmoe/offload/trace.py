@@ -123,6 +123,21 @@ class Trace:
                      self.group_request[g0:g1] - start, self.group_step[g0:g1], self.group_layer[g0:g1],
                      self.request_ids[start:stop], self.meta, predicted, predicted_offsets)
 
+    def decode_predictions_only(self) -> "Trace":
+        """This trace with the prefill's predictions dropped (self if it has none): what an engine with
+        prefetch_prefill off (the default) prefetches from, in decode steps only. A trace recorded with
+        prefetch_prefill on, or a synthetic one, predicts in the prefill too."""
+        if self.predicted is None:
+            return self
+        sizes = np.diff(self.predicted_offsets)
+        if not sizes[self.group_step == 0].any():
+            return self
+        decode = self.group_step > 0
+        offsets = np.zeros(self.num_groups + 1, np.int64)
+        np.cumsum(sizes * decode, out=offsets[1:])
+        return Trace(self.experts, self.visual, self.group_offsets, self.group_request, self.group_step,
+                     self.group_layer, self.request_ids, self.meta, self.predicted[np.repeat(decode, sizes)], offsets)
+
     def demand_sets(self) -> DemandSets:
         """What each layer call must have resident (computed once, then cached on the trace)."""
         if "demand" not in self._cache:
