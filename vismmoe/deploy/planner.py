@@ -131,7 +131,8 @@ class Plan:
             f"{p['ttft_compute_ms']:.1f} + the longer of {p['prefill_misses']:.0f} misses on the link "
             f"{p['ttft_miss_ms']:.1f} and the host's work beside them {p.get('ttft_host_ms', 0.0):.1f} (per miss "
             f"{p.get('ttft_miss_host_ms', 0.0):.1f}, {p['prefill_loop_experts']:.0f} experts one by one "
-            f"{p['ttft_loop_ms']:.1f})",
+            f"{p['ttft_loop_ms']:.1f}"
+            + (f", disk reads {p['prefill_misses'] * p['read_ms']:.1f}" if p.get("read_ms") else "") + ")",
             f"predicted decode {p['decode_ms_per_token']:.2f} ms/token = compute {p['decode_compute_ms']:.2f} + "
             f"engine overhead {p['decode_overhead_ms']:.2f} + {p['decode_misses_per_token']:.2f} misses "
             f"{p['decode_miss_ms']:.2f} + {p['decode_prefetch_copies']:.2f} prefetch copies "
