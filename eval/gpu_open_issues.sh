@@ -38,6 +38,10 @@
 #                 tests/test_input_threads.py on the GPU.
 #   PHASE=s7c     one GPU: the bench model built on the GPU while the zero-copy recapture GPU tests run, then
 #                 the planner's validation with the rest of BUDGET_S (the prefill's host figures probed).
+#   PHASE=s8      one GPU, written for the next session: the 25% target's rounds on the GPU-built bench
+#                 model (misses per token recorded), the planner's validation (requests record their waves;
+#                 mmap rows read the checkpoint through the page cache first), then the same rounds on a
+#                 CPU-built copy, built in the background meanwhile (WORK/cpu): do the two builds miss alike?
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -374,6 +378,23 @@ elif [ "$PHASE" = s7c ]; then
             --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
+elif [ "$PHASE" = s8 ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        wait_build
+        mkdir -p "$WORK/cpu"
+        ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK/cpu')" \
+            > "$WORK/cpu/build.log" 2>&1; echo "build rc=$?" >> "$WORK/cpu/build.log" ) &
+        step interleaved_gpu_build 120 python3 eval/profile_static.py --out "$WORK/interleaved_gpu_build" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3 --interleaved 5 --interleaved-only
+        step validate_plan 300 python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s 260
+        until grep -q "build rc=" "$WORK/cpu/build.log" 2>/dev/null; do sleep 2; done
+        step interleaved_cpu_build "$(left 5)" python3 eval/profile_static.py --out "$WORK/interleaved_cpu_build" \
+            --checkpoint "$WORK/cpu/vismmoe-fullsize-12" --trials 3 --interleaved 3 --interleaved-only
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' --exclude='*.safetensors' validate_plan \
+        interleaved_gpu_build interleaved_cpu_build 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
