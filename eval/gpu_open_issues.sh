@@ -39,9 +39,10 @@
 #   PHASE=s7c     one GPU: the bench model built on the GPU while the zero-copy recapture GPU tests run, then
 #                 the planner's validation with the rest of BUDGET_S (the prefill's host figures probed).
 #   PHASE=s8      one GPU, written for the next session: the 25% target's rounds on the GPU-built bench
-#                 model (misses per token recorded), the planner's validation (requests record their waves;
-#                 mmap rows read the checkpoint through the page cache first), then the same rounds on a
-#                 CPU-built copy, built in the background meanwhile (WORK/cpu): do the two builds miss alike?
+#                 model (misses per token recorded), then the planner's validation (requests record their
+#                 waves; mmap rows read the checkpoint through the page cache first).
+#   PHASE=s8cpu   one GPU: the same rounds on the CPU-built bench model of sessions 1-6 (built first, ~4
+#                 minutes, alone on the host): do the two builds miss alike at 25%?
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -382,19 +383,20 @@ elif [ "$PHASE" = s8 ]; then
     BUILD_DEVICE=cuda start_build "'$WORK'"
     {
         wait_build
-        mkdir -p "$WORK/cpu"
-        ( python3 -c "from vismmoe.testing.tiny_models import full_size_checkpoint as f; f(12, '$WORK/cpu')" \
-            > "$WORK/cpu/build.log" 2>&1; echo "build rc=$?" >> "$WORK/cpu/build.log" ) &
         step interleaved_gpu_build 120 python3 eval/profile_static.py --out "$WORK/interleaved_gpu_build" \
             --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3 --interleaved 5 --interleaved-only
-        step validate_plan 300 python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
-            --models bundled bench --deadline-s 260
-        until grep -q "build rc=" "$WORK/cpu/build.log" 2>/dev/null; do sleep 2; done
-        step interleaved_cpu_build "$(left 5)" python3 eval/profile_static.py --out "$WORK/interleaved_cpu_build" \
-            --checkpoint "$WORK/cpu/vismmoe-fullsize-12" --trials 3 --interleaved 3 --interleaved-only
+        step validate_plan "$(left 10)" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
     } > "$OUT/gpu0.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' --exclude='*.safetensors' validate_plan \
-        interleaved_gpu_build interleaved_cpu_build 2>/dev/null
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan interleaved_gpu_build 2>/dev/null
+elif [ "$PHASE" = s8cpu ]; then
+    start_build "'$WORK'"  # on the CPU (~4 minutes), nothing else running: the earlier sessions' bench model
+    {
+        wait_build
+        step interleaved_cpu_build "$(left 5)" python3 eval/profile_static.py --out "$WORK/interleaved_cpu_build" \
+            --checkpoint "$WORK/vismmoe-fullsize-12" --trials 3 --interleaved 5 --interleaved-only
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" interleaved_cpu_build 2>/dev/null
 elif [ "$PHASE" = sweep ]; then
     # The scene pruning sweep on both GPUs plus CPU ranks on the spare cores (VISMMOE_EVAL_GPU_RANKS: ranks
     # past GPU_RANKS evaluate on the CPU). SEED: a tarball of earlier pieces of the run (resumable), unpacked
