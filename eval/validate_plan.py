@@ -442,6 +442,17 @@ def _reads(m, p) -> str:
             f"{sum(r['reads_slower'] for r in reqs)} slower")
 
 
+def _looped(m, p) -> str:
+    """Prefill layers that computed their experts one at a time (RequestStats.waves: layer calls run in
+    several waves; decode steps never do), median per request, and the planner's count from its replay's
+    average distinct experts per layer."""
+    reqs = [r for r in m.get("requests") or [] if "waves" in r]
+    if not reqs:
+        return "-"
+    pred = p.get("prefill_looped_layers")
+    return f"{np.median([r['waves'] for r in reqs]):.0f} ({'-' if pred is None else pred})"
+
+
 def _ratio(measured, predicted):
     return f"{measured / predicted:.2f}" if predicted else "-"
 
@@ -487,8 +498,9 @@ def markdown(report) -> str:
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
               "| GC ms in timed requests (max) | mmap reads per request (pred), here per read, slower than the profile "
+              "| layers looped per request (pred) "
               "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | error: {r['error'][:300]} |")
@@ -505,7 +517,7 @@ def markdown(report) -> str:
             f"{(m.get('accounted_bytes') or 0) / 2**20:.0f} | {m['peak_gpu_bytes'] / 2**20:.0f} | {link} | "
             f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} {_range(m, 'ttft_spread', 1)} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
             f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} {_range(m, 'decode_spread', 2)} | "
-            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m, p)} | "
+            f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m, p)} | {_looped(m, p)} | "
             f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
             f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
     lines += ["", "Where the run's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("phases", {}).items()),

@@ -288,3 +288,33 @@ def test_prefill_misses_cost_the_longer_of_the_link_and_the_hosts_work(info):
     fast = _times(info, profile, *args, 0.05, 0.0, 100.0, 0.0, 64, 50.0)
     assert fast["ttft_ms"] == pytest.approx(none["ttft_ms"] + 45.0)
     assert fast["ttft_loop_ms"] == pytest.approx(5.0) and fast["ttft_miss_host_ms"] == pytest.approx(40.0)
+
+
+def test_the_planners_looped_layers_are_the_layers_the_engine_runs_in_waves(tiny_checkpoints):
+    """time_model.looped_layers (what the planner charges loop_expert_ms for) against the engine: for a
+    one-token request (its prefill alone) under per-layer quotas, RequestStats.waves counts the layer calls
+    run in several waves; given the distinct experts each layer touched, the planner's predicate names the
+    same number of layers."""
+    import vismmoe
+    from vismmoe.deploy.time_model import looped_layers
+
+    from .conftest import random_requests
+
+    ckpt = tiny_checkpoints["qwen3_vl_moe"]
+    info = model_info(ckpt)
+    L, E, k = info.num_moe_layers, info.num_experts, info.top_k
+    (image, prompt), = random_requests(1, seed=5)
+    engine = vismmoe.load(ckpt, expert_budget=1.0, prefetch=False)
+    try:
+        full = engine.generate(image=image, prompt=prompt, max_new_tokens=1).stats
+        distinct = np.add(full.hits_per_layer, full.misses_per_layer)
+        assert (distinct > k).all()  # (every layer can be made to loop)
+        # layer 0 keeps all its experts, the others one fewer than they touch (at least top-k)
+        quotas = [int(distinct[0])] + [max(k, int(d) - 1) for d in distinct[1:]]
+        engine.reconfigure(expert_budget=sum(quotas) * info.expert_bytes("float32"), slot_plan=quotas)
+        stats = engine.generate(image=image, prompt=prompt, max_new_tokens=1).stats
+        assert np.array_equal(np.add(stats.hits_per_layer, stats.misses_per_layer), distinct)
+        predicted = looped_layers(distinct, sum(quotas), quotas, info)
+        assert stats.waves == predicted.sum() == L - 1 and not predicted[0]
+    finally:
+        engine.close()

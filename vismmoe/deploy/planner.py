@@ -38,7 +38,7 @@ from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
 from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
-                         engine_figure, loop_experts, prior_prefill_distinct, read_ms)
+                         engine_figure, loop_experts, looped_layers, prior_prefill_distinct, read_ms)
 
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
@@ -335,6 +335,8 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
                             prefetch_copies if cand.prefetch else 0.0, prompt,
                             loop_experts(distinct, slots, None, model), read)
+    # (layers a prefill loops: RequestStats.waves counts them per request, eval/validate_plan.py compares)
+    cand.predicted["prefill_looped_layers"] = int(looped_layers(distinct, slots, None, model).sum())
     return cand
 
 
@@ -457,6 +459,7 @@ def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt)
                               planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
                               loop_experts(sim.prefill_distinct, S, quotas, model),
                               read_ms(profile, chosen.store, model.expert_bytes(dtype)))
+    chosen.predicted["prefill_looped_layers"] = int(looped_layers(sim.prefill_distinct, S, quotas, model).sum())
     return quotas.tolist(), f"per-layer plan: {rates}"
 
 

@@ -113,17 +113,21 @@ def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
     return np.full(model.num_moe_layers, E * (1 - (1 - k / E) ** prompt))
 
 
-def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> float:
-    """Experts a prefill computes one at a time (host_path.run_layer): in every layer that touches more
-    distinct experts than its wave (its quota, or all slots), or when a partial cache has more slots
-    than the grouped kernel's groups."""
+def looped_layers(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> np.ndarray:
+    """[L] bool: the prefill layers that compute their experts one at a time (host_path.run_layer): those
+    touching more distinct experts than their wave (the quota, or all slots), or every layer when a
+    partial cache has more slots than the grouped kernel's groups."""
     from ..ops import MAX_GROUPS
 
     if slots >= model.num_moe_layers * model.num_experts:
-        return 0.0
+        return np.zeros(len(distinct), bool)
     wave = np.full(len(distinct), slots) if quotas is None else np.minimum(slots, np.asarray(quotas))
-    looped = (distinct > wave) | (slots > MAX_GROUPS)
-    return float(distinct[looped].sum())
+    return (distinct > wave) | (slots > MAX_GROUPS)
+
+
+def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> float:
+    """Experts a prefill computes one at a time: the distinct experts of its looped_layers."""
+    return float(distinct[looped_layers(distinct, slots, quotas, model)].sum())
 
 
 def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt,
