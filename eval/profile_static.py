@@ -162,12 +162,7 @@ def main():
     report["decode_steps"] = decode_steps(engine, args, fused_decode)
     if args.interleaved:
         report["interleaved"] = interleaved_floor(engine, args)
-    # The physical floor's parts: what one decode token must read (at the mean context of the timed
-    # steps), and the HBM bandwidth measured in this run.
-    first = next(iter(report["decode_steps"].values()))
-    report["decode_bytes_per_token"] = decode_bytes_per_token(engine, first["prefill_tokens"] + args.tokens // 2)
-    if torch.cuda.is_available():
-        report["hbm_gbps"] = hbm_gbps()
+    floor_parts(engine, report, next(iter(report["decode_steps"].values()))["prefill_tokens"], args.tokens)
     engine.reconfigure(expert_budget=0.5, prefetch=True, decode="static", experts_kernel="auto", norm_kernel="auto")
     if engine.runtime.residency is not None and engine.runtime.predictor is not None:
         with torch.inference_mode():
@@ -271,14 +266,19 @@ def decode_steps(engine, args, fused_decode: bool) -> dict:
     return steps
 
 
+def floor_parts(engine, report: dict, prefill_tokens: int, tokens: int) -> None:
+    """The physical floor's parts into `report`: what one decode token must read (at the mean context of
+    the timed steps), and the HBM bandwidth measured in this run."""
+    report["decode_bytes_per_token"] = decode_bytes_per_token(engine, prefill_tokens + tokens // 2)
+    if torch.cuda.is_available():
+        report["hbm_gbps"] = hbm_gbps()
+
+
 def interleaved_only(engine, args, report: dict, out) -> None:
     """`--interleaved-only`: the rounds and the physical floor's parts, nothing else."""
     args.interleaved = args.interleaved or 5
     report["interleaved"] = i = interleaved_floor(engine, args)
-    first = i["rounds"][0]
-    report["decode_bytes_per_token"] = decode_bytes_per_token(engine, first["prefill_tokens"] + args.tokens // 2)
-    if torch.cuda.is_available():
-        report["hbm_gbps"] = hbm_gbps()
+    floor_parts(engine, report, i["rounds"][0]["prefill_tokens"], args.tokens)
     lines = [f"25% vs 100% static decode taken alternately on {report['gpu']} ({report['checkpoint']}, prefetch "
              f"off, {args.tokens} tokens, the fastest of {args.trials} generations per budget and round)", "",
              "| round | 100% ms/token | 25% ms/token | 25% decode misses/token | ratio |", "|---|---|---|---|---|"]

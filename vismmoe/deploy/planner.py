@@ -332,11 +332,12 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
         prefill_misses = float(distinct.sum()) * (1 - h)
         prefetch_copies = 0.0
         cand.hit_rates = dict(global_pool_prior=h)
+    looped = looped_layers(distinct, slots, None, model)
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
                             prefetch_copies if cand.prefetch else 0.0, prompt,
-                            loop_experts(distinct, slots, None, model), read)
+                            float(distinct[looped].sum()), read)
     # (layers a prefill loops: RequestStats.waves counts them per request, eval/validate_plan.py compares)
-    cand.predicted["prefill_looped_layers"] = int(looped_layers(distinct, slots, None, model).sum())
+    cand.predicted["prefill_looped_layers"] = int(looped.sum())
     return cand
 
 
@@ -454,12 +455,13 @@ def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt)
              f"curves) vs {uniform['hit_rate']:.1%} uniform and {glob['hit_rate']:.1%} global pool")
     if planned["misses"] >= glob["misses"]:
         return None, f"one global pool: {rates}"
+    looped = looped_layers(sim.prefill_distinct, S, quotas, model)
     chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
                               planned["decode_misses_per_token"], planned["prefill_misses"],
                               planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
-                              loop_experts(sim.prefill_distinct, S, quotas, model),
+                              float(sim.prefill_distinct[looped].sum()),
                               read_ms(profile, chosen.store, model.expert_bytes(dtype)))
-    chosen.predicted["prefill_looped_layers"] = int(looped_layers(sim.prefill_distinct, S, quotas, model).sum())
+    chosen.predicted["prefill_looped_layers"] = int(looped.sum())
     return quotas.tolist(), f"per-layer plan: {rates}"
 
 
