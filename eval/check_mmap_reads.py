@@ -63,7 +63,9 @@ def rows(report) -> list[dict]:
         copies = float(np.median(prefetch / steps))
         new = _times(info, here, "bfloat16", plan["decode_path"], complete, p["miss_ms"], p["decode_misses_per_token"],
                      p["prefill_misses"], copies if r["engine"].get("prefetch") else 0.0, p["prompt_tokens"],
-                     p.get("prefill_loop_experts", 0.0), disk)
+                     p.get("prefill_loop_experts", 0.0), disk,
+                     # (a probe before session 8 measured generate's partial budget with prefetch on: in its figure)
+                     prefetch=bool(r["engine"].get("prefetch")) and here.has("generate_prefetch_layer_ms") and not complete)
         ttft, dec = np.array([q["ttft_ms"] for q in reqs]), np.array([q["decode_ms_per_token"] for q in reqs])
         out.append(dict(
             model=r["model"], profile=r["profile"], budget=r["fraction"], prefetch=r["engine"].get("prefetch"),

@@ -87,12 +87,14 @@ def validate_rows(report, infos, distinct, source="validate_plan (emulated)", dr
         info, p, plan = infos[r["model"]], r["planned"]["predicted"], r["planned"]
         slots, complete = plan["expert_slots"], plan["expert_slots"] >= plan["expert_slots_total"]
         loop = p["prefill_loop_experts"] if recorded_loop else \
-            loop_experts(distinct[r["model"]], slots, plan.get("slot_plan"), info)
+            loop_experts(distinct[r["model"]], slots, plan.get("slot_plan"), info)[0]
         # (an mmap store's prefetch copies pay their disk read: the copies are the run's replay's, which until
         # session 7 scaled them by the decode share of misses; eval/check_mmap_reads.py uses the measured ones)
         disk = read_ms(load_profile(r["profile"]), r["engine"]["store"], info.expert_bytes("bfloat16"))
         new = _times(info, here, "bfloat16", plan["decode_path"], complete, p["miss_ms"], p["decode_misses_per_token"],
-                     p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop, disk)
+                     p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"], loop, disk,
+                     # (a probe before session 8 measured generate's partial budget with prefetch on: in its figure)
+                     prefetch=bool(r["engine"].get("prefetch")) and here.has("generate_prefetch_layer_ms") and not complete)
         old = r["emulated_prediction"]
         m = r["measured"]
         rows.append(dict(source=source, model=r["model"], profile=r["profile"], budget=r["fraction"],
@@ -172,7 +174,7 @@ def check() -> list[dict]:
     report = json.loads(VALIDATE.read_text())
     bundled, bench = model_info(BUNDLED), bench_info()
     infos = {"bundled": bundled, "bench": bench}
-    distinct = {"bundled": _Simulator(load_trace(BUNDLED_TRACE), bundled).prefill_distinct,
+    distinct = {"bundled": _Simulator(load_trace(BUNDLED_TRACE), bundled).prefill_distinct_by_request,
                 "bench": prior_prefill_distinct(bench, 96)}
     rows = validate_rows(report, infos, distinct)
     rows += profile_static_rows(json.loads(PROFILE_STATIC.read_text()), bench, parse_profile(report["probe"], "probe"))

@@ -43,6 +43,8 @@
 #                 waves; mmap rows read the checkpoint through the page cache first).
 #   PHASE=s8cpu   one GPU: the same rounds on the CPU-built bench model of sessions 1-6 (built first, ~4
 #                 minutes, alone on the host): do the two builds miss alike at 25%?
+#   PHASE=s9      one GPU: the planner's validation alone (session 8: the looped layers counted per request of
+#                 the trace, the generate path's partial budget probed without prefetch and with it apart).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -389,6 +391,14 @@ elif [ "$PHASE" = s8 ]; then
             --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan interleaved_gpu_build 2>/dev/null
+elif [ "$PHASE" = s9 ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        wait_build
+        step validate_plan "$(left 10)" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
+            --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
     start_build "'$WORK'"  # on the CPU (~4 minutes), nothing else running: the earlier sessions' bench model
     {

@@ -410,7 +410,8 @@ def emulated_prediction(plan, info, here) -> dict:
     complete = c.budget_slots >= info.num_moe_layers * info.num_experts
     h = _times(info, here, plan.dtype, c.decode_path, complete, c.miss_ms, p["decode_misses_per_token"],
                p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"],
-               p.get("prefill_loop_experts", 0.0), p.get("read_ms", 0.0))
+               p.get("prefill_loop_experts", 0.0), p.get("read_ms", 0.0),
+               prefetch=c.prefetch and not complete)
     return dict(h, decode_correction_ms=(p["decode_compute_ms"] + p["decode_overhead_ms"])
                 - (h["decode_compute_ms"] + h["decode_overhead_ms"]),
                 ttft_correction_ms=(p["ttft_compute_ms"] + p["ttft_overhead_ms"])
@@ -444,13 +445,13 @@ def _reads(m, p) -> str:
 
 def _looped(m, p) -> str:
     """Prefill layers that computed their experts one at a time (RequestStats.waves: layer calls run in
-    several waves; decode steps never do), median per request, and the planner's count from its replay's
-    average distinct experts per layer."""
+    several waves; decode steps never do), the mean per request, and the planner's (its trace's requests'
+    mean)."""
     reqs = [r for r in m.get("requests") or [] if "waves" in r]
     if not reqs:
         return "-"
     pred = p.get("prefill_looped_layers")
-    return f"{np.median([r['waves'] for r in reqs]):.0f} ({'-' if pred is None else pred})"
+    return f"{np.mean([r['waves'] for r in reqs]):.1f} ({'-' if pred is None else f'{pred:.1f}'})"
 
 
 def _ratio(measured, predicted):

@@ -50,6 +50,14 @@ def test_a_static_miss_costs_its_link_time_and_the_partial_cache_its_per_layer_f
     g_full = _times(info, probed, "bfloat16", "generate", True, 0.02, 0.0, 0.0, 0.0, 64)
     g_part = _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64)
     assert g_part["decode_ms_per_token"] == pytest.approx(g_full["decode_ms_per_token"] + L * 2.1 + 3.0 * 0.02)
+    # ... and its prefetch's host work per layer too, charged only where the plan prefetches (never on the static path)
+    g_pf = _times(info, _with(probed, generate_prefetch_layer_ms=1.3), "bfloat16", "generate", False, 0.02, 3.0, 0.0,
+                  0.0, 64, prefetch=True)
+    assert g_pf["decode_overhead_ms"] == pytest.approx(g_part["decode_overhead_ms"] + L * 1.3)
+    assert _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64, prefetch=True)[
+        "decode_overhead_ms"] == pytest.approx(g_part["decode_overhead_ms"] + L * ENGINE_PRIOR["generate_prefetch_layer_ms"])
+    assert _times(info, _with(probed, generate_prefetch_layer_ms=1.3), *args, False, 0.02, 3.0, 0.0, 0.0, 64,
+                  prefetch=True)["decode_overhead_ms"] == pytest.approx(part["decode_overhead_ms"])
 
 
 def test_planner_replays_count_the_steady_state_not_the_first_request():
@@ -98,7 +106,7 @@ class _FakeEngine:
     def generate(self, image=None, prompt="", max_new_tokens=16, min_new_tokens=16):
         full = self.config["expert_budget"] == 1.0
         decode = self.config["decode"]
-        ms, misses = self.times[(full, decode)]
+        ms, misses = self.times.get((full, decode, bool(self.config.get("prefetch"))), self.times[(full, decode)])
         path = "generate" if decode == "generate" else "static-graph"
         stats = SimpleNamespace(ttft_s=0.05, inputs_s=0.02, decode_s=ms * (max_new_tokens - 1) / 1e3,
                                 new_tokens=max_new_tokens, decode_path=path, prefill_tokens=90,
@@ -120,12 +128,13 @@ class _FakeEngine:
 def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     """offload_layer_ms and generate_offload_layer_ms = (the path's ms/token at a partial budget - at a full
     budget - decode misses per token x one record at the machine's link) / MoE layers, each path with its
-    link (the static path's copy kernel, the generate path's pinned DMA)."""
+    link (the static path's copy kernel, the generate path's pinned DMA); the generate path's without
+    prefetch, and generate_prefetch_layer_ms = its prefetch on against off, per layer."""
     from vismmoe.deploy.probe import _measure_engine
 
     L, record = info.num_moe_layers, info.expert_bytes("bfloat16")
     times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0),
-             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0)}
+             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
     engine = _FakeEngine(times, record)
     figures = {name: dict(value=v, source="measured", ref="") for name, v in
                dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
@@ -133,8 +142,10 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     static_copy, host_copy = record / 50e9 * 1e3, record / 25e9 * 1e3
     assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
     assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
+    assert out["generate_prefetch_layer_ms"][0] == pytest.approx((29.0 - 17.0 + 0.4 * host_copy) / L, rel=1e-6)
+    assert "prefetch off" in out["generate_offload_layer_ms"][1] and "prefetch on" in out["offload_layer_ms"][1]
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
-    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "20 timed requests" in out["prefill_inputs_ms"][1]
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "23 timed requests" in out["prefill_inputs_ms"][1]
     # the prefill's host work, split between per expert computed one by one and per miss by the two settings
     assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
@@ -296,7 +307,7 @@ def test_the_planners_looped_layers_are_the_layers_the_engine_runs_in_waves(tiny
     run in several waves; given the distinct experts each layer touched, the planner's predicate names the
     same number of layers."""
     import vismmoe
-    from vismmoe.deploy.time_model import looped_layers
+    from vismmoe.deploy.time_model import loop_experts, looped_layers
 
     from .conftest import random_requests
 
@@ -316,5 +327,10 @@ def test_the_planners_looped_layers_are_the_layers_the_engine_runs_in_waves(tiny
         assert np.array_equal(np.add(stats.hits_per_layer, stats.misses_per_layer), distinct)
         predicted = looped_layers(distinct, sum(quotas), quotas, info)
         assert stats.waves == predicted.sum() == L - 1 and not predicted[0]
+        # over several requests the planner counts each request's looped layers, averaged
+        other = np.where(np.arange(L) == 1, quotas[1], distinct)  # a request whose layer 1 fits its quota
+        experts, layers = loop_experts(np.stack([distinct, other]), sum(quotas), quotas, info)
+        assert layers == pytest.approx(((L - 1) + (L - 2)) / 2)
+        assert experts == pytest.approx((distinct[1:].sum() + distinct[2:].sum()) / 2)
     finally:
         engine.close()

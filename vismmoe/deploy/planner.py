@@ -38,7 +38,7 @@ from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
 from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
-                         engine_figure, loop_experts, looped_layers, prior_prefill_distinct, read_ms)
+                         engine_figure, loop_experts, prior_prefill_distinct, read_ms)
 
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
@@ -307,7 +307,7 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
     read = read_ms(profile, store, B)  # an mmap store's disk read: a prefetch copy cannot hide it
     cand = Candidate(store, slots, path, miss_ms, memory)
     L, E, k = model.num_moe_layers, model.num_experts, model.top_k
-    distinct = sim.prefill_distinct if sim is not None else prior_prefill_distinct(model, prompt)
+    distinct = sim.prefill_distinct_by_request if sim is not None else prior_prefill_distinct(model, prompt)
     if complete:
         decode_misses = prefill_misses = prefetch_copies = 0.0
         cand.hit_rates = dict(global_pool=1.0)
@@ -319,7 +319,11 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
                 # a prefetch copy weighs a quarter of a miss (it takes the link and a slot, hidden under
                 # compute), or with an mmap store its disk read's share of a miss (read synchronously)
                 weight = max(0.25, read / miss_ms)
-                key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * weight, r["prefill_misses"])
+                # (on the generate path prefetch also costs the host its per-layer work, in misses' time)
+                host = L * engine_figure(profile, "generate_prefetch_layer_ms") / miss_ms \
+                    if prefetch and path == "generate" else 0.0
+                key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * weight + host,
+                       r["prefill_misses"])
                 if best is None or key < best[0]:
                     best = (key, policy, prefetch, r)
         _, cand.policy, cand.prefetch, r = best
@@ -329,15 +333,15 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
     else:
         h = min(1.0, slots / total_slots)
         decode_misses = L * k * (1 - h)
-        prefill_misses = float(distinct.sum()) * (1 - h)
+        prefill_misses = float(distinct.sum()) * (1 - h)  # (the prior's [L]: no trace here)
         prefetch_copies = 0.0
         cand.hit_rates = dict(global_pool_prior=h)
-    looped = looped_layers(distinct, slots, None, model)
+    looped_experts, looped = loop_experts(distinct, slots, None, model)
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
-                            prefetch_copies if cand.prefetch else 0.0, prompt,
-                            float(distinct[looped].sum()), read)
+                            prefetch_copies if cand.prefetch else 0.0, prompt, looped_experts, read,
+                            prefetch=cand.prefetch and not complete)
     # (layers a prefill loops: RequestStats.waves counts them per request, eval/validate_plan.py compares)
-    cand.predicted["prefill_looped_layers"] = int(looped.sum())
+    cand.predicted["prefill_looped_layers"] = looped
     return cand
 
 
@@ -374,13 +378,12 @@ class _Simulator:
         decode_groups = (trace.group_step > 0) & (trace.group_request >= self.measure_from)
         self.decode_tokens = max(1, int(decode_groups.sum()) // L)
         self._memo = {}
-        # Distinct experts per layer of a prefill (step 0), averaged over the trace's requests.
-        sums, counts = np.zeros(L), np.zeros(L)
+        # Distinct experts per layer of each request's prefill (step 0), [requests, L].
+        by_request = np.zeros((trace.num_requests, L))
         for g in np.flatnonzero(trace.group_step == 0):
             lo, hi = trace.group_offsets[g], trace.group_offsets[g + 1]
-            sums[trace.group_layer[g]] += len(np.unique(trace.experts[lo:hi]))
-            counts[trace.group_layer[g]] += 1
-        self.prefill_distinct = sums / np.maximum(counts, 1)
+            by_request[trace.group_request[g], trace.group_layer[g]] = len(np.unique(trace.experts[lo:hi]))
+        self.prefill_distinct_by_request = by_request
 
     def run(self, policy: str, slots: int, prefetch: str, plan=None) -> dict:
         from ..offload.simulate import simulate
@@ -455,13 +458,13 @@ def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt)
              f"curves) vs {uniform['hit_rate']:.1%} uniform and {glob['hit_rate']:.1%} global pool")
     if planned["misses"] >= glob["misses"]:
         return None, f"one global pool: {rates}"
-    looped = looped_layers(sim.prefill_distinct, S, quotas, model)
+    looped_experts, looped = loop_experts(sim.prefill_distinct_by_request, S, quotas, model)
     chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
                               planned["decode_misses_per_token"], planned["prefill_misses"],
                               planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
-                              float(sim.prefill_distinct[looped].sum()),
-                              read_ms(profile, chosen.store, model.expert_bytes(dtype)))
-    chosen.predicted["prefill_looped_layers"] = int(looped.sum())
+                              looped_experts, read_ms(profile, chosen.store, model.expert_bytes(dtype)),
+                              prefetch=chosen.prefetch)
+    chosen.predicted["prefill_looped_layers"] = looped
     return quotas.tolist(), f"per-layer plan: {rates}"
 
 

@@ -86,7 +86,8 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
 
 
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
-                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms", "loop_expert_ms",
+                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms",
+                       "generate_prefetch_layer_ms", "loop_expert_ms",
                        "prefill_miss_host_ms")
 
 
@@ -112,7 +113,8 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     warm-up and three timed requests on each path: offload_layer_ms / generate_offload_layer_ms = (that
     path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
     machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
-    launch and lookahead; the generate path's readback per layer, host decisions and copy issue).
+    launch and lookahead; the generate path's readback per layer, host decisions and copy issue, prefetch
+    off); generate_prefetch_layer_ms: the generate path's prefetch on against off, per layer.
     Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
     its experts one at a time (_prefill_host_figures)."""
     import vismmoe
@@ -211,18 +213,29 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     record = info.expert_bytes(dtype)
     links = dict(static=_value(figures, "copy_kernel_gbs", "h2d_pinned_gbs", "host_memcpy_gbs"),
                  generate=_value(figures, "h2d_pinned_gbs", "host_memcpy_gbs"))
-    for path, base, figure in (("auto", full, "offload_layer_ms"), ("generate", gen, "generate_offload_layer_ms")):
-        engine.reconfigure(expert_budget=slots * record, decode=path, prefetch=True)
+    # (static decode with prefetch on, as its lookahead runs inside the captured step; generate without, and
+    # then with it: there its host work is ~1 ms per layer, its own figure, charged only to plans that prefetch)
+    for path, base, figure, prefetch in (("auto", full, "offload_layer_ms", True),
+                                         ("generate", gen, "generate_offload_layer_ms", False)):
+        engine.reconfigure(expert_budget=slots * record, decode=path, prefetch=prefetch)
         part = measure(3, warmup=1)
         if path == "auto" and not (part["path"].startswith("static") and full["path"].startswith("static")):
             continue  # static decode did not run at both budgets here: nothing to compare
         gbs = links["static" if path == "auto" else "generate"]
         copy_ms = record / (gbs * GB) * 1e3 if gbs else 0.0
         value = (part["decode"] - base["decode"] - part["misses"] * copy_ms) / L
-        out[figure] = (max(0.001, value), f"{name}: {part['path']} decode at {slots} of {total} expert slots "
-                       f"{part['decode']:.3f} ms/token (median of {part['each']}) minus {base['decode']:.3f} at a full "
-                       f"budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms per record copy, over {L} "
-                       "MoE layers")
+        out[figure] = (max(0.001, value), f"{name}: {part['path']} decode at {slots} of {total} expert slots, prefetch "
+                       f"{'on' if prefetch else 'off'}, {part['decode']:.3f} ms/token (median of {part['each']}) minus "
+                       f"{base['decode']:.3f} at a full budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms "
+                       f"per record copy, over {L} MoE layers")
+        if path == "generate":
+            engine.reconfigure(prefetch=True)
+            on = measure(3, warmup=1)
+            value = (on["decode"] - part["decode"] - (on["misses"] - part["misses"]) * copy_ms) / L
+            out["generate_prefetch_layer_ms"] = (
+                max(0.001, value), f"{name}: generate decode at {slots} of {total} expert slots, prefetch on "
+                f"{on['decode']:.3f} ms/token (median of {on['each']}) minus off {part['decode']:.3f}, minus "
+                f"{on['misses'] - part['misses']:+.2f} misses/token x {copy_ms:.4f} ms, over {L} MoE layers")
     out.update(_prefill_host_figures(engine, info, measure, full["prefill_rest"], record, links["generate"]))
     out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
     return out

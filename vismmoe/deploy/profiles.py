@@ -49,6 +49,7 @@ FIGURES = {
     "prefill_inputs_ms": ("engine", False, False, False),  # TTFT's host input building (processor), for the probed model
     "offload_layer_ms": ("engine", False, False, False),  # static decode below a full budget, per MoE layer, beyond misses
     "generate_offload_layer_ms": ("engine", False, False, False),  # generate below a full budget, per MoE layer, beyond misses
+    "generate_prefetch_layer_ms": ("engine", False, False, False),  # generate's prefetch on, per MoE layer, beyond it off
     "loop_expert_ms": ("engine", False, False, False),  # a prefill expert computed one at a time (more experts than its wave)
     "prefill_miss_host_ms": ("engine", False, False, False),  # the host's work per prefill miss (beside its copy)
 }

@@ -41,6 +41,12 @@ ENGINE_PRIOR = dict(
     prefill_layer_ms=3.0,  # ... the host-decided prefill per MoE layer (one readback and sync each)
     offload_layer_ms=0.033,  # static decode below a full budget, per layer: profile_static 0.5 vs 1.0 (2.20 - 1.80) / 12
     generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
+    # generate with prefetch on, per layer beyond it off (the lookahead's readback, the prefetch decisions and
+    # copy issue on the host): session 8's probe, prefetch on, measured 42.8 ms/token on the bench model at
+    # 768 of 1,536 slots and 14.0 on easy-VQA at 32 of 64, where its rows without prefetch ran 25-30 (bench)
+    # and 10.0 (easy-VQA): 1.0-1.4 ms per layer. Until session 8 the probe measured generate's partial
+    # budget with prefetch on and charged it to every generate row, prefetch or not.
+    generate_prefetch_layer_ms=1.0,
     # (no per-miss overhead on the static path: see the module docstring; the prior's 0.05 ms per miss, fitted
     # on older easy-VQA rows, predicted 0.60 ms/token where sessions 5 and 6 measured 0.39-0.41 at 25%)
     # The prefill's host work beside its copies: an expert computed one at a time (a layer touching more
@@ -56,7 +62,7 @@ ENGINE_PRIOR = dict(
     prefill_efficiency=0.4,  # share of the dense bf16 peak a prefill's GEMMs reach
 )
 ENGINE_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms", "offload_layer_ms",
-                  "generate_offload_layer_ms", "loop_expert_ms", "prefill_miss_host_ms")
+                  "generate_offload_layer_ms", "generate_prefetch_layer_ms", "loop_expert_ms", "prefill_miss_host_ms")
 # (and prefill_inputs_ms, the host's input building, which the probe measures apart from prefill_fixed_ms)
 # Back-compatible name: the figures above plus the prior.
 ENGINE = ENGINE_PRIOR
@@ -114,25 +120,33 @@ def prior_prefill_distinct(model: ModelInfo, prompt: int) -> np.ndarray:
 
 
 def looped_layers(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> np.ndarray:
-    """[L] bool: the prefill layers that compute their experts one at a time (host_path.run_layer): those
-    touching more distinct experts than their wave (the quota, or all slots), or every layer when a
-    partial cache has more slots than the grouped kernel's groups."""
+    """bool, distinct's shape ([L], or [requests, L]): the prefill layers that compute their experts one at a
+    time (host_path.run_layer): those touching more distinct experts than their wave (the quota, or all
+    slots), or every layer when a partial cache has more slots than the grouped kernel's groups."""
     from ..ops import MAX_GROUPS
 
+    distinct = np.asarray(distinct)
     if slots >= model.num_moe_layers * model.num_experts:
-        return np.zeros(len(distinct), bool)
-    wave = np.full(len(distinct), slots) if quotas is None else np.minimum(slots, np.asarray(quotas))
+        return np.zeros(distinct.shape, bool)
+    wave = np.full(distinct.shape[-1], slots) if quotas is None else np.minimum(slots, np.asarray(quotas))
     return (distinct > wave) | (slots > MAX_GROUPS)
 
 
-def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> float:
-    """Experts a prefill computes one at a time: the distinct experts of its looped_layers."""
-    return float(distinct[looped_layers(distinct, slots, quotas, model)].sum())
+def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> tuple[float, float]:
+    """(experts, layers) a prefill computes one at a time: the distinct experts of its looped_layers and
+    their count, per request, averaged over the rows of a [requests, L] `distinct` (the trace's own
+    requests: a layer whose average sits just above its wave loops in some requests only, and the average
+    alone called it looped in all of them: 10 layers predicted where the bench rows looped in 5-11,
+    median 6, session 8)."""
+    distinct = np.atleast_2d(np.asarray(distinct, float))
+    looped = looped_layers(distinct, slots, quotas, model)
+    return float((distinct * looped).sum(-1).mean()), float(looped.sum(-1).mean())
 
 
 def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt,
-           loop_experts: float = 0.0, read_ms: float = 0.0):
+           loop_experts: float = 0.0, read_ms: float = 0.0, prefetch: bool = False):
     """Predicted times (ms) and their breakdown; engine times from `profile` (probed) or ENGINE_PRIOR.
+    prefetch: lookahead prefetch runs (on the generate path its host work per layer is its own figure).
     read_ms (time_model.read_ms): of a copy's miss_ms, the host's synchronous read (an mmap store's disk):
     a prefetch copy pays it in full; only the rest of its time may hide under the step's compute."""
     L, k, b = model.num_moe_layers, model.top_k, DTYPE_BYTES[dtype]
@@ -150,7 +164,8 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         if path == "static":
             overhead = L * (fig("decode_layer_ms") + (0.0 if complete else fig("offload_layer_ms")))
         else:
-            overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")))
+            overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")
+                                                        + (fig("generate_prefetch_layer_ms") if prefetch else 0.0)))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
         loop_ms = loop_experts * fig("loop_expert_ms")
         miss_host_ms = prefill_misses * fig("prefill_miss_host_ms")
