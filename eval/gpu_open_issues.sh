@@ -44,7 +44,8 @@
 #   PHASE=s8cpu   one GPU: the same rounds on the CPU-built bench model of sessions 1-6 (built first, ~4
 #                 minutes, alone on the host): do the two builds miss alike at 25%?
 #   PHASE=s9      one GPU: the planner's validation alone (session 8: the looped layers counted per request of
-#                 the trace, the generate path's partial budget probed without prefetch and with it apart).
+#                 the trace, the generate path's partial budget probed without prefetch and with it apart);
+#                 VALIDATE_ARGS adds arguments (run 6: --trace-requests 16).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -396,7 +397,7 @@ elif [ "$PHASE" = s9 ]; then
     {
         wait_build
         step validate_plan "$(left 10)" python3 eval/validate_plan.py --out "$WORK/validate_plan" --parts B \
-            --models bundled bench --deadline-s "$(( $(left 10) - 45 ))"
+            --models bundled bench --deadline-s "$(( $(left 10) - 45 ))" ${VALIDATE_ARGS:-}
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
