@@ -23,7 +23,7 @@ trace is recorded here on warm-up requests, then other requests are measured) an
 easyvqa model (its recorded test-split trace). Writes validate_plan.json and validate_plan.md to --out.
 
     python eval/validate_plan.py --out $OUT                  # GPU (both models; --models bench|bundled for one)
-    python eval/validate_plan.py --out $OUT --parts B --models bundled bench --new-tokens 16 --trace-requests 8
+    python eval/validate_plan.py --out $OUT --parts B --models bundled bench --new-tokens 16 --trace-requests 16
                                                              # only the emulated profiles (issue 13's table)
     python eval/validate_plan.py --out /tmp/v --tiny         # CPU smoke run (tiny random bench model, part B)
 """
@@ -258,7 +258,9 @@ def main():
     ap.add_argument("--requests", type=int, default=8, help="timed requests per setting (after the warm-ups); "
                     "the rows report their median and spread")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting before the timed ones")
-    ap.add_argument("--trace-requests", type=int, default=8, help="bench model: requests recorded as its trace")
+    ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace "
+                    "(the planner's replay counts from the second; with 8, most counted requests still warmed a "
+                    "large cache: 28 prefill misses predicted per request where the engine settled at 5-14, session 8)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)
     ap.add_argument("--b-fractions", type=float, nargs="+", default=[1.0, 0.25],
