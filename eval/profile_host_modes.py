@@ -1,0 +1,120 @@
+"""Why two identical engines on one host time a request 50% apart (issue 13's remaining TTFT misses).
+
+In the planner's validation (session 8) rows with the same plan, the same misses request by request and
+the same emulated link ran 30-35 ms or 48-57 ms per TTFT, every request of a row in one mode. This script
+loads the same configuration several times in a row (one engine alive at a time), alternating torch's
+intra-op thread count between the default and one (a suspect: idle OpenMP workers spinning beside the main
+thread), and for each request records beside its TTFT what the host did: the main thread's CPU time
+(time.thread_time) against the wall clock, the CPU it ran on, its context switches, and the host's steal
+time (/proc/stat, a virtual machine's CPU taken by its hypervisor).
+
+    python eval/profile_host_modes.py --out $OUT --model models/easyvqa-qwen3vlmoe --instances 8
+    python eval/profile_host_modes.py --out /tmp/hm --model models/easyvqa-qwen3vlmoe --instances 2 --requests 2  # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import output_dir, write_report  # noqa: E402
+
+import vismmoe  # noqa: E402
+
+
+def _steal_ticks() -> int:
+    """The host's steal time so far, all CPUs (/proc/stat 'cpu' line, 8th value); 0 where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _thread_stat() -> tuple[int, int, int]:
+    """(CPU the calling thread last ran on, voluntary, involuntary context switches); -1 where unreadable."""
+    try:
+        cpu = int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+        status = dict(line.split(":\t", 1) for line in Path("/proc/thread-self/status").read_text().splitlines()
+                      if ":\t" in line)
+        return cpu, int(status["voluntary_ctxt_switches"]), int(status["nonvoluntary_ctxt_switches"])
+    except (OSError, IndexError, ValueError, KeyError):
+        return -1, -1, -1
+
+
+def serve(engine, image, prompt, tokens: int) -> dict:
+    cpu0, vol0, inv0 = _thread_stat()
+    steal0, thread0, wall0 = _steal_ticks(), time.thread_time(), time.perf_counter()
+    stats = engine.generate(image=image, prompt=prompt, max_new_tokens=tokens, min_new_tokens=tokens).stats
+    wall, thread = time.perf_counter() - wall0, time.thread_time() - thread0
+    cpu1, vol1, inv1 = _thread_stat()
+    return dict(ttft_ms=stats.ttft_s * 1e3, inputs_ms=stats.inputs_s * 1e3,
+                decode_ms_per_token=stats.decode_s / max(1, stats.new_tokens - 1) * 1e3,
+                wall_ms=wall * 1e3, main_thread_cpu_ms=thread * 1e3, cpu_before=cpu0, cpu_after=cpu1,
+                voluntary_switches=vol1 - vol0, involuntary_switches=inv1 - inv0, steal_ticks=_steal_ticks() - steal0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="models/easyvqa-qwen3vlmoe")
+    ap.add_argument("--instances", type=int, default=8, help="engines loaded one after another")
+    ap.add_argument("--requests", type=int, default=8, help="timed requests per engine, after --warmup")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--expert-budget", type=float, default=0.25)
+    ap.add_argument("--dtype", default="auto", help="the engine's dtype (the validation's rows run bfloat16 on CUDA)")
+    ap.add_argument("--emulate", default=None, help="a device profile to emulate, as the validation's rows do")
+    args = ap.parse_args()
+    out = output_dir(args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), "white")  # an easy-VQA-like picture: one shape
+    ImageDraw.Draw(image).ellipse((16, 16, 44, 44), fill=(200, 40, 40))
+    prompt = "What shape is in the image?"
+    default_threads = torch.get_num_threads()
+    rows = []
+    for i in range(args.instances):
+        threads = default_threads if i % 2 == 0 else 1
+        torch.set_num_threads(threads)
+        engine = vismmoe.load(args.model, device=device, dtype=args.dtype, expert_budget=args.expert_budget,
+                              emulate=args.emulate)
+        try:
+            for _ in range(args.warmup):
+                serve(engine, image, prompt, args.new_tokens)
+            reqs = [serve(engine, image, prompt, args.new_tokens) for _ in range(args.requests)]
+        finally:
+            engine.close()
+            torch.set_num_threads(default_threads)
+        med = lambda k: statistics.median(r[k] for r in reqs)  # noqa: E731
+        row = dict(instance=i, intra_op_threads=threads, ttft_ms=med("ttft_ms"), inputs_ms=med("inputs_ms"),
+                   decode_ms_per_token=med("decode_ms_per_token"), wall_ms=med("wall_ms"),
+                   main_thread_cpu_ms=med("main_thread_cpu_ms"), involuntary_switches=med("involuntary_switches"),
+                   steal_ticks=sum(r["steal_ticks"] for r in reqs), cpus=sorted({r["cpu_after"] for r in reqs}),
+                   requests=reqs)
+        rows.append(row)
+        print(f"instance {i} threads {threads}: TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_ms_per_token']:.2f} "
+              f"ms/token, request wall {row['wall_ms']:.1f} ms of which main-thread CPU {row['main_thread_cpu_ms']:.1f}, "
+              f"involuntary switches {row['involuntary_switches']}, steal ticks {row['steal_ticks']}, CPUs {row['cpus']}",
+              flush=True)
+    lines = [f"Host modes: {args.model} ({args.dtype}) at budget {args.expert_budget} (emulate {args.emulate}) on {device}, "
+             f"{args.instances} engines one after another, {args.requests} requests each after {args.warmup} "
+             "warm-ups (medians).", "",
+             "| engine | intra-op threads | TTFT ms | inputs ms | decode ms/token | request wall ms | main-thread CPU ms | "
+             "involuntary switches | steal ticks (all requests) | CPUs the main thread ran on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['instance']} | {r['intra_op_threads']} | {r['ttft_ms']:.1f} | {r['inputs_ms']:.1f} | "
+              f"{r['decode_ms_per_token']:.2f} | {r['wall_ms']:.1f} | {r['main_thread_cpu_ms']:.1f} | "
+              f"{r['involuntary_switches']} | {r['steal_ticks']} | {r['cpus']} |" for r in rows]
+    write_report(out, "host_modes", dict(device=device, model=args.model, args=vars(args), rows=rows), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
