@@ -45,7 +45,7 @@
 #                 minutes, alone on the host): do the two builds miss alike at 25%?
 #   PHASE=s9      one GPU: the planner's validation alone (session 8: the looped layers counted per request of
 #                 the trace, the generate path's partial budget probed without prefetch and with it apart);
-#                 VALIDATE_ARGS adds arguments (run 6: --trace-requests 16). Rows record the host meter since run 6.
+#                 VALIDATE_ARGS adds arguments (run 6: --trace-requests 16).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u

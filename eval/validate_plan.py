@@ -160,29 +160,6 @@ def read_through(model_dir, chunk: int = 64 * 2**20) -> int:
     return done
 
 
-def host_meter(device: str, launches: int = 300, repeats: int = 5) -> float:
-    """ms of a fixed host-bound workload, the median of `repeats`: `launches` one-element additions launched
-    one by one on `device` (then a synchronize), and a pure-Python loop. A request's host work (the
-    processor, the host-decided layers, kernel launches) slows with it. Session 8 found this host's main
-    thread running identical engines up to 1.8x apart for seconds at a time, with no steal time, no
-    context switches and the GPU at full clock (eval/profile_host_modes.py): the rows record this meter
-    before and after their timed requests, and the run records it at each model's probe, so that a row out
-    of band can be told from a host that was slower during the row than during its probe."""
-    x = torch.zeros(1, device=device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(launches):
-            x.add_(1)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        total = 0
-        for i in range(20_000):
-            total += i
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: int = 2,
             collect_before: bool = True) -> dict:
     """Load the planned config, `warmup` requests (JIT builds, the decode graph's capture, the allocator's
@@ -219,7 +196,6 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
         warm = [engine.generate(image=image, prompt=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens).stats
                 for image, prompt in reqs[:warmup]]
         phases["warmup_s"] = time.perf_counter() - t
-        meter = [host_meter(device)]
         t = time.perf_counter()
         per_request = []
         for image, prompt in reqs[warmup:]:
@@ -244,7 +220,6 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                 **{k: (s.emulation or {})[k] for k in ("reads", "read_native_s", "read_paced_s", "reads_slower")
                    if k in (s.emulation or {})}))
         phases["requests_s"] = time.perf_counter() - t
-        meter.append(host_meter(device))
         ttft = _spread([r["ttft_ms"] for r in per_request])
         decode = _spread([r["decode_ms_per_token"] for r in per_request])
         last = per_request[-1]
@@ -260,7 +235,7 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                     prompt_tokens=last["prompt_tokens"], accounted_bytes=max((r["accounted_bytes"] or 0) for r in per_request) or None,
                     warmup=[dict(ttft_ms=w.ttft_s * 1e3, decode_ms_per_token=w.decode_s * 1e3 / max(1, w.new_tokens - 1))
                             for w in warm],
-                    requests=per_request, phases=phases, host_meter_ms=meter)
+                    requests=per_request, phases=phases)
     finally:
         gc.callbacks.remove(clock)
         t = time.perf_counter()
@@ -323,12 +298,10 @@ def main():
     # on it below, after its trace has been recorded)
     first = BUNDLED if bundled_ok and "bundled" in args.models else bench_model(args, out, t0)
     machine = probe(first)
-    meters = {"probe": host_meter(device)}
     budget(f"probed this machine and {Path(first).name}'s engine times")
     report = dict(device=device_name(device), torch=torch.__version__,
                   probe=machine, probe_by_model={}, new_tokens=args.new_tokens, requests=args.requests,
-                  warmup=args.warmup, rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0},
-                  host_meter_ms=meters)
+                  warmup=args.warmup, rows_a=[], rows_b=[], phases={"probe_s": time.perf_counter() - t0})
     for name in args.models:  # in the order given: `--models bundled bench` measures the quick one first
         if name == "bundled" and not bundled_ok:
             continue
@@ -348,7 +321,6 @@ def main():
                 timed["here"] = machine if Path(model_dir) == Path(first) else \
                     with_engine_times(machine, model_dir, args.new_tokens, engine=engine)
                 timed["s"] = time.perf_counter() - t_times
-                meters["bench"] = meters["probe"] if Path(model_dir) == Path(first) else host_meter(device)
 
             trace_path = record_trace(model_dir, requests("bench", args.trace_requests, 1), args.new_tokens, device,
                                       out / "bench_trace.npz", then=engine_times)
@@ -363,7 +335,6 @@ def main():
             t = time.perf_counter()
             here = machine if Path(model_dir) == Path(first) else with_engine_times(machine, model_dir, args.new_tokens)
             report["phases"][f"{name}_engine_times_s"] = time.perf_counter() - t
-            meters[name] = host_meter(device) if Path(model_dir) != Path(first) else meters["probe"]
         info, trace = model_info(model_dir), load_trace(trace_path)
         report["probe_by_model"][name] = here
         gpu_profile = parse_profile(here, f"probe with {name}'s engine times")
@@ -485,14 +456,6 @@ def _looped(m, p) -> str:
     return f"{np.mean([r['waves'] for r in reqs]):.1f} ({'-' if pred is None else f'{pred:.1f}'})"
 
 
-def _meter(m, report, model) -> str:
-    """The host meter (host_meter) before and after the row's timed requests, and at its model's probe."""
-    row, at_probe = m.get("host_meter_ms"), (report.get("host_meter_ms") or {}).get(model)
-    if not row:
-        return "-"
-    return " / ".join(f"{v:.2f}" for v in row) + (f" ({at_probe:.2f})" if at_probe is not None else "")
-
-
 def _ratio(measured, predicted):
     return f"{measured / predicted:.2f}" if predicted else "-"
 
@@ -538,9 +501,9 @@ def markdown(report) -> str:
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
               "| GC ms in timed requests (max) | mmap reads per request (pred), here per read, slower than the profile "
-              "| layers looped per request (pred) | host meter ms before / after the requests (at the model's probe) "
+              "| layers looped per request (pred) "
               "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows_b"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | error: {r['error'][:300]} |")
@@ -558,7 +521,6 @@ def markdown(report) -> str:
             f"{e['ttft_ms']:.1f} | {m['ttft_ms']:.1f} {_range(m, 'ttft_spread', 1)} | {_ratio(m['ttft_ms'], e['ttft_ms'])} | "
             f"{e['decode_ms_per_token']:.2f} | {m['decode_ms_per_token']:.2f} {_range(m, 'decode_spread', 2)} | "
             f"{_ratio(m['decode_ms_per_token'], e['decode_ms_per_token'])} | {_gc(m)} | {_reads(m, p)} | {_looped(m, p)} | "
-            f"{_meter(m, report, r['model'])} | "
             f"{p['ttft_ms']:.1f} | {ttft_c:.1f} | {_ratio(ttft_c, p['ttft_ms'])} | "
             f"{p['decode_ms_per_token']:.2f} | {dec_c:.2f} | {_ratio(dec_c, p['decode_ms_per_token'])} |")
     lines += ["", "Where the run's time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.get("phases", {}).items()),
