@@ -46,6 +46,10 @@
 #   PHASE=s9      one GPU: the planner's validation alone (session 8: the looped layers counted per request of
 #                 the trace, the generate path's partial budget probed without prefetch and with it apart);
 #                 VALIDATE_ARGS adds arguments (run 6: --trace-requests 16).
+#   PHASE=s10     one GPU, written for the next session: the validation in rounds (eval/validate_rounds.py: each
+#                 round a fresh validate_plan.py process with its own probe, each row's ratio the median over
+#                 the rounds), the bundled model's 8 rows, 3 rounds.
+#   PHASE=s10b    one GPU: the same for the bench model's 8 rows, 2 rounds (the bench model built on the GPU first).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -400,6 +404,20 @@ elif [ "$PHASE" = s9 ]; then
             --models bundled bench --deadline-s "$(( $(left 10) - 45 ))" ${VALIDATE_ARGS:-}
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' validate_plan 2>/dev/null
+elif [ "$PHASE" = s10 ]; then
+    {
+        step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
+            --budget-s "$(( $(left 10) - 20 ))" -- --parts B --models bundled --deadline-s 200
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bundled 2>/dev/null
+elif [ "$PHASE" = s10b ]; then
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        wait_build
+        step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 2 \
+            --budget-s "$(( $(left 10) - 20 ))" -- --parts B --models bench --deadline-s 260
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
     start_build "'$WORK'"  # on the CPU (~4 minutes), nothing else running: the earlier sessions' bench model
     {
