@@ -448,7 +448,8 @@ def _reads(m, p) -> str:
 def _looped(m, p) -> str:
     """Prefill layers that computed their experts one at a time (RequestStats.waves: layer calls run in
     several waves; decode steps never do), the mean per request, and the planner's (its trace's requests'
-    mean)."""
+    mean). Above ops.MAX_GROUPS slots every layer loops, which the planner counts and `waves` does not
+    (its layers fit one wave); no validation row has that many slots with a partial cache."""
     reqs = [r for r in m.get("requests") or [] if "waves" in r]
     if not reqs:
         return "-"

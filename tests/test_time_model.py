@@ -278,11 +278,42 @@ def test_the_planner_weighs_an_mmap_prefetch_copy_at_its_disk_read(tmp_path):
                 o = sim.run(policy, slots, "trace" if prefetch else "none")
                 options.append(_times(model, profile, "bfloat16", "generate", False, miss, o["decode_misses_per_token"],
                                       o["prefill_misses"], o["decode_prefetch_per_token"] if prefetch else 0.0, 64,
-                                      read_ms=disk)["decode_ms_per_token"])
+                                      read_ms=disk, prefetch=prefetch)["decode_ms_per_token"])
         if store == "mmap":
             assert cand.predicted["decode_ms_per_token"] == pytest.approx(min(options))
     assert chosen == {("rtx4060-laptop-8gb", "pinned"): True, ("rtx4060-laptop-8gb", "mmap"): False,
                       ("jetson-orin-nano-8gb", "mmap"): False}
+    # On the generate path prefetch also costs the host generate_prefetch_layer_ms per layer: with a disk
+    # so fast that a prefetch copy's read costs nothing, an mmap plan prefetches when that work is cheap,
+    # and not when it outweighs the misses prefetch saves.
+    fast_disk = _with(load_profile("rtx4060-laptop-8gb"), disk_read_gbs=1e6)
+    cheap = _evaluate(model, _with(fast_disk, generate_prefetch_layer_ms=0.001), "bfloat16", "mmap", slots, {}, sim, 64)
+    dear = _evaluate(model, _with(fast_disk, generate_prefetch_layer_ms=50.0), "bfloat16", "mmap", slots, {}, sim, 64)
+    assert cand.decode_path == cheap.decode_path == dear.decode_path == "generate"
+    assert cheap.prefetch and not dear.prefetch
+    # (the one charged for it, the other not: 2 MoE layers x 0.001 ms apart)
+    assert cheap.predicted["decode_overhead_ms"] == pytest.approx(dear.predicted["decode_overhead_ms"] + 2 * 0.001)
+
+
+def test_without_a_trace_the_plan_prefetches_only_where_it_costs_the_host_nothing(tmp_path):
+    """No trace, no predicted saving: the static path keeps prefetch on (its lookahead runs inside the
+    captured step), the generate path turns it off and is not charged generate_prefetch_layer_ms."""
+    from vismmoe.deploy.planner import _evaluate
+    from vismmoe.testing.tiny_models import QWEN3_VL_30B_A3B_TEXT, TextShape, family_parts
+
+    cfg = family_parts("qwen3_vl_moe", TextShape(num_hidden_layers=2, **QWEN3_VL_30B_A3B_TEXT), 256)[0]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(str(tmp_path))
+    model = model_info(tmp_path)
+    profile = _with(load_profile("rtx4060-laptop-8gb"), generate_prefetch_layer_ms=5.0)
+    static = _evaluate(model, profile, "bfloat16", "pinned", 64, {}, None, 64)
+    generate = _evaluate(model, profile, "bfloat16", "mmap", 64, {}, None, 64)
+    assert static.decode_path == "static" and static.prefetch
+    assert generate.decode_path == "generate" and not generate.prefetch
+    off = _times(model, profile, "bfloat16", "generate", False, generate.miss_ms,
+                 generate.predicted["decode_misses_per_token"], generate.predicted["prefill_misses"], 0.0, 64,
+                 generate.predicted["prefill_loop_experts"], generate.predicted["read_ms"])
+    assert generate.predicted["decode_overhead_ms"] == pytest.approx(off["decode_overhead_ms"])
 
 
 def test_prefill_misses_cost_the_longer_of_the_link_and_the_hosts_work(info):

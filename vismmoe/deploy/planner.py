@@ -319,9 +319,9 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
                 # a prefetch copy weighs a quarter of a miss (it takes the link and a slot, hidden under
                 # compute), or with an mmap store its disk read's share of a miss (read synchronously)
                 weight = max(0.25, read / miss_ms)
-                # (on the generate path prefetch also costs the host its per-layer work, in misses' time)
+                # (on a GPU's generate path prefetch also costs the host its per-layer work, in misses' time)
                 host = L * engine_figure(profile, "generate_prefetch_layer_ms") / miss_ms \
-                    if prefetch and path == "generate" else 0.0
+                    if prefetch and path == "generate" and profile.kind != "cpu" else 0.0
                 key = (r["decode_misses_per_token"] + r["decode_prefetch_per_token"] * weight + host,
                        r["prefill_misses"])
                 if best is None or key < best[0]:
@@ -335,6 +335,9 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
         decode_misses = L * k * (1 - h)
         prefill_misses = float(distinct.sum()) * (1 - h)  # (the prior's [L]: no trace here)
         prefetch_copies = 0.0
+        # No trace, no predicted saving from prefetch: off where it costs the host (a GPU's generate path,
+        # generate_prefetch_layer_ms per layer); on elsewhere (the static path's lookahead runs in its step).
+        cand.prefetch = not (path == "generate" and profile.kind != "cpu")
         cand.hit_rates = dict(global_pool_prior=h)
     looped_experts, looped = loop_experts(distinct, slots, None, model)
     cand.predicted = _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses,
@@ -378,7 +381,8 @@ class _Simulator:
         decode_groups = (trace.group_step > 0) & (trace.group_request >= self.measure_from)
         self.decode_tokens = max(1, int(decode_groups.sum()) // L)
         self._memo = {}
-        # Distinct experts per layer of each request's prefill (step 0), [requests, L].
+        # Distinct experts per layer of each request's prefill (step 0), [requests, L]: every request,
+        # the first too (distinct experts depend on the routing alone, not on what the cache holds).
         by_request = np.zeros((trace.num_requests, L))
         for g in np.flatnonzero(trace.group_step == 0):
             lo, hi = trace.group_offsets[g], trace.group_offsets[g + 1]

@@ -110,7 +110,7 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     prefill_layer_ms in the prior's proportion (one model has one layer count, so the two cannot be told
     apart on it); generate_layer_ms = transformers' generate ms/token / MoE layers.
     Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit), one
-    warm-up and three timed requests on each path: offload_layer_ms / generate_offload_layer_ms = (that
+    warm-up and three timed requests on each path (the generate path twice: prefetch off, then on): offload_layer_ms / generate_offload_layer_ms = (that
     path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
     machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
     launch and lookahead; the generate path's readback per layer, host decisions and copy issue, prefetch

@@ -3,7 +3,7 @@
 Per decode token: the bytes a token reads at the memory bandwidth + the engine's time per MoE layer
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
 the cache is partial (offload_layer_ms, generate_offload_layer_ms: the probe measures both at a partial
-budget) + misses x time per miss on the link + whatever prefetch copies do not hide under the step (with
+budget; on the generate path, generate_prefetch_layer_ms more where the plan prefetches) + misses x time per miss on the link + whatever prefetch copies do not hide under the step (with
 an mmap store, each prefetch copy's disk read in full: see read_ms). On
 the static path a miss costs its copy and nothing else: the decision kernel and the pacing run in every
 layer of a captured step whether the layer misses or not (they are the per-layer term), and a layer's
@@ -42,11 +42,11 @@ ENGINE_PRIOR = dict(
     offload_layer_ms=0.033,  # static decode below a full budget, per layer: profile_static 0.5 vs 1.0 (2.20 - 1.80) / 12
     generate_offload_layer_ms=0.7,  # generate below a full budget, per layer: c-generate 0.25 vs 1.0, easy-VQA 0.25 rows
     # generate with prefetch on, per layer beyond it off (the lookahead's readback, the prefetch decisions and
-    # copy issue on the host): session 8's probe, prefetch on, measured 42.8 ms/token on the bench model at
-    # 768 of 1,536 slots and 14.0 on easy-VQA at 32 of 64, where its rows without prefetch ran 25-30 (bench)
-    # and 10.0 (easy-VQA): 1.0-1.4 ms per layer. Until session 8 the probe measured generate's partial
-    # budget with prefetch on and charged it to every generate row, prefetch or not.
-    generate_prefetch_layer_ms=1.0,
+    # copy issue on the host). Until session 8 the probe measured generate's partial budget with prefetch on
+    # and charged it to every generate row, prefetch or not (bench: 42.8 ms/token probed with prefetch, rows
+    # without it 25-30). Measured apart since, on an H200 host: 0.30 and 0.22 (bench, easy-VQA), 0.38 and
+    # 0.001 (easy-VQA, bench: prefetch on timed faster than off, within this path's noise).
+    generate_prefetch_layer_ms=0.3,
     # (no per-miss overhead on the static path: see the module docstring; the prior's 0.05 ms per miss, fitted
     # on older easy-VQA rows, predicted 0.60 ms/token where sessions 5 and 6 measured 0.39-0.41 at 25%)
     # The prefill's host work beside its copies: an expert computed one at a time (a layer touching more
@@ -139,6 +139,8 @@ def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> 
     alone called it looped in all of them: 10 layers predicted where the bench rows looped in 5-11,
     median 6, session 8)."""
     distinct = np.atleast_2d(np.asarray(distinct, float))
+    if not len(distinct):
+        return 0.0, 0.0
     looped = looped_layers(distinct, slots, quotas, model)
     return float((distinct * looped).sum(-1).mean()), float(looped.sum(-1).mean())
 
@@ -164,6 +166,8 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         if path == "static":
             overhead = L * (fig("decode_layer_ms") + (0.0 if complete else fig("offload_layer_ms")))
         else:
+            # (generate_prefetch_layer_ms is measured with the copies prefetch makes: on this path their link
+            # time hides under the host's per-layer work, so `unhidden` below is 0 there and counts nothing twice)
             overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")
                                                         + (fig("generate_prefetch_layer_ms") if prefetch else 0.0)))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
