@@ -110,9 +110,9 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     prefill_layer_ms in the prior's proportion (one model has one layer count, so the two cannot be told
     apart on it); generate_layer_ms = transformers' generate ms/token / MoE layers.
     Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit), one
-    warm-up and three timed requests on each path (the generate path twice: prefetch off, then on): offload_layer_ms / generate_offload_layer_ms = (that
-    path's ms/token - its full-budget ms/token - the decode misses per token x one record's copy at the
-    machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
+    warm-up and three timed requests on each path (the generate path twice: prefetch off, then on):
+    offload_layer_ms / generate_offload_layer_ms = (that path's ms/token - its full-budget ms/token - the
+    decode misses per token x one record's copy at the machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
     launch and lookahead; the generate path's readback per layer, host decisions and copy issue, prefetch
     off); generate_prefetch_layer_ms: the generate path's prefetch on against off, per layer.
     Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
@@ -214,7 +214,7 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     links = dict(static=_value(figures, "copy_kernel_gbs", "h2d_pinned_gbs", "host_memcpy_gbs"),
                  generate=_value(figures, "h2d_pinned_gbs", "host_memcpy_gbs"))
     # (static decode with prefetch on, as its lookahead runs inside the captured step; generate without, and
-    # then with it: there its host work is ~1 ms per layer, its own figure, charged only to plans that prefetch)
+    # then with it: there its host work is its own figure, charged only to plans that prefetch)
     for path, base, figure, prefetch in (("auto", full, "offload_layer_ms", True),
                                          ("generate", gen, "generate_offload_layer_ms", False)):
         engine.reconfigure(expert_budget=slots * record, decode=path, prefetch=prefetch)

@@ -3,8 +3,9 @@
 Per decode token: the bytes a token reads at the memory bandwidth + the engine's time per MoE layer
 (static decode: one captured step; transformers' generate: host-decided layers) + time per layer when
 the cache is partial (offload_layer_ms, generate_offload_layer_ms: the probe measures both at a partial
-budget; on the generate path, generate_prefetch_layer_ms more where the plan prefetches) + misses x time per miss on the link + whatever prefetch copies do not hide under the step (with
-an mmap store, each prefetch copy's disk read in full: see read_ms). On
+budget; on the generate path, generate_prefetch_layer_ms more where the plan prefetches) + misses x time
+per miss on the link + whatever prefetch copies do not hide under the step (with an mmap store, each
+prefetch copy's disk read in full: see read_ms). On
 the static path a miss costs its copy and nothing else: the decision kernel and the pacing run in every
 layer of a captured step whether the layer misses or not (they are the per-layer term), and a layer's
 records move in the decode kernel that installs them (the copy kernel's one launch before session 6;
@@ -137,7 +138,7 @@ def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> 
     their count, per request, averaged over the rows of a [requests, L] `distinct` (the trace's own
     requests: a layer whose average sits just above its wave loops in some requests only, and the average
     alone called it looped in all of them: 10 layers predicted where the bench rows looped in 5-11,
-    median 6, session 8)."""
+    mean 7.0, session 8)."""
     distinct = np.atleast_2d(np.asarray(distinct, float))
     if not len(distinct):
         return 0.0, 0.0
