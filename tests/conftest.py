@@ -53,15 +53,21 @@ def random_requests(n: int, seed: int):
     return [(random_image(rng_np), random_prompt(rng)) for _ in range(n)]
 
 
+def import_script(path, register: bool = False):
+    """A script that is not part of the package (eval/*.py, models/train_*.py) imported as a module named
+    after its file; `register` puts it in sys.modules (for code that looks itself up there, e.g. pickling)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def recipe(request):
     """The training recipe at the test module's RECIPE path (models/train_*.py), imported as a module."""
-    path = request.module.RECIPE
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script(request.module.RECIPE, register=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and a clear stop when the engine has no pruning config keys."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 
 from vismmoe.errors import ConfigError
 
+from .conftest import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "eval"))
 from fake_engine import FakeEngine  # noqa: E402
@@ -19,10 +20,7 @@ from fake_engine import FakeEngine  # noqa: E402
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("scene_pruning_sweep", ROOT / "eval" / "scene_pruning_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(ROOT / "eval" / "scene_pruning_sweep.py")
 
 
 class PruningFake(FakeEngine):

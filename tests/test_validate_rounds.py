@@ -1,6 +1,5 @@
 """eval/validate_rounds.py: the planner's validation in rounds, each row's ratio summarised by its median."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("validate_rounds", ROOT / "eval" / "validate_rounds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(ROOT / "eval" / "validate_rounds.py")
 
 
 def _report(rows):
