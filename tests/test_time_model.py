@@ -494,3 +494,24 @@ def test_a_plans_predicted_times_are_the_time_model_of_its_chosen_quotas(planned
         else:
             assert {k: c.predicted[k] for k in pool.predicted} == pytest.approx(pool.predicted)
             assert request_ms(pool.predicted, new_tokens) <= request_ms(t0, new_tokens)
+
+
+def test_the_per_layer_curves_add_up_to_a_plans_replay_with_prefetch(planned):
+    """With prefetch copies (a trace with predictions), each layer's curves at a plan's quotas add up to
+    that plan's replay: decode misses and prefetch copies per decode token, prefill misses per request."""
+    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.deploy.slot_plan import layer_time_curves
+    from vismmoe.offload.policies import SlotPlan
+    from vismmoe.offload.trace import synthetic_trace
+
+    trace = synthetic_trace(num_requests=12, num_layers=4, num_experts=16, top_k=2, visual_tokens=12, text_tokens=6,
+                            decode_steps=8, predict_accuracy=0.8, seed=3)
+    sim = _Simulator(trace, planned.model)
+    curves = layer_time_curves(sim, "lru", "trace", 40, 16, min_quota=2)
+    for quotas in ([12, 2, 13, 13], [10, 10, 10, 10], [16, 16, 6, 2]):
+        r = sim.run("lru", 40, "trace", SlotPlan(quotas))
+        at = {n: sum(curves[n][l, q] for l, q in enumerate(quotas)) for n in ("decode_misses", "decode_prefetch",
+                                                                          "prefill_misses")}
+        assert at["decode_prefetch"] == pytest.approx(r["decode_prefetch_per_token"]) and at["decode_prefetch"] > 0
+        assert at["decode_misses"] == pytest.approx(r["decode_misses_per_token"])
+        assert at["prefill_misses"] == pytest.approx(r["prefill_misses"])

@@ -59,7 +59,7 @@ def layer_time_curves(sim, policy: str, prefetch: str, slots: int, max_quota: in
     prefill computes one at a time per request (time_model.looped_layers at wave min(slots, q): every
     layer loops where `slots` > ops.MAX_GROUPS, whatever q), averaged over the trace's requests as
     loop_experts averages them. `allowed` [L, max_quota + 1] is False below min_quota. Summed over a
-    plan's layers at its quotas they are the plan's own inputs to `_times` (tests/test_deploy.py)."""
+    plan's layers at its quotas they are the plan's own inputs to `_times` (tests/test_time_model.py)."""
     from ..offload.policies import SlotPlan
 
     L = sim.model.num_moe_layers
