@@ -266,9 +266,12 @@ def test_plan_with_and_without_the_trace(bundled_info, bundled_trace, tmp_path):
     assert prior.slot_plan is None and prior.engine_config()["slot_plan"] == "global"  # no trace: no plan
     assert "prior" in prior.to_dict()["plan"]["routing"]
     assert traced.chosen.hit_rates["per_layer_plan"] >= traced.chosen.hit_rates["uniform_plan"]
-    if traced.slot_plan is not None:  # written only where it beats the global pool on the trace
+    times = traced.chosen.request_ms  # predicted TTFT + 64 x decode ms/token of each plan weighed
+    assert times["per_layer_plan"] <= times["misses_only_plan"]
+    assert traced.chosen.predicted["request_ms"] == min(times.values())
+    if traced.slot_plan is not None:  # written only where it is predicted faster than the global pool
         assert sum(traced.slot_plan) == 20 and min(traced.slot_plan) >= bundled_info.top_k
-        assert traced.chosen.hit_rates["per_layer_plan"] > traced.chosen.hit_rates["global_pool"]
+        assert times["per_layer_plan"] < times["global_pool"]
         assert traced.engine_config()["slot_plan"] == traced.slot_plan
     text = (write_plan(traced, tmp_path / "d.yaml")).read_text()
     assert "# predicted decode" in text and "visual_keep: 1.0" in text

@@ -1,5 +1,6 @@
 """The planner's time model (deploy/time_model.py), its probed engine figures (deploy/probe.py) and the
-steady state its trace replays count (deploy/planner._Simulator)."""
+steady state its trace replays count (deploy/planner._Simulator), and the slot-plan DP in predicted time
+(deploy/slot_plan.py)."""
 
 from __future__ import annotations
 
@@ -365,3 +366,153 @@ def test_the_planners_looped_layers_are_the_layers_the_engine_runs_in_waves(tiny
         assert experts == pytest.approx((distinct[1:].sum() + distinct[2:].sum()) / 2)
     finally:
         engine.close()
+
+
+# -- the slot plan's DP in predicted time (deploy/slot_plan.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A 4-layer model of 16 experts (top-2), sizes from its config, and a synthetic routing trace whose
+    prefills touch 9-15 distinct experts per layer: below that quota a layer's prefill loops."""
+    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.offload.trace import synthetic_trace
+    from vismmoe.testing.tiny_models import TextShape, family_parts
+
+    path = tmp_path_factory.mktemp("plan_model")
+    cfg = family_parts("qwen3_vl_moe", TextShape(num_hidden_layers=4, num_experts=16, top_k=2), 256)[0]
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(str(path))
+    model = model_info(path)
+    trace = synthetic_trace(num_requests=12, num_layers=4, num_experts=16, top_k=2, visual_tokens=12, text_tokens=6,
+                            decode_steps=8, predict_accuracy=None, seed=3)
+    return SimpleNamespace(model=model, trace=trace, sim=_Simulator(trace, model))
+
+
+def test_the_time_aware_slot_plan_stops_a_layer_looping_where_the_misses_only_plan_starves_it(planned):
+    """The misses-only DP gives a layer fewer slots than every request's prefill touches there, so it
+    computes its experts one at a time in every request (loop_expert_ms each, on the host's chain of TTFT);
+    the time-aware DP, weighing that loop time, covers the layer's prefills: fewer experts looped, a lower
+    predicted request time, and that plan is the one written (it beats the global pool too)."""
+    from vismmoe.deploy.planner import _evaluate
+    from vismmoe.deploy.slot_plan import choose_slot_plan, per_layer_plans
+    from vismmoe.deploy.time_model import loop_experts, request_ms
+
+    model, sim, slots, new_tokens = planned.model, planned.sim, 40, 16
+    profile = _with(load_profile("rtx3060-12gb"), loop_expert_ms=0.2)  # an H200 host measured 0.13-0.19
+    cand = _evaluate(model, profile, "bfloat16", "pinned", slots, {}, sim, 64)
+    global_ms = request_ms(cand.predicted, new_tokens)
+    plans = per_layer_plans(model, profile, "bfloat16", cand, sim, 64, new_tokens)
+    by_misses, aware = plans[0], min(plans[1:], key=lambda p: p["request_ms"])
+    distinct = sim.prefill_distinct_by_request
+    mq, aq = by_misses["quotas"], aware["quotas"]
+    loops_always = mq < distinct.min(0)  # layers the misses-only plan starves in every request
+    rarely = (distinct > aq).mean(0) < 0.5  # ... that loop in under half the requests under the time-aware plan
+    assert (loops_always & rarely).any(), (mq, aq, distinct.min(0), distinct.max(0))
+    assert by_misses["replay"]["misses"] < aware["replay"]["misses"]  # it does miss less ...
+    assert loop_experts(distinct, slots, aq, model)[0] < loop_experts(distinct, slots, mq, model)[0] - 5
+    assert aware["request_ms"] < by_misses["request_ms"] - 1.0  # ... but the time-aware plan is faster
+    quotas, note = choose_slot_plan(model, profile, "bfloat16", cand, sim, 64, new_tokens)
+    assert quotas == aq.tolist() and "time-aware DP's" in note
+    assert aware["request_ms"] < global_ms and cand.predicted == aware["predicted"]
+    assert cand.hit_rates["per_layer_plan"] == aware["replay"]["hit_rate"]
+    assert cand.hit_rates["misses_only_plan"] == by_misses["replay"]["hit_rate"]
+
+
+def test_with_no_loop_time_and_every_miss_alike_the_time_aware_plan_is_the_misses_only_plan(planned, monkeypatch):
+    """With loop_expert_ms = 0, no host work per prefill miss (the link's chain is TTFT's longer) and a
+    store in memory (no disk reads), `_times` charges every miss miss_ms: weighed by the trace's own decode
+    tokens per request, the time-aware DP's costs are the misses-only DP's misses x miss_ms per counted
+    request, and the plan chosen is the misses-only one (checks the curves' per-token and per-request
+    normalisation against the misses the replay counts)."""
+    from vismmoe.deploy.planner import _evaluate
+    from vismmoe.deploy.slot_plan import (best_quotas, choose_slot_plan, layer_cost_curves, layer_miss_curves,
+                                          layer_time_curves)
+
+    monkeypatch.setitem(ENGINE_PRIOR, "loop_expert_ms", 0.0)
+    monkeypatch.setitem(ENGINE_PRIOR, "prefill_miss_host_ms", 0.0)
+    model, sim, slots = planned.model, planned.sim, 40
+    profile = load_profile("rtx3060-12gb")  # (no engine figures of its own: the prior's)
+    cand = _evaluate(model, profile, "bfloat16", "pinned", slots, {}, sim, 64)
+    new_tokens = sim.decode_tokens / sim.counted_requests  # the trace's decode tokens per counted request
+    misses = layer_miss_curves(sim, cand.policy, "none", 16, min_quota=2)
+    curves = layer_time_curves(sim, cand.policy, "none", slots, 16, min_quota=2)
+    for w in ((1.0, 1.0), (1.0, 0.0)):
+        cost = layer_cost_curves(curves, profile, cand.miss_ms, 0.0, new_tokens, *w)
+        assert np.allclose(cost, misses * cand.miss_ms / sim.counted_requests)
+        quotas = best_quotas(cost, slots)
+        assert sum(misses[l, q] for l, q in enumerate(quotas)) == sum(
+            misses[l, q] for l, q in enumerate(best_quotas(misses, slots)))
+    assert curves["loop_experts"][:, 2:].sum() > 0  # (there are loops: they cost nothing here)
+    quotas, note = choose_slot_plan(model, profile, "bfloat16", cand, sim, 64, new_tokens)
+    assert quotas == best_quotas(misses, slots).tolist() and "misses-only DP's" in note, note
+
+
+def test_a_plans_predicted_times_are_the_time_model_of_its_chosen_quotas(planned):
+    """make_plan's figures are `_times` of the quotas it writes (their replay, their looped experts), its
+    request time TTFT + new tokens x decode; the per-layer curves summed at those quotas are that replay's
+    own inputs; the plan is no slower than the misses-only DP's nor the global pool. Where loops cost
+    more than the plan saves, the global pool is written and its figures stay the pool's."""
+    from vismmoe.deploy.planner import _evaluate, make_plan, memory_cap_for
+    from vismmoe.deploy.slot_plan import best_quotas, layer_miss_curves, layer_time_curves
+    from vismmoe.deploy.time_model import loop_experts, read_ms, request_ms
+    from vismmoe.offload.policies import SlotPlan
+
+    model, trace, sim, new_tokens = planned.model, planned.trace, planned.sim, 16
+    for loop_ms, per_layer in ((0.2, True), (1.0, False)):
+        profile = _with(load_profile("rtx3060-12gb"), loop_expert_ms=loop_ms)
+        cap = memory_cap_for(make_plan(model, profile, trace, max_new_tokens=new_tokens), 40)
+        plan = make_plan(model, profile, trace, max_gpu_memory=cap, max_new_tokens=new_tokens)
+        c, S, L = plan.chosen, plan.chosen.budget_slots, model.num_moe_layers
+        assert S == 40 and (plan.slot_plan is not None) == per_layer, plan.slot_plan_note
+        prefetch = "trace" if c.prefetch else "none"
+        quotas = plan.slot_plan
+        r = sim.run(c.policy, S, prefetch, None if quotas is None else SlotPlan(quotas))
+        experts, looped = loop_experts(sim.prefill_distinct_by_request, S, quotas, model)
+        read = read_ms(profile, c.store, model.expert_bytes(plan.dtype))
+        expected = _times(model, profile, plan.dtype, c.decode_path, False, c.miss_ms, r["decode_misses_per_token"],
+                          r["prefill_misses"], r["decode_prefetch_per_token"] if c.prefetch else 0.0,
+                          c.predicted["prompt_tokens"], experts, read, prefetch=c.prefetch)
+        assert {k: c.predicted[k] for k in expected} == pytest.approx(expected)
+        assert c.predicted["prefill_looped_layers"] == pytest.approx(looped)
+        assert c.predicted["request_ms"] == pytest.approx(expected["ttft_ms"] + new_tokens * expected["decode_ms_per_token"])
+        pool = _evaluate(model, profile, plan.dtype, c.store, S, c.memory, sim, c.predicted["prompt_tokens"])
+        misses_only = best_quotas(layer_miss_curves(sim, c.policy, prefetch, 16, min_quota=2), S)
+        r0 = sim.run(c.policy, S, prefetch, SlotPlan(misses_only))
+        e0 = loop_experts(sim.prefill_distinct_by_request, S, misses_only, model)[0]
+        t0 = _times(model, profile, plan.dtype, c.decode_path, False, c.miss_ms, r0["decode_misses_per_token"],
+                    r0["prefill_misses"], r0["decode_prefetch_per_token"] if c.prefetch else 0.0,
+                    c.predicted["prompt_tokens"], e0, read, prefetch=c.prefetch)  # the misses-only plan's times
+        if per_layer:
+            assert c.predicted["request_ms"] < request_ms(pool.predicted, new_tokens)
+            assert c.predicted["request_ms"] < request_ms(t0, new_tokens)  # the time-aware plan, strictly faster
+            curves = layer_time_curves(sim, c.policy, prefetch, S, 16, min_quota=2)
+            at = {n: sum(curves[n][l, q] for l, q in enumerate(quotas)) for n in curves if n != "allowed"}
+            assert at["decode_misses"] == pytest.approx(r["decode_misses_per_token"])
+            assert at["decode_prefetch"] == pytest.approx(r["decode_prefetch_per_token"])
+            assert at["prefill_misses"] == pytest.approx(r["prefill_misses"])
+            assert at["loop_experts"] == pytest.approx(experts)
+        else:
+            assert {k: c.predicted[k] for k in pool.predicted} == pytest.approx(pool.predicted)
+            assert request_ms(pool.predicted, new_tokens) <= request_ms(t0, new_tokens)
+
+
+def test_the_per_layer_curves_add_up_to_a_plans_replay_with_prefetch(planned):
+    """With prefetch copies (a trace with predictions), each layer's curves at a plan's quotas add up to
+    that plan's replay: decode misses and prefetch copies per decode token, prefill misses per request."""
+    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.deploy.slot_plan import layer_time_curves
+    from vismmoe.offload.policies import SlotPlan
+    from vismmoe.offload.trace import synthetic_trace
+
+    trace = synthetic_trace(num_requests=12, num_layers=4, num_experts=16, top_k=2, visual_tokens=12, text_tokens=6,
+                            decode_steps=8, predict_accuracy=0.8, seed=3)
+    sim = _Simulator(trace, planned.model)
+    curves = layer_time_curves(sim, "lru", "trace", 40, 16, min_quota=2)
+    for quotas in ([12, 2, 13, 13], [10, 10, 10, 10], [16, 16, 6, 2]):
+        r = sim.run("lru", 40, "trace", SlotPlan(quotas))
+        at = {n: sum(curves[n][l, q] for l, q in enumerate(quotas)) for n in ("decode_misses", "decode_prefetch",
+                                                                          "prefill_misses")}
+        assert at["decode_prefetch"] == pytest.approx(r["decode_prefetch_per_token"]) and at["decode_prefetch"] > 0
+        assert at["decode_misses"] == pytest.approx(r["decode_misses_per_token"])
+        assert at["prefill_misses"] == pytest.approx(r["prefill_misses"])

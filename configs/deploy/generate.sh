@@ -14,8 +14,8 @@ Q=configs/models/qwen3-vl-30b-a3b
 # The bundled demo model (20 MB) fits every profile entirely. The -capped file limits usable GPU memory to
 # leave room for 22 of its 64 experts (the cap is planner.memory_cap_for(plan, 22): the reserve and every
 # other part counted), to show the per-layer slot plan planned on its own routing trace against the
-# global pool (the planner writes whichever misses less in the replay as `slot_plan`; here the per-layer
-# plan, by a small margin).
+# global pool (the planner writes whichever is predicted faster per request as `slot_plan`: here the global
+# pool, whose layers never compute their prefill's experts one at a time; the note gives both figures).
 for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do
   plan --model $B --device $d --trace $T --image-size 64 --output configs/deploy/easyvqa-$d.yaml
 done
@@ -23,7 +23,7 @@ plan --model $B --device rtx4060-laptop-8gb --trace $T --image-size 64 --max-gpu
   --output configs/deploy/easyvqa-rtx4060-laptop-8gb-capped.yaml
 # The scene model (36.6 MB float32, 9.4 MB of bf16 experts) fits every profile too; its -capped file leaves
 # room for 64 of its 192 experts (memory_cap_for(plan, 64); the planner then compares a per-layer plan
-# with the global pool).
+# with the global pool, and again writes the pool).
 S=models/scenevqa-qwen3vlmoe
 ST=eval/results/scenevqa_test_traces.npz
 for d in jetson-orin-nano-8gb rtx4060-laptop-8gb rtx3060-12gb rtx4090-24gb; do

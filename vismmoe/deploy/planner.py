@@ -16,14 +16,15 @@ or a stated prior measured on an H200 host, misses x time per miss, prefill FLOP
 Misses come from replaying the model's routing trace (vismmoe.offload.simulate) under the chosen
 policy and budget; without a trace, from the stated PRIOR.
 
-Per-layer slot plan (SwapMoE-style): with quotas summing to the budget the layers' caches are
-independent, so one replay with q slots for every layer gives every layer's misses at q; a DP over
-those curves gives the quotas (each >= top-k, so a decode step's experts fit its layer) with the
-fewest misses. The plan is written as the engine's `slot_plan` when the trace says it misses less than
-one global pool (then the predictions are the plan's); otherwise `slot_plan: global`.
+Per-layer slot plan (deploy/slot_plan.py): quotas from an exact DP over per-layer curves replayed from
+the trace, in predicted ms per request (misses, and the experts a prefill computes one at a time where a
+layer's quota is below the distinct experts it touches) as well as in misses; the faster of the two
+plans is written as the engine's `slot_plan` when its predicted request time (TTFT + new tokens x
+decode ms/token) is lower than one global pool's (then the predictions are the plan's); otherwise
+`slot_plan: global`.
 
-(Over 400 lines: the candidate search, the replays it memoises and the slot-plan DP read each other's
-state; split apart they would pass it all around.)
+(Over 400 lines: the candidate search and the replays it memoises read each other's state; split
+apart they would pass it all around.)
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from ..ops import MAX_GROUPS
 from .memory import PARTS, gpu_parts, total
 from .model_info import DTYPE_BYTES, ModelInfo
 from .profiles import DeviceProfile
+from .slot_plan import best_quotas, choose_slot_plan, layer_miss_curves  # noqa: F401 - re-exported
 from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
-                         engine_figure, loop_experts, prior_prefill_distinct, read_ms)
+                         engine_figure, loop_experts, prior_prefill_distinct, read_ms, request_ms)
 
 PRIOR = ("uniform independent routing (no trace): each layer's decode hit rate = its slots / experts, and a "
          "prefill of n tokens touches E(1-(1-k/E)^n) experts per layer with the same hit rate; pessimistic "
@@ -58,6 +60,9 @@ class Candidate:
     policy: str = "lru"
     prefetch: bool = True
     hit_rates: dict = field(default_factory=dict)
+    # predicted request time (TTFT + the envelope's new tokens x decode ms/token) of each slot plan weighed:
+    # global_pool, and with a trace per_layer_plan and misses_only_plan (deploy/slot_plan.py)
+    request_ms: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Plan:
                 decode_path=c.decode_path, routing=self.trace_path or f"prior: {PRIOR}",
                 memory={k: int(v) for k, v in c.memory.items()}, usable_gpu_bytes=int(self.usable_gpu_bytes),
                 hit_rates={k: round(v, 4) for k, v in c.hit_rates.items()},
+                request_ms={k: round(v, 3) for k, v in c.request_ms.items()},
                 predicted={k: round(v, 3) for k, v in c.predicted.items()}, notes=self.notes,
             ),
         )
@@ -202,7 +208,9 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     else:  # the least GPU memory whose decode is within 10% of the fastest
         ok = [c for c in candidates if c.predicted["decode_ms_per_token"] <= 1.1 * best_time]
         chosen = min(ok, key=lambda c: (c.memory["gpu_total"], c.predicted["decode_ms_per_token"]))
-    slot_plan, note = _slot_plan(model, profile, dtype, chosen, sim, prompt)
+    chosen.request_ms = dict(global_pool=request_ms(chosen.predicted, max_new_tokens))
+    slot_plan, note = choose_slot_plan(model, profile, dtype, chosen, sim, prompt, max_new_tokens)
+    chosen.predicted["request_ms"] = request_ms(chosen.predicted, max_new_tokens)
     notes = [f"sizes from {model.sizes_from}", _engine_note(profile)] + [f"rejected {s}" for s in shortfalls]
     return Plan(model, profile, goal, dtype, context, image_size, max_new_tokens, chosen, slot_plan, note, usable,
                 trace_path, notes, question_tokens)
@@ -399,77 +407,14 @@ class _Simulator:
                 decode_misses_per_token=r.decode_misses / self.decode_tokens,
                 prefill_misses=(r.misses - r.decode_misses) / self.counted_requests,
                 decode_prefetch_per_token=r.decode_prefetch_issued / self.decode_tokens, hit_rate=r.hit_rate,
-                decode_hit_rate=r.decode_hit_rate, misses_per_layer=r.misses_per_layer, misses=r.misses)
+                decode_hit_rate=r.decode_hit_rate, misses_per_layer=r.misses_per_layer, misses=r.misses,
+                # per layer, in the units above: decode misses and prefetch copies per decode token (the replayed
+                # trace predicts in decode steps only, so every prefetch copy is a decode step's), prefill
+                # misses per counted request
+                decode_misses_per_layer_per_token=r.decode_misses_per_layer / self.decode_tokens,
+                decode_prefetch_per_layer_per_token=r.prefetch_issued / self.decode_tokens,
+                prefill_misses_per_layer=(r.misses_per_layer - r.decode_misses_per_layer) / self.counted_requests)
         return self._memo[key]
-
-
-def layer_miss_curves(sim: _Simulator, policy: str, prefetch: str, max_quota: int, min_quota: int = 1) -> np.ndarray:
-    """[L, max_quota + 1]: misses of each layer when it holds q slots of its own (inf below min_quota)."""
-    from ..offload.policies import SlotPlan
-
-    L = sim.model.num_moe_layers
-    curves = np.full((L, max_quota + 1), np.inf)
-    for q in range(min_quota, max_quota + 1):
-        r = sim.run(policy, q * L, prefetch, SlotPlan(np.full(L, q)))
-        curves[:, q] = r["misses_per_layer"]
-    return curves
-
-
-def best_quotas(curves: np.ndarray, slots: int) -> np.ndarray:
-    """Quotas (>= 1 each, summing to `slots`) minimising the summed misses: exact DP over the curves
-    (an inf entry is a quota not allowed)."""
-    L, Q = curves.shape[0], curves.shape[1] - 1
-    if slots < L or slots > L * Q:
-        raise ValueError(f"{slots} slots cannot be split over {L} layers with quotas 1..{Q}")
-    cost = np.full(slots + 1, np.inf)
-    cost[0] = 0.0
-    choice = np.zeros((L, slots + 1), np.int64)
-    for layer in range(L):
-        new = np.full(slots + 1, np.inf)
-        for q in range(1, min(Q, slots) + 1):
-            cand = np.full(slots + 1, np.inf)
-            cand[q:] = cost[:slots + 1 - q] + curves[layer, q]
-            better = cand < new
-            new[better], choice[layer, better] = cand[better], q
-        cost = new
-    quotas, s = np.zeros(L, np.int64), slots
-    for layer in range(L - 1, -1, -1):
-        quotas[layer] = choice[layer, s]
-        s -= quotas[layer]
-    return quotas
-
-
-def _slot_plan(model: ModelInfo, profile, dtype, chosen: Candidate, sim, prompt) -> tuple[list | None, str]:
-    """(quotas or None for one global pool, why). A per-layer plan replaces the global pool only where
-    the trace says it misses less; the chosen candidate's predictions are then the plan's."""
-    from ..offload.policies import SlotPlan
-
-    L, E, S, k = model.num_moe_layers, model.num_experts, chosen.budget_slots, model.top_k
-    if S >= L * E:
-        return None, "every expert resident: no eviction, no plan needed"
-    if S < L * k:
-        return None, f"{S} slots are fewer than top-k = {k} for each of the {L} layers: one global pool"
-    if sim is None:
-        return None, "one global pool (the routing prior makes all layers alike: no trace to plan from)"
-    prefetch = "trace" if chosen.prefetch else "none"
-    curves = layer_miss_curves(sim, chosen.policy, prefetch, min(E, S - L * k + k), min_quota=k)
-    quotas = best_quotas(curves, S)
-    planned = sim.run(chosen.policy, S, prefetch, SlotPlan(quotas))
-    uniform = sim.run(chosen.policy, S, prefetch, SlotPlan.uniform(S, L))
-    glob = sim.run(chosen.policy, S, prefetch)
-    chosen.hit_rates.update(per_layer_plan=planned["hit_rate"], uniform_plan=uniform["hit_rate"])
-    rates = (f"simulated hit rate {planned['hit_rate']:.1%} per-layer plan (DP on the trace's per-layer miss "
-             f"curves) vs {uniform['hit_rate']:.1%} uniform and {glob['hit_rate']:.1%} global pool")
-    if planned["misses"] >= glob["misses"]:
-        return None, f"one global pool: {rates}"
-    looped_experts, looped = loop_experts(sim.prefill_distinct_by_request, S, quotas, model)
-    chosen.predicted = _times(model, profile, dtype, chosen.decode_path, False, chosen.miss_ms,
-                              planned["decode_misses_per_token"], planned["prefill_misses"],
-                              planned["decode_prefetch_per_token"] if chosen.prefetch else 0.0, prompt,
-                              looped_experts, read_ms(profile, chosen.store, model.expert_bytes(dtype)),
-                              prefetch=chosen.prefetch)
-    chosen.predicted["prefill_looped_layers"] = looped
-    return quotas.tolist(), f"per-layer plan: {rates}"
 
 
 def _gb(n) -> str:

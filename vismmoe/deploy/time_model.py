@@ -146,6 +146,21 @@ def loop_experts(distinct: np.ndarray, slots: int, quotas, model: ModelInfo) -> 
     return float((distinct * looped).sum(-1).mean()), float(looped.sum(-1).mean())
 
 
+def host_rates(profile: DeviceProfile) -> tuple[float, float]:
+    """(ms per expert a prefill computes one at a time, ms of host work per prefill miss): the host chain's
+    rates, which `_times` and the planner's slot-plan DP both charge. 0 on a CPU, where every prefill runs
+    expert by expert anyway (the FLOPs term holds it) and a miss is a memory copy on the same host."""
+    if profile.kind == "cpu":
+        return 0.0, 0.0
+    return engine_figure(profile, "loop_expert_ms"), engine_figure(profile, "prefill_miss_host_ms")
+
+
+def request_ms(predicted: dict, new_tokens: int) -> float:
+    """A request's predicted time from `_times`' figures: TTFT + `new_tokens` x decode ms/token (what the
+    slot plan is chosen by: a prefill's loops and misses weigh in TTFT, decode misses in every token)."""
+    return predicted["ttft_ms"] + new_tokens * predicted["decode_ms_per_token"]
+
+
 def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefill_misses, prefetch_copies, prompt,
            loop_experts: float = 0.0, read_ms: float = 0.0, prefetch: bool = False):
     """Predicted times (ms) and their breakdown; engine times from `profile` (probed) or ENGINE_PRIOR.
@@ -161,7 +176,6 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
         compute = L * k * per_expert + decoder_bytes / (profile["host_memcpy_gbs"] * GB) * 1e3
         overhead = L * fig("generate_layer_ms")
         tflops = profile.get("cpu_tflops", 0.05) * ENGINE_PRIOR["prefill_efficiency"]
-        loop_ms = miss_host_ms = 0.0  # on the CPU every prefill runs expert by expert: in the FLOPs term
     else:
         compute = active / (profile["memory_bandwidth_gbs"] * GB) * 1e3
         if path == "static":
@@ -172,8 +186,9 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
             overhead = L * (fig("generate_layer_ms") + (0.0 if complete else fig("generate_offload_layer_ms")
                                                         + (fig("generate_prefetch_layer_ms") if prefetch else 0.0)))
         tflops = profile["bf16_tflops"] * ENGINE_PRIOR["prefill_efficiency"]
-        loop_ms = loop_experts * fig("loop_expert_ms")
-        miss_host_ms = prefill_misses * fig("prefill_miss_host_ms")
+    per_loop_expert, per_miss_host = host_rates(profile)
+    loop_ms = loop_experts * per_loop_expert
+    miss_host_ms = prefill_misses * per_miss_host
     miss = decode_misses * miss_ms
     prefetch_read = prefetch_copies * read_ms
     unhidden = max(0.0, prefetch_copies * (miss_ms - read_ms) - (compute + overhead))

@@ -63,6 +63,7 @@ class SimResult:
     # of prefetch_issued, the copies made in decode steps (a trace's prefill has predictions only when
     # recorded with prefetch_prefill: the engine's default prefetches in decode steps alone)
     decode_prefetch_issued: int = 0
+    decode_misses_per_layer: np.ndarray | None = None  # of misses_per_layer, the decode steps' (steps > 0)
 
     @property
     def decode_overhead_s(self) -> float:
@@ -261,7 +262,7 @@ def _result(policy, budget_slots, mode, plan, hits, misses, pf, waves, trace, ex
         policy=policy, budget_slots=budget_slots, prefetch=mode,
         slot_plan="global" if plan is None else ",".join(map(str, plan.quota)),
         hits_per_layer=hits.sum(0), misses_per_layer=misses.sum(0),
-        decode_hits=int(hits[1].sum()), decode_misses=int(misses[1].sum()),
+        decode_hits=int(hits[1].sum()), decode_misses=int(misses[1].sum()), decode_misses_per_layer=misses[1].copy(),
         prefetch_issued=pf[0].copy(), prefetch_used=pf[1].copy(), prefetch_wasted=pf[2].copy(),
         decode_prefetch_issued=decode_prefetch_issued, waves=int(waves), expert_bytes=int(expert_bytes if expert_bytes is not None else trace.meta.expert_bytes),
         link_gbps=link_gbps, copy_overhead_s=copy_overhead_s, seconds=seconds,
