@@ -50,6 +50,8 @@
 #                 round a fresh validate_plan.py process with its own probe, each row's ratio the median over
 #                 the rounds), the bundled model's 8 rows, 3 rounds.
 #   PHASE=s10b    one GPU: the same for the bench model's 8 rows, 2 rounds (the bench model built on the GPU first).
+#   PHASE=s11     one GPU: the probe's prefill host figures in rounds (session 9): the bench model's 8 rows once,
+#                 then the bundled model's rounds in what is left. WORK must be /tmp (validate_plan's bench path).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -418,6 +420,18 @@ elif [ "$PHASE" = s10b ]; then
             --budget-s "$(( $(left 10) - 20 ))" -- --parts B --models bench --deadline-s 260
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench 2>/dev/null
+elif [ "$PHASE" = s11 ]; then
+    # session 9: the probe's prefill host figures timed in rounds against the full budget; the bench model's
+    # 8 rows once (built on the GPU first), then the bundled model's rounds with what is left
+    BUILD_DEVICE=cuda start_build "'$WORK'"
+    {
+        wait_build
+        step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
+            -- --parts B --models bench --deadline-s 220
+        step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
+            --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
     start_build "'$WORK'"  # on the CPU (~4 minutes), nothing else running: the earlier sessions' bench model
     {

@@ -116,7 +116,7 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     launch and lookahead; the generate path's readback per layer, host decisions and copy issue, prefetch
     off); generate_prefetch_layer_ms: the generate path's prefetch on against off, per layer.
     Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
-    its experts one at a time (_prefill_host_figures)."""
+    its experts one at a time, timed in turn with the full budget (_prefill_host_figures)."""
     import vismmoe
 
     from .model_info import model_info
@@ -236,50 +236,69 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
                 max(0.001, value), f"{name}: generate decode at {slots} of {total} expert slots, prefetch on "
                 f"{on['decode']:.3f} ms/token (median of {on['each']}) minus off {part['decode']:.3f}, minus "
                 f"{on['misses'] - part['misses']:+.2f} misses/token x {copy_ms:.4f} ms, over {L} MoE layers")
-    out.update(_prefill_host_figures(engine, info, measure, full["prefill_rest"], record, links["generate"]))
+    out.update(_prefill_host_figures(engine, info, measure, record, links["generate"]))
     out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
     return out
 
 
-def _prefill_host_figures(engine, info, measure, base: float, record: int, link_gbs) -> dict:
+# Rounds of the prefill's host figures. Each round times the full budget, A and B one after another, and
+# the figures are the medians of the rounds' own differences: on the H200 host the CPU ran at speeds up to
+# 1.8x apart for seconds at a time (eval/profile_host_modes.py), and differences of settings timed seconds
+# apart came out at 0.001, 0.24 and 0.42 ms per miss in three probes of one model (session 9).
+PREFILL_HOST_ROUNDS = 4
+
+
+def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS) -> dict:
     """loop_expert_ms and prefill_miss_host_ms: the host's work per expert computed one at a time and per
     prefill miss, from two prefill-only (one-token) settings where every layer loops (touches more experts
     than its wave): A, top-k slots per layer, where every expert is a miss; B, one slot fewer than the
-    layer's distinct experts (read from A), where most of them hit. Each setting's time beyond the full
-    budget's is the longer of its misses' copies on the link and the host's work (time_model); the host's
-    is the longer in both on an H200 (A: 404 misses, 167 ms against 70 of copies), so A gives
-    expert + miss time per expert and B, with the same experts and few misses, splits the two."""
+    layer's distinct experts (read from a first request of A), where most of them hit. Each setting's time
+    beyond the full budget's is the longer of its misses' copies on the link and the host's work
+    (time_model); the host's is the longer in both on an H200 (A: 404 misses, 167 ms against 70 of
+    copies), so A gives expert + miss time per expert and B, with the same experts and few misses, splits
+    the two. The full budget, A and B are timed in turn, `rounds` times (one timed request each after a
+    warm-up: the cache starts empty at every reconfigure); each round's differences give its own split and
+    the figures are their medians, so a change of the host's speed between settings stays out of them."""
     import numpy as np
 
     L, k, name = info.num_moe_layers, info.top_k, info.name
     copy_ms = record / (link_gbs * GB) * 1e3 if link_gbs else 0.0
-    engine.reconfigure(expert_budget=L * k * record, slot_plan="uniform", decode="generate", prefetch=False)
-    a = measure(3, warmup=1, tokens=1)
-    distinct = np.rint(a["touched_per_layer"]).astype(int)
+    a_setting = dict(expert_budget=L * k * record, slot_plan="uniform")
+    engine.reconfigure(**a_setting, decode="generate", prefetch=False)
+    first = measure(1, warmup=1, tokens=1)
+    distinct = np.rint(first["touched_per_layer"]).astype(int)
     looped = distinct > k
     if not looped.any():
         return {}
-    host_a = max(a["prefill_rest"] - base, a["prefill_misses"] * copy_ms)  # (the host's chain, or the link's)
-    per_a = host_a / a["touched"]  # (every expert of A is a miss: per expert = expert + miss time)
-    how_a = (f"A: {k} slots per layer, {a['prefill_rest']:.1f} ms of TTFT beyond input building minus {base:.1f} at a "
-             f"full budget, {a['touched']:.0f} experts, {a['prefill_misses']:.0f} misses ({a['prefill_misses'] * copy_ms:.1f} ms "
-             "of copies)")
     quotas = np.where(looped, np.maximum(k, distinct - 1), np.maximum(k, distinct))
-    engine.reconfigure(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist())
-    b = measure(3, warmup=2, tokens=1)
-    host_b = max(0.0, b["prefill_rest"] - base)
-    how_b = (f"B: quotas of distinct - 1 {quotas.tolist()}, {b['prefill_rest']:.1f} ms beyond input building, "
-             f"{b['touched']:.0f} experts, {b['prefill_misses']:.0f} misses")
-    # host_b = touched_b x expert + misses_b x miss, and per_a = expert + miss
-    misses_b, touched_b = b["prefill_misses"], b["touched"]
-    if touched_b > misses_b:
-        expert = (host_b - misses_b * per_a) / (touched_b - misses_b)
-    else:
-        expert = per_a / 2
-    expert = min(max(0.001, expert), per_a)
-    miss = max(0.001, per_a - expert)
-    return {"loop_expert_ms": (expert, f"{name}: prefill host work per expert computed one at a time; {how_a}; {how_b}"),
-            "prefill_miss_host_ms": (miss, f"{name}: prefill host work per miss beside its copy; {how_a}; {how_b}")}
+    settings = (("full", dict(expert_budget=1.0, slot_plan="global"), 1), ("A", a_setting, 1),
+                ("B", dict(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist()), 2))
+    experts, misses, seen = [], [], []
+    for _ in range(max(1, rounds)):
+        got = {}
+        for setting, overrides, warmup in settings:
+            engine.reconfigure(**overrides)
+            got[setting] = measure(1, warmup=warmup, tokens=1)
+        full, a, b = got["full"]["prefill_rest"], got["A"], got["B"]
+        host_a = max(a["prefill_rest"] - full, a["prefill_misses"] * copy_ms)  # (the host's chain, or the link's)
+        per_a = host_a / a["touched"]  # (every expert of A is a miss: per expert = expert + miss time)
+        host_b = max(0.0, b["prefill_rest"] - full)
+        # host_b = touched_b x expert + misses_b x miss, and per_a = expert + miss
+        if b["touched"] > b["prefill_misses"]:
+            expert = (host_b - b["prefill_misses"] * per_a) / (b["touched"] - b["prefill_misses"])
+        else:
+            expert = per_a / 2
+        expert = min(max(0.001, expert), per_a)
+        experts.append(expert)
+        misses.append(max(0.001, per_a - expert))
+        seen.append(f"{full:.1f}/{a['prefill_rest']:.1f}/{b['prefill_rest']:.1f}")
+    how = (f"{len(seen)} rounds of the full budget, A ({k} slots per layer: {a['touched']:.0f} experts, "
+           f"{a['prefill_misses']:.0f} misses, {a['prefill_misses'] * copy_ms:.1f} ms of copies) and B (quotas of "
+           f"distinct - 1 {quotas.tolist()}: {b['touched']:.0f} experts, {b['prefill_misses']:.0f} misses) in turn, one "
+           f"one-token request each, ms of TTFT beyond input building full/A/B: {', '.join(seen)}; per round "
+           f"expert {', '.join(f'{v:.3f}' for v in experts)} and miss {', '.join(f'{v:.3f}' for v in misses)} ms, medians")
+    return {"loop_expert_ms": (float(np.median(experts)), f"{name}: prefill host work per expert computed one at a time; {how}"),
+            "prefill_miss_host_ms": (float(np.median(misses)), f"{name}: prefill host work per miss beside its copy; {how}")}
 
 
 def _shape(model_dir):
