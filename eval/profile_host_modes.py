@@ -6,7 +6,9 @@ loads the same configuration several times in a row (one engine alive at a time)
 intra-op thread count between the default and one (a suspect: idle OpenMP workers spinning beside the main
 thread), and for each request records beside its TTFT what the host did: the main thread's CPU time
 (time.thread_time) against the wall clock, the CPU it ran on, its context switches, and the host's steal
-time (/proc/stat, a virtual machine's CPU taken by its hypervisor).
+time (/proc/stat, a virtual machine's CPU taken by its hypervisor), and the process's anonymous memory in
+transparent huge pages (/proc/self/smaps_rollup AnonHugePages; session 9's suspect: a mode that holds for
+an engine's life and once ended mid-engine, as khugepaged collapsing pages would).
 
     python eval/profile_host_modes.py --out $OUT --model models/easyvqa-qwen3vlmoe --instances 8
     python eval/profile_host_modes.py --out /tmp/hm --model models/easyvqa-qwen3vlmoe --instances 2 --requests 2  # CPU smoke run
@@ -48,6 +50,28 @@ def _thread_stat() -> tuple[int, int, int]:
         return -1, -1, -1
 
 
+def _anon_huge_kb() -> int:
+    """The process's anonymous memory in transparent huge pages, kB; -1 where unreadable."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return -1
+
+
+def _thp_settings() -> dict:
+    """The kernel's transparent huge page settings ('[x]' marks the one in force)."""
+    out = {}
+    for name in ("enabled", "defrag", "khugepaged/defrag"):
+        try:
+            out[name] = Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip()
+        except OSError:
+            out[name] = "unreadable"
+    return out
+
+
 def serve(engine, image, prompt, tokens: int) -> dict:
     cpu0, vol0, inv0 = _thread_stat()
     steal0, thread0, wall0 = _steal_ticks(), time.thread_time(), time.perf_counter()
@@ -57,7 +81,8 @@ def serve(engine, image, prompt, tokens: int) -> dict:
     return dict(ttft_ms=stats.ttft_s * 1e3, inputs_ms=stats.inputs_s * 1e3,
                 decode_ms_per_token=stats.decode_s / max(1, stats.new_tokens - 1) * 1e3,
                 wall_ms=wall * 1e3, main_thread_cpu_ms=thread * 1e3, cpu_before=cpu0, cpu_after=cpu1,
-                voluntary_switches=vol1 - vol0, involuntary_switches=inv1 - inv0, steal_ticks=_steal_ticks() - steal0)
+                voluntary_switches=vol1 - vol0, involuntary_switches=inv1 - inv0, steal_ticks=_steal_ticks() - steal0,
+                anon_huge_kb=_anon_huge_kb())
 
 
 def main() -> None:
@@ -80,6 +105,7 @@ def main() -> None:
     ImageDraw.Draw(image).ellipse((16, 16, 44, 44), fill=(200, 40, 40))
     prompt = "What shape is in the image?"
     default_threads = torch.get_num_threads()
+    thp = _thp_settings()
     rows = []
     for i in range(args.instances):
         threads = default_threads if i % 2 == 0 else 1
@@ -98,22 +124,24 @@ def main() -> None:
                    decode_ms_per_token=med("decode_ms_per_token"), wall_ms=med("wall_ms"),
                    main_thread_cpu_ms=med("main_thread_cpu_ms"), involuntary_switches=med("involuntary_switches"),
                    steal_ticks=sum(r["steal_ticks"] for r in reqs), cpus=sorted({r["cpu_after"] for r in reqs}),
-                   requests=reqs)
+                   anon_huge_mb=(reqs[0]["anon_huge_kb"] / 1024, reqs[-1]["anon_huge_kb"] / 1024), requests=reqs)
         rows.append(row)
         print(f"instance {i} threads {threads}: TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_ms_per_token']:.2f} "
               f"ms/token, request wall {row['wall_ms']:.1f} ms of which main-thread CPU {row['main_thread_cpu_ms']:.1f}, "
-              f"involuntary switches {row['involuntary_switches']}, steal ticks {row['steal_ticks']}, CPUs {row['cpus']}",
+              f"involuntary switches {row['involuntary_switches']}, steal ticks {row['steal_ticks']}, CPUs {row['cpus']}, "
+              f"AnonHugePages {row['anon_huge_mb'][0]:.0f}-{row['anon_huge_mb'][1]:.0f} MB",
               flush=True)
     lines = [f"Host modes: {args.model} ({args.dtype}) at budget {args.expert_budget} (emulate {args.emulate}) on {device}, "
              f"{args.instances} engines one after another, {args.requests} requests each after {args.warmup} "
-             "warm-ups (medians).", "",
+             f"warm-ups (medians). Transparent huge pages: {thp}.", "",
              "| engine | intra-op threads | TTFT ms | inputs ms | decode ms/token | request wall ms | main-thread CPU ms | "
-             "involuntary switches | steal ticks (all requests) | CPUs the main thread ran on |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "involuntary switches | steal ticks (all requests) | CPUs the main thread ran on | AnonHugePages MB (first-last request) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['instance']} | {r['intra_op_threads']} | {r['ttft_ms']:.1f} | {r['inputs_ms']:.1f} | "
               f"{r['decode_ms_per_token']:.2f} | {r['wall_ms']:.1f} | {r['main_thread_cpu_ms']:.1f} | "
-              f"{r['involuntary_switches']} | {r['steal_ticks']} | {r['cpus']} |" for r in rows]
-    write_report(out, "host_modes", dict(device=device, model=args.model, args=vars(args), rows=rows), "\n".join(lines) + "\n")
+              f"{r['involuntary_switches']} | {r['steal_ticks']} | {r['cpus']} | "
+              f"{r['anon_huge_mb'][0]:.0f}-{r['anon_huge_mb'][1]:.0f} |" for r in rows]
+    write_report(out, "host_modes", dict(device=device, model=args.model, args=vars(args), thp=thp, rows=rows), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
