@@ -127,7 +127,9 @@ class _FakeEngine:
             stats.ttft_s, stats.prefill_misses = 0.05 + host_ms / 1e3, sum(misses)
             stats.hits_per_layer = [t - m for t, m in zip(self.A_TOUCHED, misses)]
             stats.misses_per_layer = list(misses)
-        stats.ttft_s += self.host_offset_ms() / 1e3
+        slower = self.host_offset_ms()  # (a slow mode slows decode steps too: a tenth of it per token)
+        stats.ttft_s += slower / 1e3
+        stats.decode_s += slower / 10 * (max_new_tokens - 1) / 1e3
         return SimpleNamespace(stats=stats)
 
 
@@ -151,7 +153,7 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["generate_prefetch_layer_ms"][0] == pytest.approx((29.0 - 17.0 + 0.4 * host_copy) / L, rel=1e-6)
     assert "prefetch off" in out["generate_offload_layer_ms"][1] and "prefetch on" in out["offload_layer_ms"][1]
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
-    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "30 timed requests" in out["prefill_inputs_ms"][1]
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "33 timed requests" in out["prefill_inputs_ms"][1]
     # the prefill's host work, split between per expert computed one by one and per miss by the two settings
     assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
@@ -159,7 +161,7 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
     b_slots = sum(_FakeEngine.A_TOUCHED) - len(_FakeEngine.A_TOUCHED)
     a_budget = L * info.top_k * record
-    assert budgets == [slots * record, slots * record, a_budget] + [1.0, a_budget, b_slots * record] * 4
+    assert budgets == [slots * record] + [1.0, slots * record] * 3 + [a_budget] + [1.0, a_budget, b_slots * record] * 4
     assert "4 rounds" in out["loop_expert_ms"][1]
     assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
     # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
@@ -181,29 +183,34 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
 
 def test_probe_prefill_host_figures_pair_each_round_against_the_host_mode(info):
     """The host's CPU speed moves between modes lasting seconds (session 8: TTFT 1.8x apart). The prefill's
-    host figures come from differences between settings, so each round times the full budget, A and B in
-    turn and the figures are the medians of the rounds' own splits: modes that shift every TTFT, lasting
-    longer than a round, leave them exact (the one round that a change falls in is outvoted). (Differences against a
+    host figures and the generate path's partial-budget figures are differences between settings, so rounds
+    time the settings in turn and the figures are the medians of the rounds' own differences: modes that
+    shift every request's times, lasting longer than a round, leave them exact (a round that a change falls
+    in is outvoted). (Differences against a
     full budget timed once, before A and B, gave 0.001-0.42 ms per miss on one model in three probes.)"""
     from vismmoe.deploy.probe import _measure_engine
 
     record = info.expert_bytes("bfloat16")
     times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (False, "auto"): (0.45, 2.0),
-             (False, "generate"): (17.0, 3.0)}
+             (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
     figures = {name: dict(value=v, source="measured", ref="") for name, v in
                dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
     engine = _FakeEngine(times, record)
     calls = []
 
-    def offset():  # the host's mode by time (requests served): a new one every 24 requests
+    def offset():  # the host's mode by time (requests served): a new one every 16 requests
         calls.append(engine._setting())
-        return [0.0, 30.0, 9.0, 50.0][(len(calls) - 1) // 24 % 4]
+        return [0.0, 30.0, 9.0, 50.0][(len(calls) - 1) // 16 % 4]
 
     engine.host_offset_ms = offset
     out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
-    assert len(calls) > 48  # (the mode changed twice while the settings were timed, once inside a round)
+    assert len(calls) > 48  # (the mode changed while the settings of both kinds of rounds were timed)
     assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
+    # the generate path's partial-budget figures, from its own rounds, as exact
+    L, host_copy = info.num_moe_layers, record / 25e9 * 1e3
+    assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
+    assert out["generate_prefetch_layer_ms"][0] == pytest.approx((29.0 - 17.0 + 0.4 * host_copy) / L, rel=1e-6)
 
 
 def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints, tmp_path, monkeypatch):

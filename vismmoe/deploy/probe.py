@@ -109,12 +109,11 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     its FLOPs (at the machine's tflops x the prior's efficiency) split into prefill_fixed_ms and
     prefill_layer_ms in the prior's proportion (one model has one layer count, so the two cannot be told
     apart on it); generate_layer_ms = transformers' generate ms/token / MoE layers.
-    Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit), one
-    warm-up and three timed requests on each path (the generate path twice: prefetch off, then on):
-    offload_layer_ms / generate_offload_layer_ms = (that path's ms/token - its full-budget ms/token - the
-    decode misses per token x one record's copy at the machine's link) / MoE layers: the cache's own work per layer (the static path's decision kernel, copy
-    launch and lookahead; the generate path's readback per layer, host decisions and copy issue, prefetch
-    off); generate_prefetch_layer_ms: the generate path's prefetch on against off, per layer.
+    Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit):
+    offload_layer_ms = (static decode's ms/token there, one warm-up and three timed requests - at a full
+    budget - the decode misses per token x one record's copy at the machine's link) / MoE layers: the
+    cache's own work per layer (the decision kernel, copy launch and lookahead); the generate path's two
+    figures from rounds that time its full and partial budgets in turn (_generate_partial_figures).
     Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
     its experts one at a time, timed in turn with the full budget (_prefill_host_figures)."""
     import vismmoe
@@ -213,32 +212,58 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     record = info.expert_bytes(dtype)
     links = dict(static=_value(figures, "copy_kernel_gbs", "h2d_pinned_gbs", "host_memcpy_gbs"),
                  generate=_value(figures, "h2d_pinned_gbs", "host_memcpy_gbs"))
-    # (static decode with prefetch on, as its lookahead runs inside the captured step; generate without, and
-    # then with it: there its host work is its own figure, charged only to plans that prefetch)
-    for path, base, figure, prefetch in (("auto", full, "offload_layer_ms", True),
-                                         ("generate", gen, "generate_offload_layer_ms", False)):
-        engine.reconfigure(expert_budget=slots * record, decode=path, prefetch=prefetch)
-        part = measure(3, warmup=1)
-        if path == "auto" and not (part["path"].startswith("static") and full["path"].startswith("static")):
-            continue  # static decode did not run at both budgets here: nothing to compare
-        gbs = links["static" if path == "auto" else "generate"]
-        copy_ms = record / (gbs * GB) * 1e3 if gbs else 0.0
-        value = (part["decode"] - base["decode"] - part["misses"] * copy_ms) / L
-        out[figure] = (max(0.001, value), f"{name}: {part['path']} decode at {slots} of {total} expert slots, prefetch "
-                       f"{'on' if prefetch else 'off'}, {part['decode']:.3f} ms/token (median of {part['each']}) minus "
-                       f"{base['decode']:.3f} at a full budget minus {part['misses']:.2f} misses/token x {copy_ms:.4f} ms "
-                       f"per record copy, over {L} MoE layers")
-        if path == "generate":
-            engine.reconfigure(prefetch=True)
-            on = measure(3, warmup=1)
-            value = (on["decode"] - part["decode"] - (on["misses"] - part["misses"]) * copy_ms) / L
-            out["generate_prefetch_layer_ms"] = (
-                max(0.001, value), f"{name}: generate decode at {slots} of {total} expert slots, prefetch on "
-                f"{on['decode']:.3f} ms/token (median of {on['each']}) minus off {part['decode']:.3f}, minus "
-                f"{on['misses'] - part['misses']:+.2f} misses/token x {copy_ms:.4f} ms, over {L} MoE layers")
+    # Static decode with prefetch on, as its lookahead runs inside the captured step.
+    engine.reconfigure(expert_budget=slots * record, decode="auto", prefetch=True)
+    part = measure(3, warmup=1)
+    if part["path"].startswith("static") and full["path"].startswith("static"):  # else nothing to compare
+        copy_ms = record / (links["static"] * GB) * 1e3 if links["static"] else 0.0
+        value = (part["decode"] - full["decode"] - part["misses"] * copy_ms) / L
+        out["offload_layer_ms"] = (max(0.001, value), f"{name}: {part['path']} decode at {slots} of {total} expert "
+                                   f"slots, prefetch on, {part['decode']:.3f} ms/token (median of {part['each']}) minus "
+                                   f"{full['decode']:.3f} at a full budget minus {part['misses']:.2f} misses/token x "
+                                   f"{copy_ms:.4f} ms per record copy, over {L} MoE layers")
+    out.update(_generate_partial_figures(engine, info, measure, slots, record, links["generate"]))
     out.update(_prefill_host_figures(engine, info, measure, record, links["generate"]))
     out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
     return out
+
+
+# Rounds of the generate path's partial-budget figures: a full budget, the partial one with prefetch off,
+# then on, timed in turn. One probe's generate_offload_layer_ms was 1.95 ms per layer where the two before
+# had 0.45-0.50 (session 9): each figure is a difference of ms/token measured seconds apart.
+GENERATE_ROUNDS = 3
+
+
+def _generate_partial_figures(engine, info, measure, slots: int, record: int, link_gbs,
+                              rounds: int = GENERATE_ROUNDS) -> dict:
+    """generate_offload_layer_ms = (the generate path's ms/token at `slots` with prefetch off - at a full
+    budget - its decode misses per token x one record at the link) / MoE layers: the cache's own work per
+    layer there (readback, host decisions, copy issue); generate_prefetch_layer_ms = prefetch on against
+    off, its extra copies taken out, per layer. The three settings are timed in turn, `rounds` times (one
+    timed request each after a warm-up), and each figure is the median of the rounds' own differences."""
+    import numpy as np
+
+    L, name, total = info.num_moe_layers, info.name, info.num_moe_layers * info.num_experts
+    copy_ms = record / (link_gbs * GB) * 1e3 if link_gbs else 0.0
+    settings = (("full", dict(expert_budget=1.0, decode="generate", prefetch=False)),
+                ("off", dict(expert_budget=slots * record, prefetch=False)), ("on", dict(prefetch=True)))
+    offload, prefetch, seen = [], [], []
+    for _ in range(max(1, rounds)):
+        got = {}
+        for setting, overrides in settings:
+            engine.reconfigure(**overrides)
+            got[setting] = measure(1, warmup=1)
+        full, off, on = got["full"], got["off"], got["on"]
+        offload.append((off["decode"] - full["decode"] - off["misses"] * copy_ms) / L)
+        prefetch.append((on["decode"] - off["decode"] - (on["misses"] - off["misses"]) * copy_ms) / L)
+        seen.append(f"{full['decode']:.2f}/{off['decode']:.2f} ({off['misses']:.2f})/{on['decode']:.2f} ({on['misses']:.2f})")
+    how = (f"{len(seen)} rounds of generate decode at a full budget, then {slots} of {total} expert slots with prefetch "
+           f"off and on, in turn, ms/token (misses/token): {', '.join(seen)}; record copy {copy_ms:.4f} ms")
+    return {"generate_offload_layer_ms": (max(0.001, float(np.median(offload))), f"{name}: prefetch off minus full "
+                                          f"minus misses x copy, over {L} MoE layers, median of {', '.join(f'{v:.3f}' for v in offload)}; {how}"),
+            "generate_prefetch_layer_ms": (max(0.001, float(np.median(prefetch))), f"{name}: prefetch on minus off "
+                                           f"minus the extra misses x copy, over {L} MoE layers, median of "
+                                           f"{', '.join(f'{v:.3f}' for v in prefetch)}; {how}")}
 
 
 # Rounds of the prefill's host figures. Each round times the full budget, A and B one after another, and
