@@ -51,7 +51,7 @@
 #                 the rounds), the bundled model's 8 rows, 3 rounds.
 #   PHASE=s10b    one GPU: the same for the bench model's 8 rows, 2 rounds (the bench model built on the GPU first).
 #   PHASE=s11     one GPU: the probe's prefill host figures in rounds (session 9): the bench model's 8 rows once,
-#                 then the bundled model's rounds in what is left. WORK must be /tmp (validate_plan's bench path).
+#                 then the bundled model's rounds in what is left.
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -413,7 +413,7 @@ elif [ "$PHASE" = s10 ]; then
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s10b ]; then
-    BUILD_DEVICE=cuda start_build "'$WORK'"
+    BUILD_DEVICE=cuda start_build  # (where validate_plan.py looks for it: the temp dir, whatever WORK is)
     {
         wait_build
         step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 2 \
@@ -423,7 +423,7 @@ elif [ "$PHASE" = s10b ]; then
 elif [ "$PHASE" = s11 ]; then
     # session 9: the probe's prefill host figures timed in rounds against the full budget; the bench model's
     # 8 rows once (built on the GPU first), then the bundled model's rounds with what is left
-    BUILD_DEVICE=cuda start_build "'$WORK'"
+    BUILD_DEVICE=cuda start_build  # (where validate_plan.py looks for it: the temp dir, whatever WORK is)
     {
         wait_build
         step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \

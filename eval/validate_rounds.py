@@ -33,22 +33,35 @@ from eval.common import REPO, output_dir, write_report  # noqa: E402
 BAND = (0.75, 1.25)  # issue 13's acceptance: measured within +-25% of predicted
 
 
+def host_speed(measured: dict, predicted: dict) -> float | None:
+    """The row's host speed against the probe's, as input building shows it: the median of the row's
+    requests' input building (RequestStats.inputs_s, the processor: pure CPU work on one thread, the same
+    for every row) over the probe's (the prediction's ttft_inputs_ms). None where either is missing."""
+    inputs = [q["inputs_ms"] for q in measured.get("requests", []) if "inputs_ms" in q]
+    if not inputs or not predicted.get("ttft_inputs_ms"):
+        return None
+    return float(np.median(inputs)) / predicted["ttft_inputs_ms"]
+
+
 def ratios(report: dict) -> dict:
-    """{(model, profile, fraction): (TTFT ratio, decode ratio)}: measured / emulated prediction, for the
-    part-B rows of one validate_plan report that were measured."""
+    """{(model, profile, fraction): (TTFT ratio, decode ratio, host speed ratio or None)}: measured /
+    emulated prediction, for the part-B rows of one validate_plan report that were measured."""
     out = {}
     for r in report.get("rows_b", []):
         if "measured" not in r or "emulated_prediction" not in r:
             continue
         m, e = r["measured"], r["emulated_prediction"]
         out[(r["model"], r["profile"], r["fraction"])] = (m["ttft_ms"] / e["ttft_ms"],
-                                                          m["decode_ms_per_token"] / e["decode_ms_per_token"])
+                                                          m["decode_ms_per_token"] / e["decode_ms_per_token"],
+                                                          host_speed(m, e))
     return out
 
 
 def aggregate(reports: list[dict]) -> dict:
     """Per row: its ratios in each round (None where the round did not measure it) and their medians;
-    per round and for the medians: rows within BAND, for TTFT and decode."""
+    per round and for the medians: rows within BAND, for TTFT and decode. A diagnostic beside them, not
+    the acceptance: `ttft_at_probe_speed`, each round's TTFT ratio over the row's host speed ratio
+    (host_speed), where the rows recorded their input building."""
     per_round = [ratios(r) for r in reports]
     keys = list(dict.fromkeys(k for rr in per_round for k in rr))  # first-seen order: the runs' row order
     inside = lambda x: BAND[0] <= x <= BAND[1]  # noqa: E731
@@ -56,13 +69,20 @@ def aggregate(reports: list[dict]) -> dict:
     for key in keys:
         seen = [rr.get(key) for rr in per_round]
         got = [s for s in seen if s is not None]
+        at_speed = [None if s is None or s[2] is None else s[0] / s[2] for s in seen]
+        known = [x for x in at_speed if x is not None]
         rows.append(dict(model=key[0], profile=key[1], fraction=key[2],
                          ttft=[None if s is None else s[0] for s in seen], decode=[None if s is None else s[1] for s in seen],
-                         ttft_median=float(np.median([s[0] for s in got])), decode_median=float(np.median([s[1] for s in got]))))
-    counts = [dict(rows=len(rr), ttft=sum(inside(t) for t, _ in rr.values()), decode=sum(inside(d) for _, d in rr.values()))
+                         ttft_median=float(np.median([s[0] for s in got])), decode_median=float(np.median([s[1] for s in got])),
+                         host_speed=[None if s is None else s[2] for s in seen], ttft_at_probe_speed=at_speed,
+                         ttft_at_probe_speed_median=float(np.median(known)) if known else None))
+    counts = [dict(rows=len(rr), ttft=sum(inside(s[0]) for s in rr.values()), decode=sum(inside(s[1]) for s in rr.values()),
+                   ttft_at_probe_speed=sum(s[2] is not None and inside(s[0] / s[2]) for s in rr.values()))
               for rr in per_round]
     medians = dict(rows=len(rows), ttft=sum(inside(r["ttft_median"]) for r in rows),
-                   decode=sum(inside(r["decode_median"]) for r in rows))
+                   decode=sum(inside(r["decode_median"]) for r in rows),
+                   ttft_at_probe_speed=sum(r["ttft_at_probe_speed_median"] is not None and inside(r["ttft_at_probe_speed_median"])
+                                           for r in rows))
     return dict(band=BAND, rounds=len(reports), rows=rows, counts_per_round=counts, counts_of_medians=medians)
 
 
@@ -83,6 +103,21 @@ def markdown(agg: dict, sources: list[str]) -> str:
     lines += [f"| round {i + 1} | {c['rows']} | {c['ttft']} | {c['decode']} |" for i, c in enumerate(agg["counts_per_round"])]
     m = agg["counts_of_medians"]
     lines.append(f"| median over rounds | {m['rows']} | {m['ttft']} | {m['decode']} |")
+    if any(x is not None for r in agg["rows"] for x in r["host_speed"]):
+        lines += ["", "Diagnostic, not the acceptance: the TTFT ratio at the probe's host speed, i.e. over the row's host "
+                  "speed ratio (its requests' median input building, pure CPU work, over the probe's), per round "
+                  "(host speed ratio in brackets) and the median:", "",
+                  "| model | profile | budget | " + " | ".join(f"r{i + 1}" for i in range(n)) + " | median |",
+                  "|---|---|---|" + "---:|" * (n + 1)]
+        pair = lambda x, h: "-" if x is None else f"{fmt(x)} ({h:.2f})"  # noqa: E731
+        for r in agg["rows"]:
+            median = r["ttft_at_probe_speed_median"]
+            lines.append(f"| {r['model']} | {r['profile']} | {r['fraction']} | "
+                         + " | ".join(pair(x, h) for x, h in zip(r["ttft_at_probe_speed"], r["host_speed"]))
+                         + f" | {'-' if median is None else fmt(median)} |")
+        lines += ["", "Within the band at the probe's host speed: "
+                  + ", ".join(f"round {i + 1}: {c['ttft_at_probe_speed']} of {c['rows']}" for i, c in enumerate(agg["counts_per_round"]))
+                  + f"; medians: {m['ttft_at_probe_speed']} of {m['rows']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,12 +16,18 @@ def _module():
     return import_script(ROOT / "eval" / "validate_rounds.py")
 
 
-def _report(rows):
-    """A validate_plan report's part B: (model, profile, fraction, ttft meas, ttft pred, decode meas, decode pred)."""
-    return {"rows_b": [dict(model=m, profile=p, fraction=f, measured=dict(ttft_ms=tm, decode_ms_per_token=dm),
-                            emulated_prediction=dict(ttft_ms=tp, decode_ms_per_token=dp))
-                       for m, p, f, tm, tp, dm, dp in rows]
-            + [dict(model="bench", profile="-", fraction="-", error="skipped: past --deadline-s 10")]}
+def _report(rows, inputs=None):
+    """A validate_plan report's part B: (model, profile, fraction, ttft meas, ttft pred, decode meas, decode pred);
+    `inputs`, per row, (its requests' input building ms, the probe's) or None."""
+    out = {"rows_b": [dict(model=m, profile=p, fraction=f, measured=dict(ttft_ms=tm, decode_ms_per_token=dm),
+                           emulated_prediction=dict(ttft_ms=tp, decode_ms_per_token=dp))
+                      for m, p, f, tm, tp, dm, dp in rows]
+           + [dict(model="bench", profile="-", fraction="-", error="skipped: past --deadline-s 10")]}
+    for row, given in zip(out["rows_b"], inputs or []):
+        if given is not None:
+            row["measured"]["requests"] = [dict(inputs_ms=x) for x in given[0]]
+            row["emulated_prediction"]["ttft_inputs_ms"] = given[1]
+    return out
 
 
 def test_each_row_is_summarised_by_its_median_over_the_rounds():
@@ -37,12 +43,34 @@ def test_each_row_is_summarised_by_its_median_over_the_rounds():
     assert first["decode_median"] == pytest.approx(1.0)
     assert second["ttft"][2] is None and second["ttft_median"] == pytest.approx((50 / 33 + 1.0) / 2)
     assert second["decode_median"] == pytest.approx(0.75)  # (1.0 + 0.5) / 2: on the band's edge, inside
-    assert agg["counts_per_round"] == [dict(rows=2, ttft=1, decode=2), dict(rows=2, ttft=1, decode=1),
-                                       dict(rows=1, ttft=1, decode=1)]
-    assert agg["counts_of_medians"] == dict(rows=2, ttft=1, decode=2)
+    assert agg["counts_per_round"] == [dict(rows=2, ttft=1, decode=2, ttft_at_probe_speed=0),
+                                       dict(rows=2, ttft=1, decode=1, ttft_at_probe_speed=0),
+                                       dict(rows=1, ttft=1, decode=1, ttft_at_probe_speed=0)]
+    assert agg["counts_of_medians"] == dict(rows=2, ttft=1, decode=2, ttft_at_probe_speed=0)
+    assert first["ttft_at_probe_speed_median"] is None and "probe's host speed" not in vr.markdown(agg, ["a", "b", "c"])
     md = vr.markdown(agg, ["a", "b", "c"])
     assert "| bundled | rtx3060-12gb | 0.25 | **1.52** | 1.00 | - | **1.26** |" in md
     assert "| median over rounds | 2 | 1 | 2 |" in md
+
+
+def test_the_host_speed_diagnostic_scales_ttft_by_input_building():
+    """Beside the acceptance, each round's TTFT ratio over the row's host speed: its requests' median input
+    building (pure CPU work) over the probe's. Rows without input building recorded are left out of it."""
+    vr = _module()
+    a = _report([("bundled", "rtx3060-12gb", 1.0, 30.0, 20.0, 0.30, 0.30),   # 1.5x slower, host 1.5x slower
+                 ("bundled", "rtx3060-12gb", 0.25, 40.0, 40.0, 0.40, 0.40)],
+                inputs=[([6.0, 6.0, 9.0], 4.0), None])
+    b = _report([("bundled", "rtx3060-12gb", 1.0, 20.0, 20.0, 0.30, 0.30)], inputs=[([2.0, 4.0, 4.0], 4.0)])
+    agg = vr.aggregate([a, b])
+    first, second = agg["rows"]
+    assert first["host_speed"] == pytest.approx([1.5, 1.0]) and first["ttft_at_probe_speed"] == pytest.approx([1.0, 1.0])
+    assert first["ttft"] == pytest.approx([1.5, 1.0])  # the acceptance's ratios are untouched
+    assert second["ttft_at_probe_speed"] == [None, None] and second["ttft_at_probe_speed_median"] is None
+    assert [c["ttft_at_probe_speed"] for c in agg["counts_per_round"]] == [1, 1]
+    assert agg["counts_of_medians"]["ttft_at_probe_speed"] == 1 and agg["counts_of_medians"]["ttft"] == 2
+    md = vr.markdown(agg, ["a", "b"])
+    assert "| bundled | rtx3060-12gb | 1.0 | 1.00 (1.50) | 1.00 (1.00) | 1.00 |" in md
+    assert "medians: 1 of 2." in md
 
 
 def test_rounds_run_validate_plan_and_aggregate(tmp_path):
