@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 
 from vismmoe.offload.trace import TraceRecorder
 from vismmoe.pruning.analysis import routing_stats
+
+from .conftest import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +73,7 @@ def test_affinity_command_rejects_bad_settings(tmp_path, capsys):
 
 
 def test_bench_pruning_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_pruning", ROOT / "eval" / "bench_pruning.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = import_script(ROOT / "eval" / "bench_pruning.py")
     assert bench.main(["--out", str(tmp_path), "--tiny", "--layers", "2", "--image-px", "128", "--new-tokens", "3",
                        "--repeats", "1", "--keeps", "1.0", "0.5", "--methods", "affinity", "random",
                        "--root", str(tmp_path)]) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,14 @@ import pytest
 
 from vismmoe.offload.trace import load_trace
 
+from .conftest import import_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "record_traces.py"
 
 
 @pytest.fixture(scope="module")
 def record():
-    spec = importlib.util.spec_from_file_location("record_traces", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return import_script(SCRIPT).main
 
 
 @pytest.mark.slow  # loads the bundled demo model and decodes three requests

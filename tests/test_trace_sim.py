@@ -7,7 +7,6 @@ the simulator's results and the sweep around it.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ import torch
 from vismmoe.offload.policies import POLICIES, SlotPlan
 from vismmoe.offload.simulate import SimResult, default_budgets, results_table, simulate, sweep
 from vismmoe.offload.trace import TraceRecorder, load_trace, synthetic_trace
+
+from .conftest import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = ("hits_per_layer", "misses_per_layer", "prefetch_issued", "prefetch_used", "prefetch_wasted")
@@ -179,9 +180,7 @@ def test_sweep_table_and_errors(trace):
 
 
 def test_sweep_script_writes_table_and_plot(tmp_path, trace):
-    spec = importlib.util.spec_from_file_location("sweep_policies", ROOT / "eval" / "sweep_policies.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = import_script(ROOT / "eval" / "sweep_policies.py")
     path = trace.save(tmp_path / "t.npz")
     assert script.main(["--trace", str(path), "--out", str(tmp_path / "out"), "--budgets", "4,12",
                  "--policies", "lru,affinity", "--threads", "2"]) == 0
