@@ -72,6 +72,11 @@ def _thp_settings() -> dict:
     return out
 
 
+def _mb(pair) -> str:
+    """AnonHugePages at the first and last request, MB ('-' where unreadable)."""
+    return "-".join("-" if x is None else f"{x:.0f}" for x in pair)
+
+
 def serve(engine, image, prompt, tokens: int) -> dict:
     cpu0, vol0, inv0 = _thread_stat()
     steal0, thread0, wall0 = _steal_ticks(), time.thread_time(), time.perf_counter()
@@ -124,12 +129,13 @@ def main() -> None:
                    decode_ms_per_token=med("decode_ms_per_token"), wall_ms=med("wall_ms"),
                    main_thread_cpu_ms=med("main_thread_cpu_ms"), involuntary_switches=med("involuntary_switches"),
                    steal_ticks=sum(r["steal_ticks"] for r in reqs), cpus=sorted({r["cpu_after"] for r in reqs}),
-                   anon_huge_mb=(reqs[0]["anon_huge_kb"] / 1024, reqs[-1]["anon_huge_kb"] / 1024), requests=reqs)
+                   anon_huge_mb=tuple(None if r["anon_huge_kb"] < 0 else r["anon_huge_kb"] / 1024 for r in (reqs[0], reqs[-1])),
+                   requests=reqs)
         rows.append(row)
         print(f"instance {i} threads {threads}: TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_ms_per_token']:.2f} "
               f"ms/token, request wall {row['wall_ms']:.1f} ms of which main-thread CPU {row['main_thread_cpu_ms']:.1f}, "
               f"involuntary switches {row['involuntary_switches']}, steal ticks {row['steal_ticks']}, CPUs {row['cpus']}, "
-              f"AnonHugePages {row['anon_huge_mb'][0]:.0f}-{row['anon_huge_mb'][1]:.0f} MB",
+              f"AnonHugePages {_mb(row['anon_huge_mb'])} MB",
               flush=True)
     lines = [f"Host modes: {args.model} ({args.dtype}) at budget {args.expert_budget} (emulate {args.emulate}) on {device}, "
              f"{args.instances} engines one after another, {args.requests} requests each after {args.warmup} "
@@ -140,7 +146,7 @@ def main() -> None:
     lines += [f"| {r['instance']} | {r['intra_op_threads']} | {r['ttft_ms']:.1f} | {r['inputs_ms']:.1f} | "
               f"{r['decode_ms_per_token']:.2f} | {r['wall_ms']:.1f} | {r['main_thread_cpu_ms']:.1f} | "
               f"{r['involuntary_switches']} | {r['steal_ticks']} | {r['cpus']} | "
-              f"{r['anon_huge_mb'][0]:.0f}-{r['anon_huge_mb'][1]:.0f} |" for r in rows]
+              f"{_mb(r['anon_huge_mb'])} |" for r in rows]
     write_report(out, "host_modes", dict(device=device, model=args.model, args=vars(args), thp=thp, rows=rows), "\n".join(lines) + "\n")
 
 

@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir, random_image, write_report  # noqa: E402
 
 import vismmoe  # noqa: E402
+from vismmoe.deploy.engine_times import with_engine_times  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
 from vismmoe.deploy.planner import _times, make_plan, memory_cap_for  # noqa: E402
-from vismmoe.deploy.probe import probe, with_engine_times  # noqa: E402
+from vismmoe.deploy.probe import probe  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
 

@@ -38,9 +38,8 @@ def host_speed(measured: dict, predicted: dict) -> float | None:
     requests' input building (RequestStats.inputs_s, the processor: pure CPU work on one thread, the same
     for every row) over the probe's (the prediction's ttft_inputs_ms). None where either is missing."""
     inputs = [q["inputs_ms"] for q in measured.get("requests", []) if "inputs_ms" in q]
-    if not inputs or not predicted.get("ttft_inputs_ms"):
-        return None
-    return float(np.median(inputs)) / predicted["ttft_inputs_ms"]
+    ratio = float(np.median(inputs)) / predicted["ttft_inputs_ms"] if inputs and predicted.get("ttft_inputs_ms") else 0.0
+    return ratio if ratio > 0 else None
 
 
 def ratios(report: dict) -> dict:

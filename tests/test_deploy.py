@@ -18,6 +18,8 @@ from vismmoe.deploy.profiles import load_profile, parse_profile, profile_names, 
 from vismmoe.deploy.writer import write_plan
 from vismmoe.errors import BudgetError, ConfigError
 
+from .conftest import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "easyvqa-qwen3vlmoe"
 TRACE = ROOT / "eval" / "results" / "easyvqa_test_traces.npz"
@@ -168,7 +170,7 @@ def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qw
     """with_engine_times replaces the engine figures of a profile probed on one model by those measured on
     another (a stale figure must not survive), and the host's input building is its own figure and TTFT
     term, not folded into prefill_fixed_ms."""
-    from vismmoe.deploy.probe import ENGINE_TIME_FIGURES, with_engine_times
+    from vismmoe.deploy.engine_times import ENGINE_TIME_FIGURES, with_engine_times
     from vismmoe.deploy.time_model import _times
 
     machine = load_profile("rtx4090-24gb").to_dict()
@@ -180,6 +182,9 @@ def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qw
             "prefill_miss_host_ms"} <= set(figures)  # (the last five at partial budgets)
     assert set(ENGINE_TIME_FIGURES) >= {k for k in figures if k.startswith(("prefill_", "decode_layer", "generate_"))}
     assert figures["prefill_fixed_ms"]["value"] != 999.0 and "qwen" in figures["prefill_fixed_ms"]["ref"].lower()
+    # on a CPU the rounds' figures are not charged (time_model.host_rates): one round each keeps the probe short
+    assert figures["loop_expert_ms"]["ref"].count("1 round of") == 1
+    assert "1 round of generate decode" in figures["generate_offload_layer_ms"]["ref"]
     assert figures["h2d_pinned_gbs"] == machine["figures"]["h2d_pinned_gbs"]  # the machine's figures stay
     profile = parse_profile(data, "probe")
     info = model_info(qwen_checkpoint)
@@ -368,11 +373,7 @@ def test_time_model_recomputed_on_the_recorded_gpu_runs():
     """eval/check_time_model.py re-predicts the recorded H200 runs (planner validation under emulation,
     profile_static) from their recorded inputs: every prediction within the issue's +-25%. The prior was
     fitted on these rows (in-sample): this guards the time model against drifting away from them."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_time_model", ROOT / "eval" / "check_time_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_script(ROOT / "eval" / "check_time_model.py")
     rows = module.check()
     fitted = [r for r in rows if not r["source"].startswith("session")]
     ratios = [r[f"{k}_meas"] / r[f"{k}_new"] for r in fitted for k in ("ttft", "decode") if r[f"{k}_meas"] is not None]

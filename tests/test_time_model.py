@@ -1,4 +1,4 @@
-"""The planner's time model (deploy/time_model.py), its probed engine figures (deploy/probe.py) and the
+"""The planner's time model (deploy/time_model.py), its probed engine figures (deploy/engine_times.py) and the
 steady state its trace replays count (deploy/planner._Simulator), and the slot-plan DP in predicted time
 (deploy/slot_plan.py)."""
 
@@ -12,6 +12,8 @@ import pytest
 from vismmoe.deploy.model_info import model_info
 from vismmoe.deploy.profiles import load_profile, parse_profile
 from vismmoe.deploy.time_model import ENGINE_PRIOR, _times
+
+from .conftest import import_script
 
 
 def _with(profile, **values) -> "object":
@@ -85,8 +87,8 @@ def test_planner_replays_count_the_steady_state_not_the_first_request():
 
 
 class _FakeEngine:
-    """What probe._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
-    and misses per token are set per (budget, decode path)."""
+    """What engine_times._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
+    and misses per token are set per (budget, decode path) or (budget, decode path, prefetch)."""
 
     # The prefill-only settings where every layer loops: the host's work per expert and per miss (ms), and the
     # experts and misses per layer of A (top-k slots per layer: all miss) and B (distinct - 1 slots: few miss).
@@ -138,10 +140,12 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     budget - decode misses per token x one record at the machine's link) / MoE layers, each path with its
     link (the static path's copy kernel, the generate path's pinned DMA); the generate path's without
     prefetch, and generate_prefetch_layer_ms = its prefetch on against off, per layer."""
-    from vismmoe.deploy.probe import _measure_engine
+    from vismmoe.deploy.engine_times import _measure_engine
 
     L, record = info.num_moe_layers, info.expert_bytes("bfloat16")
-    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0),
+    # (at a full budget the generate path's prefetch costs too: the rounds' full budget must run it off, as the
+    # partial budget they subtract it from)
+    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
              (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
     engine = _FakeEngine(times, record)
     figures = {name: dict(value=v, source="measured", ref="") for name, v in
@@ -188,11 +192,11 @@ def test_probe_prefill_host_figures_pair_each_round_against_the_host_mode(info):
     shift every request's times, lasting longer than a round, leave them exact (a round that a change falls
     in is outvoted). (Differences against a
     full budget timed once, before A and B, gave 0.001-0.42 ms per miss on one model in three probes.)"""
-    from vismmoe.deploy.probe import _measure_engine
+    from vismmoe.deploy.engine_times import _measure_engine
 
     record = info.expert_bytes("bfloat16")
-    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (False, "auto"): (0.45, 2.0),
-             (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
+    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
+             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
     figures = {name: dict(value=v, source="measured", ref="") for name, v in
                dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
     engine = _FakeEngine(times, record)
@@ -217,17 +221,14 @@ def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints
     """eval/validate_plan.py records a model's trace and measures its engine times on one engine (one load
     of the store): the trace is written, the measurement (stubbed here: its arithmetic is tested above, its
     real run in test_deploy) gets the trace's engine, and the engine is set back to a full budget after."""
-    import importlib.util
     from pathlib import Path
 
     import vismmoe
-    from vismmoe.deploy import probe
-    from vismmoe.deploy.probe import with_engine_times
+    from vismmoe.deploy import engine_times
+    from vismmoe.deploy.engine_times import with_engine_times
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("validate_plan", root / "eval" / "validate_plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_script(root / "eval" / "validate_plan.py")
     loads = []
     real_load = vismmoe.load
     monkeypatch.setattr(module.vismmoe, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
@@ -241,7 +242,7 @@ def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints
         engine.reconfigure(expert_budget=0.5, decode="generate", slot_plan="uniform")  # as the probe leaves it
         return {"offload_layer_ms": (0.02, "stub"), "loop_expert_ms": (0.1, "stub")}
 
-    monkeypatch.setattr(probe, "_measure_engine", measured)
+    monkeypatch.setattr(engine_times, "_measure_engine", measured)
     got = {}
     path = module.record_trace(model, module.requests("bench", 1, 0), 3, "cpu", tmp_path / "t.npz",
                                then=lambda engine: got.update(here=with_engine_times(machine, model, 3, engine=engine)))

@@ -77,7 +77,7 @@ def test_rounds_run_validate_plan_and_aggregate(tmp_path):
     """One round of the CPU smoke run, end to end, and --aggregate over its report."""
     out = tmp_path / "vr"
     run = subprocess.run([sys.executable, str(ROOT / "eval" / "validate_rounds.py"), "--out", str(out), "--rounds", "1",
-                          "--", "--tiny", "--deadline-s", "300"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          "--", "--tiny", "--deadline-s", "800"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     agg = json.loads((out / "validate_rounds.json").read_text())
     assert agg["rounds"] == 1 and agg["rows"] and agg["counts_per_round"][0]["rows"] == len(agg["rows"])

@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import BudgetError, ConfigError
 from ..ops import MAX_GROUPS
 from .memory import PARTS, gpu_parts, total
-from .model_info import DTYPE_BYTES, ModelInfo
+from .model_info import ModelInfo
 from .profiles import DeviceProfile
 from .slot_plan import best_quotas, choose_slot_plan, layer_miss_curves  # noqa: F401 - re-exported
 from .time_model import (ENGINE, ENGINE_FIGURES, ENGINE_PRIOR, _engine_note, _miss_ms, _times,  # noqa: F401 - re-exported
@@ -172,7 +172,6 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
     max_new_tokens = min(max_new_tokens, context - prompt)  # the written config stays inside the envelope
     usable = _usable_bytes(profile, max_gpu_memory)
     reserved = int(profile["reserved_gb"] * GB)
-    B = model.expert_bytes(dtype)
     total_slots = model.num_moe_layers * model.num_experts
     sim = _simulator(trace, model) if trace is not None else None
     sizing = dict(prompt=prompt, new_tokens=context - prompt, visual=visual, dtype=dtype)
@@ -314,7 +313,7 @@ def _evaluate(model, profile, dtype, store, slots, memory, sim, prompt) -> Candi
     miss_ms = _miss_ms(profile, store, B, path)
     read = read_ms(profile, store, B)  # an mmap store's disk read: a prefetch copy cannot hide it
     cand = Candidate(store, slots, path, miss_ms, memory)
-    L, E, k = model.num_moe_layers, model.num_experts, model.top_k
+    L, k = model.num_moe_layers, model.top_k
     distinct = sim.prefill_distinct_by_request if sim is not None else prior_prefill_distinct(model, prompt)
     if complete:
         decode_misses = prefill_misses = prefetch_copies = 0.0
