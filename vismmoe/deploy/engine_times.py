@@ -214,10 +214,12 @@ def _generate_partial_figures(engine, info, measure, slots: int, record: int, li
         offload.append((off["decode"] - full["decode"] - off["misses"] * copy_ms) / L)
         prefetch.append((on["decode"] - off["decode"] - (on["misses"] - off["misses"]) * copy_ms) / L)
         seen.append(f"{full['decode']:.2f}/{off['decode']:.2f} ({off['misses']:.2f})/{on['decode']:.2f} ({on['misses']:.2f})")
-    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of generate decode at a full budget, then {slots} of {total} expert slots with prefetch "
-           f"off and on, in turn, ms/token (misses/token): {', '.join(seen)}; record copy {copy_ms:.4f} ms")
+    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of generate decode at a full budget, then {slots} of "
+           f"{total} expert slots with prefetch off and on, in turn, ms/token (misses/token): {', '.join(seen)}; "
+           f"record copy {copy_ms:.4f} ms")
     return {"generate_offload_layer_ms": (max(0.001, float(np.median(offload))), f"{name}: prefetch off minus full "
-                                          f"minus misses x copy, over {L} MoE layers, median of {', '.join(f'{v:.3f}' for v in offload)}; {how}"),
+                                          f"minus misses x copy, over {L} MoE layers, median of "
+                                          f"{', '.join(f'{v:.3f}' for v in offload)}; {how}"),
             "generate_prefetch_layer_ms": (max(0.001, float(np.median(prefetch))), f"{name}: prefetch on minus off "
                                            f"minus the extra misses x copy, over {L} MoE layers, median of "
                                            f"{', '.join(f'{v:.3f}' for v in prefetch)}; {how}")}
@@ -272,10 +274,13 @@ def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: 
         experts.append(expert)
         misses.append(max(0.001, per_a - expert))
         seen.append(f"{full:.1f}/{a['prefill_rest']:.1f}/{b['prefill_rest']:.1f}")
-    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, A ({k} slots per layer: {a['touched']:.0f} experts, "
-           f"{a['prefill_misses']:.0f} misses, {a['prefill_misses'] * copy_ms:.1f} ms of copies) and B (quotas of "
-           f"distinct - 1 {quotas.tolist()}: {b['touched']:.0f} experts, {b['prefill_misses']:.0f} misses) in turn, one "
-           f"one-token request each, ms of TTFT beyond input building full/A/B: {', '.join(seen)}; per round "
-           f"expert {', '.join(f'{v:.3f}' for v in experts)} and miss {', '.join(f'{v:.3f}' for v in misses)} ms, medians")
-    return {"loop_expert_ms": (float(np.median(experts)), f"{name}: prefill host work per expert computed one at a time; {how}"),
-            "prefill_miss_host_ms": (float(np.median(misses)), f"{name}: prefill host work per miss beside its copy; {how}")}
+    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, A ({k} slots per layer: "
+           f"{a['touched']:.0f} experts, {a['prefill_misses']:.0f} misses, {a['prefill_misses'] * copy_ms:.1f} ms "
+           f"of copies) and B (quotas of distinct - 1 {quotas.tolist()}: {b['touched']:.0f} experts, "
+           f"{b['prefill_misses']:.0f} misses) in turn, one one-token request each, ms of TTFT beyond input "
+           f"building full/A/B: {', '.join(seen)}; per round expert {', '.join(f'{v:.3f}' for v in experts)} and "
+           f"miss {', '.join(f'{v:.3f}' for v in misses)} ms, medians")
+    return {"loop_expert_ms": (float(np.median(experts)),
+                               f"{name}: prefill host work per expert computed one at a time; {how}"),
+            "prefill_miss_host_ms": (float(np.median(misses)),
+                                     f"{name}: prefill host work per miss beside its copy; {how}")}
