@@ -52,6 +52,8 @@
 #   PHASE=s10b    one GPU: the same for the bench model's 8 rows, 2 rounds (the bench model built on the GPU first).
 #   PHASE=s11     one GPU: the probe's prefill host figures in rounds (session 9): the bench model's 8 rows once,
 #                 then the bundled model's rounds in what is left.
+#   PHASE=s12     one GPU, written for the next session: profile_host_modes --variants (the probe's engine against
+#                 the rows'), then s11's bench round and bundled rounds.
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -432,6 +434,21 @@ elif [ "$PHASE" = s11 ]; then
             --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
+elif [ "$PHASE" = s12 ]; then
+    # written in session 9 for the next: what slows the full-budget rows against the probe (the probe's engine,
+    # a row's with and without emulation, a 25% row's, in turn), then the bench rows once with the generate
+    # path's probe rounds, then the bundled model's rounds with what is left
+    {
+        step host_variants 200 python3 eval/profile_host_modes.py --out "$WORK/host_variants" --dtype bfloat16 \
+            --variants probe row row-plain row-25 --instances 16
+        BUILD_DEVICE=cuda start_build
+        wait_build
+        step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
+            -- --parts B --models bench --deadline-s 200
+        step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
+            --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' host_variants rounds_bench rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
     start_build "'$WORK'"  # on the CPU (~4 minutes), nothing else running: the earlier sessions' bench model
     {
