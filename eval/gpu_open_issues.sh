@@ -90,6 +90,12 @@ start_build() {
       echo "build rc=$?" >> "$WORK/build.log" ) &
 }
 wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+bench_then_bundled_rounds() {  # BENCH_DEADLINE_S: the bench model's 8 rows once, then the bundled model's rounds
+    step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
+        -- --parts B --models bench --deadline-s "$1"
+    step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
+        --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+}
 train_scene_model() {  # on GPU 0, TRAIN_S seconds; the checkpoint (36.6 MB float32) comes back in 15 MB
     # pieces (the tool returns files of up to 16 MiB): `cat scene_model.tgz.part-* | tar -xz`
     CUDA_VISIBLE_DEVICES=0 timeout "$(left 20)" python3 models/train_scenevqa.py --out "$WORK/scenevqa-qwen3vlmoe" \
@@ -428,10 +434,7 @@ elif [ "$PHASE" = s11 ]; then
     BUILD_DEVICE=cuda start_build  # (where validate_plan.py looks for it: the temp dir, whatever WORK is)
     {
         wait_build
-        step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
-            -- --parts B --models bench --deadline-s 220
-        step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
-            --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+        bench_then_bundled_rounds 220
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s12 ]; then
@@ -443,10 +446,7 @@ elif [ "$PHASE" = s12 ]; then
             --variants probe row row-plain row-25 --instances 16
         BUILD_DEVICE=cuda start_build
         wait_build
-        step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
-            -- --parts B --models bench --deadline-s 200
-        step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
-            --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+        bench_then_bundled_rounds 200
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' host_variants rounds_bench rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s8cpu ]; then
