@@ -54,6 +54,9 @@
 #                 then the bundled model's rounds in what is left.
 #   PHASE=s12     one GPU, written for the next session: profile_host_modes --variants (the probe's engine against
 #                 the rows'), then s11's bench round and bundled rounds.
+#   PHASE=s13     one GPU (session 10): the probe's per-miss figure from cold one-wave loads; the bundled model's
+#                 3 rounds first, then the bench model's rounds (ROUNDS_BENCH, default 1) with what is left;
+#                 ORDER=bench runs the bench rounds (default 2) first.
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -435,6 +438,26 @@ elif [ "$PHASE" = s11 ]; then
     {
         wait_build
         bench_then_bundled_rounds 220
+    } > "$OUT/gpu0.log" 2>&1
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
+elif [ "$PHASE" = s13 ]; then
+    # ORDER: which model's rounds run first (bundled or bench); ROUNDS_BUNDLED, ROUNDS_BENCH (0 skips one);
+    # BENCH_S: the time kept for the bench rounds when the bundled ones run first (~180 s a round)
+    rounds_of() {  # rounds_of MODEL ROUNDS DEADLINE_S KEEP_S
+        [ "$2" -gt 0 ] || return 0
+        step "rounds_$1" "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_$1" --rounds "$2" \
+            --budget-s "$(( $(left 10) - 10 - $4 ))" -- --parts B --models "$1" --deadline-s "$3"
+    }
+    {
+        BUILD_DEVICE=cuda start_build
+        wait_build  # (before the rounds: the build's host work would slow the first round's probe or rows)
+        if [ "${ORDER:-bundled}" = bundled ]; then
+            rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 "${BENCH_S:-190}"
+            rounds_of bench "${ROUNDS_BENCH:-1}" 200 0
+        else
+            rounds_of bench "${ROUNDS_BENCH:-2}" 200 "${BUNDLED_S:-70}"
+            rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 0
+        fi
     } > "$OUT/gpu0.log" 2>&1
     tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
 elif [ "$PHASE" = s12 ]; then

@@ -90,10 +90,12 @@ class _FakeEngine:
     """What engine_times._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
     and misses per token are set per (budget, decode path) or (budget, decode path, prefetch)."""
 
-    # The prefill-only settings where every layer loops: the host's work per expert and per miss (ms), and the
-    # experts and misses per layer of A (top-k slots per layer: all miss) and B (distinct - 1 slots: few miss).
+    # The prefill-only settings: the host's work per expert computed one at a time and per miss (ms); each
+    # layer's distinct experts (TOUCHED, what a full-budget request reports) and B's misses per layer (B:
+    # distinct - 1 slots, every expert looped, few miss). C (distinct slots) misses every expert when its
+    # cache was just emptied (by a reconfigure), none after; it loops nothing.
     EXPERT_MS, MISS_MS = 0.1, 0.5
-    A_TOUCHED, A_MISSES, B_MISSES = [20, 20], [20, 20], [2, 2]
+    TOUCHED, B_MISSES = [20, 20], [2, 2]
 
     def __init__(self, times: dict, record_bytes: int):
         self.times, self.config = times, dict(expert_budget=1.0, decode="auto", slot_plan="global")
@@ -101,14 +103,17 @@ class _FakeEngine:
         self.device = SimpleNamespace(type="cuda")
         self.calls = []
         self.record_bytes = record_bytes
-        self.host_offset_ms = lambda: 0.0  # the host's speed mode: ms it adds to every TTFT at the moment
+        self.host_offset_ms = lambda: 0.0  # the host's mode: ms it adds to every TTFT at the moment
+        self.since_reconfigure = 0
 
     def _setting(self):
-        return "full" if self.config["expert_budget"] == 1.0 else "A" if self.config["slot_plan"] == "uniform" else "B"
+        plan = self.config["slot_plan"]
+        return "full" if self.config["expert_budget"] == 1.0 else "C" if plan == self.TOUCHED else "B"
 
     def reconfigure(self, **kw):
         self.calls.append(kw)
         self.config.update(kw)
+        self.since_reconfigure = 0
 
     def generate(self, image=None, prompt="", max_new_tokens=16, min_new_tokens=16):
         full = self.config["expert_budget"] == 1.0
@@ -119,16 +124,23 @@ class _FakeEngine:
                                 new_tokens=max_new_tokens, decode_path=path, prefill_tokens=90,
                                 expert_misses=10 + round(misses * (max_new_tokens - 1)), prefill_misses=10,
                                 hits_per_layer=[5, 5], misses_per_layer=[5, 5 + round(misses * (max_new_tokens - 1))])
+        if full and max_new_tokens == 1:  # a prefill-only request at a full budget: every distinct expert, resident
+            stats.hits_per_layer, stats.misses_per_layer = list(self.TOUCHED), [0] * len(self.TOUCHED)
+            stats.expert_misses = stats.prefill_misses = 0
         if self.config["slot_plan"] != "global":
             assert max_new_tokens == 1 and not self.config["prefetch"]
-            misses = self.A_MISSES if self.config["slot_plan"] == "uniform" else self.B_MISSES
-            if self.config["slot_plan"] != "uniform":  # B: one slot fewer than each layer's distinct experts
-                assert self.config["slot_plan"] == [t - 1 for t in self.A_TOUCHED]
-                assert self.config["expert_budget"] == sum(self.config["slot_plan"]) * self.record_bytes
-            host_ms = sum(self.A_TOUCHED) * self.EXPERT_MS + sum(misses) * self.MISS_MS
+            assert self.config["expert_budget"] == sum(self.config["slot_plan"]) * self.record_bytes
+            if self._setting() == "C":
+                misses = list(self.TOUCHED) if self.since_reconfigure == 0 else [0] * len(self.TOUCHED)
+                host_ms = sum(misses) * self.MISS_MS
+            else:  # B: one slot fewer than each layer's distinct experts
+                assert self.config["slot_plan"] == [t - 1 for t in self.TOUCHED]
+                misses = self.B_MISSES
+                host_ms = sum(self.TOUCHED) * self.EXPERT_MS + sum(misses) * self.MISS_MS
             stats.ttft_s, stats.prefill_misses = 0.05 + host_ms / 1e3, sum(misses)
-            stats.hits_per_layer = [t - m for t, m in zip(self.A_TOUCHED, misses)]
+            stats.hits_per_layer = [t - m for t, m in zip(self.TOUCHED, misses)]
             stats.misses_per_layer = list(misses)
+        self.since_reconfigure += 1
         slower = self.host_offset_ms()  # (a slow mode slows decode steps too: a tenth of it per token)
         stats.ttft_s += slower / 1e3
         stats.decode_s += slower / 10 * (max_new_tokens - 1) / 1e3
@@ -163,9 +175,9 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
     slots = max(info.top_k, min(L * info.num_experts // 2, 1023))
     budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
-    b_slots = sum(_FakeEngine.A_TOUCHED) - len(_FakeEngine.A_TOUCHED)
-    a_budget = L * info.top_k * record
-    assert budgets == [slots * record] + [1.0, slots * record] * 3 + [a_budget] + [1.0, a_budget, b_slots * record] * 4
+    b_slots = sum(_FakeEngine.TOUCHED) - len(_FakeEngine.TOUCHED)
+    c_budget = sum(_FakeEngine.TOUCHED) * record
+    assert budgets == [slots * record] + [1.0, slots * record] * 3 + [1.0] + [1.0, c_budget, b_slots * record] * 4
     assert "4 rounds" in out["loop_expert_ms"][1]
     assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
     # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
@@ -387,7 +399,7 @@ def test_the_planners_looped_layers_are_the_layers_the_engine_runs_in_waves(tiny
 
     ckpt = tiny_checkpoints["qwen3_vl_moe"]
     info = model_info(ckpt)
-    L, E, k = info.num_moe_layers, info.num_experts, info.top_k
+    L, k = info.num_moe_layers, info.top_k
     (image, prompt), = random_requests(1, seed=5)
     engine = vismmoe.load(ckpt, expert_budget=1.0, prefetch=False)
     try:
@@ -505,7 +517,7 @@ def test_a_plans_predicted_times_are_the_time_model_of_its_chosen_quotas(planned
         profile = _with(load_profile("rtx3060-12gb"), loop_expert_ms=loop_ms)
         cap = memory_cap_for(make_plan(model, profile, trace, max_new_tokens=new_tokens), 40)
         plan = make_plan(model, profile, trace, max_gpu_memory=cap, max_new_tokens=new_tokens)
-        c, S, L = plan.chosen, plan.chosen.budget_slots, model.num_moe_layers
+        c, S = plan.chosen, plan.chosen.budget_slots
         assert S == 40 and (plan.slot_plan is not None) == per_layer, plan.slot_plan_note
         prefetch = "trace" if c.prefetch else "none"
         quotas = plan.slot_plan

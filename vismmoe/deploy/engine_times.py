@@ -225,7 +225,7 @@ def _generate_partial_figures(engine, info, measure, slots: int, record: int, li
                                            f"{', '.join(f'{v:.3f}' for v in prefetch)}; {how}")}
 
 
-# Rounds of the prefill's host figures. Each round times the full budget, A and B one after another, and
+# Rounds of the prefill's host figures. Each round times the full budget, C and B one after another, and
 # the figures are the medians of the rounds' own differences: on the H200 host the CPU ran at speeds up to
 # 1.8x apart for seconds at a time (eval/profile_host_modes.py), and differences of settings timed seconds
 # apart came out at 0.001, 0.24 and 0.42 ms per miss in three probes of one model (session 9).
@@ -233,54 +233,64 @@ PREFILL_HOST_ROUNDS = 4
 
 
 def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS) -> dict:
-    """loop_expert_ms and prefill_miss_host_ms: the host's work per expert computed one at a time and per
-    prefill miss, from two prefill-only (one-token) settings where every layer loops (touches more experts
-    than its wave): A, top-k slots per layer, where every expert is a miss; B, one slot fewer than the
-    layer's distinct experts (read from a first request of A), where most of them hit. Each setting's time
-    beyond the full budget's is the longer of its misses' copies on the link and the host's work
-    (time_model); the host's is the longer in both on an H200 (A: 404 misses, 167 ms against 70 of
-    copies), so A gives expert + miss time per expert and B, with the same experts and few misses, splits
-    the two. The full budget (every expert loaded), A and B are timed in turn (_in_turn), `rounds` times,
-    one request each after a warm-up (two for B, whose partial cache starts empty at every reconfigure);
-    each round's differences give its own split and the figures are their medians, so a change of the
-    host's speed between settings stays out of them. (The description quotes the last round's experts
-    and misses.)"""
+    """prefill_miss_host_ms and loop_expert_ms: the prefill's time per miss and per expert computed one at
+    a time, from two prefill-only (one-token) settings against the full budget:
+
+    C, each layer's quota its distinct experts (read from a first full-budget request), timed on a cache
+    that the reconfigure just emptied: every expert misses and no layer loops, so its misses are loaded
+    one wave per layer, as a partial budget's rows load them. Its time beyond the full budget's, per
+    miss, is prefill_miss_host_ms: the host's work per miss, or the copy where the link is the longer (on
+    an H200 for the 12-layer bench model's 9 MiB records), which is what time_model's longer-of-the-two
+    charges then. (Until session 10 it was measured with top-k slots per layer, where every expert misses in waves
+    of k: each wave's own host work counted as miss time, 0.15-0.40 ms per miss where easy-VQA's 25%
+    rows took about 0.1 beyond their copies, and their TTFT was predicted 15-25% long.)
+
+    B, one slot fewer than distinct in each layer that touches more than top-k experts: those layers loop
+    (compute their experts one at a time, in two waves), most of their experts hit after two warm-ups,
+    and its time beyond the full budget's less its misses at C's rate, per looped expert, is
+    loop_expert_ms (the waves' host work included, as in the rows' looped layers).
+
+    The full budget, C and B are timed in turn (_in_turn), `rounds` times, one request each (the full
+    budget after a warm-up, C after none, B after two); each round's differences give its own figures
+    and the figures are their medians, so a change of the host's speed between settings stays out of
+    them. (The description quotes the last round's experts and misses.)"""
     import numpy as np
 
-    L, k, name = info.num_moe_layers, info.top_k, info.name
+    from ..ops import MAX_GROUPS
+
+    k, name = info.top_k, info.name
     copy_ms = record / (link_gbs * GB) * 1e3 if link_gbs else 0.0
-    a_setting = dict(expert_budget=L * k * record, slot_plan="uniform")
-    engine.reconfigure(**a_setting, decode="generate", prefetch=False)
-    first = measure(1, warmup=1, tokens=1)
-    distinct = np.rint(first["touched_per_layer"]).astype(int)
+    full_setting = dict(expert_budget=1.0, slot_plan="global")
+    engine.reconfigure(**full_setting, decode="generate", prefetch=False)
+    distinct = np.rint(measure(1, warmup=1, tokens=1)["touched_per_layer"]).astype(int)
     looped = distinct > k
-    if not looped.any():
+    if distinct.sum() > MAX_GROUPS:  # (C must run grouped: at most MAX_GROUPS slots)
         return {}
     quotas = np.where(looped, np.maximum(k, distinct - 1), np.maximum(k, distinct))
-    settings = (("full", dict(expert_budget=1.0, slot_plan="global"), 1), ("A", a_setting, 1),
+    settings = (("full", full_setting, 1),
+                ("C", dict(expert_budget=int(distinct.sum()) * record, slot_plan=distinct.tolist()), 0),
                 ("B", dict(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist()), 2))
+    settings = settings if looped.any() else settings[:2]  # (no layer touches more than top-k: nothing loops)
+    looped_experts = int(distinct[looped].sum())
     experts, misses, seen = [], [], []
     for got in _in_turn(engine, measure, settings, rounds, tokens=1):
-        full, a, b = got["full"]["prefill_rest"], got["A"], got["B"]
-        host_a = max(a["prefill_rest"] - full, a["prefill_misses"] * copy_ms)  # (the host's chain, or the link's)
-        per_a = host_a / a["touched"]  # (every expert of A is a miss: per expert = expert + miss time)
-        host_b = max(0.0, b["prefill_rest"] - full)
-        # host_b = touched_b x expert + misses_b x miss, and per_a = expert + miss
-        if b["touched"] > b["prefill_misses"]:
-            expert = (host_b - b["prefill_misses"] * per_a) / (b["touched"] - b["prefill_misses"])
-        else:
-            expert = per_a / 2
-        expert = min(max(0.001, expert), per_a)
-        experts.append(expert)
-        misses.append(max(0.001, per_a - expert))
-        seen.append(f"{full:.1f}/{a['prefill_rest']:.1f}/{b['prefill_rest']:.1f}")
-    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, A ({k} slots per layer: "
-           f"{a['touched']:.0f} experts, {a['prefill_misses']:.0f} misses, {a['prefill_misses'] * copy_ms:.1f} ms "
-           f"of copies) and B (quotas of distinct - 1 {quotas.tolist()}: {b['touched']:.0f} experts, "
-           f"{b['prefill_misses']:.0f} misses) in turn, one one-token request each, ms of TTFT beyond input "
-           f"building full/A/B: {', '.join(seen)}; per round expert {', '.join(f'{v:.3f}' for v in experts)} and "
-           f"miss {', '.join(f'{v:.3f}' for v in misses)} ms, medians")
-    return {"loop_expert_ms": (float(np.median(experts)),
-                               f"{name}: prefill host work per expert computed one at a time; {how}"),
-            "prefill_miss_host_ms": (float(np.median(misses)),
-                                     f"{name}: prefill host work per miss beside its copy; {how}")}
+        full, c, b = got["full"]["prefill_rest"], got["C"], got.get("B")
+        miss = max(0.001, (c["prefill_rest"] - full) / max(1.0, c["prefill_misses"]))
+        misses.append(miss)
+        seen.append(f"{full:.1f}/{c['prefill_rest']:.1f}" + (f"/{b['prefill_rest']:.1f}" if b else ""))
+        if b:
+            host_b = max(0.0, b["prefill_rest"] - full)
+            experts.append(max(0.001, (host_b - b["prefill_misses"] * miss) / looped_experts))
+    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, C (quotas of distinct {distinct.tolist()}, "
+           f"cold: {c['prefill_misses']:.0f} misses, {c['prefill_misses'] * copy_ms:.1f} ms of copies)"
+           + (f" and B (quotas {quotas.tolist()}: {looped_experts} experts looped, {b['prefill_misses']:.0f} misses)"
+              if b else "")
+           + f" in turn, one one-token request each, ms of TTFT beyond input building full/C{'/B' * bool(b)}: "
+           f"{', '.join(seen)}; per round miss {', '.join(f'{v:.3f}' for v in misses)}"
+           + (f" and expert {', '.join(f'{v:.3f}' for v in experts)}" if b else "") + " ms, medians")
+    out = {"prefill_miss_host_ms": (float(np.median(misses)), f"{name}: prefill time per miss loaded one wave per "
+                                    f"layer (its copy where the link is the longer); {how}")}
+    if experts:
+        out["loop_expert_ms"] = (float(np.median(experts)),
+                                 f"{name}: prefill host work per expert computed one at a time; {how}")
+    return out
