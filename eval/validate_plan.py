@@ -411,9 +411,14 @@ def emulated_prediction(plan, info, here) -> dict:
     emulation into the profile's: add (profile - here) of compute + engine overhead."""
     c, p = plan.chosen, plan.chosen.predicted
     complete = c.budget_slots >= info.num_moe_layers * info.num_experts
-    h = _times(info, here, plan.dtype, c.decode_path, complete, c.miss_ms, p["decode_misses_per_token"],
+    # An mmap read here takes at least this host's floor (the probe's mmap_read_ms): emulation holds a read
+    # to the profile's disk time, never shortens it, so the emulated miss is the profile's with that floor.
+    read = p.get("read_ms", 0.0)
+    floor = here.get("mmap_read_ms", 0.0) if c.store == "mmap" else 0.0
+    miss_ms = c.miss_ms + max(0.0, floor - read)
+    h = _times(info, here, plan.dtype, c.decode_path, complete, miss_ms, p["decode_misses_per_token"],
                p["prefill_misses"], p.get("decode_prefetch_copies", 0.0), p["prompt_tokens"],
-               p.get("prefill_loop_experts", 0.0), p.get("read_ms", 0.0),
+               p.get("prefill_loop_experts", 0.0), max(read, floor),
                prefetch=c.prefetch and not complete)
     return dict(h, decode_correction_ms=(p["decode_compute_ms"] + p["decode_overhead_ms"])
                 - (h["decode_compute_ms"] + h["decode_overhead_ms"]),

@@ -179,7 +179,8 @@ def test_probed_engine_times_are_the_models_own_with_the_input_building_apart(qw
     figures = data["figures"]
     assert {"prefill_inputs_ms", "prefill_fixed_ms", "prefill_layer_ms", "generate_layer_ms", "offload_layer_ms",
             "generate_offload_layer_ms", "generate_prefetch_layer_ms", "loop_expert_ms",
-            "prefill_miss_host_ms"} <= set(figures)  # (the last five at partial budgets)
+            "prefill_miss_host_ms", "mmap_read_ms"} <= set(figures)  # (five at partial budgets)
+    assert figures["mmap_read_ms"]["value"] > 0 and "page cache" in figures["mmap_read_ms"]["ref"]
     assert set(ENGINE_TIME_FIGURES) >= {k for k in figures if k.startswith(("prefill_", "decode_layer", "generate_"))}
     assert figures["prefill_fixed_ms"]["value"] != 999.0 and "qwen" in figures["prefill_fixed_ms"]["ref"].lower()
     # on a CPU the rounds' figures are not charged (time_model.host_rates): one round each keeps the probe short

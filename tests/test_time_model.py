@@ -298,6 +298,44 @@ def test_an_mmap_prefetch_copy_pays_its_disk_read_in_full(info):
     assert pinned[1]["decode_ms_per_token"] == pinned[0]["decode_ms_per_token"]
 
 
+def test_an_mmap_read_takes_at_least_the_hosts_floor(info, tmp_path):
+    """An mmap read costs fixed host work (safetensors' slice, the copy) that a fast disk's rate does not
+    show: easy-VQA's 96 KiB records took 0.11-0.20 ms each on the H200 host where a Jetson's NVMe rate
+    gives 0.033 ms. With the probe's mmap_read_ms the read (and the miss that includes it) is the longer of
+    the two; without it, the disk rate alone. The emulated prediction (eval/validate_plan.py) charges a
+    profile's misses this host's floor: emulation holds reads to the profile's time, never shortens them."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from vismmoe.deploy.time_model import _miss_ms, read_ms
+
+    B = info.expert_bytes("bfloat16")
+    jetson = load_profile("jetson-orin-nano-8gb")
+    disk = B / (jetson["disk_read_gbs"] * 1e9) * 1e3
+    slow = _with(jetson, mmap_read_ms=disk + 0.2)
+    assert read_ms(jetson, "mmap", B) == pytest.approx(disk)
+    assert read_ms(slow, "mmap", B) == pytest.approx(disk + 0.2) and read_ms(slow, "pinned", B) == 0.0
+    assert _miss_ms(slow, "mmap", B, "generate") == pytest.approx(_miss_ms(jetson, "mmap", B, "generate") + 0.2)
+    fast = _with(jetson, mmap_read_ms=disk / 2)  # a floor under the disk's time changes nothing
+    assert read_ms(fast, "mmap", B) == pytest.approx(disk)
+    # the emulated prediction: the profile's plan, this host's floor on each read
+    module = import_script(Path(__file__).resolve().parents[1] / "eval" / "validate_plan.py")
+    here = _with(load_profile("rtx4090-24gb"), mmap_read_ms=disk + 0.5)
+    miss = _miss_ms(jetson, "mmap", B, "generate")
+    predicted = dict(decode_misses_per_token=2.0, prefill_misses=30.0, prompt_tokens=64, read_ms=disk,
+                     decode_compute_ms=0.0, decode_overhead_ms=0.0, ttft_compute_ms=0.0, ttft_overhead_ms=0.0)
+    chosen = SimpleNamespace(store="mmap", budget_slots=8, decode_path="generate", miss_ms=miss, prefetch=False,
+                             predicted=predicted)
+    plan = SimpleNamespace(chosen=chosen, dtype="bfloat16")
+    floored = module.emulated_prediction(plan, info, here)
+    plain = module.emulated_prediction(plan, info, _with(load_profile("rtx4090-24gb"), mmap_read_ms=disk / 2))
+    assert floored["decode_miss_ms"] - plain["decode_miss_ms"] == pytest.approx(2.0 * 0.5)
+    assert floored["ttft_ms"] > plain["ttft_ms"]
+    chosen.store = "pinned"  # no reads: the floor does not apply
+    assert module.emulated_prediction(plan, info, here)["decode_ms_per_token"] == pytest.approx(
+        module.emulated_prediction(plan, info, _with(load_profile("rtx4090-24gb"), mmap_read_ms=0.001))["decode_ms_per_token"])
+
+
 def test_the_planner_weighs_an_mmap_prefetch_copy_at_its_disk_read(tmp_path):
     """Prefetch on or off is chosen per store: with a pinned store a prefetch copy hides under compute (a
     quarter of a miss: it takes the link and a slot), with an mmap store it costs its disk read, nearly a

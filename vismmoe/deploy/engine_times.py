@@ -29,7 +29,7 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
                        "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms",
                        "generate_prefetch_layer_ms", "loop_expert_ms",
-                       "prefill_miss_host_ms")
+                       "prefill_miss_host_ms", "mmap_read_ms")
 
 
 def _value(figures: dict, *names):
@@ -71,12 +71,49 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
         # A pinned store: the partial-budget static decode copies misses from the page-locked slab.
         engine = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=1.0, store="pinned", prefetch=True)
     try:
-        return _measure_engine(engine, info, dtype, figures, new_tokens)
+        return {**_measure_engine(engine, info, dtype, figures, new_tokens), **_mmap_read_figure(model_dir, engine)}
     finally:
         if own:
             engine.close()
         else:  # the caller's engine back at a full budget, auto decode, one pool (prefetch as the probe left it)
             engine.reconfigure(expert_budget=1.0, decode="auto", slot_plan="global")
+
+
+MMAP_READ_SAMPLES = 48
+
+
+def _mmap_read_figure(model_dir, engine, samples: int = MMAP_READ_SAMPLES) -> dict:
+    """mmap_read_ms: this host's time to read one of the model's expert records through an mmap store whose
+    file is in the page cache (the engine's load read it), the way a miss reads it (ExpertStore.record:
+    safetensors' slice, the copy into a staging buffer): the median over `samples` records spread over
+    the model, timed on a second pass (the first maps their pages). A read cannot take less than this here,
+    whatever the disk (time_model.record_read_ms), and emulation can only hold a read longer."""
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..checkpoint import checkpoint_files
+    from ..offload.store import ExpertStore
+
+    store = ExpertStore(engine.layout, checkpoint_files(Path(model_dir)), engine.dtype, mode="mmap", pin=False)
+    try:
+        L, E = store.num_layers, store.num_experts
+        picks = np.random.RandomState(0).choice(L * E, size=min(samples, L * E), replace=False)
+        staging = torch.empty(store.record_numel, dtype=store.dtype)
+        times = []
+        for timed in (False, True):
+            for pick in picks:
+                start = time.perf_counter()
+                store.record(int(pick // E), int(pick % E), staging)
+                if timed:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        store.close()
+    return {"mmap_read_ms": (max(0.001, float(np.median(times))),
+                             f"{Path(model_dir).name}: one {store.record_bytes / 2**10:.0f} KiB expert record read "
+                             f"through an mmap store from the page cache (safetensors slice + copy), median of "
+                             f"{len(times)} records on a second pass")}
 
 
 def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
