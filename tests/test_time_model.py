@@ -49,6 +49,12 @@ def test_a_static_miss_costs_its_link_time_and_the_partial_cache_its_per_layer_f
     assert looped["ttft_loop_ms"] == pytest.approx(120.0 * 0.07)
     assert _times(info, base, *args, False, 0.02, 0.0, 0.0, 0.0, 64, 120.0)["ttft_loop_ms"] == pytest.approx(
         120.0 * ENGINE_PRIOR["loop_expert_ms"])
+    # a prefill below a full budget pays the host path's per-layer work (prefill_offload_layer_ms, prior 0)
+    offl = _with(base, prefill_offload_layer_ms=0.4)
+    assert _times(info, offl, *args, False, 0.02, 0.0, 0.0, 0.0, 64)["ttft_overhead_ms"] == pytest.approx(
+        _times(info, base, *args, False, 0.02, 0.0, 0.0, 0.0, 64)["ttft_overhead_ms"] + L * 0.4)
+    assert _times(info, offl, *args, True, 0.02, 0.0, 0.0, 0.0, 64)["ttft_ms"] == pytest.approx(
+        _times(info, base, *args, True, 0.02, 0.0, 0.0, 0.0, 64)["ttft_ms"])  # (a full budget: no readbacks)
     # the generate path's partial-cache term is its own probed figure
     g_full = _times(info, probed, "bfloat16", "generate", True, 0.02, 0.0, 0.0, 0.0, 64)
     g_part = _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64)
@@ -90,12 +96,14 @@ class _FakeEngine:
     """What engine_times._measure_engine drives: generate() -> .stats, reconfigure(), store, device. Decode ms/token
     and misses per token are set per (budget, decode path) or (budget, decode path, prefetch)."""
 
-    # The prefill-only settings: the host's work per expert computed one at a time and per miss (ms); each
-    # layer's distinct experts (TOUCHED, what a full-budget request reports) and B's misses per layer (B:
-    # distinct - 1 slots, every expert looped, few miss). C (distinct slots) misses every expert when its
-    # cache was just emptied (by a reconfigure), none after; it loops nothing.
-    EXPERT_MS, MISS_MS = 0.1, 0.5
+    # The prefill-only settings: the host's work per expert computed one at a time, per miss, and in all per
+    # prefill below a full budget (its layers' readbacks; ms); each layer's distinct experts (TOUCHED, what a
+    # full-budget request reports) and B's misses per layer (B: distinct - 1 slots, every expert looped, few
+    # miss). C (distinct slots) misses every expert when its cache was just emptied (by a reconfigure), none
+    # after; it loops nothing, unless C_LOOPS (a model whose prefill touches more experts than MAX_GROUPS).
+    EXPERT_MS, MISS_MS, PARTIAL_MS = 0.1, 0.5, 3.0
     TOUCHED, B_MISSES = [20, 20], [2, 2]
+    C_LOOPS = False
 
     def __init__(self, times: dict, record_bytes: int):
         self.times, self.config = times, dict(expert_budget=1.0, decode="auto", slot_plan="global")
@@ -132,11 +140,11 @@ class _FakeEngine:
             assert self.config["expert_budget"] == sum(self.config["slot_plan"]) * self.record_bytes
             if self._setting() == "C":
                 misses = list(self.TOUCHED) if self.since_reconfigure == 0 else [0] * len(self.TOUCHED)
-                host_ms = sum(misses) * self.MISS_MS
+                host_ms = self.PARTIAL_MS + sum(misses) * self.MISS_MS + self.C_LOOPS * sum(self.TOUCHED) * self.EXPERT_MS
             else:  # B: one slot fewer than each layer's distinct experts
-                assert self.config["slot_plan"] == [t - 1 for t in self.TOUCHED]
+                assert self.config["slot_plan"] == [t - 1 for t in self.TOUCHED] and not self.C_LOOPS
                 misses = self.B_MISSES
-                host_ms = sum(self.TOUCHED) * self.EXPERT_MS + sum(misses) * self.MISS_MS
+                host_ms = self.PARTIAL_MS + sum(self.TOUCHED) * self.EXPERT_MS + sum(misses) * self.MISS_MS
             stats.ttft_s, stats.prefill_misses = 0.05 + host_ms / 1e3, sum(misses)
             stats.hits_per_layer = [t - m for t, m in zip(self.TOUCHED, misses)]
             stats.misses_per_layer = list(misses)
@@ -169,15 +177,17 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     assert out["generate_prefetch_layer_ms"][0] == pytest.approx((29.0 - 17.0 + 0.4 * host_copy) / L, rel=1e-6)
     assert "prefetch off" in out["generate_offload_layer_ms"][1] and "prefetch on" in out["offload_layer_ms"][1]
     assert out["generate_layer_ms"][0] == pytest.approx(8.0 / L)
-    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "33 timed requests" in out["prefill_inputs_ms"][1]
+    assert out["prefill_inputs_ms"][0] == pytest.approx(20.0) and "37 timed requests" in out["prefill_inputs_ms"][1]
     # the prefill's host work, split between per expert computed one by one and per miss by the two settings
     assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
+    assert out["prefill_offload_layer_ms"][0] == pytest.approx(_FakeEngine.PARTIAL_MS / L, rel=1e-6)
     slots = max(info.top_k, min(L * info.num_experts // 2, 1023))
     budgets = [c["expert_budget"] for c in engine.calls if "expert_budget" in c]
     b_slots = sum(_FakeEngine.TOUCHED) - len(_FakeEngine.TOUCHED)
     c_budget = sum(_FakeEngine.TOUCHED) * record
-    assert budgets == [slots * record] + [1.0, slots * record] * 3 + [1.0] + [1.0, c_budget, b_slots * record] * 4
+    assert budgets == [slots * record] + [1.0, slots * record] * 3 + [1.0] + [1.0, c_budget, c_budget,
+                                                                               b_slots * record] * 4
     assert "4 rounds" in out["loop_expert_ms"][1]
     assert f"{slots} of {L * info.num_experts}" in out["offload_layer_ms"][1]
     # where the partial cache cannot run static decode (it fell back to generate), no offload_layer_ms
@@ -203,7 +213,8 @@ def test_probe_prefill_host_figures_pair_each_round_against_the_host_mode(info):
     time the settings in turn and the figures are the medians of the rounds' own differences: modes that
     shift every request's times, lasting longer than a round, leave them exact (a round that a change falls
     in is outvoted). (Differences against a
-    full budget timed once, before A and B, gave 0.001-0.42 ms per miss on one model in three probes.)"""
+    full budget timed once, before the partial settings, gave 0.001-0.42 ms per miss on one model in three
+    probes.)"""
     from vismmoe.deploy.engine_times import _measure_engine
 
     record = info.expert_bytes("bfloat16")
@@ -223,10 +234,34 @@ def test_probe_prefill_host_figures_pair_each_round_against_the_host_mode(info):
     assert len(calls) > 48  # (the mode changed while the settings of both kinds of rounds were timed)
     assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS, rel=1e-6)
     assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
+    assert out["prefill_offload_layer_ms"][0] == pytest.approx(_FakeEngine.PARTIAL_MS / info.num_moe_layers, rel=1e-6)
     # the generate path's partial-budget figures, from its own rounds, as exact
     L, host_copy = info.num_moe_layers, record / 25e9 * 1e3
     assert out["generate_offload_layer_ms"][0] == pytest.approx((17.0 - 8.0 - 3.0 * host_copy) / L, rel=1e-6)
     assert out["generate_prefetch_layer_ms"][0] == pytest.approx((29.0 - 17.0 + 0.4 * host_copy) / L, rel=1e-6)
+
+
+def test_probe_prefill_figures_where_every_layer_loops(info, monkeypatch):
+    """A model whose prefill touches more experts than the grouped kernel's groups (a 48-layer model with 128
+    experts a layer: ~5,000 against ops.MAX_GROUPS) loops every layer of C, as its rows below a full budget
+    loop every layer: C cold minus warm still gives the miss, C warm minus the full budget per distinct expert
+    is loop_expert_ms (the per-layer work folded in), B is not timed and no per-layer figure is written."""
+    from vismmoe import ops
+    from vismmoe.deploy.engine_times import _measure_engine
+
+    monkeypatch.setattr(ops, "MAX_GROUPS", sum(_FakeEngine.TOUCHED) - 1)
+    record = info.expert_bytes("bfloat16")
+    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (False, "auto"): (0.45, 2.0),
+             (False, "generate"): (17.0, 3.0)}
+    figures = {name: dict(value=v, source="measured", ref="") for name, v in
+               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    engine = _FakeEngine(times, record)
+    engine.C_LOOPS = True  # (and B, were it timed, fails the fake's assertion)
+    out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
+    touched = sum(_FakeEngine.TOUCHED)
+    assert out["prefill_miss_host_ms"][0] == pytest.approx(_FakeEngine.MISS_MS, rel=1e-6)
+    assert out["loop_expert_ms"][0] == pytest.approx(_FakeEngine.EXPERT_MS + _FakeEngine.PARTIAL_MS / touched, rel=1e-6)
+    assert "prefill_offload_layer_ms" not in out and "every layer loops" in out["loop_expert_ms"][1]
 
 
 def test_validate_plan_probes_engine_times_on_the_traces_engine(tiny_checkpoints, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
 ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
                        "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms",
                        "generate_prefetch_layer_ms", "loop_expert_ms",
-                       "prefill_miss_host_ms", "mmap_read_ms")
+                       "prefill_miss_host_ms", "prefill_offload_layer_ms", "mmap_read_ms")
 
 
 def _value(figures: dict, *names):
@@ -55,8 +55,9 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     budget - the decode misses per token x one record's copy at the machine's link) / MoE layers: the
     cache's own work per layer (the decision kernel, copy launch and lookahead); the generate path's two
     figures from rounds that time its full and partial budgets in turn (_generate_partial_figures).
-    Last, loop_expert_ms and prefill_miss_host_ms from two prefill-only settings where every layer computes
-    its experts one at a time, timed in turn with the full budget (_prefill_host_figures)."""
+    Last, the prefill's times below a full budget (prefill_offload_layer_ms, prefill_miss_host_ms,
+    loop_expert_ms) from prefill-only settings timed in turn with the full budget (_prefill_host_figures);
+    _engine_times adds mmap_read_ms (_mmap_read_figure)."""
     import vismmoe
 
     from .model_info import model_info
@@ -270,63 +271,79 @@ PREFILL_HOST_ROUNDS = 4
 
 
 def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS) -> dict:
-    """prefill_miss_host_ms and loop_expert_ms: the prefill's time per miss and per expert computed one at
-    a time, from two prefill-only (one-token) settings against the full budget:
+    """The prefill's times below a full budget, from prefill-only (one-token) settings against the full
+    budget (whose prefill takes the host path's no-readback branch):
 
-    C, each layer's quota its distinct experts (read from a first full-budget request), timed on a cache
-    that the reconfigure just emptied: every expert misses and no layer loops, so its misses are loaded
-    one wave per layer, as a partial budget's rows load them. Its time beyond the full budget's, per
-    miss, is prefill_miss_host_ms: the host's work per miss, or the copy where the link is the longer (on
-    an H200 for the 12-layer bench model's 9 MiB records), which is what time_model's longer-of-the-two
-    charges then. (Until session 10 it was measured with top-k slots per layer, where every expert misses in waves
-    of k: each wave's own host work counted as miss time, 0.15-0.40 ms per miss where easy-VQA's 25%
-    rows took about 0.1 beyond their copies, and their TTFT was predicted 15-25% long.)
+    C, each layer's quota its distinct experts (read from a first full-budget request), timed twice: warm
+    (after a warm-up: no misses) and cold (right after the reconfigure emptied the cache: every expert
+    misses). Warm minus the full budget, per MoE layer, is prefill_offload_layer_ms: the host path's own
+    work per layer (a readback and sync each), which every prefill below a full budget pays once. Cold
+    minus warm, per miss, is prefill_miss_host_ms: the host's work per miss loaded one wave per layer (as
+    a partial budget's rows load theirs), or the copy where the link is the longer (the 12-layer bench
+    model's 9 MiB records on an H200), which is what time_model's longer-of-the-two charges then. (Until
+    session 10 it came from top-k slots per layer, where every expert misses in waves of k: each wave's
+    own host work counted as miss time, 0.15-0.40 ms per miss where easy-VQA's 25% rows took about 0.1
+    beyond their copies, and their TTFT was predicted 15-25% long.)
 
     B, one slot fewer than distinct in each layer that touches more than top-k experts: those layers loop
-    (compute their experts one at a time, in two waves), most of their experts hit after two warm-ups,
-    and its time beyond the full budget's less its misses at C's rate, per looped expert, is
-    loop_expert_ms (the waves' host work included, as in the rows' looped layers).
+    (compute their experts one at a time, in two waves), most of their experts hit after two warm-ups.
+    B minus C warm, less B's misses at C's rate, per looped expert, is loop_expert_ms (the waves' host
+    work included, as in the rows' looped layers).
 
-    The full budget, C and B are timed in turn (_in_turn), `rounds` times, one request each (the full
-    budget after a warm-up, C after none, B after two); each round's differences give its own figures
+    A model whose prefill touches more experts than the grouped kernel's groups (ops.MAX_GROUPS, e.g. a
+    48-layer model with 128 experts a layer) loops every layer of C too, as its rows below a full budget
+    loop every layer: there C warm minus the full budget, per distinct expert, is loop_expert_ms (the
+    per-layer work folded in, as those rows are charged by looped experts alone), and B is not timed.
+
+    The settings are timed in turn (_in_turn), `rounds` times, one request each (the full budget and C
+    warm after a warm-up, C cold after none, B after two); each round's differences give its own figures
     and the figures are their medians, so a change of the host's speed between settings stays out of
     them. (The description quotes the last round's experts and misses.)"""
     import numpy as np
 
     from ..ops import MAX_GROUPS
 
-    k, name = info.top_k, info.name
+    L, k, name = info.num_moe_layers, info.top_k, info.name
     copy_ms = record / (link_gbs * GB) * 1e3 if link_gbs else 0.0
     full_setting = dict(expert_budget=1.0, slot_plan="global")
     engine.reconfigure(**full_setting, decode="generate", prefetch=False)
     distinct = np.rint(measure(1, warmup=1, tokens=1)["touched_per_layer"]).astype(int)
-    looped = distinct > k
-    if distinct.sum() > MAX_GROUPS:  # (C must run grouped: at most MAX_GROUPS slots)
+    if distinct.sum() <= 0:
         return {}
+    grouped = distinct.sum() <= MAX_GROUPS  # (else every layer of C loops: host_path.run_layer)
+    looped = (distinct > k) if grouped else np.ones(len(distinct), bool)
     quotas = np.where(looped, np.maximum(k, distinct - 1), np.maximum(k, distinct))
-    settings = (("full", full_setting, 1),
-                ("C", dict(expert_budget=int(distinct.sum()) * record, slot_plan=distinct.tolist()), 0),
-                ("B", dict(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist()), 2))
-    settings = settings if looped.any() else settings[:2]  # (no layer touches more than top-k: nothing loops)
+    c_setting = dict(expert_budget=int(distinct.sum()) * record, slot_plan=distinct.tolist())
+    settings = [("full", full_setting, 1), ("C warm", c_setting, 1), ("C cold", c_setting, 0)]
+    if grouped and looped.any():  # (no layer touching more than top-k: nothing loops, no B)
+        settings.append(("B", dict(expert_budget=int(quotas.sum()) * record, slot_plan=quotas.tolist()), 2))
     looped_experts = int(distinct[looped].sum())
-    experts, misses, seen = [], [], []
+    layer, experts, misses, seen = [], [], [], []
     for got in _in_turn(engine, measure, settings, rounds, tokens=1):
-        full, c, b = got["full"]["prefill_rest"], got["C"], got.get("B")
-        miss = max(0.001, (c["prefill_rest"] - full) / max(1.0, c["prefill_misses"]))
-        misses.append(miss)
-        seen.append(f"{full:.1f}/{c['prefill_rest']:.1f}" + (f"/{b['prefill_rest']:.1f}" if b else ""))
+        full, warm, cold, b = (got["full"]["prefill_rest"], got["C warm"]["prefill_rest"], got["C cold"],
+                               got.get("B"))
+        misses.append(max(0.001, (cold["prefill_rest"] - warm) / max(1.0, cold["prefill_misses"])))
+        if grouped:
+            layer.append(max(0.001, (warm - full) / L))
+        else:
+            experts.append(max(0.001, (warm - full) / looped_experts))
         if b:
-            host_b = max(0.0, b["prefill_rest"] - full)
-            experts.append(max(0.001, (host_b - b["prefill_misses"] * miss) / looped_experts))
-    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, C (quotas of distinct {distinct.tolist()}, "
-           f"cold: {c['prefill_misses']:.0f} misses, {c['prefill_misses'] * copy_ms:.1f} ms of copies)"
-           + (f" and B (quotas {quotas.tolist()}: {looped_experts} experts looped, {b['prefill_misses']:.0f} misses)"
-              if b else "")
-           + f" in turn, one one-token request each, ms of TTFT beyond input building full/C{'/B' * bool(b)}: "
-           f"{', '.join(seen)}; per round miss {', '.join(f'{v:.3f}' for v in misses)}"
-           + (f" and expert {', '.join(f'{v:.3f}' for v in experts)}" if b else "") + " ms, medians")
+            experts.append(max(0.001, (b["prefill_rest"] - warm - b["prefill_misses"] * misses[-1]) / looped_experts))
+        seen.append(f"{full:.1f}/{warm:.1f}/{cold['prefill_rest']:.1f}" + (f"/{b['prefill_rest']:.1f}" if b else ""))
+    how = (f"{len(seen)} round{'s' * (len(seen) > 1)} of the full budget, C (quotas of distinct {distinct.tolist()}"
+           + ("" if grouped else f", {int(distinct.sum())} slots: more than {MAX_GROUPS}, every layer loops")
+           + f") warm and cold ({cold['prefill_misses']:.0f} misses, {cold['prefill_misses'] * copy_ms:.1f} ms of "
+           f"copies)" + (f" and B (quotas {quotas.tolist()}: {looped_experts} experts looped, "
+                         f"{b['prefill_misses']:.0f} misses)" if b else "")
+           + f" in turn, one one-token request each, ms of TTFT beyond input building full/C warm/C cold"
+           f"{'/B' * bool(b)}: {', '.join(seen)}; per round miss {', '.join(f'{v:.3f}' for v in misses)}"
+           + (f", layer {', '.join(f'{v:.3f}' for v in layer)}" if layer else "")
+           + (f", expert {', '.join(f'{v:.3f}' for v in experts)}" if experts else "") + " ms, medians")
     out = {"prefill_miss_host_ms": (float(np.median(misses)), f"{name}: prefill time per miss loaded one wave per "
                                     f"layer (its copy where the link is the longer); {how}")}
+    if layer:
+        out["prefill_offload_layer_ms"] = (float(np.median(layer)), f"{name}: prefill host path per MoE layer below "
+                                           f"a full budget (C warm minus the full budget, over {L}); {how}")
     if experts:
         out["loop_expert_ms"] = (float(np.median(experts)),
                                  f"{name}: prefill host work per expert computed one at a time; {how}")

@@ -51,7 +51,8 @@ FIGURES = {
     "generate_offload_layer_ms": ("engine", False, False, False),  # generate below a full budget, per MoE layer, beyond misses
     "generate_prefetch_layer_ms": ("engine", False, False, False),  # generate's prefetch on, per MoE layer, beyond it off
     "loop_expert_ms": ("engine", False, False, False),  # a prefill expert computed one at a time (more experts than its wave)
-    "prefill_miss_host_ms": ("engine", False, False, False),  # the host's work per prefill miss (beside its copy)
+    "prefill_miss_host_ms": ("engine", False, False, False),  # a prefill miss, loaded one wave per layer (or its copy)
+    "prefill_offload_layer_ms": ("engine", False, False, False),  # a prefill below a full budget, per MoE layer
     "mmap_read_ms": ("engine", False, False, False),  # one of the model's records read from an mmap store in the page cache
 }
 _TOP_KEYS = {"name", "description", "kind", "gpu_name", "compute_capability", "figures"}
