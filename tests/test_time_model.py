@@ -55,6 +55,12 @@ def test_a_static_miss_costs_its_link_time_and_the_partial_cache_its_per_layer_f
         _times(info, base, *args, False, 0.02, 0.0, 0.0, 0.0, 64)["ttft_overhead_ms"] + L * 0.4)
     assert _times(info, offl, *args, True, 0.02, 0.0, 0.0, 0.0, 64)["ttft_ms"] == pytest.approx(
         _times(info, base, *args, True, 0.02, 0.0, 0.0, 0.0, 64)["ttft_ms"])  # (a full budget: no readbacks)
+    cpu = parse_profile({"name": "cpu", "description": "a CPU-only machine", "kind": "cpu", "figures": {
+        n: dict(value=v, source="measured", ref="test") for n, v in
+        dict(ram_gb=64.0, cpu_cores=16, host_memcpy_gbs=10.0, disk_read_gbs=2.0, reserved_gb=4.0).items()}}, "test")
+    assert _times(info, _with(cpu, prefill_offload_layer_ms=0.4), "float32", "generate", False, 0.02, 0.0, 0.0, 0.0,
+                  64)["ttft_ms"] == pytest.approx(_times(info, cpu, "float32", "generate", False, 0.02, 0.0, 0.0, 0.0,
+                                                         64)["ttft_ms"])  # (a CPU runs that path at any budget)
     # the generate path's partial-cache term is its own probed figure
     g_full = _times(info, probed, "bfloat16", "generate", True, 0.02, 0.0, 0.0, 0.0, 64)
     g_part = _times(info, probed, "bfloat16", "generate", False, 0.02, 3.0, 0.0, 0.0, 64)

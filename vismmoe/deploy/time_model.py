@@ -216,8 +216,10 @@ def _times(model, profile, dtype, path, complete, miss_ms, decode_misses, prefil
     # Host-side input building (the processor: image resize and patching, tokenizing) is its own probed
     # figure, measured for the model at hand; the prior's prefill_fixed_ms includes it (no separate prior).
     inputs_ms = profile.get("prefill_inputs_ms", 0.0) if profile.has("prefill_fixed_ms") else 0.0
-    ttft_overhead = inputs_ms + fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") \
-        + (0.0 if complete else L * fig("prefill_offload_layer_ms"))
+    # (below a full budget the host path's readback per layer; not on a CPU, which runs that path at any
+    # budget, as host_rates charges no host chain there)
+    offload_prefill = 0.0 if complete or profile.kind == "cpu" else L * fig("prefill_offload_layer_ms")
+    ttft_overhead = inputs_ms + fig("prefill_fixed_ms") + L * fig("prefill_layer_ms") + offload_prefill
     # The prefill's misses: their copies on the link, and beside them the host's work (each miss's decision
     # and copy issue, the experts computed one by one); the host runs ahead of the copies, so the longer chain counts.
     ttft_miss = prefill_misses * miss_ms
