@@ -88,7 +88,7 @@ def prefetch_times(engine) -> dict:
     decision kernel. Timed here in isolation, so the chain's time is serial: in a decode step it runs
     beside the next layer's attention, and only the fork and join sit on the compute stream's path.
     Times internal methods on purpose: these are the pieces to make cheaper."""
-    runtime, cache, k = engine.runtime, engine.cache, engine.layout.top_k
+    runtime, cache = engine.runtime, engine.cache
     device = cache.device
     path, res, ledger = runtime.device, runtime.residency, runtime.ledger
     x = torch.randn(1, engine.layout.hidden_size, device=device, dtype=engine.dtype)
@@ -149,7 +149,7 @@ def main():
     dtype = "bfloat16" if cuda else "float32"
     report = {"gpu": device_name(), "checkpoint": str(ckpt), "policy": args.policy}
     engine = vismmoe.load(ckpt, dtype=dtype, expert_budget=0.25, prefetch=False, policy=args.policy)
-    cache, layout, info = engine.cache, engine.layout, engine.info()
+    info = engine.info()
     fused_decode = info.decode_kernel == "fused"
     report.update(layers=info.layers, slots_at_25pct=info.num_slots, record_bytes=info.record_bytes,
                   fused_decode=fused_decode, trials=args.trials, tokens=args.tokens)

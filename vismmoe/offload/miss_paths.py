@@ -159,7 +159,6 @@ def measure_figures(store, cache, compute, emulation=None, repeats: int = 3, ins
     copied misses are installed by the fused decode kernel (DevicePath.install_misses)."""
     source = {}
     device = cache.device
-    rb = store.record_bytes
     records = _distinct_records(store)
     cpu_s = _time(lambda: [_cpu_expert(store, compute, *r) for r in records], repeats, None) / len(records)
     source["cpu_s"] = (f"measured: one expert, one token, float ops on the CPU from the host store (mean over "

@@ -87,7 +87,7 @@ def select_pool(tokens: VisualTokens, k: int, seed: int) -> Selection:
         room = (share - cells).masked_fill(cells >= sizes, float("-inf"))
         cells[int(room.argmax())] += 1
     assign = torch.empty(coords.shape[0], dtype=torch.int64)
-    cell_of, next_cell = {}, 0
+    next_cell = 0
     for image, n_cells in zip(images.tolist(), cells.tolist()):
         idx = (coords[:, 0] == image).nonzero().squeeze(1)
         labels = _grid_cells(coords[idx, 1], coords[idx, 2], n_cells)
