@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vismmoe
-from vismmoe import ConfigError, InputError
+from vismmoe import ConfigError
 from vismmoe.offload import miss_paths
 from vismmoe.offload.miss_paths import COPY, CPU, ZEROCOPY, MissFigures, MissPlanner, check_setting, choose
 

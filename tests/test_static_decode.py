@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vismmoe
-from vismmoe import ConfigError, InputError, ops
+from vismmoe import InputError, ops
 from vismmoe.offload.policies import POLICIES
 from vismmoe.offload.residency import DeviceResidency
 
