@@ -95,11 +95,14 @@ start_build() {
       echo "build rc=$?" >> "$WORK/build.log" ) &
 }
 wait_build() { until grep -q "build rc=" "$WORK/build.log" 2>/dev/null; do sleep 2; done; tail -1 "$WORK/build.log"; }
+rounds_of() {  # rounds_of MODEL ROUNDS DEADLINE_S KEEP_S: ROUNDS of MODEL's 8 rows (0: none), KEEP_S left after them
+    [ "$2" -gt 0 ] || return 0
+    step "rounds_$1" "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_$1" --rounds "$2" \
+        --budget-s "$(( $(left 10) - 10 - $4 ))" -- --parts B --models "$1" --deadline-s "$3"
+}
 bench_then_bundled_rounds() {  # BENCH_DEADLINE_S: the bench model's 8 rows once, then the bundled model's rounds
-    step rounds_bench "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bench" --rounds 1 \
-        -- --parts B --models bench --deadline-s "$1"
-    step rounds_bundled "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_bundled" --rounds 3 \
-        --budget-s "$(( $(left 10) - 10 ))" -- --parts B --models bundled --deadline-s 150
+    rounds_of bench 1 "$1" 0
+    rounds_of bundled 3 150 0
 }
 train_scene_model() {  # on GPU 0, TRAIN_S seconds; the checkpoint (36.6 MB float32) comes back in 15 MB
     # pieces (the tool returns files of up to 16 MiB): `cat scene_model.tgz.part-* | tar -xz`
@@ -445,11 +448,6 @@ elif [ "$PHASE" = s11 ]; then
 elif [ "$PHASE" = s13 ]; then
     # ORDER: which model's rounds run first (bundled or bench); ROUNDS_BUNDLED, ROUNDS_BENCH (0 skips one);
     # BENCH_S: the time kept for the bench rounds when the bundled ones run first (~180 s a round)
-    rounds_of() {  # rounds_of MODEL ROUNDS DEADLINE_S KEEP_S
-        [ "$2" -gt 0 ] || return 0
-        step "rounds_$1" "$(left 10)" python3 eval/validate_rounds.py --out "$WORK/rounds_$1" --rounds "$2" \
-            --budget-s "$(( $(left 10) - 10 - $4 ))" -- --parts B --models "$1" --deadline-s "$3"
-    }
     {
         BUILD_DEVICE=cuda start_build
         wait_build  # (before the rounds: the build's host work would slow the first round's probe or rows)

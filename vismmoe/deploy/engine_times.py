@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .time_model import ENGINE_FIGURES
+
 GB = 1e9
 
 def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=None) -> dict:
@@ -26,10 +28,9 @@ def with_engine_times(machine: dict, model_dir, new_tokens: int = 16, engine=Non
     return dict(machine, figures=figures)
 
 
-ENGINE_TIME_FIGURES = ("decode_layer_ms", "generate_layer_ms", "prefill_fixed_ms", "prefill_layer_ms",
-                       "prefill_inputs_ms", "offload_layer_ms", "generate_offload_layer_ms",
-                       "generate_prefetch_layer_ms", "loop_expert_ms",
-                       "prefill_miss_host_ms", "prefill_offload_layer_ms", "mmap_read_ms")
+# What a probe with the model writes: the time model's engine figures, the host's input building and the
+# mmap read floor (with_engine_times drops a profile's stale ones before measuring).
+ENGINE_TIME_FIGURES = (*ENGINE_FIGURES, "prefill_inputs_ms", "mmap_read_ms")
 
 
 def _value(figures: dict, *names):
