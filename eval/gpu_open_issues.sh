@@ -58,7 +58,7 @@
 #                 3 rounds first, then the bench model's rounds (ROUNDS_BENCH, default 1) with what is left;
 #                 ORDER=bench runs the bench rounds (default 2) first. For the next session: the same PHASE
 #                 checks session 10's last changes (prefill_offload_layer_ms, C warm; mmap_read_ms), which
-#                 no GPU has run yet.
+#                 no GPU has run yet. Session 11: eval/sleep_overshoot.py first (pace_read now spins its waits).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -451,6 +451,8 @@ elif [ "$PHASE" = s13 ]; then
     {
         BUILD_DEVICE=cuda start_build
         wait_build  # (before the rounds: the build's host work would slow the first round's probe or rows)
+        # how late time.sleep wakes on this host (emulation holds mmap reads by wall clock), ~10 s
+        step sleep_overshoot 30 python3 eval/sleep_overshoot.py --out "$WORK/sleep_overshoot"
         if [ "${ORDER:-bundled}" = bundled ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 "${BENCH_S:-190}"
             rounds_of bench "${ROUNDS_BENCH:-1}" 200 0
@@ -459,7 +461,7 @@ elif [ "$PHASE" = s13 ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 0
         fi
     } > "$OUT/gpu0.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled 2>/dev/null
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot 2>/dev/null
 elif [ "$PHASE" = s12 ]; then
     # written in session 9 for the next: what slows the full-budget rows against the probe (the probe's engine,
     # a row's with and without emulation, a 25% row's, in turn), then the bench rows once with the generate

@@ -217,9 +217,10 @@ def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: in
                 host_paced_ms=(s.emulation or {}).get("host_paced_s", 0.0) * 1e3, waves=s.waves,
                 accounted_bytes=(s.emulation or {}).get("accounted_bytes"),
                 # mmap stores: record reads, this host's time for them, the time added to reach the profile's
-                # disk, and the reads slower here than there (deploy/emulate.py pace_read)
-                **{k: (s.emulation or {})[k] for k in ("reads", "read_native_s", "read_paced_s", "reads_slower")
-                   if k in (s.emulation or {})}))
+                # disk, the reads slower here than there, and how late the held ones returned (deploy/emulate.py
+                # pace_read)
+                **{k: (s.emulation or {})[k] for k in ("reads", "read_native_s", "read_paced_s", "reads_slower",
+                                                       "read_late_s") if k in (s.emulation or {})}))
         phases["requests_s"] = time.perf_counter() - t
         ttft = _spread([r["ttft_ms"] for r in per_request])
         decode = _spread([r["decode_ms_per_token"] for r in per_request])
@@ -439,7 +440,8 @@ def _gc(m) -> str:
 def _reads(m, p) -> str:
     """mmap rows: record reads per request (median) and the planner's (prefill misses + decode steps x (misses +
     prefetch copies), each read charged its disk time), this host's ms per read, the reads slower here than
-    on the profile's disk (all timed requests: each adds what it took beyond the profile's time)."""
+    on the profile's disk (all timed requests: each adds what it took beyond the profile's time), and the
+    held reads' mean lateness past the profile's time (the pacing's own error)."""
     reqs = [r for r in m.get("requests") or [] if "reads" in r]
     if not reqs:
         return "-"
@@ -447,8 +449,9 @@ def _reads(m, p) -> str:
     here = sum(r["read_native_s"] for r in reqs) * 1e3 / n if n else 0.0
     steps = max(1, reqs[-1]["new_tokens"] - 1)
     pred = p["prefill_misses"] + steps * (p["decode_misses_per_token"] + p.get("decode_prefetch_copies", 0.0))
+    late = sum(r.get("read_late_s", 0.0) for r in reqs) * 1e3 / n if n else 0.0
     return (f"{np.median([r['reads'] for r in reqs]):.0f} (pred {pred:.0f}), {here:.2f} ms, "
-            f"{sum(r['reads_slower'] for r in reqs)} slower")
+            f"{sum(r['reads_slower'] for r in reqs)} slower, {late:.3f} ms late")
 
 
 def _looped(m, p) -> str:
@@ -507,7 +510,7 @@ def markdown(report) -> str:
               "predicted compute + overhead replaced by the profile's, against the profile's own prediction.", "",
               "| model | profile | budget | slots | slot plan | store | decode path | usable MiB | accounted MiB | peak here MiB "
               "| link ms/expert | TTFT pred (emulated) | TTFT meas | ratio | decode pred (emulated) | decode meas | ratio "
-              "| GC ms in timed requests (max) | mmap reads per request (pred), here per read, slower than the profile "
+              "| GC ms in timed requests (max) | mmap reads per request (pred), here per read, slower than the profile, late per held read "
               "| layers looped per request (pred) "
               "| TTFT pred (profile) | TTFT corrected | ratio | decode pred (profile) | decode corrected | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -35,6 +35,7 @@ compute figures), and rescales the compute share by the profile's compute figure
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -43,6 +44,7 @@ from ..errors import BudgetError, ConfigError
 from .profiles import DeviceProfile, load_profile
 
 GB = 1e9
+_yield = getattr(os, "sched_yield", lambda: None)  # (releases the GIL; returns at once)
 
 
 def load_emulated_profile(value) -> DeviceProfile:
@@ -57,7 +59,12 @@ def load_emulated_profile(value) -> DeviceProfile:
 
 
 class Emulation:
-    SPIN_S = 5e-4  # pace_read sleeps until this close to its deadline, then spins (time.sleep overshoots)
+    # pace_read spins through a wait of up to SPIN_S and sleeps only what is beyond it: time.sleep wakes late
+    # by what the host makes it (0.1 ms on an idle machine, more on a busy VM), a cost per read that the
+    # profile's disk does not have (eval/sleep_overshoot.py measures it). The spin yields the GIL
+    # (os.sched_yield; time.sleep(0) would wake 0.05 ms late itself) so that a reader on another thread
+    # (miss_path: cpu) is not held up by it.
+    SPIN_S = 0.02
 
     def __init__(self, profile: DeviceProfile, store: str, record_bytes: int, device: torch.device,
                  sleep=time.sleep, clock=time.perf_counter):
@@ -71,8 +78,9 @@ class Emulation:
         self.clock = clock
         # mmap reads paced by wall clock (pace_read): count, this host's own time for them, the time added,
         # and the reads that took longer here than the profile's disk does
-        self.reads, self.read_native_s, self.read_paced_s, self.reads_slower = 0, 0.0, 0.0, 0
-        self._reads_at_request = (0, 0.0, 0.0, 0)
+        # (read_late_s: how far past the profile's time the held reads returned, the pacing's own error)
+        self.reads, self.read_native_s, self.read_paced_s, self.reads_slower, self.read_late_s = 0, 0.0, 0.0, 0, 0.0
+        self._reads_at_request = (0, 0.0, 0.0, 0, 0.0)
         self.native_s = {"host": 0.0, "static": 0.0}  # this machine's time per record copy (measured on CUDA)
         self.iters_per_s = 0.0  # the spin kernel's rate on this GPU
         self.paced_s = 0.0  # delay added on the host path so far (device-decided waves count on the device)
@@ -167,7 +175,8 @@ class Emulation:
         self.check(parts, engine.layout_record_bytes, engine.layout.top_k,
                    f"this request ({prompt_tokens} prompt + {max_new_tokens} new tokens)")
         self._paced_at_request = self.paced_s
-        self._reads_at_request = (self.reads, self.read_native_s, self.read_paced_s, self.reads_slower)
+        self._reads_at_request = (self.reads, self.read_native_s, self.read_paced_s, self.reads_slower,
+                                  self.read_late_s)
         return parts
 
     def request_report(self, parts: dict, peak_gpu_bytes) -> dict:
@@ -177,9 +186,10 @@ class Emulation:
                       host_paced_s=round(self.paced_s - self._paced_at_request, 6),
                       not_emulated="compute speed (this machine's)")
         if self.store == "mmap":  # this request's record reads: this host's own time, the time added, the too slow
-            n, native, paced, slower = self._reads_at_request
+            n, native, paced, slower, late = self._reads_at_request
             report.update(reads=self.reads - n, read_native_s=round(self.read_native_s - native, 6),
-                          read_paced_s=round(self.read_paced_s - paced, 6), reads_slower=self.reads_slower - slower)
+                          read_paced_s=round(self.read_paced_s - paced, 6), reads_slower=self.reads_slower - slower,
+                          read_late_s=round(self.read_late_s - late, 6))
         return report
 
     def cap_allocator(self) -> None:
@@ -218,7 +228,7 @@ class Emulation:
 
     def pace_read(self, started: float) -> None:
         """After this host read one mmap record, from `started` (self.clock()) until now: hold until the
-        profile's disk time has passed since `started` (sleep, then spin the last SPIN_S)."""
+        profile's disk time has passed since `started` (sleep what is beyond SPIN_S, then spin)."""
         deadline = started + self.read_target_s()
         now = self.clock()
         self.reads += 1
@@ -229,8 +239,9 @@ class Emulation:
         rest = deadline - now
         if rest > self.SPIN_S:
             self.sleep(rest - self.SPIN_S)
-        while self.clock() < deadline:
-            pass
+        while (now := self.clock()) < deadline:
+            _yield()
+        self.read_late_s += now - deadline
         self.paced_s += rest
         self.read_paced_s += rest
 
