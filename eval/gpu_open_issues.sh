@@ -449,8 +449,10 @@ elif [ "$PHASE" = s13 ]; then
     # ORDER: which model's rounds run first (bundled or bench); ROUNDS_BUNDLED, ROUNDS_BENCH (0 skips one);
     # BENCH_S: the time kept for the bench rounds when the bundled ones run first (~180 s a round)
     {
-        BUILD_DEVICE=cuda start_build
-        wait_build  # (before the rounds: the build's host work would slow the first round's probe or rows)
+        if [ "${ROUNDS_BENCH:-1}" -gt 0 ]; then  # (ROUNDS_BENCH=0: the bundled model alone, no build)
+            BUILD_DEVICE=cuda start_build
+            wait_build  # (before the rounds: the build's host work would slow the first round's probe or rows)
+        fi
         # how late time.sleep wakes on this host (emulation holds mmap reads by wall clock), ~10 s
         step sleep_overshoot 30 python3 eval/sleep_overshoot.py --out "$WORK/sleep_overshoot"
         if [ "${ORDER:-bundled}" = bundled ]; then

@@ -146,6 +146,7 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
         misses = [(s.expert_misses - s.prefill_misses) / k for s, k in zip(stats, steps)]
         return dict(ttft=float(np.median([s.ttft_s for s in stats])) * 1e3, decode=float(np.median(each)),
                     prefill_rest=float(np.median([(s.ttft_s - s.inputs_s) * 1e3 for s in stats])),
+                    rests=[(s.ttft_s - s.inputs_s) * 1e3 for s in stats],
                     prefill_misses=float(np.median([s.prefill_misses for s in stats])),
                     touched=float(np.median([sum(s.hits_per_layer) + sum(s.misses_per_layer) for s in stats])),
                     touched_per_layer=np.median([np.add(s.hits_per_layer, s.misses_per_layer) for s in stats], axis=0),
@@ -169,16 +170,25 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     flops = 2 * full["prompt_tokens"] * (decoder / b + L * info.top_k * info.record_numel) \
         + 2 * info.vision_numel * full["prompt_tokens"] * info.merge_size ** 2
     compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
-    rest = max(0.001, full["ttft"] - full["inputs"] - compute)
-    how = (f"{name}: TTFT {full['ttft']:.1f} ms for {full['prompt_tokens']} prompt tokens minus {full['inputs']:.1f} ms "
-           f"of host input building and {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion "
-           f"at {L} layers")
+    # The full budget's TTFT beyond input building, from its five requests here and, below, one more per
+    # prefill round: a median over the whole probe, not over five requests in a row (one probe's five came
+    # in a slow mode of the host, 20.9 ms against 10.6-13.6 in five others, and every row's TTFT ratio of
+    # that round was 0.64-0.89: session 11).
+    full_rests = list(full["rests"])
+
+    def prefill_figures():
+        rest = max(0.001, float(np.median(full_rests)) - compute)
+        how = (f"{name}: TTFT beyond host input building {float(np.median(full_rests)):.1f} ms for "
+               f"{full['prompt_tokens']} prompt tokens (median of {len(full_rests)} full-budget requests over the "
+               f"probe) minus {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion at {L} layers")
+        out["prefill_fixed_ms"] = (rest * share, how)
+        out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
+
     inputs_figure = lambda: (max(0.001, float(np.median(inputs_all))), f"{name}: host-side input building inside "  # noqa: E731
                              f"TTFT (RequestStats.inputs_s: the processor), median of the probe's {len(inputs_all)} "
                              "timed requests")
     out["prefill_inputs_ms"] = inputs_figure()
-    out["prefill_fixed_ms"] = (rest * share, how)
-    out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
+    prefill_figures()
     engine.reconfigure(decode="generate")
     gen = measure(3)
     out["generate_layer_ms"] = (gen["decode"] / L, f"{name}: transformers' generate {gen['decode']:.2f} ms/token (median "
@@ -208,8 +218,10 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     # branch): one round each keeps the probe short there.
     rounds = {} if engine.device.type == "cuda" else dict(rounds=1)
     out.update(_generate_partial_figures(engine, info, measure, slots, record, links["generate"], **rounds))
-    out.update(_prefill_host_figures(engine, info, measure, record, links["generate"], **rounds))
+    out.update(_prefill_host_figures(engine, info, measure, record, links["generate"], full_rests=full_rests,
+                                     **rounds))
     out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
+    prefill_figures()
     return out
 
 
@@ -230,8 +242,9 @@ def _in_turn(engine, measure, settings, rounds: int, tokens=None) -> list[dict]:
 
 # Rounds of the generate path's partial-budget figures: a full budget, the partial one with prefetch off,
 # then on, timed in turn. One probe's generate_offload_layer_ms was 1.95 ms per layer where the two before
-# had 0.45-0.50 (session 9): each figure is a difference of ms/token measured seconds apart.
-GENERATE_ROUNDS = 3
+# had 0.45-0.50 (session 9): each figure is a difference of ms/token measured seconds apart. (Five rounds
+# since session 11: in three, the median still followed one slow round where another was slow too.)
+GENERATE_ROUNDS = 5
 
 
 def _generate_partial_figures(engine, info, measure, slots: int, record: int, link_gbs,
@@ -267,11 +280,15 @@ def _generate_partial_figures(engine, info, measure, slots: int, record: int, li
 # Rounds of the prefill's host figures. Each round times the full budget, C and B one after another, and
 # the figures are the medians of the rounds' own differences: on the H200 host the CPU ran at speeds up to
 # 1.8x apart for seconds at a time (eval/profile_host_modes.py), and differences of settings timed seconds
-# apart came out at 0.001, 0.24 and 0.42 ms per miss in three probes of one model (session 9).
-PREFILL_HOST_ROUNDS = 4
+# apart came out at 0.001, 0.24 and 0.42 ms per miss in three probes of one model (session 9). Eight rounds
+# since session 11: with four, three of one probe's rounds had C 8-13 ms slow against its full budget
+# (easy-VQA, whose one-token prefill takes 15-20 ms), and prefill_offload_layer_ms came out at 2.0 ms per layer
+# where five other probes gave 0.001-0.65; every 25% row's TTFT was predicted 8-16 ms long.
+PREFILL_HOST_ROUNDS = 8
 
 
-def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS) -> dict:
+def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS,
+                          full_rests: list | None = None) -> dict:
     """The prefill's times below a full budget, from prefill-only (one-token) settings against the full
     budget (whose prefill takes the host path's no-readback branch):
 
@@ -323,6 +340,8 @@ def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: 
     for got in _in_turn(engine, measure, settings, rounds, tokens=1):
         full, warm, cold, b = (got["full"]["prefill_rest"], got["C warm"]["prefill_rest"], got["C cold"],
                                got.get("B"))
+        if full_rests is not None:  # (the caller's full-budget samples, spread over the probe)
+            full_rests.append(full)
         misses.append(max(0.001, (cold["prefill_rest"] - warm) / max(1.0, cold["prefill_misses"])))
         if grouped:
             layer.append(max(0.001, (warm - full) / L))
