@@ -281,9 +281,9 @@ def _generate_partial_figures(engine, info, measure, slots: int, record: int, li
 # the figures are the medians of the rounds' own differences: on the H200 host the CPU ran at speeds up to
 # 1.8x apart for seconds at a time (eval/profile_host_modes.py), and differences of settings timed seconds
 # apart came out at 0.001, 0.24 and 0.42 ms per miss in three probes of one model (session 9). Eight rounds
-# since session 11: with four, three of one probe's rounds had C 8-13 ms slow against its full budget
+# since session 11: with four, three of one probe's rounds had C 7-13 ms slow against its full budget
 # (easy-VQA, whose one-token prefill takes 15-20 ms), and prefill_offload_layer_ms came out at 2.0 ms per layer
-# where five other probes gave 0.001-0.65; every 25% row's TTFT was predicted 8-16 ms long.
+# where five other probes gave 0.001-0.65; every 25% row's TTFT was predicted about 8 ms long.
 PREFILL_HOST_ROUNDS = 8
 
 
