@@ -56,9 +56,8 @@
 #                 the rows'), then s11's bench round and bundled rounds.
 #   PHASE=s13     one GPU (session 10): the probe's per-miss figure from cold one-wave loads; the bundled model's
 #                 3 rounds first, then the bench model's rounds (ROUNDS_BENCH, default 1) with what is left;
-#                 ORDER=bench runs the bench rounds (default 2) first. For the next session: the same PHASE
-#                 checks session 10's last changes (prefill_offload_layer_ms, C warm; mmap_read_ms), which
-#                 no GPU has run yet. Session 11: eval/sleep_overshoot.py first (pace_read now spins its waits).
+#                 ORDER=bench runs the bench rounds (default 2) first; ROUNDS_BENCH=0 builds no bench model.
+#                 eval/sleep_overshoot.py first (session 11: how late a sleep wakes; pace_read spins its waits).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u

@@ -449,9 +449,11 @@ def _reads(m, p) -> str:
     here = sum(r["read_native_s"] for r in reqs) * 1e3 / n if n else 0.0
     steps = max(1, reqs[-1]["new_tokens"] - 1)
     pred = p["prefill_misses"] + steps * (p["decode_misses_per_token"] + p.get("decode_prefetch_copies", 0.0))
-    late = sum(r.get("read_late_s", 0.0) for r in reqs) * 1e3 / n if n else 0.0
+    held = n - sum(r["reads_slower"] for r in reqs)  # (a read slower here than the profile's is not held)
+    late = (f", {sum(r['read_late_s'] for r in reqs) * 1e3 / held:.3f} ms late"
+            if held and all("read_late_s" in r for r in reqs) else "")  # (not in reports before session 11)
     return (f"{np.median([r['reads'] for r in reqs]):.0f} (pred {pred:.0f}), {here:.2f} ms, "
-            f"{sum(r['reads_slower'] for r in reqs)} slower, {late:.3f} ms late")
+            f"{sum(r['reads_slower'] for r in reqs)} slower{late}")
 
 
 def _looped(m, p) -> str:

@@ -249,6 +249,7 @@ class _FakeClock:
 
     def __init__(self, tick: float = 1e-6):
         self.now, self.tick, self.slept = 100.0, tick, []
+        self.oversleep = 0.0  # how late a sleep wakes
 
     def __call__(self) -> float:
         self.now += self.tick
@@ -256,7 +257,7 @@ class _FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
-        self.now += seconds
+        self.now += seconds + self.oversleep
 
 
 def test_mmap_reads_are_held_to_the_profiles_disk_time_by_wall_clock():
@@ -293,6 +294,11 @@ def test_mmap_reads_are_held_to_the_profiles_disk_time_by_wall_clock():
     big.pace_read(started)
     assert clock.slept == [pytest.approx(big.read_target_s() - 1e-6 - Emulation.SPIN_S)]
     assert clock.now >= started + big.read_target_s() and big.read_late_s < 2e-6
+    # a sleep that wakes past the deadline: the read returns late, and read_late_s says by how much
+    clock.oversleep = Emulation.SPIN_S + 5e-3
+    started = clock()
+    big.pace_read(started)
+    assert big.read_late_s == pytest.approx(5e-3, abs=1e-5) and big.reads_slower == 0
     # a store in memory has no disk to pace
     assert Emulation(load_profile("rtx4090-24gb"), "pinned", record, torch.device("cpu")).read_target_s() == 0.0
 

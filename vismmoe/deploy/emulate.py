@@ -59,11 +59,12 @@ def load_emulated_profile(value) -> DeviceProfile:
 
 
 class Emulation:
-    # pace_read spins through a wait of up to SPIN_S and sleeps only what is beyond it: time.sleep wakes late
-    # by what the host makes it (0.1 ms on an idle machine, more on a busy VM), a cost per read that the
-    # profile's disk does not have (eval/sleep_overshoot.py measures it). The spin yields the GIL
-    # (os.sched_yield; time.sleep(0) would wake 0.05 ms late itself) so that a reader on another thread
-    # (miss_path: cpu) is not held up by it.
+    # pace_read spins through a wait of up to SPIN_S and sleeps only what is beyond it. With a sleep until 0.5 ms
+    # before each deadline, the bench model's mmap rows at 25% ran their decode 1.15x their prediction at
+    # the probe's host speed; spun, 1.02x (BENCHMARKS, session 11). Why is not established: an idle sleep
+    # there woke only 0.06-0.09 ms late (eval/sleep_overshoot.py). The spin yields the GIL (os.sched_yield;
+    # time.sleep(0) wakes late itself) so that where a worker thread reads (miss_path: cpu) the main
+    # thread's host work goes on meanwhile.
     SPIN_S = 0.02
 
     def __init__(self, profile: DeviceProfile, store: str, record_bytes: int, device: torch.device,

@@ -48,7 +48,8 @@ def _engine_times(model_dir, device: str, figures: dict, new_tokens: int = 16, e
     per layer; every request's time is in the figure's ref): decode_layer_ms =
     (static decode ms/token - the bytes a token reads at the machine's memory bandwidth) / MoE layers;
     prefill_inputs_ms = the host's input building inside TTFT (RequestStats.inputs_s); TTFT minus that and
-    its FLOPs (at the machine's tflops x the prior's efficiency) split into prefill_fixed_ms and
+    its FLOPs (at the machine's tflops x the prior's efficiency; on CUDA the median of three groups of such
+    requests: the five, and three more after each kind of rounds below) split into prefill_fixed_ms and
     prefill_layer_ms in the prior's proportion (one model has one layer count, so the two cannot be told
     apart on it); generate_layer_ms = transformers' generate ms/token / MoE layers.
     Then at a partial budget (half the experts, at most ops.MAX_GROUPS slots: static decode's limit):
@@ -157,7 +158,9 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     L, b, name = info.num_moe_layers, DTYPE_BYTES[dtype], info.name
     bandwidth = _value(figures, "memory_bandwidth_gbs", "host_memcpy_gbs")
     tflops = _value(figures, "bf16_tflops", "cpu_tflops")
-    full = measure(5)  # (the TTFT figures come from these: five, as one stalled request moved a median of three)
+    # (the five's setting, the engine's as it came at a full budget: restored for their later groups below)
+    start = {k: getattr(engine.config, k) for k in ("expert_budget", "decode", "prefetch", "slot_plan")}
+    full = measure(5)  # (five, as one stalled request moved a median of three)
     out = {}
     decoder = (info.non_expert_numel - info.vision_numel - info.vocab_size * info.hidden_size) * b
     bytes_ms = (decoder + L * info.top_k * info.expert_bytes(dtype)) / (bandwidth * GB) * 1e3 if bandwidth else 0
@@ -170,17 +173,26 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     flops = 2 * full["prompt_tokens"] * (decoder / b + L * info.top_k * info.record_numel) \
         + 2 * info.vision_numel * full["prompt_tokens"] * info.merge_size ** 2
     compute = flops / (tflops * ENGINE_PRIOR["prefill_efficiency"] * 1e12) * 1e3 if tflops else 0.0
-    # The full budget's TTFT beyond input building, from its five requests here and, below, one more per
-    # prefill round: a median over the whole probe, not over five requests in a row (one probe's five came
-    # in a slow mode of the host, 20.9 ms against 10.6-13.6 in five others, and every row's TTFT ratio of
-    # that round was 0.64-0.89: session 11).
-    full_rests = list(full["rests"])
+    # The full budget's TTFT beyond input building: the median of three groups' medians, these five at the
+    # probe's start and three more requests of the same kind after each kind of rounds, not of five requests
+    # in a row (one probe's five came in a slow mode of the host, 20.9 ms against 10.6-13.6 in five others,
+    # and every row's TTFT ratio of that round was 0.64-0.87: session 11). Only requests of the five's kind
+    # count: the rounds' one-token generate requests take 4-12% longer (generate's setup and teardown).
+    groups = [full["rests"]]
+
+    def full_again():
+        if engine.device.type == "cuda":  # (on a CPU the five alone: the probe is kept short there)
+            engine.reconfigure(**start)
+            groups.append(measure(3)["rests"])
 
     def prefill_figures():
-        rest = max(0.001, float(np.median(full_rests)) - compute)
-        how = (f"{name}: TTFT beyond host input building {float(np.median(full_rests)):.1f} ms for "
-               f"{full['prompt_tokens']} prompt tokens (median of {len(full_rests)} full-budget requests over the "
-               f"probe) minus {compute:.1f} ms of FLOPs, split fixed / per-layer in the prior's proportion at {L} layers")
+        medians = [float(np.median(g)) for g in groups]
+        rest = max(0.001, float(np.median(medians)) - compute)
+        how = (f"{name}: TTFT beyond host input building {float(np.median(medians)):.1f} ms for "
+               f"{full['prompt_tokens']} prompt tokens (the median of {len(groups)} group"
+               f"{'s' * (len(groups) > 1)} of full-budget requests over the probe: "
+               f"{', '.join(f'{m:.1f}' for m in medians)} ms) minus {compute:.1f} ms of FLOPs, split fixed / "
+               f"per-layer in the prior's proportion at {L} layers")
         out["prefill_fixed_ms"] = (rest * share, how)
         out["prefill_layer_ms"] = (rest * (1 - share) / L, how)
 
@@ -218,10 +230,11 @@ def _measure_engine(engine, info, dtype, figures, new_tokens) -> dict:
     # branch): one round each keeps the probe short there.
     rounds = {} if engine.device.type == "cuda" else dict(rounds=1)
     out.update(_generate_partial_figures(engine, info, measure, slots, record, links["generate"], **rounds))
-    out.update(_prefill_host_figures(engine, info, measure, record, links["generate"], full_rests=full_rests,
-                                     **rounds))
-    out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
+    full_again()
+    out.update(_prefill_host_figures(engine, info, measure, record, links["generate"], **rounds))
+    full_again()
     prefill_figures()
+    out["prefill_inputs_ms"] = inputs_figure()  # pooled: on a shared host one row's 8 requests took 31-77 ms (session 6)
     return out
 
 
@@ -287,8 +300,7 @@ def _generate_partial_figures(engine, info, measure, slots: int, record: int, li
 PREFILL_HOST_ROUNDS = 8
 
 
-def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS,
-                          full_rests: list | None = None) -> dict:
+def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: int = PREFILL_HOST_ROUNDS) -> dict:
     """The prefill's times below a full budget, from prefill-only (one-token) settings against the full
     budget (whose prefill takes the host path's no-readback branch):
 
@@ -340,8 +352,6 @@ def _prefill_host_figures(engine, info, measure, record: int, link_gbs, rounds: 
     for got in _in_turn(engine, measure, settings, rounds, tokens=1):
         full, warm, cold, b = (got["full"]["prefill_rest"], got["C warm"]["prefill_rest"], got["C cold"],
                                got.get("B"))
-        if full_rests is not None:  # (the caller's full-budget samples, spread over the probe)
-            full_rests.append(full)
         misses.append(max(0.001, (cold["prefill_rest"] - warm) / max(1.0, cold["prefill_misses"])))
         if grouped:
             layer.append(max(0.001, (warm - full) / L))
