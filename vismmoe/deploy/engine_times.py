@@ -255,8 +255,9 @@ def _in_turn(engine, measure, settings, rounds: int, tokens=None) -> list[dict]:
 
 # Rounds of the generate path's partial-budget figures: a full budget, the partial one with prefetch off,
 # then on, timed in turn. One probe's generate_offload_layer_ms was 1.95 ms per layer where the two before
-# had 0.45-0.50 (session 9): each figure is a difference of ms/token measured seconds apart. (Five rounds
-# since session 11: in three, the median still followed one slow round where another was slow too.)
+# had 0.45-0.50 (session 9): each figure is a difference of ms/token measured seconds apart. (Five since
+# session 11, as the prefill's rounds went to eight: two slow rounds move a median of three; one probe's
+# first round gave 1.32 ms per layer where its other four gave 0.30-0.45.)
 GENERATE_ROUNDS = 5
 
 
