@@ -34,45 +34,87 @@ def _rewrite(src, dst, transform):
     transform(dst, tensors)
 
 
-def test_legacy_fused_layout(tmp_path, qwen_checkpoint, baseline):
+def _legacy(dst, tensors):
     # Qwen3-VL hub files store gate_up [E, H, 2I] and down [E, I, H] (transformers 4 layout).
-    def legacy(dst, tensors):
-        for key in list(tensors):
-            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                tensors[key] = tensors[key].transpose(1, 2).contiguous()
-        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for key in list(tensors):
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[key] = tensors[key].transpose(1, 2).contiguous()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
-    _rewrite(qwen_checkpoint, tmp_path / "legacy", legacy)
+
+def test_legacy_fused_layout(tmp_path, qwen_checkpoint, baseline):
+    _rewrite(qwen_checkpoint, tmp_path / "legacy", _legacy)
     assert answers(tmp_path / "legacy") == baseline
 
 
 def test_per_expert_layout_sharded(tmp_path, qwen_checkpoint, baseline):
-    # Per-expert nn.Linear keys (InternVL/GLM hub style), spread over two shards with an index.
-    def per_expert(dst, tensors):
-        out = {}
-        for key, t in tensors.items():
-            if key.endswith("experts.gate_up_proj"):
-                base = key[: -len("gate_up_proj")]
-                inter = t.shape[1] // 2
-                for e in range(t.shape[0]):
-                    out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].clone()
-                    out[f"{base}{e}.up_proj.weight"] = t[e, inter:].clone()
-            elif key.endswith("experts.down_proj"):
-                base = key[: -len("down_proj")]
-                for e in range(t.shape[0]):
-                    out[f"{base}{e}.down_proj.weight"] = t[e].clone()
-            else:
-                out[key] = t
-        keys = sorted(out)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        weight_map = {}
-        for name, part in shards.items():
-            save_file({k: out[k] for k in part}, str(dst / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in part})
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-    _rewrite(qwen_checkpoint, tmp_path / "per_expert", per_expert)
+    _rewrite(qwen_checkpoint, tmp_path / "per_expert", _per_expert)
     assert answers(tmp_path / "per_expert", expert_budget=0.5) == baseline
+
+
+def _per_expert(dst, tensors):
+    # Per-expert nn.Linear keys (InternVL/GLM hub style), spread over two shards with an index.
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("experts.gate_up_proj"):
+            base = key[: -len("gate_up_proj")]
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].clone()
+                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].clone()
+        elif key.endswith("experts.down_proj"):
+            base = key[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].clone()
+        else:
+            out[key] = t
+    keys = sorted(out)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    weight_map = {}
+    for name, part in shards.items():
+        save_file({k: out[k] for k in part}, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout,positioned", [("fused", True), ("legacy", False), ("per_expert", True)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_positioned_reads_equal_the_slices(tmp_path, qwen_checkpoint, layout, positioned, dtype):
+    """A record whose blocks lie in the files as it holds them (fused transformers 5, per expert) is read with
+    positioned reads at the byte offsets of the safetensors header (at the file's dtype, then cast where the
+    store's differs); a transposed layout goes through safetensors' slices. Every record equals the slices'."""
+    model = qwen_checkpoint
+    if layout != "fused":
+        model = tmp_path / layout
+        _rewrite(qwen_checkpoint, model, _legacy if layout == "legacy" else _per_expert)
+    engine = vismmoe.load(model, dtype=dtype, store="mmap")
+    store = engine.store
+    assert all((entry is not None) == positioned for row in store._spans for entry in row)
+    for layer in range(store.num_layers):
+        for expert in range(store.num_experts):
+            via_slices = torch.empty(store.record_numel, dtype=store.dtype)
+            store._read_via_slices(layer, expert, via_slices)
+            assert torch.equal(store.record(layer, expert), via_slices), (layer, expert)
+    engine.close()
+
+
+def test_a_checkpoint_cut_short_under_an_mmap_store_raises_a_clear_error(tmp_path, qwen_checkpoint):
+    """A file that loses its tail while an mmap store reads from it (rewritten in place) gives ModelLoadError
+    naming the file, where a memory map of it would fault; the records before the cut still read."""
+    from vismmoe.errors import ModelLoadError
+
+    shutil.copytree(qwen_checkpoint, tmp_path / "m")
+    engine = vismmoe.load(tmp_path / "m", store="mmap")
+    store = engine.store
+    spans = [(offset, layer, expert) for layer, row in enumerate(store._spans)
+             for expert, (_, blocks) in enumerate(row) for _, offset, _, _ in blocks]
+    last, first = max(spans), min(spans)
+    with open(tmp_path / "m" / "model.safetensors", "r+b") as f:
+        f.truncate(last[0] + 16)
+    with pytest.raises(ModelLoadError, match="model.safetensors ends at byte .* truncated"):
+        store.record(last[1], last[2])
+    assert store.record(first[1], first[2]).numel() == store.record_numel
+    engine.close()
 
 
 @pytest.mark.parametrize("store", ["memory", "mmap"])

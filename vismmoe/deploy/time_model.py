@@ -126,10 +126,12 @@ def read_ms(profile: DeviceProfile, store: str, B: int) -> float:
 
 def record_read_ms(profile: DeviceProfile, B: int) -> float:
     """ms one mmap read of a `B`-byte record holds the host: its bytes at the disk's rate, or, where longer,
-    the host's own floor for a read from the page cache (mmap_read_ms, probed on the model's records:
-    safetensors' slice and the copy into a staging buffer). The floor is fixed work per read: easy-VQA's
-    96 KiB records took 0.11-0.20 ms each on the H200 host, where a Jetson's NVMe rate gives 0.033 (its
-    emulated 25% row's TTFT ran 1.21-1.30x the prediction that charged the disk rate alone, session 10)."""
+    the host's own floor for a read from the page cache (mmap_read_ms, probed on the model's records: the
+    store's read into a staging buffer). The floor is fixed work per read: easy-VQA's 96 KiB records took
+    0.11-0.20 ms each on the H200 host through safetensors' slices, where a Jetson's NVMe rate gives 0.033
+    (its emulated 25% row's TTFT ran 1.21-1.30x the prediction that charged the disk rate alone, session 10);
+    positioned reads since session 11 (offload/store.py) take 30-45% of the slices' time on the CPU box
+    (eval/bench_record_reads.py)."""
     return max(B / (profile["disk_read_gbs"] * GB) * 1e3, profile.get("mmap_read_ms", 0.0))
 
 

@@ -9,11 +9,19 @@ Checkpoint layouts accepted (detected per key and by shape):
   * fused, transformers 4 / Qwen3-VL hub files: `[E, H, 2I]`, `[E, I, H]` (transposed per expert)
   * per expert: `...experts.{j}.gate_proj.weight [I, H]`, `up_proj`, `down_proj [H, I]`
     (Mixtral's `w1`/`w3`/`w2` are the same three).
+
+Where a record's blocks lie in the files as the record holds them (the same dtype, not transposed: the
+fused transformers 5 layout, per-expert keys of an untransposed model) it is read with positioned reads
+(os.preadv) straight into the record's memory, at the byte offsets the safetensors header gives: no
+tensor is made on the way, and a cold read is one large read per block rather than the page faults of a
+memory map. Other layouts go through safetensors' slices and a copy (a transpose or a dtype cast).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import threading
 import weakref
@@ -64,6 +72,13 @@ class ExpertStore:
         # mmap reads under emulation (deploy/emulate.py): each read is timed and held to the emulated disk's time
         self.read_pacer = None
         self._sources = _index_checkpoint(layout, files)
+        # Per (layer, expert): the file's dtype and the record's blocks as (file, file offset, record byte
+        # offset, bytes) where every block can be read as it lies (else None: safetensors' slices and a copy).
+        # Opened files stay open until close(); an mmap store reads through them at every miss.
+        self._spans = _direct_spans(self._sources, layout, files)
+        self._files: dict[str, int] = {}
+        self._cast_buffers: dict[torch.dtype, torch.Tensor] = {}  # a file dtype's record, cast from (one reader)
+        self._close_files = weakref.finalize(self, _close_all, self._files)
         if mode == "mmap":
             self.slab = None
         else:
@@ -72,6 +87,8 @@ class ExpertStore:
                 for expert in range(self.num_experts):
                     self._read_into(layer, expert, self.slab[layer, expert])
             self._handles.clear()
+            self._close_files()
+            self._close_files = weakref.finalize(self, _close_all, self._files)
             if pin and _pin_in_place(self.slab):
                 self.pinned = True
                 # Unregister before the slab's memory goes back to the allocator, even when the store
@@ -120,6 +137,7 @@ class ExpertStore:
 
     def close(self):
         self._handles.clear()
+        self._close_files()
         if self.pinned:
             self._unpin()
             self.pinned = False
@@ -134,6 +152,29 @@ class ExpertStore:
         return handle
 
     def _read_into(self, layer: int, expert: int, out: torch.Tensor) -> None:
+        entry = self._spans[layer][expert]
+        if entry is None or not out.is_contiguous() or out.device.type != "cpu":
+            self._read_via_slices(layer, expert, out)
+            return
+        dtype, spans = entry
+        target = out
+        if dtype != out.dtype:  # (read at the file's dtype, then cast: one reader at a time, under the caller)
+            target = self._cast_buffers.get(dtype)
+            if target is None:
+                target = self._cast_buffers[dtype] = torch.empty(self.record_numel, dtype=dtype)
+        buffer = memoryview(target.view(torch.uint8).numpy())
+        for file, offset, at, nbytes in spans:
+            _pread_into(self._fd(file), buffer[at : at + nbytes], offset, file)
+        if target is not out:
+            out.copy_(target)
+
+    def _fd(self, file: str) -> int:
+        fd = self._files.get(file)
+        if fd is None:
+            fd = self._files[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def _read_via_slices(self, layer: int, expert: int, out: torch.Tensor) -> None:
         source = self._sources[layer][expert]
         gate_up, down = self.split(out)
 
@@ -162,6 +203,78 @@ class ExpertStore:
                 f"expert {expert} of MoE layer {layer} in {source.keys['down_proj'][0]} does not match the model config "
                 f"({exc}); the checkpoint and config.json disagree"
             ) from None
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _tensor_offsets(path: str) -> dict:
+    """A safetensors file's tensors: {key: (torch dtype or None, shape, file offset, bytes)}. (The format: an
+    8-byte little-endian header length, a JSON header with each tensor's data_offsets, then the data.)"""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = {}
+    for key, entry in header.items():
+        if key != "__metadata__":
+            begin, end = entry["data_offsets"]
+            out[key] = (_SAFETENSORS_DTYPES.get(entry["dtype"]), tuple(entry["shape"]), 8 + size + begin, end - begin)
+    return out
+
+
+def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
+    """Per layer, per expert: (the file's dtype, the record's blocks as (file, file offset, record byte offset,
+    bytes) at that dtype) where each block lies in its file as the record holds it (fused and not transposed,
+    or per expert in an untransposed model; one float dtype), else None. All None without os.preadv."""
+    if not hasattr(os, "preadv"):
+        return [[None] * layout.num_experts for _ in layout.layers]
+    offsets = {str(path): _tensor_offsets(str(path)) for path in files}
+    gate_up = layout.gate_up_shape[0] * layout.gate_up_shape[1]  # (elements)
+    down = layout.down_shape[0] * layout.down_shape[1]
+    table = []
+    for row in sources:
+        spans_row = []
+        for expert, source in enumerate(row):
+            if source.kind == "fused":
+                parts = [("gate_up_proj", 0, gate_up), ("down_proj", gate_up, down)]
+            elif not layout.is_transposed:  # gate and up stacked on the first axis: two halves of gate_up
+                parts = [("gate_proj", 0, gate_up // 2), ("up_proj", gate_up // 2, gate_up // 2),
+                         ("down_proj", gate_up, down)]
+            else:
+                parts = []
+            found = [offsets[source.keys[part][0]][source.keys[part][1]] for part, _, _ in parts]
+            dtypes = {dtype for dtype, _, _, _ in found}
+            if not parts or len(dtypes) != 1 or None in dtypes or any(source.transposed[part] for part, _, _ in parts):
+                spans_row.append(None)
+                continue
+            (dtype,) = dtypes
+            element = torch.empty((), dtype=dtype).element_size()
+            spans = []
+            for (part, at, numel), (_, shape, offset, total) in zip(parts, found):
+                experts = shape[0] if source.kind == "fused" else 1
+                if total != experts * numel * element:
+                    break
+                spans.append((source.keys[part][0], offset + (expert * numel * element if source.kind == "fused" else 0),
+                              at * element, numel * element))
+            spans_row.append((dtype, spans) if len(spans) == len(parts) else None)
+        table.append(spans_row)
+    return table
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, file: str) -> None:
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            raise ModelLoadError(f"{file} ends at byte {offset + done}, inside an expert's weights (its header "
+                                 f"says {offset + len(buffer)}): the file is truncated; download it again")
+        done += got
+
+
+def _close_all(files: dict) -> None:
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
 
 
 def _index_checkpoint(layout: MoeLayout, files: list[Path]) -> list[list[ExpertSource]]:
