@@ -77,16 +77,29 @@ def _per_expert(dst, tensors):
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("layout,positioned", [("fused", True), ("legacy", False), ("per_expert", True)])
+def _bf16_experts(dst, tensors):
+    # A hub checkpoint's usual case: the expert weights stored in bfloat16.
+    for key in list(tensors):
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[key] = tensors[key].to(torch.bfloat16)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+_LAYOUTS = {"legacy": _legacy, "per_expert": _per_expert, "fused_bf16": _bf16_experts}
+
+
+@pytest.mark.parametrize("layout,positioned", [("fused", True), ("fused_bf16", True), ("legacy", False),
+                                               ("per_expert", True)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_positioned_reads_equal_the_slices(tmp_path, qwen_checkpoint, layout, positioned, dtype):
     """A record whose blocks lie in the files as it holds them (fused transformers 5, per expert) is read with
     positioned reads at the byte offsets of the safetensors header (at the file's dtype, then cast where the
-    store's differs); a transposed layout goes through safetensors' slices. Every record equals the slices'."""
+    store's differs: float32 and bfloat16 files, both store dtypes); a transposed layout goes through
+    safetensors' slices. Every record equals the slices'."""
     model = qwen_checkpoint
     if layout != "fused":
         model = tmp_path / layout
-        _rewrite(qwen_checkpoint, model, _legacy if layout == "legacy" else _per_expert)
+        _rewrite(qwen_checkpoint, model, _LAYOUTS[layout])
     engine = vismmoe.load(model, dtype=dtype, store="mmap")
     store = engine.store
     assert all((entry is not None) == positioned for row in store._spans for entry in row)
@@ -109,12 +122,39 @@ def test_a_checkpoint_cut_short_under_an_mmap_store_raises_a_clear_error(tmp_pat
     spans = [(offset, layer, expert) for layer, row in enumerate(store._spans)
              for expert, (_, blocks) in enumerate(row) for _, offset, _, _ in blocks]
     last, first = max(spans), min(spans)
+    before = store.record(first[1], first[2]).clone()
     with open(tmp_path / "m" / "model.safetensors", "r+b") as f:
         f.truncate(last[0] + 16)
     with pytest.raises(ModelLoadError, match="model.safetensors ends at byte .* truncated"):
         store.record(last[1], last[2])
-    assert store.record(first[1], first[2]).numel() == store.record_numel
+    assert torch.equal(store.record(first[1], first[2]), before)
     engine.close()
+
+
+def test_a_per_expert_block_of_the_wrong_shape_is_named_not_read(tmp_path, qwen_checkpoint):
+    """Per-expert keys (Mixtral's w1/w3/w2 names) with w2 stored [I, H] where the model holds [H, I]: the
+    bytes add up, but the positioned path leaves it to the slices' copy, which names the mismatch (loading
+    the store reads every record)."""
+    from vismmoe.errors import ModelLoadError
+
+    def mixtral_names_w2_transposed(dst, tensors):
+        out = {}
+        for key, t in tensors.items():
+            if key.endswith("experts.gate_up_proj"):
+                base, inter = key[: -len("gate_up_proj")], t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{base}{e}.w1.weight"], out[f"{base}{e}.w3.weight"] = t[e, :inter].clone(), t[e, inter:].clone()
+            elif key.endswith("experts.down_proj"):
+                base = key[: -len("down_proj")]
+                for e in range(t.shape[0]):
+                    out[f"{base}{e}.w2.weight"] = t[e].t().contiguous()
+            else:
+                out[key] = t
+        save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+    _rewrite(qwen_checkpoint, tmp_path / "m", mixtral_names_w2_transposed)
+    with pytest.raises(ModelLoadError, match="does not match the model config"):
+        vismmoe.load(tmp_path / "m", store="memory")
 
 
 @pytest.mark.parametrize("store", ["memory", "mmap"])

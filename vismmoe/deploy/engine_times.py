@@ -115,7 +115,7 @@ def _mmap_read_figure(model_dir, engine, samples: int = MMAP_READ_SAMPLES) -> di
         store.close()
     return {"mmap_read_ms": (max(0.001, float(np.median(times))),
                              f"{Path(model_dir).name}: one {store.record_bytes / 2**10:.0f} KiB expert record read "
-                             f"through an mmap store from the page cache (safetensors slice + copy), median of "
+                             f"through an mmap store from the page cache (the store's read into a staging buffer), median of "
                              f"{len(times)} records on a second pass")}
 
 

@@ -10,11 +10,12 @@ Checkpoint layouts accepted (detected per key and by shape):
   * per expert: `...experts.{j}.gate_proj.weight [I, H]`, `up_proj`, `down_proj [H, I]`
     (Mixtral's `w1`/`w3`/`w2` are the same three).
 
-Where a record's blocks lie in the files as the record holds them (the same dtype, not transposed: the
-fused transformers 5 layout, per-expert keys of an untransposed model) it is read with positioned reads
-(os.preadv) straight into the record's memory, at the byte offsets the safetensors header gives: no
-tensor is made on the way, and a cold read is one large read per block rather than the page faults of a
-memory map. Other layouts go through safetensors' slices and a copy (a transpose or a dtype cast).
+Where a record's blocks lie in the files as the record holds them (not transposed: the fused
+transformers 5 layout, per-expert keys of an untransposed model; one float dtype) it is read with
+positioned reads (os.preadv) at the byte offsets the safetensors header gives: straight into the record's
+memory, or into a buffer at the file's dtype and cast from there. No tensor is made on the way, and a cold
+read is one large read per block rather than the page faults of a memory map. Transposed layouts go
+through safetensors' slices and a copy (the transpose).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -78,7 +80,7 @@ class ExpertStore:
         self._spans = _direct_spans(self._sources, layout, files)
         self._files: dict[str, int] = {}
         self._cast_buffers: dict[torch.dtype, torch.Tensor] = {}  # a file dtype's record, cast from (one reader)
-        self._close_files = weakref.finalize(self, _close_all, self._files)
+        weakref.finalize(self, _close_all, self._files)  # (a store dropped without close())
         if mode == "mmap":
             self.slab = None
         else:
@@ -87,8 +89,8 @@ class ExpertStore:
                 for expert in range(self.num_experts):
                     self._read_into(layer, expert, self.slab[layer, expert])
             self._handles.clear()
-            self._close_files()
-            self._close_files = weakref.finalize(self, _close_all, self._files)
+            _close_all(self._files)
+            self._cast_buffers.clear()
             if pin and _pin_in_place(self.slab):
                 self.pinned = True
                 # Unregister before the slab's memory goes back to the allocator, even when the store
@@ -136,8 +138,9 @@ class ExpertStore:
         return gate_up, down
 
     def close(self):
-        self._handles.clear()
-        self._close_files()
+        with self._read_lock:  # (not under a reader's feet)
+            self._handles.clear()
+            _close_all(self._files)
         if self.pinned:
             self._unpin()
             self.pinned = False
@@ -162,7 +165,8 @@ class ExpertStore:
             target = self._cast_buffers.get(dtype)
             if target is None:
                 target = self._cast_buffers[dtype] = torch.empty(self.record_numel, dtype=dtype)
-        buffer = memoryview(target.view(torch.uint8).numpy())
+        assert target.numel() == self.record_numel, "a record is read into a 1-D buffer of record_numel"
+        buffer = memoryview(target.view(torch.uint8).numpy()).cast("B")
         for file, offset, at, nbytes in spans:
             _pread_into(self._fd(file), buffer[at : at + nbytes], offset, file)
         if target is not out:
@@ -226,7 +230,7 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
     """Per layer, per expert: (the file's dtype, the record's blocks as (file, file offset, record byte offset,
     bytes) at that dtype) where each block lies in its file as the record holds it (fused and not transposed,
     or per expert in an untransposed model; one float dtype), else None. All None without os.preadv."""
-    if not hasattr(os, "preadv"):
+    if not hasattr(os, "preadv") or sys.byteorder != "little":  # (safetensors' data is little-endian)
         return [[None] * layout.num_experts for _ in layout.layers]
     offsets = {str(path): _tensor_offsets(str(path)) for path in files}
     gate_up = layout.gate_up_shape[0] * layout.gate_up_shape[1]  # (elements)
@@ -252,7 +256,11 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
             spans = []
             for (part, at, numel), (_, shape, offset, total) in zip(parts, found):
                 experts = shape[0] if source.kind == "fused" else 1
-                if total != experts * numel * element:
+                # (each block's shape as the record holds it: a per-expert file's shapes are not checked
+                # elsewhere, and a wrong one must reach the slices' copy, which names it)
+                want = (layout.down_shape if part == "down_proj" else layout.gate_up_shape if part == "gate_up_proj"
+                        else (layout.gate_up_shape[0] // 2, layout.gate_up_shape[1]))
+                if tuple(shape[1:] if source.kind == "fused" else shape) != tuple(want) or total != experts * numel * element:
                     break
                 spans.append((source.keys[part][0], offset + (expert * numel * element if source.kind == "fused" else 0),
                               at * element, numel * element))
