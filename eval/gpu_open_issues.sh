@@ -57,7 +57,8 @@
 #   PHASE=s13     one GPU (session 10): the probe's per-miss figure from cold one-wave loads; the bundled model's
 #                 3 rounds first, then the bench model's rounds (ROUNDS_BENCH, default 1) with what is left;
 #                 ORDER=bench runs the bench rounds (default 2) first; ROUNDS_BENCH=0 builds no bench model.
-#                 eval/sleep_overshoot.py first (session 11: how late a sleep wakes; pace_read spins its waits).
+#                 eval/sleep_overshoot.py and eval/bench_record_reads.py first (session 11: how late a sleep
+#                 wakes, as pace_read now spins its waits; the store's positioned reads against the slices).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
 #                 profile_static --interleaved (issue 12's 25% target), then the emulation GPU tests.
 set -u
@@ -454,6 +455,8 @@ elif [ "$PHASE" = s13 ]; then
         fi
         # how late time.sleep wakes on this host (emulation holds mmap reads by wall clock), ~10 s
         step sleep_overshoot 30 python3 eval/sleep_overshoot.py --out "$WORK/sleep_overshoot"
+        # an mmap store's record reads on this host: positioned reads against safetensors' slices (seconds)
+        step record_reads 60 python3 eval/bench_record_reads.py --dtype bfloat16 --out "$WORK/record_reads"
         if [ "${ORDER:-bundled}" = bundled ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 "${BENCH_S:-190}"
             rounds_of bench "${ROUNDS_BENCH:-1}" 200 0
@@ -462,7 +465,8 @@ elif [ "$PHASE" = s13 ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 0
         fi
     } > "$OUT/gpu0.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot 2>/dev/null
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot record_reads \
+        2>/dev/null
 elif [ "$PHASE" = s12 ]; then
     # written in session 9 for the next: what slows the full-budget rows against the probe (the probe's engine,
     # a row's with and without emulation, a 25% row's, in turn), then the bench rows once with the generate
