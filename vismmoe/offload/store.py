@@ -260,10 +260,11 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
                 # elsewhere, and a wrong one must reach the slices' copy, which names it)
                 want = (layout.down_shape if part == "down_proj" else layout.gate_up_shape if part == "gate_up_proj"
                         else (layout.gate_up_shape[0] // 2, layout.gate_up_shape[1]))
-                if tuple(shape[1:] if source.kind == "fused" else shape) != tuple(want) or total != experts * numel * element:
+                block = tuple(shape[1:] if source.kind == "fused" else shape)
+                if block != tuple(want) or total != experts * numel * element:
                     break
-                spans.append((source.keys[part][0], offset + (expert * numel * element if source.kind == "fused" else 0),
-                              at * element, numel * element))
+                start = offset + (expert * numel * element if source.kind == "fused" else 0)
+                spans.append((source.keys[part][0], start, at * element, numel * element))
             spans_row.append((dtype, spans) if len(spans) == len(parts) else None)
         table.append(spans_row)
     return table
