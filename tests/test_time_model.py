@@ -98,6 +98,17 @@ def test_planner_replays_count_the_steady_state_not_the_first_request():
     assert one["prefill_misses"] == pytest.approx(first.misses - first.decode_misses)
 
 
+# The fake engine's decode ms/token and misses per token by (full budget, decode path[, prefetch]), and the
+# machine figures the probe's engine times are measured against.
+_PROBE_TIMES = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
+                (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
+
+
+def _probe_figures() -> dict:
+    return {name: dict(value=v, source="measured", ref="") for name, v in
+            dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+
+
 class _FakeConfig(dict):
     """The engine's config as the probe reads it (attributes), kept as a dict by the fake."""
 
@@ -186,11 +197,9 @@ def test_probe_partial_budget_figures_take_the_misses_copies_out(info):
     L, record = info.num_moe_layers, info.expert_bytes("bfloat16")
     # (at a full budget the generate path's prefetch costs too: the rounds' full budget must run it off, as the
     # partial budget they subtract it from)
-    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
-             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
+    times = dict(_PROBE_TIMES)
     engine = _FakeEngine(times, record)
-    figures = {name: dict(value=v, source="measured", ref="") for name, v in
-               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    figures = _probe_figures()
     out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
     static_copy, host_copy = record / 50e9 * 1e3, record / 25e9 * 1e3
     assert out["offload_layer_ms"][0] == pytest.approx((0.45 - 0.30 - 2.0 * static_copy) / L, rel=1e-6)
@@ -244,10 +253,8 @@ def test_probe_prefill_host_figures_pair_each_round_against_the_host_mode(info):
     from vismmoe.deploy.engine_times import _measure_engine
 
     record = info.expert_bytes("bfloat16")
-    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
-             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
-    figures = {name: dict(value=v, source="measured", ref="") for name, v in
-               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    times = dict(_PROBE_TIMES)
+    figures = _probe_figures()
     engine = _FakeEngine(times, record)
     calls = []
 
@@ -276,10 +283,8 @@ def test_probe_full_budget_prefill_figure_is_a_median_over_the_whole_probe(info)
     from vismmoe.deploy.engine_times import _measure_engine
 
     record = info.expert_bytes("bfloat16")
-    times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (True, "generate", True): (8.6, 0.0),
-             (False, "auto"): (0.45, 2.0), (False, "generate"): (17.0, 3.0), (False, "generate", True): (29.0, 2.6)}
-    figures = {name: dict(value=v, source="measured", ref="") for name, v in
-               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    times = dict(_PROBE_TIMES)
+    figures = _probe_figures()
     got = []
     for slow_first in (0, 7):  # (7: the two warm-ups and the five timed requests at a full budget, 40 ms slow)
         engine = _FakeEngine(times, record)
@@ -310,8 +315,7 @@ def test_probe_prefill_figures_where_every_layer_loops(info, monkeypatch):
     record = info.expert_bytes("bfloat16")
     times = {(True, "auto"): (0.30, 0.0), (True, "generate"): (8.0, 0.0), (False, "auto"): (0.45, 2.0),
              (False, "generate"): (17.0, 3.0)}
-    figures = {name: dict(value=v, source="measured", ref="") for name, v in
-               dict(memory_bandwidth_gbs=3000.0, bf16_tflops=600.0, copy_kernel_gbs=50.0, h2d_pinned_gbs=25.0).items()}
+    figures = _probe_figures()
     engine = _FakeEngine(times, record)
     engine.C_LOOPS = True  # (and B, were it timed, fails the fake's assertion)
     out = _measure_engine(engine, info, "bfloat16", figures, new_tokens=16)
