@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import vismmoe  # noqa: E402
+from eval.common import REPO, write_report  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+import vismmoe  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     row["ratio"] = round(row["positioned_us"] / row["slices_us"], 3)
     print(json.dumps(row))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_record_reads.json").write_text(json.dumps(row, indent=1))
+        write_report(args.out, "bench_record_reads", row)
     return 0
 
 

@@ -9,16 +9,18 @@ beside it a spin to the same deadline (what pace_read does within Emulation.SPIN
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.common import write_report  # noqa: E402
+
+from vismmoe.deploy.emulate import _yield  # noqa: E402  (pace_read's spin yields the GIL with it)
+
 SLEEPS_MS = (0.5, 1.0, 2.6, 5.0)
-_yield = getattr(os, "sched_yield", lambda: None)  # as pace_read's spin
 
 
 def lateness(seconds: float, repeats: int, spin: bool) -> np.ndarray:
@@ -55,8 +57,7 @@ def main(argv=None) -> int:
         print(f"| {r['wait_ms']} | {r['how']} | {r['late_ms_p50']:.3f} | {r['late_ms_p90']:.3f} | {r['late_ms_p99']:.3f} "
               f"| {r['late_ms_max']:.3f} | {r['late_ms_mean']:.3f} |")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sleep_overshoot.json").write_text(json.dumps(rows, indent=1))
+        write_report(args.out, "sleep_overshoot", rows)
     return 0
 
 
