@@ -56,7 +56,8 @@
 #                 the rows'), then s11's bench round and bundled rounds.
 #   PHASE=s13     one GPU (session 10): the probe's per-miss figure from cold one-wave loads; the bundled model's
 #                 3 rounds first, then the bench model's rounds (ROUNDS_BENCH, default 1) with what is left;
-#                 ORDER=bench runs the bench rounds (default 2) first; ROUNDS_BENCH=0 builds no bench model.
+#                 ORDER=bench runs the bench rounds (default 2) first; ROUNDS_BENCH=0 builds no bench model;
+#                 BENCH_DEADLINE_S (default 200) is a bench round's --deadline-s (a cold machine probes for ~120 s).
 #                 eval/sleep_overshoot.py and eval/bench_record_reads.py first (session 11: how late a sleep
 #                 wakes, as pace_read now spins its waits; the store's positioned reads against the slices).
 #   PHASE=quiet   one GPU (kind nvidia-h200), every job alone on the host: the planner's validation, then
@@ -457,15 +458,16 @@ elif [ "$PHASE" = s13 ]; then
         step sleep_overshoot 30 python3 eval/sleep_overshoot.py --out "$WORK/sleep_overshoot"
         # an mmap store's record reads on this host: positioned reads against safetensors' slices (seconds)
         step record_reads 60 python3 eval/bench_record_reads.py --dtype bfloat16 --out "$WORK/record_reads"
+        step record_reads_f32 60 python3 eval/bench_record_reads.py --dtype float32 --out "$WORK/record_reads_f32"
         if [ "${ORDER:-bundled}" = bundled ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 "${BENCH_S:-190}"
-            rounds_of bench "${ROUNDS_BENCH:-1}" 200 0
+            rounds_of bench "${ROUNDS_BENCH:-1}" "${BENCH_DEADLINE_S:-200}" 0
         else
-            rounds_of bench "${ROUNDS_BENCH:-2}" 200 "${BUNDLED_S:-70}"
+            rounds_of bench "${ROUNDS_BENCH:-2}" "${BENCH_DEADLINE_S:-200}" "${BUNDLED_S:-70}"
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 0
         fi
     } > "$OUT/gpu0.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot record_reads \
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot record_reads record_reads_f32 \
         2>/dev/null
 elif [ "$PHASE" = s12 ]; then
     # written in session 9 for the next: what slows the full-budget rows against the probe (the probe's engine,

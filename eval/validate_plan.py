@@ -46,7 +46,7 @@ from eval.common import BENCH_PROMPT, REPO, device_name, free_memory, output_dir
 import vismmoe  # noqa: E402
 from vismmoe.deploy.engine_times import with_engine_times  # noqa: E402
 from vismmoe.deploy.model_info import model_info  # noqa: E402
-from vismmoe.deploy.planner import _times, make_plan, memory_cap_for  # noqa: E402
+from vismmoe.deploy.planner import WARMUP_REQUESTS, _times, make_plan, memory_cap_for  # noqa: E402
 from vismmoe.deploy.probe import probe  # noqa: E402
 from vismmoe.deploy.profiles import load_profile, parse_profile  # noqa: E402
 from vismmoe.offload.trace import load_trace  # noqa: E402
@@ -161,7 +161,7 @@ def read_through(model_dir, chunk: int = 64 * 2**20) -> int:
     return done
 
 
-def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: int = 2,
+def measure(model_dir, engine_config: dict, reqs, new_tokens, device, warmup: int = WARMUP_REQUESTS,
             collect_before: bool = True) -> dict:
     """Load the planned config, `warmup` requests (JIT builds, the decode graph's capture, the allocator's
     first segments, the miss path's first copies), then each of the other `reqs` timed on its own: the
@@ -259,7 +259,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--requests", type=int, default=8, help="timed requests per setting (after the warm-ups); "
                     "the rows report their median and spread")
-    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests per setting before the timed ones")
+    ap.add_argument("--warmup", type=int, default=WARMUP_REQUESTS, help="warm-up requests per setting before the "
+                    "timed ones (the planner's replays leave out as many of the trace's first requests)")
     ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace "
                     "(the planner's replay counts from the second; with 8, most counted requests still warmed a "
                     "large cache: 28 prefill misses predicted per request where the engine settled at 5-14, session 8)")

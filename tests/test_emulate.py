@@ -424,7 +424,7 @@ def test_mmap_reads_are_the_misses_and_the_decode_steps_prefetch_copies(qwen_che
     copies per decode token as the engine made them (it once scaled them by the decode steps' share of all
     misses: 0.025 copies per token predicted on the bench model where 1.0 were read, session 7)."""
     from vismmoe.deploy.model_info import model_info
-    from vismmoe.deploy.planner import _Simulator
+    from vismmoe.deploy.planner import WARMUP_REQUESTS, _Simulator
     from vismmoe.offload.trace import load_trace
 
     engine = vismmoe.load(qwen_checkpoint, device="cpu", expert_budget=0.5, store="mmap", decode="generate",
@@ -452,7 +452,7 @@ def test_mmap_reads_are_the_misses_and_the_decode_steps_prefetch_copies(qwen_che
     engine.stop_trace(tmp_path / "trace.npz")
     slots = engine.num_slots
     engine.close()
-    later = per_request[1:]  # the planner counts the steady state: the trace's first request is left out
+    later = per_request[WARMUP_REQUESTS:]  # the planner counts a warm engine: the trace's first requests are left out
     steps = sum(n for _, _, n in later)
     assert sum(c for _, c, _ in later) > 0, "no prefetch copies: the test would not tell"
     got = _Simulator(load_trace(tmp_path / "trace.npz"), model_info(qwen_checkpoint)).run("lru", slots, "trace")

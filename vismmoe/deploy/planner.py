@@ -371,19 +371,29 @@ def _simulator(trace, model: ModelInfo) -> "_Simulator":
     return sim
 
 
+# The requests a replay leaves out before it counts: a running engine's first requests fill its cache.
+# eval/validate_plan.py warms each engine with as many before it times one.
+WARMUP_REQUESTS = 2
+
+
 class _Simulator:
-    """Replays of one trace, memoised: misses per decode token and per request's prefill, in a server's
-    steady state: the trace's first request fills the empty cache and is not counted (simulate's
-    measure_from), as a running engine's earlier requests have filled it (eval/validate_plan.py measures
-    after warm-up requests). Counting it overstated the prefill misses of a short trace: the bench model's
-    8-request trace predicted 80-89 prefill misses per request at 40-47% budgets, where the engine missed
-    10-40 after its warm-ups (session 6); a long trace (the bundled model's 9,673 requests) hardly moves."""
+    """Replays of one trace, memoised: misses per decode token and per request's prefill, in a warm engine:
+    the trace's first WARMUP_REQUESTS requests fill the empty cache and are not counted (simulate's
+    measure_from), as a running engine's earlier requests have filled it (eval/validate_plan.py times
+    requests after as many warm-ups). A trace of fewer requests leaves out its first (one of two) or none
+    (one alone).
+    Counting the first overstated the prefill misses of a short trace: the bench model's 8-request trace
+    predicted 80-89 prefill misses per request at 40-47% budgets, where the engine missed 10-40 after its
+    warm-ups (session 6). Near a full budget one request does not fill the cache either: with 721 of 1,536
+    slots, the engine's second request missed about 70 experts and its third to tenth 46, 31, 21, 10, 13,
+    10, 5 and 7 (session 12), so counting the trace's second request put 17.5 misses on each where the timed
+    requests' median was 11.5. A long trace (the bundled model's 9,673 requests) hardly moves."""
 
     def __init__(self, trace, model: ModelInfo):
         # replayed as the planned engine prefetches: in decode steps only (it writes no prefetch_prefill)
         self.trace, self.model = trace.decode_predictions_only(), model
         L = trace.meta.num_layers
-        self.measure_from = 1 if trace.num_requests > 1 else 0
+        self.measure_from = min(WARMUP_REQUESTS, max(0, trace.num_requests - 1))
         self.counted_requests = trace.num_requests - self.measure_from
         decode_groups = (trace.group_step > 0) & (trace.group_request >= self.measure_from)
         self.decode_tokens = max(1, int(decode_groups.sum()) // L)
