@@ -14,8 +14,10 @@ Where a record's blocks lie in the files as the record holds them (not transpose
 transformers 5 layout, per-expert keys of an untransposed model; one float dtype) it is read with
 positioned reads (os.preadv) at the byte offsets the safetensors header gives: straight into the record's
 memory, or into a buffer at the file's dtype and cast from there. No tensor is made on the way, and a cold
-read is one large read per block rather than the page faults of a memory map. Transposed layouts go
-through safetensors' slices and a copy (the transpose).
+read is one large read per block rather than the page faults of a memory map. That wins for small records
+only (POSITIONED_READ_MAX_BYTES): a large one is copied faster from safetensors' memory map by torch's
+threads than by one read's kernel copy. Transposed layouts and large records go through safetensors'
+slices and a copy (the transpose, if any).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ _PER_EXPERT_RE = re.compile(
     r"(?:^|\.)layers\.(\d+)\.[a-z_]+\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
 )
 _PER_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+# The largest record (at the file's dtype) read with positioned reads. Below it they cost less than the slices
+# (easy-VQA's 192 KiB float32 records from the page cache: 0.29x the slices' time on a 2-core host, 0.45-0.49x
+# on the H200's host, session 12; read at float32 and cast to bfloat16: 0.45x, and 0.68-1.14x there); above it
+# one thread's kernel copy loses to torch's threaded copy from the memory map: the bench model's 9 MiB records took 1.0-1.2 ms a read against 0.16 ms, and a pinned store's load
+# 3.8-5.0 s against 2.0-2.6 s (H200 host, sessions 12 and 11). On a 2-core host the two cross near 1 MiB.
+POSITIONED_READ_MAX_BYTES = 256 * 2**10
 
 
 def is_expert_key(key: str) -> bool:
@@ -229,7 +237,8 @@ def _tensor_offsets(path: str) -> dict:
 def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
     """Per layer, per expert: (the file's dtype, the record's blocks as (file, file offset, record byte offset,
     bytes) at that dtype) where each block lies in its file as the record holds it (fused and not transposed,
-    or per expert in an untransposed model; one float dtype), else None. All None without os.preadv."""
+    or per expert in an untransposed model; one float dtype) and the record is at most POSITIONED_READ_MAX_BYTES
+    there, else None. All None without os.preadv."""
     if not hasattr(os, "preadv") or sys.byteorder != "little":  # (safetensors' data is little-endian)
         return [[None] * layout.num_experts for _ in layout.layers]
     offsets = {str(path): _tensor_offsets(str(path)) for path in files}
@@ -265,7 +274,8 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
                     break
                 start = offset + (expert * numel * element if source.kind == "fused" else 0)
                 spans.append((source.keys[part][0], start, at * element, numel * element))
-            spans_row.append((dtype, spans) if len(spans) == len(parts) else None)
+            small = sum(nbytes for _, _, _, nbytes in spans) <= POSITIONED_READ_MAX_BYTES
+            spans_row.append((dtype, spans) if len(spans) == len(parts) and small else None)
         table.append(spans_row)
     return table
 
