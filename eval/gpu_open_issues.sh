@@ -459,6 +459,9 @@ elif [ "$PHASE" = s13 ]; then
         # an mmap store's record reads on this host: positioned reads against safetensors' slices (seconds)
         step record_reads 60 python3 eval/bench_record_reads.py --dtype bfloat16 --out "$WORK/record_reads"
         step record_reads_f32 60 python3 eval/bench_record_reads.py --dtype float32 --out "$WORK/record_reads_f32"
+        # where positioned reads and the slices cross on this host (store.POSITIONED_READ_MAX_BYTES), seconds
+        step read_sizes 60 python3 eval/bench_record_reads.py --sizes 64,128,256,512,1024,2048,8192 --passes 3 \
+            --out "$WORK/read_sizes"
         if [ "${ORDER:-bundled}" = bundled ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 "${BENCH_S:-190}"
             rounds_of bench "${ROUNDS_BENCH:-1}" "${BENCH_DEADLINE_S:-200}" 0
@@ -467,7 +470,7 @@ elif [ "$PHASE" = s13 ]; then
             rounds_of bundled "${ROUNDS_BUNDLED:-3}" 150 0
         fi
     } > "$OUT/gpu0.log" 2>&1
-    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot record_reads record_reads_f32 \
+    tar -C "$WORK" -czf "$OUT/results.tgz" --exclude='*.npz' rounds_bench rounds_bundled sleep_overshoot record_reads record_reads_f32 read_sizes \
         2>/dev/null
 elif [ "$PHASE" = s12 ]; then
     # written in session 9 for the next: what slows the full-budget rows against the probe (the probe's engine,

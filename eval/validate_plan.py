@@ -262,7 +262,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=WARMUP_REQUESTS, help="warm-up requests per setting before the "
                     "timed ones (the planner's replays leave out as many of the trace's first requests)")
     ap.add_argument("--trace-requests", type=int, default=16, help="bench model: requests recorded as its trace "
-                    "(the planner's replay counts from the second; with 8, most counted requests still warmed a "
+                    "(the planner's replay counts from the third, WARMUP_REQUESTS; with 8, most counted requests still warmed a "
                     "large cache: 28 prefill misses predicted per request where the engine settled at 5-14, session 8)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--profiles", nargs="+", default=TARGETS)

@@ -114,19 +114,22 @@ def test_positioned_reads_equal_the_slices(tmp_path, qwen_checkpoint, layout, po
 def test_records_above_the_size_cap_go_through_the_slices(qwen_checkpoint, monkeypatch):
     """A record larger than POSITIONED_READ_MAX_BYTES at the file's dtype (the bench model's 9 MiB ones: one
     thread's kernel copy lost to torch's threaded copy from the memory map) is read through safetensors'
-    slices; one at the cap still takes positioned reads. Both read the same record."""
+    slices; one at the cap still takes positioned reads. Both read the same record. The cap counts the file's
+    bytes, not the store's: a bfloat16 store of the float32 file reads positioned at the float32 size."""
     from vismmoe.offload import store as store_module
 
-    engine = vismmoe.load(qwen_checkpoint, dtype="float32", store="mmap")
-    file_bytes = engine.store.record_numel * 4  # (the tiny checkpoint is float32)
-    expected = [engine.store.record(0, e).clone() for e in range(engine.store.num_experts)]
-    engine.close()
-    for cap, positioned in ((file_bytes, True), (file_bytes - 1, False)):
-        monkeypatch.setattr(store_module, "POSITIONED_READ_MAX_BYTES", cap)
-        engine = vismmoe.load(qwen_checkpoint, dtype="float32", store="mmap")
-        assert all((entry is not None) == positioned for row in engine.store._spans for entry in row), cap
-        assert all(torch.equal(engine.store.record(0, e), expected[e]) for e in range(engine.store.num_experts))
+    for dtype in ("float32", "bfloat16"):
+        engine = vismmoe.load(qwen_checkpoint, dtype=dtype, store="mmap")
+        file_bytes = engine.store.record_numel * 4  # (the tiny checkpoint is float32)
+        expected = [engine.store.record(0, e).clone() for e in range(engine.store.num_experts)]
         engine.close()
+        for cap, positioned in ((file_bytes, True), (file_bytes - 1, False)):
+            monkeypatch.setattr(store_module, "POSITIONED_READ_MAX_BYTES", cap)
+            engine = vismmoe.load(qwen_checkpoint, dtype=dtype, store="mmap")
+            assert all((entry is not None) == positioned for row in engine.store._spans for entry in row), (dtype, cap)
+            assert all(torch.equal(engine.store.record(0, e), expected[e]) for e in range(engine.store.num_experts))
+            engine.close()
+        monkeypatch.undo()
 
 
 def test_a_checkpoint_cut_short_under_an_mmap_store_raises_a_clear_error(tmp_path, qwen_checkpoint):

@@ -1,5 +1,5 @@
 """The planner's time model (deploy/time_model.py), its probed engine figures (deploy/engine_times.py) and the
-steady state its trace replays count (deploy/planner._Simulator), and the slot-plan DP in predicted time
+warm engine its trace replays count (deploy/planner._Simulator), and the slot-plan DP in predicted time
 (deploy/slot_plan.py)."""
 
 from __future__ import annotations

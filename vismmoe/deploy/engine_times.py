@@ -88,7 +88,8 @@ MMAP_READ_SAMPLES = 48
 def _mmap_read_figure(model_dir, engine, samples: int = MMAP_READ_SAMPLES) -> dict:
     """mmap_read_ms: this host's time to read one of the model's expert records through an mmap store whose
     file is in the page cache (the engine's load read it), the way a miss reads it (ExpertStore.record:
-    positioned reads into the staging buffer, or safetensors' slices and a copy for a transposed layout):
+    positioned reads into the staging buffer, or safetensors' slices and a copy for a transposed layout or a
+    record over store.POSITIONED_READ_MAX_BYTES):
     the median over `samples` records spread over the model, timed on a second pass. A read cannot take less than this here,
     whatever the disk (time_model.record_read_ms), and emulation can only hold a read longer."""
     import time

@@ -385,9 +385,9 @@ class _Simulator:
     Counting the first overstated the prefill misses of a short trace: the bench model's 8-request trace
     predicted 80-89 prefill misses per request at 40-47% budgets, where the engine missed 10-40 after its
     warm-ups (session 6). Near a full budget one request does not fill the cache either: with 721 of 1,536
-    slots, the engine's second request missed about 70 experts and its third to tenth 46, 31, 21, 10, 13,
-    10, 5 and 7 (session 12), so counting the trace's second request put 17.5 misses on each where the timed
-    requests' median was 11.5. A long trace (the bundled model's 9,673 requests) hardly moves."""
+    slots the engine's third to tenth requests missed 46, 31, 21, 10, 13, 10, 5 and 7 experts (session 12),
+    and counting from the trace's second request (the replay put about 72 misses on it) gave 17.5 on each
+    where the timed requests' median was 11.5. A long trace (the bundled model's 9,673 requests) hardly moves."""
 
     def __init__(self, trace, model: ModelInfo):
         # replayed as the planned engine prefetches: in decode steps only (it writes no prefetch_prefill)

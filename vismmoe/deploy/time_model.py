@@ -130,8 +130,9 @@ def record_read_ms(profile: DeviceProfile, B: int) -> float:
     store's read into a staging buffer). The floor is fixed work per read: easy-VQA's 96 KiB records took
     0.11-0.20 ms each on the H200 host through safetensors' slices, where a Jetson's NVMe rate gives 0.033
     (its emulated 25% row's TTFT ran 1.21-1.30x the prediction that charged the disk rate alone, session 10);
-    positioned reads since session 11 (offload/store.py) take 30-45% of the slices' time on the CPU box
-    (eval/bench_record_reads.py)."""
+    positioned reads since session 11 (offload/store.py, records of at most POSITIONED_READ_MAX_BYTES) take
+    0.29-0.45x the slices' time on the CPU box and 0.45-1.14x on the H200 host (eval/bench_record_reads.py);
+    larger records go through the slices, which torch's threads copy faster."""
     return max(B / (profile["disk_read_gbs"] * GB) * 1e3, profile.get("mmap_read_ms", 0.0))
 
 

@@ -45,9 +45,11 @@ _PER_EXPERT_RE = re.compile(
 _PER_EXPERT_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 # The largest record (at the file's dtype) read with positioned reads. Below it they cost less than the slices
 # (easy-VQA's 192 KiB float32 records from the page cache: 0.29x the slices' time on a 2-core host, 0.45-0.49x
-# on the H200's host, session 12; read at float32 and cast to bfloat16: 0.45x, and 0.68-1.14x there); above it
-# one thread's kernel copy loses to torch's threaded copy from the memory map: the bench model's 9 MiB records took 1.0-1.2 ms a read against 0.16 ms, and a pinned store's load
-# 3.8-5.0 s against 2.0-2.6 s (H200 host, sessions 12 and 11). On a 2-core host the two cross near 1 MiB.
+# on the H200's host, session 12; read at float32 and cast to bfloat16: 0.45x, and 0.68-1.14x there). Above
+# it one thread's kernel copy loses to torch's threaded copy from the memory map: the bench model's 9 MiB
+# records took 1.0-1.2 ms a read against 0.16 ms, and a pinned store's load 3.8-5.0 s against 2.0-2.6 s
+# (H200 host, sessions 12 and 11). On a 2-core host the two cross near 512 KiB (eval/bench_record_reads.py
+# --sizes); the H200 host's crossing is not measured yet.
 POSITIONED_READ_MAX_BYTES = 256 * 2**10
 
 
