@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,19 @@ def test_engine_slab_is_the_huge_page_allocation():
     slab = engine.store.slab
     assert slab.numel() * slab.element_size() >= 2 << 20
     assert slab.data_ptr() % (2 << 20) == 0
+
+
+def test_the_read_size_benchmark_times_both_reads_and_refuses_bad_sizes(tmp_path, capsys):
+    """eval/bench_record_reads.py --sizes (what POSITIONED_READ_MAX_BYTES is set from): one row per size with
+    both reads timed, written as JSON; a size that is not a positive integer is refused by name."""
+    from .conftest import import_script
+
+    script = import_script(Path(__file__).resolve().parents[1] / "eval" / "bench_record_reads.py")
+    assert script.main(["--sizes", "4,16", "--passes", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_read_sizes.json").read_text())["rows"]
+    assert [r["record_kib"] for r in rows] == [4, 16]
+    assert all(r["positioned_us"] > 0 and r["slices_us"] > 0 and r["records"] >= 8 for r in rows)
+    for bad in ("x", "0,16"):
+        with pytest.raises(SystemExit):
+            script.main(["--sizes", bad])
+        assert "--sizes" in capsys.readouterr().err
