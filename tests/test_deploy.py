@@ -287,6 +287,22 @@ def test_plan_with_and_without_the_trace(bundled_info, bundled_trace, tmp_path):
         make_plan(bundled_info, profile, synthetic_trace(2, 3, 8, 2))
 
 
+def test_a_trace_without_requests_is_refused_by_name(qwen_checkpoint, tmp_path):
+    """Tracing stopped before any request ran saves a trace of no requests: planning with it is a ConfigError
+    naming the file and the fix, not a division by zero in the replay (the planner counts per request)."""
+    from vismmoe.offload.trace import load_trace
+
+    engine = vismmoe.load(qwen_checkpoint, device="cpu")
+    engine.start_trace("empty")
+    engine.stop_trace(tmp_path / "empty.npz")
+    engine.close()
+    trace = load_trace(tmp_path / "empty.npz")
+    assert trace.num_requests == 0
+    info, profile = model_info(qwen_checkpoint), load_profile("rtx4060-laptop-8gb")
+    with pytest.raises(ConfigError, match=r"empty\.npz holds no requests.*plan without a trace"):
+        make_plan(info, profile, trace, trace_path=str(tmp_path / "empty.npz"))
+
+
 @needs_bundle
 def test_goal_memory_uses_less_gpu_memory(bundled_info, bundled_trace):
     profile = load_profile("rtx4060-laptop-8gb")

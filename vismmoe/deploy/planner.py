@@ -154,6 +154,10 @@ def make_plan(model: ModelInfo, profile: DeviceProfile, trace=None, goal: str = 
         raise ConfigError(f"goal must be latency or memory, got {goal!r}")
     if trace is not None:
         meta = trace.meta
+        if trace.num_requests == 0:
+            raise ConfigError(f"the trace{' ' + str(trace_path) if trace_path else ''} holds no requests (tracing "
+                              "stopped before any request ran): record one over the requests you serve, or plan "
+                              "without a trace (a stated prior)")
         if (meta.num_layers, meta.num_experts, meta.top_k) != (model.num_moe_layers, model.num_experts, model.top_k):
             raise ConfigError(f"the trace is of a model with {meta.num_layers} MoE layers x {meta.num_experts} "
                               f"experts, top-{meta.top_k}; {model.name} has {model.num_moe_layers} x "
