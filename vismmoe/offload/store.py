@@ -264,6 +264,9 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
                 continue
             (dtype,) = dtypes
             element = torch.empty((), dtype=dtype).element_size()
+            if (gate_up + down) * element > POSITIONED_READ_MAX_BYTES:  # (the record's bytes in the file)
+                spans_row.append(None)
+                continue
             spans = []
             for (part, at, numel), (_, shape, offset, total) in zip(parts, found):
                 experts = shape[0] if source.kind == "fused" else 1
@@ -276,8 +279,7 @@ def _direct_spans(sources, layout: MoeLayout, files: list[Path]):
                     break
                 start = offset + (expert * numel * element if source.kind == "fused" else 0)
                 spans.append((source.keys[part][0], start, at * element, numel * element))
-            small = sum(nbytes for _, _, _, nbytes in spans) <= POSITIONED_READ_MAX_BYTES
-            spans_row.append((dtype, spans) if len(spans) == len(parts) and small else None)
+            spans_row.append((dtype, spans) if len(spans) == len(parts) else None)
         table.append(spans_row)
     return table
 
